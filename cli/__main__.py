@@ -1,0 +1,3 @@
+from rpiae.cli.main import main
+
+main()

@@ -1,0 +1,112 @@
+"""The one runtime interface every backend implements (torch, ort, trt, aoti).
+
+A backend runs the two inference graphs on batches of numpy arrays or torch tensors:
+
+    encode: (B, 3, 256, 256) float in [0, 1]  -> (B, 64, 16, 16) float32 latent (posterior mean)
+    decode: (B, 64, 16, 16) float             -> (B, 3, 256, 256) float32 image (not clamped)
+
+Outputs come back in the caller's array type (numpy in, numpy out; torch in, torch out on
+the input's device). Inputs are validated here, once, for every backend: wrong shape or
+dtype, NaN/Inf raise `InputError` with a one-line message. Batches larger than the
+backend's limit are split.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from rpiae.config import RPiAEConfig
+
+Array = Any  # np.ndarray | torch.Tensor
+
+
+class InputError(ValueError):
+    """Input arrays that a graph cannot take."""
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend whose runtime is not installed or cannot run here (message says what to do)."""
+
+
+_FLOAT_DTYPES = (np.float32, np.float16, np.float64)
+
+
+def _check(x: Array, shape: tuple[int, ...], what: str) -> None:
+    if isinstance(x, torch.Tensor):
+        dtype_ok = x.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+        dtype = str(x.dtype).replace("torch.", "")
+    elif isinstance(x, np.ndarray):
+        dtype_ok = x.dtype.type in _FLOAT_DTYPES
+        dtype = str(x.dtype)
+    else:
+        raise InputError(f"{what}: expected a numpy array or torch tensor, got {type(x).__name__}")
+    if not dtype_ok:
+        raise InputError(f"{what}: expected a floating-point array, got dtype {dtype}")
+    if x.ndim != 4 or tuple(x.shape[1:]) != shape or x.shape[0] < 1:
+        raise InputError(f"{what}: expected shape (N, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
+    finite = torch.isfinite(x).all().item() if isinstance(x, torch.Tensor) else np.isfinite(x).all()
+    if not finite:
+        raise InputError(f"{what}: contains NaN or Inf values")
+
+
+class Backend(abc.ABC):
+    """Base class: validation, batching and array-type round trip live here."""
+
+    name: ClassVar[str]
+    native: ClassVar[str] = "numpy"  # the array type `_run` takes: "numpy" or "torch"
+
+    def __init__(self, config: RPiAEConfig, precision: str = "fp32", max_batch: int | None = None) -> None:
+        self.config = config
+        self.precision = precision
+        self.max_batch = max_batch
+
+    # subclasses implement this on a batch of at most `max_batch`, in their native type
+    @abc.abstractmethod
+    def _run(self, graph: str, x: Array) -> Array: ...
+
+    def encode(self, images: Array) -> Array:
+        _check(images, self.config.image_shape, "images")
+        return self._batched("encode", images)
+
+    def decode(self, latents: Array) -> Array:
+        _check(latents, self.config.latent_shape, "latents")
+        return self._batched("decode", latents)
+
+    def _batched(self, graph: str, x: Array) -> Array:
+        is_torch = isinstance(x, torch.Tensor)
+        device = x.device if is_torch else None
+        xs = self._to_native(x)
+        n = xs.shape[0]
+        step = self.max_batch or n
+        outs = [self._run(graph, xs[i : i + step]) for i in range(0, n, step)]
+        out = torch.cat([torch.as_tensor(o) for o in outs]) if self.native == "torch" else np.concatenate(
+            [np.asarray(o) for o in outs]
+        )
+        if is_torch:
+            return torch.as_tensor(out).to(device=device, dtype=torch.float32)
+        return out.detach().cpu().numpy().astype(np.float32, copy=False) if isinstance(out, torch.Tensor) else out.astype(
+            np.float32, copy=False
+        )
+
+    def _to_native(self, x: Array) -> Array:
+        if self.native == "torch":
+            return x.float() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, np.float32))
+        if isinstance(x, torch.Tensor):
+            return x.detach().float().cpu().numpy()
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "precision": self.precision, "max_batch": self.max_batch}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release runtime resources (sessions, engines, CUDA contexts)."""
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

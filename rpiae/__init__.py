@@ -1,0 +1,8 @@
+"""rpiae: train, export and serve the RPiAE image tokenizer."""
+
+from rpiae.config import PRESETS, RPiAEConfig, get_preset
+from rpiae.model import RPiAE
+
+__version__ = "0.1.0"
+
+__all__ = ["PRESETS", "RPiAE", "RPiAEConfig", "get_preset", "__version__"]

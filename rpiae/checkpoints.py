@@ -1,0 +1,346 @@
+"""Checkpoint formats: read, convert to the release's key layout, load strictly.
+
+Formats (each loaded strictly; a mismatch raises `CheckpointError` naming the keys):
+
+- the authors' release `.pt` (`rpiae_stage3_1_c64_ema.pt`): a dict whose `"ema"` (else
+  `"model"`) entry is the 770-key state dict; `teacher_encoder.*`, `disc`, optimizer and
+  scheduler entries are ignored;
+- this project's `.safetensors`: the same 770 keys, the model config in the metadata;
+- DINOv2 ViT/14-reg weights for the encoder, in HF, Meta-original or timm layout;
+- RAE's released ViT-XL decoder state dict for the pixel decoder.
+
+Files are never unpickled: `.pt`/`.pth`/`.bin` go through `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rpiae.config import PRESETS, RPiAEConfig
+from rpiae.fileio import atomic_file
+
+FORMAT_TAG = "rpiae"
+StateDict = dict[str, torch.Tensor]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match the model."""
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def read_file(path: str | Path) -> tuple[object, dict[str, str]]:
+    """Return (object, safetensors metadata) without unpickling anything arbitrary."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                return {k: f.get_tensor(k) for k in f.keys()}, meta
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: cannot be read as a weights-only torch checkpoint ({first}); "
+            "files that need arbitrary unpickling are refused"
+        ) from None
+    return obj, {}
+
+
+def _tensors_only(d: Mapping) -> StateDict:
+    return {k: v for k, v in d.items() if isinstance(v, torch.Tensor)}
+
+
+def unwrap_state_dict(obj: object, preferred: tuple[str, ...] = ("ema", "model", "state_dict")) -> StateDict:
+    """Find the state dict inside a training checkpoint and strip DDP/compile prefixes."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"expected a dict of tensors, found {type(obj).__name__}")
+    for key in preferred:
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    sd = _tensors_only(obj)
+    if not sd:
+        raise CheckpointError(f"no tensors found (top-level keys: {', '.join(map(str, list(obj)[:8]))})")
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return sd
+
+
+# -- strict loading with readable errors --------------------------------------------------------
+
+
+def _summarise(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_keys(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_summarise(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_summarise(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatch (checkpoint vs model): {_summarise(wrong, 3)}")
+    if problems:
+        raise CheckpointError(f"{what} does not match the model: " + "; ".join(problems))
+
+
+def load_strict(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
+    check_keys(module, sd, what)
+    ref = module.state_dict()
+    module.load_state_dict({k: v.to(ref[k].dtype) for k, v in sd.items()}, strict=True)
+
+
+# -- the whole model -------------------------------------------------------------------------------
+
+
+def model_state_dict(obj: object) -> StateDict:
+    """The 770-key inference state dict from a release/training checkpoint."""
+    sd = unwrap_state_dict(obj)
+    # training-only parts that live in the authors' model state dict
+    return {k: v for k, v in sd.items() if not k.startswith(("teacher_encoder.", "pivot.", "disc."))}
+
+
+def infer_config(sd: Mapping[str, torch.Tensor]) -> RPiAEConfig:
+    """Match a state dict against the presets by shapes (heads cannot be read off weights)."""
+    from rpiae.model import RPiAE
+
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    for cfg in PRESETS.values():
+        with torch.device("meta"):
+            ref = RPiAE(cfg).state_dict()
+        if {k: tuple(v.shape) for k, v in ref.items()} == shapes:
+            return cfg
+    n = len(shapes)
+    raise CheckpointError(
+        f"the checkpoint's {n} tensors match no preset ({', '.join(PRESETS)}); "
+        "it is not an RPiAE checkpoint, or it has a custom size: pass its config explicitly"
+    )
+
+
+def load_model(path: str | Path, config: RPiAEConfig | str | None = None):
+    from rpiae.model import RPiAE
+
+    obj, meta = read_file(path)
+    if isinstance(config, str):
+        config = PRESETS.get(config) or RPiAEConfig.from_json(config)
+    if meta.get("format") == FORMAT_TAG and config is None:
+        config = RPiAEConfig.from_json(meta["config"])
+    sd = model_state_dict(obj)
+    if config is None and isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping):
+        config = RPiAEConfig.from_dict(obj["config"])  # our trainer's checkpoints
+    if config is None:
+        config = infer_config(sd)
+    model = RPiAE(config)
+    load_strict(model, sd, f"checkpoint {path}")
+    model.source = str(path)
+    return model.eval()
+
+
+def save_model(model, path: str | Path, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> Path:
+    """This project's format: the release's keys in safetensors, config in the metadata."""
+    from rpiae import __version__
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"the project's checkpoints are .safetensors files, got {path.name}")
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
+        for k, v in model.state_dict().items()
+    }
+    meta = {"format": FORMAT_TAG, "config": model.config.to_json(), "rpiae_version": __version__}
+    meta.update(metadata or {})
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+def read_config(path: str | Path) -> RPiAEConfig | None:
+    """The config stored in one of the project's safetensors files (None for other files)."""
+    if Path(path).suffix != ".safetensors":
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return RPiAEConfig.from_json(meta["config"]) if meta.get("format") == FORMAT_TAG else None
+
+
+# -- encoder initialisation: DINOv2 in HF, Meta-original or timm layout -------------------------
+
+_META_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_META_NAMES = {
+    "norm1.weight": "norm1.weight",
+    "norm1.bias": "norm1.bias",
+    "attn.proj.weight": "attention.output.dense.weight",
+    "attn.proj.bias": "attention.output.dense.bias",
+    "ls1.gamma": "layer_scale1.lambda1",
+    "norm2.weight": "norm2.weight",
+    "norm2.bias": "norm2.bias",
+    "mlp.fc1.weight": "mlp.fc1.weight",
+    "mlp.fc1.bias": "mlp.fc1.bias",
+    "mlp.fc2.weight": "mlp.fc2.weight",
+    "mlp.fc2.bias": "mlp.fc2.bias",
+    "ls2.gamma": "layer_scale2.lambda1",
+}
+# Final-norm affine and classifier heads exist in the public DINOv2 files but not in RPiAE
+# (its last LayerNorm has no affine), so they are dropped by name, and only these.
+_UNUSED_HF = ("layernorm.weight", "layernorm.bias", "pooler.dense.weight", "pooler.dense.bias")
+_UNUSED_META = ("norm.weight", "norm.bias", "head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias")
+
+
+# transformers >= 5 names the attention projections q_proj/k_proj/v_proj/o_proj in memory;
+# the released files (and the RPiAE release) use attention.attention.{query,key,value}.
+_HF5_NAMES = re.compile(r"\.attention\.(q|k|v|o)_proj\.")
+_HF5_TO_HF4 = {"q": "attention.query", "k": "attention.key", "v": "attention.value", "o": "output.dense"}
+
+
+def _hf5_to_hf4(m: re.Match) -> str:
+    return f".attention.{_HF5_TO_HF4[m.group(1)]}."
+
+
+def detect_encoder_layout(sd: Mapping[str, torch.Tensor]) -> str:
+    if "embeddings.cls_token" in sd:
+        return "hf"
+    if "reg_token" in sd and "pos_embed" in sd:
+        return "timm"
+    if "register_tokens" in sd and "pos_embed" in sd:
+        return "meta"
+    raise CheckpointError(
+        "unrecognised encoder weights: expected DINOv2-with-registers keys in HF "
+        "(embeddings.cls_token), Meta (pos_embed, register_tokens) or timm (pos_embed, reg_token) layout"
+    )
+
+
+def _blocks_to_hf(sd: Mapping[str, torch.Tensor], out: StateDict) -> list[str]:
+    leftovers = []
+    for k, v in sd.items():
+        m = _META_BLOCK.match(k)
+        if not m:
+            leftovers.append(k)
+            continue
+        i, name = m.groups()
+        prefix = f"encoder.layer.{i}."
+        if name in ("attn.qkv.weight", "attn.qkv.bias"):
+            q, kk, vv = v.chunk(3, dim=0)  # rows 0:C, C:2C, 2C:3C
+            kind = name.rsplit(".", 1)[1]
+            out[prefix + f"attention.attention.query.{kind}"] = q
+            out[prefix + f"attention.attention.key.{kind}"] = kk
+            out[prefix + f"attention.attention.value.{kind}"] = vv
+        elif name in _META_NAMES:
+            out[prefix + _META_NAMES[name]] = v
+        else:
+            out[k] = v  # reported as unexpected by the strict check
+    return leftovers
+
+
+def meta_to_hf(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    """Meta's original DINOv2 layout: pos_embed (1, 1+G*G, C) with a CLS row."""
+    out: StateDict = {}
+    for k in _blocks_to_hf(sd, out):
+        v = sd[k]
+        if k == "cls_token":
+            out["embeddings.cls_token"] = v
+        elif k == "mask_token":
+            out["embeddings.mask_token"] = v.reshape(1, -1)
+        elif k == "register_tokens":
+            out["embeddings.register_tokens"] = v
+        elif k == "pos_embed":
+            out["embeddings.position_embeddings"] = v
+        elif k.startswith("patch_embed.proj."):
+            out["embeddings.patch_embeddings.projection." + k.rsplit(".", 1)[1]] = v
+        elif k not in _UNUSED_META:
+            out[k] = v
+    return out
+
+
+def timm_to_hf(sd: Mapping[str, torch.Tensor]) -> StateDict:
+    """timm `vit_*_reg4_dinov2`: pos_embed has no CLS row, the CLS pos-embed is folded into
+    cls_token, registers are `reg_token`, no mask_token. A zero CLS pos-embed row and a zero
+    mask token reproduce it exactly."""
+    sd = dict(sd)
+    pos = sd.pop("pos_embed")
+    sd["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
+    sd["register_tokens"] = sd.pop("reg_token")
+    sd.setdefault("mask_token", torch.zeros(1, pos.shape[-1], dtype=pos.dtype))
+    return meta_to_hf(sd)
+
+
+def encoder_state_dict(obj: object) -> tuple[StateDict, str]:
+    """Any supported DINOv2 file -> (`DinoV2Encoder` keys, layout name)."""
+    sd = unwrap_state_dict(obj, preferred=("teacher", "model", "state_dict"))
+    for prefix in ("encoder.encoder.", "dinov2.", "backbone."):
+        if any(k.startswith(prefix + "embeddings.") for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    layout = detect_encoder_layout(sd)
+    if layout == "meta":
+        return meta_to_hf(sd), layout
+    if layout == "timm":
+        return timm_to_hf(sd), layout
+    return {_HF5_NAMES.sub(_hf5_to_hf4, k): v for k, v in sd.items() if k not in _UNUSED_HF}, layout
+
+
+def load_encoder_weights(model, path: str | Path) -> str:
+    """Initialise E from DINOv2 weights (HF, Meta or timm layout); returns the layout found."""
+    obj, _ = read_file(path)
+    sd, layout = encoder_state_dict(obj)
+    load_strict(model.encoder.encoder, sd, f"encoder weights {path} ({layout} layout)")
+    model.encoder.refresh_pos_embed()
+    return layout
+
+
+# -- pixel decoder initialisation: RAE's released decoder ------------------------------------------
+
+
+def pixel_decoder_state_dict(obj: object) -> StateDict:
+    sd = unwrap_state_dict(obj)
+    if any(k.startswith("decoder.decoder_") for k in sd):
+        sd = {k[len("decoder.") :]: v for k, v in sd.items() if k.startswith("decoder.")}
+    return sd
+
+
+def load_pixel_decoder_weights(model, path: str | Path) -> None:
+    """Initialise D from RAE's released ViT-XL decoder (a raw decoder state dict)."""
+    obj, _ = read_file(path)
+    load_strict(model.decoder, pixel_decoder_state_dict(obj), f"pixel decoder weights {path}")
+
+
+def describe(path: str | Path) -> dict:
+    """What a checkpoint file is, for `rpiae info`."""
+    obj, meta = read_file(path)
+    info: dict = {"path": str(path)}
+    if meta.get("format") == FORMAT_TAG:
+        info["format"] = "rpiae safetensors"
+        info["config"] = json.loads(meta["config"])
+    else:
+        info["format"] = "torch checkpoint"
+        if isinstance(obj, Mapping):
+            info["top_level_keys"] = [str(k) for k in obj]
+    sd = model_state_dict(obj)
+    info["tensors"] = len(sd)
+    info["parameters"] = int(sum(v.numel() for v in sd.values()))
+    info["dtypes"] = sorted({str(v.dtype).replace("torch.", "") for v in sd.values()})
+    return info

@@ -1,0 +1,179 @@
+"""Model configuration: the single source of truth for sizes and I/O conventions.
+
+The config travels with every artefact the project writes (safetensors metadata, ONNX
+metadata, export manifests), so nothing downstream re-declares a size or a normalisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class RPiAEConfig:
+    # I/O conventions
+    image_size: int = 256  # model input and output: float RGB in [0, 1], NCHW
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    # encoder E: DINOv2 ViT/14 with register tokens (HF Dinov2WithRegistersModel layout)
+    encoder_input_size: int = 224  # images are resized (bicubic, no antialias) to this
+    encoder_patch_size: int = 14
+    encoder_hidden_size: int = 768
+    encoder_depth: int = 12
+    encoder_heads: int = 12
+    encoder_mlp_size: int = 3072
+    encoder_registers: int = 4
+    encoder_pos_grid: int = 37  # pos-embed stored for a 37x37 grid (518 px), + 1 CLS row
+    encoder_ln_eps: float = 1e-6
+
+    # Variational Bridge
+    latent_channels: int = 64
+    bridge_heads: int = 8
+    bridge_decoder_depth: int = 6
+    bridge_decoder_mlp_size: int = 3072
+    bridge_ln_eps: float = 1e-5
+    logvar_min: float = -30.0
+    logvar_max: float = 20.0
+
+    # pixel decoder D: ViT-MAE-style decoder
+    decoder_hidden_size: int = 1152
+    decoder_depth: int = 28
+    decoder_heads: int = 16
+    decoder_mlp_size: int = 4096
+    decoder_patch_size: int = 16
+    decoder_ln_eps: float = 1e-12
+
+    # training-time token noise sigma = tau * U(0, 1); never applied at inference
+    noise_tau: float = 0.8
+
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.encoder_input_size % self.encoder_patch_size:
+            raise ValueError("encoder_input_size must be a multiple of encoder_patch_size")
+        if self.decoder_patch_size * self.grid_size != self.image_size:
+            raise ValueError(
+                f"decoder_patch_size * grid ({self.decoder_patch_size}*{self.grid_size}) "
+                f"must equal image_size ({self.image_size})"
+            )
+        for dim, heads, what in (
+            (self.encoder_hidden_size, self.encoder_heads, "encoder"),
+            (self.encoder_hidden_size, self.bridge_heads, "bridge"),
+            (self.decoder_hidden_size, self.decoder_heads, "decoder"),
+        ):
+            if dim % heads:
+                raise ValueError(f"{what} width {dim} is not divisible by {heads} heads")
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the token grid (and of the latent): 224 / 14 = 16."""
+        return self.encoder_input_size // self.encoder_patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.latent_channels, self.grid_size, self.grid_size)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (3, self.image_size, self.image_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RPiAEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields: {', '.join(unknown)}")
+        d = dict(d)
+        for key in ("mean", "std"):
+            if key in d:
+                d[key] = tuple(float(v) for v in d[key])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "RPiAEConfig":
+        return cls.from_dict(json.loads(s))
+
+    # FLOPs per image (multiply-add = 2 FLOPs) of the two inference graphs; used by the
+    # benchmark's fraction-of-peak column. Matmuls only: norms/softmax/GELU are < 1 %.
+    def flops(self) -> dict[str, float]:
+        def block(tokens: int, dim: int, mlp: int) -> float:
+            qkvo = 4 * tokens * dim * dim
+            attn = 2 * tokens * tokens * dim
+            ffn = 2 * tokens * dim * mlp
+            return 2.0 * (qkvo + attn + ffn)
+
+        t, e, d = self.num_tokens, self.encoder_hidden_size, self.decoder_hidden_size
+        te = t + 1 + self.encoder_registers
+        td = t + 1
+        p = self.encoder_patch_size
+        encoder = 2.0 * t * 3 * p * p * e + self.encoder_depth * block(te, e, self.encoder_mlp_size)
+        # bridge encoder: skip_proj + attention + 2-layer MLP + moments head
+        bridge_enc = block(t, e, e) + 2.0 * t * e * e + 2.0 * t * e * 2 * self.latent_channels
+        bridge_dec = (
+            2.0 * t * self.latent_channels * e
+            + self.bridge_decoder_depth * block(t, e, self.bridge_decoder_mlp_size)
+            + 2.0 * t * e * e
+        )
+        pixel = (
+            2.0 * t * e * d
+            + self.decoder_depth * block(td, d, self.decoder_mlp_size)
+            + 2.0 * td * d * self.decoder_patch_size**2 * 3
+        )
+        # the 256->224 resize as two matmuls
+        s, r = self.image_size, self.encoder_input_size
+        resize = 2.0 * 3 * (r * s * s + r * r * s)
+        return {"encode": resize + encoder + bridge_enc, "decode": bridge_dec + pixel}
+
+
+PRESETS: dict[str, RPiAEConfig] = {
+    # the paper's main configuration and the authors' release
+    "rpiae-b": RPiAEConfig(name="rpiae-b"),
+    # same code path, small enough to train and export on 2 CPU cores
+    "tiny": RPiAEConfig(
+        name="tiny",
+        image_size=256,
+        encoder_input_size=224,
+        encoder_patch_size=14,
+        encoder_hidden_size=192,
+        encoder_depth=4,
+        encoder_heads=3,
+        encoder_mlp_size=768,
+        encoder_registers=4,
+        encoder_pos_grid=37,
+        latent_channels=64,
+        bridge_heads=4,
+        bridge_decoder_depth=2,
+        bridge_decoder_mlp_size=768,
+        decoder_hidden_size=256,
+        decoder_depth=4,
+        decoder_heads=4,
+        decoder_mlp_size=1024,
+        decoder_patch_size=16,
+    ),
+}
+
+
+def get_preset(name: str) -> RPiAEConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None

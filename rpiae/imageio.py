@@ -1,0 +1,120 @@
+"""Image I/O policy, shared by every backend (the graphs take exactly 256x256 float RGB).
+
+How a file becomes the model input, applied identically before any backend runs:
+
+1. Decoded with Pillow, EXIF orientation applied. Unreadable, corrupt or truncated files
+   raise `ImageError` naming the file.
+2. Colour: grayscale (L, 1) is replicated to RGB; images with alpha (RGBA, LA, palette
+   with transparency) are composited over white; CMYK/YCbCr/palette are converted to RGB.
+3. Bit depth: 8-bit values are divided by 255, 16-bit (I;16, I) by 65535, float (F) is
+   clipped to [0, 1]. Values stay in float32 from here on (no 8-bit round trip).
+4. Geometry: the short side is resized to 256 (bicubic, antialiased), then the centre
+   256x256 is cropped. A 256x256 image is used untouched. (The model itself then resizes
+   to 224 for the encoder: that step is part of the graph.)
+
+Outputs are clamped to [0, 1] and quantised to 8-bit PNG (the model does not clamp).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from rpiae.fileio import atomic_file
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class ImageError(ValueError):
+    """An input image that cannot be used."""
+
+
+def to_rgb_float(img: Image.Image) -> np.ndarray:
+    """A decoded PIL image -> float32 (H, W, 3) in [0, 1], per the policy above."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img, dtype=np.float32) / 65535.0
+        a = np.clip(a, 0.0, 1.0)
+        return np.repeat(a[..., None], 3, axis=2)
+    if mode == "F":
+        a = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
+        return np.repeat(a[..., None], 3, axis=2)
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
+        rgb, alpha = rgba[..., :3], rgba[..., 3:]
+        return rgb * alpha + (1.0 - alpha)  # over white
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def fit_square(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) -> (3, size, size): short side to `size` (bicubic, antialiased), centre crop."""
+    _, h, w = x.shape
+    if (h, w) == (size, size):
+        return x
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0]
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[:, top : top + size, left : left + size].clamp(0.0, 1.0)
+
+
+def load_image(path: str | Path, size: int = 256) -> np.ndarray:
+    """One image file -> float32 (3, size, size) in [0, 1]."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such image file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            arr = to_rgb_float(img)
+    except ImageError:
+        raise
+    except Exception as e:
+        raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ImageError(f"{path}: empty image")
+    x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    return fit_square(x, size).numpy()
+
+
+def load_images(paths: Sequence[str | Path], size: int = 256) -> np.ndarray:
+    """Several files -> (N, 3, size, size). Fails on the first bad file, naming it."""
+    if not paths:
+        raise ImageError("no input images given")
+    return np.stack([load_image(p, size) for p in paths])
+
+
+def find_images(folder: str | Path) -> list[Path]:
+    """Image files under a folder, recursively, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageError(f"{folder}: not a directory")
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Float (3, H, W) model output -> uint8 (H, W, 3): clamp to [0, 1], round."""
+    a = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
+    return np.round(a.transpose(1, 2, 0) * 255.0).astype(np.uint8)
+
+
+def save_image(image: np.ndarray, path: str | Path) -> Path:
+    """Write one model output as an 8-bit PNG, atomically."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        Image.fromarray(to_uint8(image)).save(tmp, format="PNG")
+    return path
+
+
+def psnr(a: np.ndarray, b: np.ndarray, peak: float = 1.0) -> float:
+    """PSNR in dB between two float arrays (inf when identical)."""
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(peak**2 / mse)

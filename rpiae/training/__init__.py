@@ -1,0 +1,1 @@
+"""Three-stage RPiAE training (see the training issue)."""
