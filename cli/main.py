@@ -1,17 +1,29 @@
-"""The `rpiae` command line: thin commands over the library API."""
+"""The `rpiae` command line: thin commands over the library API.
+
+Exit codes: 0 success; 1 error (bad input, missing file, unavailable backend);
+2 usage error; 3 a parity/accuracy check failed.
+"""
 
 from __future__ import annotations
 
 import click
 
 from rpiae import __version__
+from rpiae.cli.export_cmd import export, info, samples, verify
+from rpiae.cli.run import decode, encode
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rpiae")
 def main() -> None:
-    """Train, export and serve the RPiAE image tokenizer."""
+    """Train, export and serve the RPiAE image tokenizer.
 
+    Exit codes: 0 success, 1 error, 2 usage error, 3 a parity check failed.
+    """
+
+
+for command in (export, encode, decode, verify, info, samples):
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

@@ -81,8 +81,7 @@ class PixelDecoder(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         b, p, g = x.shape[0], self.patch, self.grid
-        x = x.reshape(b, g, g, p, p, 3)
-        x = torch.einsum("nhwpqc->nchpwq", x)
+        x = x.reshape(b, g, g, p, p, 3).permute(0, 5, 1, 3, 2, 4)  # nhwpqc -> nchpwq
         return x.reshape(b, 3, g * p, g * p)  # (B, 3, 256, 256)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

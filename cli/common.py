@@ -1,0 +1,80 @@
+"""Shared CLI plumbing: one-line errors and documented exit codes.
+
+Exit codes: 0 success; 1 error (bad input, missing file, unavailable backend);
+2 usage error (click); 3 a parity/accuracy check failed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+EXIT_ERROR, EXIT_USAGE, EXIT_CHECK_FAILED = 1, 2, 3
+
+
+class CheckFailed(click.ClickException):
+    exit_code = EXIT_CHECK_FAILED
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return " ".join(text.split())
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Turn expected failures into `Error: <one line>` and exit 1, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (click.ClickException, click.Abort, click.exceptions.Exit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("Interrupted: nothing half-written was left behind.", err=True)
+            sys.exit(130)
+        except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError, ImportError) as e:
+            raise click.ClickException(_one_line(e)) from None
+
+    return wrapper
+
+
+def parse_int_list(value: str, what: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{what}: expected comma-separated integers, got {value!r}") from None
+    if not items or any(i < 1 for i in items):
+        raise click.BadParameter(f"{what}: expected positive integers, got {value!r}")
+    return items
+
+
+def echo_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+model_option = click.option(
+    "--model", "-m", "model", type=click.Path(path_type=str), default=None,
+    help="Export bundle directory or checkpoint file (.safetensors of ours, or the authors' .pt). "
+    "Default: the project's shipped small checkpoint.",
+)
+backend_option = click.option(
+    "--backend", "-b", type=click.Choice(["torch", "ort", "trt", "aoti"]), default="torch", show_default=True,
+    help="Runtime: eager PyTorch, ONNX Runtime, TensorRT engines, or AOTInductor packages (the last three need a bundle).",
+)
+precision_option = click.option(
+    "--precision", "-p", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp32", show_default=True,
+    help="Which precision variant of the graphs to run (torch: fp32/fp16/bf16 autocast).",
+)
+device_option = click.option(
+    "--device", "-d", default="cpu", show_default=True,
+    help="cpu, cuda (or cuda:N); for --backend ort also trt (ONNX Runtime's TensorRT provider).",
+)
+batch_size_option = click.option(
+    "--batch-size", type=click.IntRange(1), default=None,
+    help="Largest batch sent to the backend at once (default: the backend's limit, else all).",
+)

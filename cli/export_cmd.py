@@ -1,0 +1,160 @@
+"""`rpiae export`, `rpiae verify`, `rpiae info`, `rpiae samples`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from rpiae.cli.common import CheckFailed, device_option, echo_json, friendly_errors, parse_int_list
+
+
+@click.command()
+@click.option("--checkpoint", "-c", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint to export (.safetensors of ours or the authors' .pt). Default: the shipped small checkpoint.")
+@click.option("--target", "-t", type=click.Choice(["onnx", "trt", "aoti"]), default="onnx", show_default=True,
+              help="onnx: the ONNX bundle only; trt: also build TensorRT engines from its graphs; "
+              "aoti: also compile AOTInductor packages.")
+@click.option("--precision", "-p", default="fp32", show_default=True,
+              help="Comma-separated precisions: fp32, fp16, int8. FP32 is always included (the others derive from it).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Folder of real images for INT8 calibration (required with int8).")
+@click.option("--calib-count", type=click.IntRange(1), default=64, show_default=True,
+              help="How many calibration images to use (the first N, sorted by path).")
+@click.option("--int8-high-precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+              help="Precision of the layers the INT8 graph does not quantise (fp16 for TensorRT, fp32 for CPU speed).")
+@click.option("--batch", default="1:8:32", show_default=True,
+              help="Batch profile MIN:OPT:MAX for TensorRT engines / AOTInductor packages (ONNX graphs are dynamic).")
+@click.option("--device", default="cuda", show_default=True, help="aoti target: cpu or cuda.")
+@click.option("--workspace-gb", type=click.FloatRange(0.1), default=8.0, show_default=True,
+              help="TensorRT builder workspace limit in GiB.")
+@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
+              help="TensorRT timing cache file (read if present, updated after the build).")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
+              help="TensorRT builder optimisation level.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
+@friendly_errors
+def export(checkpoint, target, precision, calib, calib_count, int8_high_precision, batch, device, workspace_gb,
+           timing_cache, opt_level, out, overwrite):
+    """Export the encode/decode graphs into a self-describing bundle, checked against PyTorch.
+
+    Writes OUT/manifest.json, OUT/model.safetensors and OUT/{encode,decode}.<precision>.onnx;
+    with --target trt/aoti also the engines/packages. The bundle is built in a hidden
+    temporary directory and renamed when complete. With --target trt/aoti and an existing
+    bundle at --out (same checkpoint), its ONNX graphs are reused.
+    """
+    from rpiae.export import Bundle, export_bundle
+    from rpiae.export.api import parse_precisions
+    from rpiae.export.profile import BatchProfile
+
+    precisions = parse_precisions(precision)
+    profile = BatchProfile.parse(batch)
+    reuse = target != "onnx" and Bundle.is_bundle(out) and not overwrite
+    if reuse:
+        bundle = Bundle.open(out)
+        missing = [p for p in precisions if p not in bundle.precisions()]
+        if missing:
+            raise click.ClickException(f"{out} has no {', '.join(missing)} graphs; re-export with --overwrite")
+    else:
+        bundle = export_bundle(checkpoint, out, precisions=precisions, calib=calib, calib_count=calib_count,
+                               int8_high_precision=int8_high_precision, overwrite=overwrite)
+    if target == "trt":
+        from rpiae.engines.tensorrt import build_bundle_engines
+
+        build_bundle_engines(bundle, precisions=[p for p in precisions if p != "fp32"] or ["fp32"], profile=profile,
+                             workspace_gb=workspace_gb, timing_cache=timing_cache, opt_level=opt_level)
+    elif target == "aoti":
+        from rpiae.export.aoti import package_bundle
+
+        package_bundle(bundle, device=device, profile=profile)
+    failed = [r for r in bundle.manifest.get("parity", []) if not r["ok"]]
+    click.echo(f"bundle {out}: precisions {', '.join(bundle.precisions())}"
+               + (f"; engines: {', '.join(bundle.manifest.get('engines', {}))}" if bundle.manifest.get("engines") else ""))
+    _print_results(bundle.manifest.get("parity", []))
+    if failed:
+        raise CheckFailed(f"parity failed for {', '.join(r['precision'] for r in failed)} (see the table above)")
+
+
+def _print_results(rows) -> None:
+    if not rows:
+        return
+    click.echo(f"{'backend':8} {'prec':5} {'batch':>5}  {'check':22} {'value':>12} {'bound':>10}  ok")
+    for r in rows:
+        for name, c in r["checks"].items():
+            click.echo(f"{r.get('backend', ''):8} {r['precision']:5} {r['metrics']['batch']:>5}  {name:22} "
+                       f"{c['value']:>12.6g} {c['bound']:>10.6g}  {'yes' if c['ok'] else 'NO'}")
+
+
+@click.command()
+@click.option("--model", "-m", type=click.Path(path_type=Path), required=True, help="Export bundle directory.")
+@click.option("--backend", "-b", type=click.Choice(["ort", "trt", "aoti"]), default="ort", show_default=True,
+              help="Which runtime's graphs to check against PyTorch.")
+@device_option
+@click.option("--images", type=click.Path(path_type=Path), default=None,
+              help="Folder of real images to test with (default: the photos bundled with scikit-image/-learn).")
+@click.option("--batch", default="1,3,8", show_default=True, help="Comma-separated batch sizes to run.")
+@click.option("--precision", "-p", default=None, help="Comma-separated precisions to check (default: all in the bundle).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the report as JSON here.")
+@friendly_errors
+def verify(model, backend, device, images, batch, precision, json_out):
+    """Parity report of every graph in a bundle against eager PyTorch FP32.
+
+    Tolerances: FP32 latents max|diff| <= 1e-4*max|z|, cosine >= 0.99999, decoded PSNR >= 60 dB;
+    FP16 decoded PSNR >= 40 dB; INT8 reconstruction PSNR within 1 dB of FP32's.
+    Exit code 3 when a check fails.
+    """
+    import json
+
+    from rpiae.export import verify_bundle
+    from rpiae.export.api import parse_precisions
+    from rpiae.fileio import atomic_file
+    from rpiae.imageio import find_images, load_images
+
+    x = None
+    if images is not None:
+        files = find_images(images)
+        if not files:
+            raise click.ClickException(f"{images}: no images found")
+        x = load_images(files[:16])
+    report = verify_bundle(model, backend=backend, images=x, batches=parse_int_list(batch, "--batch"),
+                           precisions=parse_precisions(precision) if precision else None, device=device, progress=True)
+    _print_results(report["results"])
+    if json_out:
+        with atomic_file(json_out) as tmp:
+            tmp.write_text(json.dumps(report, indent=2))
+    if not report["ok"]:
+        raise CheckFailed("parity check failed")
+    click.echo("all checks passed")
+
+
+@click.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--verify-hashes", is_flag=True, help="Also recompute the sha256 of every file in a bundle.")
+@friendly_errors
+def info(target, verify_hashes):
+    """Describe a bundle or checkpoint: model config, graphs, shapes, precisions, hashes."""
+    from rpiae.checkpoints import describe
+    from rpiae.export import Bundle
+
+    if Bundle.is_bundle(target):
+        bundle = Bundle.open(target)
+        if verify_hashes:
+            bundle.verify_all()
+        echo_json({**bundle.summary(), "config": bundle.manifest["config"], "io": bundle.manifest["io"],
+                   "tools": bundle.manifest.get("tools"), "hashes_verified": bool(verify_hashes)})
+    elif target.is_file():
+        echo_json(describe(target))
+    else:
+        raise click.ClickException(f"{target}: not a bundle directory or checkpoint file")
+
+
+@click.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@friendly_errors
+def samples(out):
+    """Write the real photos shipped with scikit-image/-learn to OUT as 256x256 PNGs."""
+    from rpiae.samples import write_sample_photos
+
+    paths = write_sample_photos(out)
+    click.echo(f"wrote {len(paths)} photos to {out}/")

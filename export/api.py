@@ -1,0 +1,166 @@
+"""`export_bundle` and `verify_bundle`: checkpoint -> bundle of checked graphs, and its proof."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from rpiae.engines.base import Backend
+from rpiae.export.bundle import WEIGHTS, Bundle, onnx_name
+from rpiae.export.graphs import GRAPHS
+from rpiae.export.onnx_export import OPSET, export_graph
+from rpiae.export.parity import compare, reference_outputs
+from rpiae.export.precision import PRECISIONS, precision_report, to_fp16, to_int8
+from rpiae.fileio import atomic_dir, sha256_file
+from rpiae.imageio import find_images, load_images
+from rpiae.model import RPiAE
+
+
+def parse_precisions(value: str | list[str] | tuple[str, ...]) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    items = [p.strip().lower() for p in items if p.strip()]
+    bad = [p for p in items if p not in PRECISIONS]
+    if bad or not items:
+        raise ValueError(f"unknown precision {', '.join(bad) or '(none)'}; choose from: {', '.join(PRECISIONS)}")
+    return [p for p in PRECISIONS if p in items]
+
+
+def calibration_images(calib: str | Path | np.ndarray | None, count: int) -> np.ndarray:
+    """Calibration set: a folder of real images (first `count`, sorted) or an array."""
+    if calib is None:
+        raise ValueError("INT8 needs calibration images: pass --calib DIR (a folder of real photos)")
+    if isinstance(calib, np.ndarray):
+        return calib[:count].astype(np.float32)
+    files = find_images(calib)[:count]
+    if not files:
+        raise ValueError(f"{calib}: no images found for calibration")
+    return np.stack([load_images([f])[0] for f in tqdm(files, desc="calibration images", unit="img", leave=False)])
+
+
+def export_bundle(
+    checkpoint: str | Path | RPiAE | None,
+    out: str | Path,
+    precisions: str | list[str] = ("fp32",),
+    calib: str | Path | np.ndarray | None = None,
+    calib_count: int = 64,
+    int8_high_precision: str = "fp16",
+    parity_images: np.ndarray | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Bundle:
+    """Export the encode/decode graphs of a checkpoint in each precision into a bundle.
+
+    FP32 is always included (the variants are derived from it). INT8 needs `calib`.
+    Parity against PyTorch is measured and recorded in the manifest.
+    """
+    from rpiae.engines import resolve_model
+    from rpiae.engines.ort_backend import ORTBackend
+    from rpiae.engines.torch_backend import TorchBackend
+
+    precisions = parse_precisions(precisions)
+    if "fp32" not in precisions:
+        precisions.insert(0, "fp32")
+    if isinstance(checkpoint, RPiAE):
+        model, source = checkpoint, {"path": getattr(checkpoint, "source", None), "sha256": None}
+    else:
+        path = resolve_model(checkpoint)
+        model = RPiAE.from_checkpoint(path)
+        source = {"path": str(path), "sha256": sha256_file(path)}
+    model = model.float().eval()
+    calib_x = calibration_images(calib, calib_count) if "int8" in precisions else None
+
+    steps = [("weights", None, None)] + [("onnx", g, p) for p in precisions for g in GRAPHS] + [("parity", None, None)]
+    bar = tqdm(steps, desc="export", unit="step", disable=not progress)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        bundle = Bundle.new(tmp, model.config, source, OPSET)
+        latents_calib = None
+        for kind, graph, precision in bar:
+            bar.set_postfix_str(f"{graph or kind} {precision or ''}".strip())
+            if kind == "weights":
+                model.save(tmp / WEIGHTS)
+                bundle.add_file(WEIGHTS, kind="weights", dtype="float32")
+                continue
+            if kind == "parity":
+                images = parity_images if parity_images is not None else _default_parity_images(calib_x)
+                bundle.manifest["parity"] = verify_bundle(bundle, "ort", images=images, batches=[len(images)])["results"]
+                continue
+            name = onnx_name(graph, precision)
+            fp32 = tmp / onnx_name(graph, "fp32")
+            if precision == "fp32":
+                export_graph(model, graph, tmp / name)
+            elif precision == "fp16":
+                to_fp16(fp32, tmp / name)
+            else:
+                if latents_calib is None:
+                    with torch.inference_mode():
+                        latents_calib = np.concatenate(
+                            [model.encode(torch.from_numpy(calib_x[i : i + 8])).numpy() for i in range(0, len(calib_x), 8)]
+                        )
+                data = calib_x if graph == "encode" else latents_calib
+                to_int8(fp32, tmp / name, data, high_precision=int8_high_precision)
+            extra = [name + ".data"] if (tmp / (name + ".data")).exists() else []
+            for dep in extra:
+                bundle.add_file(dep, kind="onnx-external-data", graph=graph, precision=precision)
+            entry: dict[str, Any] = {"kind": "onnx", "graph": graph, "precision": precision, "opset": OPSET,
+                                     "external_data": extra, "precision_report": precision_report(tmp / name)}
+            if precision == "int8":
+                entry["calibration"] = {"images": int(len(calib_x)), "source": str(calib) if not isinstance(calib, np.ndarray) else "array",
+                                        "method": "max", "high_precision": int8_high_precision}
+            bundle.add_file(name, **entry)
+            bundle.manifest["precisions"] = [p for p in PRECISIONS if bundle.find("encode", p) and bundle.find("decode", p)]
+        bundle.write_manifest()
+    # reopen at the final location
+    _ = (TorchBackend, ORTBackend)
+    return Bundle.open(out)
+
+
+def _default_parity_images(calib_x: np.ndarray | None) -> np.ndarray:
+    if calib_x is not None:
+        return calib_x[:4]
+    from rpiae.samples import sample_photos
+
+    return sample_photos()[1][:4]
+
+
+def verify_bundle(
+    bundle: Bundle | str | Path,
+    backend: str = "ort",
+    images: np.ndarray | None = None,
+    batches: list[int] | None = None,
+    precisions: list[str] | None = None,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run every precision of `bundle` on `backend` against eager PyTorch FP32."""
+    from rpiae.engines import _factories
+    from rpiae.engines.torch_backend import TorchBackend
+
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle.open(bundle)
+    if images is None:
+        from rpiae.samples import sample_photos
+
+        images = sample_photos()[1]
+    batches = batches or [len(images)]
+    kind = {"ort": "onnx", "trt": "trt-engine", "aoti": "aoti-package"}.get(backend, "onnx")
+    precisions = precisions or bundle.precisions(kind)
+    reference: Backend = TorchBackend(RPiAE.from_checkpoint(bundle.weights_path()), device=device)
+    results = []
+    jobs = [(p, b) for p in precisions for b in batches]
+    for precision, batch in tqdm(jobs, desc=f"verify {backend}", unit="run", disable=not progress):
+        x = _batch_of(images, batch)
+        ref = reference_outputs(reference, x)
+        with _factories()[backend](bundle, precision, device) as cand:
+            row = compare(cand, x, ref, precision)
+        row.update(backend=backend, device=device)
+        results.append(row)
+    return {"bundle": str(bundle.root), "results": results, "ok": all(r["ok"] for r in results)}
+
+
+def _batch_of(images: np.ndarray, batch: int) -> np.ndarray:
+    reps = -(-batch // len(images))
+    return np.concatenate([images] * reps)[:batch]

@@ -1,0 +1,138 @@
+"""PyTorch -> ONNX for the two graphs: export, clean up, name, annotate, check.
+
+Steps, each plain: `torch.onnx.export` (dynamo, dynamic batch axis only) -> onnxslim
+(constant folding, dead-code removal) -> node names from module scopes (so precision
+rules, TensorRT layer reports and humans can read them) -> metadata (the model config:
+sizes, I/O conventions, normalisation) -> ONNX checker + shape inference -> save, with
+weights as external data when the file would pass 2 GB.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from rpiae.config import RPiAEConfig
+from rpiae.export.graphs import INPUT_NAMES, OUTPUT_NAMES, example_input, graph_module
+from rpiae.model import RPiAE
+
+OPSET = 18
+MAX_BATCH = 1024  # upper bound of the symbolic batch axis in the exported program
+TWO_GB = 2**31 - 1024
+
+
+def _scope(node: onnx.NodeProto) -> str:
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(p.value)
+            except (SyntaxError, ValueError):
+                return ""
+            scope = scopes[-2] if len(scopes) > 1 else ""
+            return "" if scope.startswith("_empty") else scope
+    return ""
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Rename nodes to `<module path>/<OpType>_<i>` and drop the exporter's bulky metadata."""
+    for i, node in enumerate(model.graph.node):
+        node.name = f"{_scope(node)}/{node.op_type}_{i}"
+        del node.metadata_props[:]
+
+
+def set_metadata(model: onnx.ModelProto, config: RPiAEConfig, graph: str, precision: str, extra: dict | None = None) -> None:
+    meta = {
+        "rpiae.config": config.to_json(),
+        "rpiae.graph": graph,
+        "rpiae.precision": precision,
+        "rpiae.input": INPUT_NAMES[graph],
+        "rpiae.output": OUTPUT_NAMES[graph],
+        **(extra or {}),
+    }
+    existing = {p.key: p for p in model.metadata_props}
+    for k, v in meta.items():
+        if k in existing:
+            existing[k].value = v
+        else:
+            model.metadata_props.add(key=k, value=v)
+    model.producer_name = "rpiae"
+
+
+def read_metadata(model: onnx.ModelProto | str | Path) -> dict[str, str]:
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def save_onnx(model: onnx.ModelProto, path: str | Path) -> None:
+    """Save, with external data (`<name>.data` beside it) when over 2 GB."""
+    path = Path(path)
+    if model.ByteSize() > TWO_GB:
+        onnx.save_model(
+            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+            location=path.name + ".data", size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(path))
+
+
+def check_model(path: str | Path) -> onnx.ModelProto:
+    """ONNX checker (by path, so external data is fine) and strict shape inference."""
+    onnx.checker.check_model(str(path), full_check=False)
+    model = onnx.load(str(path))
+    return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+
+
+def export_graph(model: RPiAE, graph: str, path: str | Path, opset: int = OPSET) -> Path:
+    """Export one graph (`encode` / `decode`) of `model` as an FP32 ONNX file at `path`."""
+    import onnxslim
+
+    path = Path(path)
+    module = graph_module(model.eval().float().cpu(), graph)
+    x = example_input(model, graph, batch=2)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    raw = path.with_name(path.stem + ".raw.onnx")
+    try:
+        with warnings.catch_warnings(), _quiet_exporter():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, (x,), str(raw), dynamo=True, opset_version=opset,
+                input_names=[INPUT_NAMES[graph]], output_names=[OUTPUT_NAMES[graph]],
+                dynamic_shapes=({0: batch},), external_data=True, optimize=True, verbose=False,
+            )
+        proto = onnx.load(str(raw))
+    finally:
+        for p in (raw, raw.with_name(raw.name + ".data")):
+            p.unlink(missing_ok=True)
+    name_nodes(proto)  # before slimming: onnxslim drops the scope metadata
+    proto = onnxslim.slim(proto)
+    for value in (*proto.graph.input, *proto.graph.output):  # one readable batch-axis name
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    set_metadata(proto, model.config, graph, "fp32")
+    save_onnx(proto, path)
+    check_model(path)
+    return path
+
+
+class _quiet_exporter:
+    """The dynamo exporter logs progress and torchvision notices at WARNING; keep the CLI clean."""
+
+    def __enter__(self):
+        self._levels = {}
+        for name in ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo"):
+            lg = logging.getLogger(name)
+            self._levels[name] = lg.level
+            lg.setLevel(logging.ERROR)
+        self._env = os.environ.get("TORCH_LOGS")
+        return self
+
+    def __exit__(self, *exc):
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
+        return False

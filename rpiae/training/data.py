@@ -1,0 +1,169 @@
+"""Training data: an image folder, resized (short side, bicubic) and randomly cropped.
+
+Augmentation randomness comes from a generator seeded by (seed, epoch, sample index), so a
+run resumed mid-epoch sees exactly the crops it would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from rpiae.imageio import ImageError, load_image, to_rgb_float
+
+TRAIN_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files (jpg/png/webp) under `folder`, recursively, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageError(f"{folder}: not a directory")
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in TRAIN_SUFFIXES and p.is_file())
+
+
+def _decode(path: Path) -> torch.Tensor:
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        arr = to_rgb_float(img)
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError("empty image")
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W)
+
+
+def resize_short(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) -> short side `size`, bicubic (antialiased when shrinking), clamped to [0, 1]."""
+    _, h, w = x.shape
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) == (h, w):
+        return x
+    x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=scale < 1)[0]
+    return x.clamp(0.0, 1.0)
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images under a folder -> float (3, crop, crop) in [0, 1].
+
+    An unreadable file is skipped with a warning (the next readable file is used in its
+    place) and counted in `skipped`; a run never crashes on one.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        crop: int = 256,
+        resize_min: int = 384,
+        resize_max: int = 384,
+        hflip: bool = False,
+        seed: int = 0,
+        epoch_size: int = 0,
+    ) -> None:
+        self.files = list_images(folder)
+        if not self.files:
+            raise ImageError(f"{folder}: no images (jpg/png/webp) found")
+        self.crop, self.resize_min, self.resize_max = crop, resize_min, resize_max
+        self.hflip, self.seed, self.epoch = hflip, seed, 0
+        self.epoch_size = epoch_size or len(self.files)
+        self.bad: set[str] = set()
+
+    @property
+    def skipped(self) -> int:
+        return len(self.bad)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.epoch_size
+
+    def _read(self, index: int) -> tuple[torch.Tensor, int]:
+        n, newly_bad = len(self.files), 0
+        for k in range(n):
+            path = self.files[(index + k) % n]
+            if str(path) in self.bad:
+                continue
+            try:
+                return _decode(path), newly_bad
+            except Exception as e:  # corrupt, truncated, not an image, unreadable
+                self.bad.add(str(path))
+                newly_bad += 1
+                warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e})", stacklevel=2)
+        raise ImageError("no readable images left in the training folder")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        """(image, number of unreadable files first met while producing it)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 100_003 + index)
+        x, newly_bad = self._read(index % len(self.files))
+        size = int(torch.randint(self.resize_min, self.resize_max + 1, (1,), generator=g))
+        x = resize_short(x, size)
+        _, h, w = x.shape
+        top = int(torch.randint(0, h - self.crop + 1, (1,), generator=g))
+        left = int(torch.randint(0, w - self.crop + 1, (1,), generator=g))
+        x = x[:, top : top + self.crop, left : left + self.crop]
+        if self.hflip and bool(torch.rand((), generator=g) < 0.5):
+            x = x.flip(-1)
+        return x.contiguous(), newly_bad
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded permutation per epoch, sharded over ranks, optionally starting mid-epoch."""
+
+    def __init__(self, length: int, batch_per_rank: int, rank: int = 0, world: int = 1, seed: int = 0) -> None:
+        self.length, self.batch, self.rank, self.world, self.seed = length, batch_per_rank, rank, world, seed
+        self.epoch, self.start_batch = 0, 0
+
+    def batches_per_epoch(self) -> int:
+        return self.length // (self.batch * self.world)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + 7919 * self.epoch)
+        order = torch.randperm(self.length, generator=g)
+        per_rank = self.batches_per_epoch() * self.batch
+        mine = order[: per_rank * self.world][self.rank :: self.world]
+        return iter(mine[self.start_batch * self.batch :].tolist())
+
+    def __len__(self) -> int:
+        return (self.batches_per_epoch() - self.start_batch) * self.batch
+
+
+def load_eval_images(folder: str | Path, limit: int = 0, size: int = 256) -> tuple[torch.Tensor, list[Path], int]:
+    """Held-out images, per the inference policy (short side 256, centre crop).
+
+    Returns (images (N, 3, size, size), their paths, number of unreadable files skipped).
+    """
+    images, paths, skipped = [], [], 0
+    for p in list_images(folder):
+        try:
+            images.append(torch.from_numpy(load_image(p, size)))
+            paths.append(p)
+        except ImageError as e:
+            warnings.warn(f"skipping unreadable held-out image: {e}", stacklevel=2)
+            skipped += 1
+        if limit and len(images) >= limit:
+            break
+    if not images:
+        raise ImageError(f"{folder}: no readable held-out images")
+    return torch.stack(images), paths, skipped
+
+
+def psnr_ssim(recon: torch.Tensor, target: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-image PSNR (dB) and SSIM of float images (N, 3, H, W); outputs are clamped to [0, 1]."""
+    from skimage.metrics import structural_similarity
+
+    psnrs, ssims = [], []
+    for r, t in zip(recon.detach().float().clamp(0, 1).cpu().numpy(), target.float().cpu().numpy()):
+        mse = float(np.mean((r.astype(np.float64) - t) ** 2))
+        psnrs.append(math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse))
+        ssims.append(float(structural_similarity(r, t, channel_axis=0, data_range=1.0)))
+    return psnrs, ssims

@@ -1,0 +1,169 @@
+"""One training stage from the command line's point of view: check the inputs, build the
+model, losses and data, resume or start, fit. `rpiae train` is a thin wrapper around it."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rpiae.checkpoints import CheckpointError, load_encoder_weights, load_pixel_decoder_weights
+from rpiae.config import RPiAEConfig
+from rpiae.imageio import ImageError
+from rpiae.model import RPiAE
+from rpiae.training.config import TrainConfig, load_train_config
+from rpiae.training.data import ImageFolderDataset, load_eval_images
+from rpiae.training.discriminator import Discriminator, load_dino_features
+from rpiae.training.lpips import load_lpips
+from rpiae.training.trainer import Trainer, fit, read_training_checkpoint, setup_distributed, steps_per_epoch
+
+
+class TrainingError(ValueError):
+    """Bad input to a training run (reported as one line, no traceback)."""
+
+
+def _need_file(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise TrainingError(f"{what} not found: {p}")
+    return p
+
+
+def prepare_config(
+    stage: int,
+    config_path: str | Path | None,
+    overrides: dict[str, Any] | None,
+    lpips_weights: Sequence[str | Path],
+    disc_weights: str | Path | None,
+    no_lpips: bool,
+    no_gan: bool,
+) -> TrainConfig:
+    """The stage's config, refusing to start without the loss networks it needs."""
+    try:
+        cfg = load_train_config(stage, config_path, overrides)
+    except (ValueError, TypeError) as e:
+        raise TrainingError(str(e)) from None
+    if stage in (1, 3):
+        if no_lpips:
+            cfg.lpips_weight = 0.0
+        elif cfg.lpips_weight > 0 and not lpips_weights:
+            raise TrainingError(
+                f"stage {stage} uses LPIPS: give --lpips-weights FILE (torchvision VGG16 features.N.* "
+                "and the LPIPS heads lin{0..4}.model.1.weight, one file or two), or --no-lpips"
+            )
+        if no_gan:
+            cfg.gan_weight = 0.0
+        elif cfg.gan_weight > 0 and not disc_weights:
+            raise TrainingError(
+                f"stage {stage} uses the GAN loss: give --disc-weights FILE (DINO ViT-S/8, "
+                "dino_deitsmall8_pretrain.pth), or --no-gan"
+            )
+    for p in lpips_weights if cfg.lpips_weight > 0 else ():
+        _need_file(p, "LPIPS weights")
+    if disc_weights and cfg.gan_weight > 0:
+        _need_file(disc_weights, "discriminator weights")
+    return cfg
+
+
+def run_training(
+    stage: int,
+    data: str | Path,
+    out: str | Path,
+    *,
+    preset: str | None = None,
+    init_encoder: str | Path | None = None,
+    init_decoder: str | Path | None = None,
+    resume: str | Path | None = None,
+    config_path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    lpips_weights: Sequence[str | Path] = (),
+    disc_weights: str | Path | None = None,
+    no_lpips: bool = False,
+    no_gan: bool = False,
+    val_data: str | Path | None = None,
+    progress: bool = True,
+    device: str | None = None,
+) -> dict[str, float]:
+    cfg = prepare_config(stage, config_path, overrides, lpips_weights, disc_weights, no_lpips, no_gan)
+    if not Path(data).is_dir():
+        raise TrainingError(f"training data folder not found: {data}")
+    if val_data is not None and not Path(val_data).is_dir():
+        raise TrainingError(f"held-out data folder not found: {val_data}")
+
+    rank, world, dev = setup_distributed()
+    if device is not None:
+        dev = torch.device(device)
+    torch.manual_seed(cfg.seed + rank)
+
+    # -- the model: a new one (stage I), the previous stage's EMA, or this stage's own resume
+    state = None
+    if resume is not None:
+        try:
+            ckpt = read_training_checkpoint(resume)
+        except (FileNotFoundError, ValueError, RuntimeError) as e:
+            raise TrainingError(f"cannot resume from {resume}: {e}") from None
+        model = RPiAE(RPiAEConfig.from_dict(ckpt["config"]))
+        if preset is not None and preset != model.config.name:
+            warnings.warn(f"--preset {preset} ignored: the checkpoint's model is {model.config.name!r}", stacklevel=2)
+        if ckpt["stage"] > stage:
+            raise TrainingError(f"{resume} is a stage {ckpt['stage']} checkpoint; it cannot start stage {stage}")
+        if ckpt["stage"] == stage:
+            state = ckpt  # continue this stage exactly where it stopped
+        else:
+            model.load_state_dict(ckpt["ema"])  # a new stage starts from the previous EMA
+        del ckpt
+    else:
+        if stage > 1:
+            raise TrainingError(f"stage {stage} starts from stage {stage - 1}: give --resume runs/s{stage - 1}/last")
+        try:
+            model = RPiAE.from_preset(preset or "rpiae-b")
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
+    if state is None:
+        try:
+            if init_encoder:
+                load_encoder_weights(model, _need_file(init_encoder, "encoder weights"))
+            if init_decoder:
+                load_pixel_decoder_weights(model, _need_file(init_decoder, "pixel decoder weights"))
+        except CheckpointError as e:
+            raise TrainingError(str(e)) from None
+        if stage == 1 and not init_encoder and rank == 0:
+            warnings.warn("stage I without --init-encoder: E (and its pivot) start from random weights", stacklevel=2)
+
+    # -- data and loss networks
+    try:
+        dataset = ImageFolderDataset(
+            data, cfg.crop, cfg.resize_min, cfg.resize_max, cfg.hflip, cfg.seed, cfg.epoch_size
+        )
+        val_images = load_eval_images(val_data, cfg.val_images)[0] if val_data is not None else None
+    except ImageError as e:
+        raise TrainingError(str(e)) from None
+    try:
+        spe = steps_per_epoch(cfg, len(dataset), world)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    if spe < 1:
+        raise TrainingError(
+            f"{len(dataset)} samples per epoch is less than one batch of {cfg.batch_size}: "
+            "lower batch_size or raise epoch_size"
+        )
+    try:
+        lpips = load_lpips(lpips_weights) if stage in (1, 3) and cfg.lpips_weight > 0 else None
+        disc = None
+        if stage in (1, 3) and cfg.gan_weight > 0:
+            disc = Discriminator(cfg.disc_width, cfg.disc_depth, cfg.disc_heads, cfg.disc_patch, cfg.disc_diffaug)
+            load_dino_features(disc, disc_weights)
+    except CheckpointError as e:
+        raise TrainingError(str(e)) from None
+
+    trainer = Trainer(model, cfg, out, lpips=lpips, disc=disc, device=dev, rank=rank, world=world, steps_per_epoch=spe)
+    if state is not None:
+        try:
+            trainer.load_state_dict(state)
+        except (ValueError, RuntimeError, KeyError) as e:
+            raise TrainingError(f"cannot resume from {resume}: {e}") from None
+        del state
+    return fit(trainer, dataset, val_images, progress=progress)

@@ -1,0 +1,510 @@
+"""Objective-decoupled three-stage training of RPiAE (DESIGN.md §2).
+
+- Stage I: E and D. L1 + LPIPS on D(noised E tokens) + w_piv * MSE(E(x), pivot(x)) + GAN.
+- Stage II: the Variational Bridge only. MSE(VB-dec(sampled z), clean tokens) + KL + light L1.
+- Stage III: D only, on VB-dec(posterior mean), with L1 + LPIPS + GAN (a fresh discriminator).
+
+One `Trainer` runs one stage; the next stage starts from the previous stage's EMA weights
+(`--resume runs/s1/last` with `--stage 2`), and a stage resumes itself bit-exactly from its
+own `last` checkpoint (model, EMA, optimisers, schedulers, step, RNG).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from rpiae.fileio import atomic_dir, atomic_file
+from rpiae.model import RPiAE
+from rpiae.training.config import TrainConfig
+from rpiae.training.data import EpochSampler, ImageFolderDataset, psnr_ssim
+from rpiae.training.discriminator import Discriminator, hinge_d_loss, quantize_fake
+from rpiae.training.lpips import LPIPS, lpips_loss
+
+# parameters that stay fixed by design, whatever the stage
+FIXED = ("encoder.encoder.embeddings.mask_token", "decoder.decoder_pos_embed")
+STAGE_PARTS = {
+    1: ("encoder.", "decoder."),
+    2: ("vb_feature_encoder.", "vb_feature_decoder."),
+    3: ("decoder.",),
+}
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def trainable_names(model: nn.Module, stage: int) -> list[str]:
+    return [n for n, _ in model.named_parameters() if n.startswith(STAGE_PARTS[stage]) and n not in FIXED]
+
+
+def lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
+    """Linear warm-up from 0, then cosine down to min_lr at `decay_epochs`; flat after."""
+    warm = cfg.warmup_epochs * steps_per_epoch
+    total = max((cfg.decay_epochs or cfg.epochs) * steps_per_epoch, warm + 1)
+    floor = cfg.min_lr / cfg.lr
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / (total - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return f
+
+
+def adaptive_weight(loss_a: torch.Tensor, loss_b: torch.Tensor, param: torch.Tensor, eps: float, max_value: float) -> torch.Tensor:
+    """clamp(||d loss_a / d param|| / (||d loss_b / d param|| + eps), 0, max), detached."""
+    ga = torch.autograd.grad(loss_a, param, retain_graph=True)[0]
+    gb = torch.autograd.grad(loss_b, param, retain_graph=True)[0]
+    return (ga.norm() / (gb.norm() + eps)).clamp(0.0, max_value).detach()
+
+
+class StageForward(nn.Module):
+    """The differentiable path of one stage (the module DDP wraps)."""
+
+    def __init__(self, model: RPiAE, stage: int, tau: float) -> None:
+        super().__init__()
+        self.model, self.stage, self.tau = model, stage, tau
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        m = self.model
+        if self.stage == 1:
+            tokens = m.tokens(x)  # (B, N, C), E trainable
+            noised = RPiAE.add_token_noise(tokens, self.tau) if self.tau > 0 else tokens
+            return {"tokens": tokens, "recon": m.decode_tokens(noised)}
+        with torch.no_grad():
+            tokens = m.tokens(x)  # E frozen
+        if self.stage == 2:
+            noised = RPiAE.add_token_noise(tokens, self.tau) if self.tau > 0 else tokens
+            post = m.vb_feature_encoder(noised)
+            tokens_hat = m.vb_feature_decoder(post.sample())
+            return {
+                "tokens": tokens,
+                "tokens_hat": tokens_hat,
+                "kl": post.kl(),
+                "recon": m.decode_tokens(tokens_hat),  # D frozen; gradients reach the VB
+            }
+        with torch.no_grad():  # stage III: E and VB frozen, D on the posterior mean
+            dec_tokens = m.vb_feature_decoder(m.vb_feature_encoder(tokens).mean)
+            if self.tau > 0:
+                dec_tokens = RPiAE.add_token_noise(dec_tokens, self.tau)
+        return {"recon": m.decode_tokens(dec_tokens)}
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: RPiAE,
+        cfg: TrainConfig,
+        out_dir: str | Path,
+        lpips: LPIPS | None = None,
+        disc: Discriminator | None = None,
+        device: str | torch.device = "cpu",
+        rank: int = 0,
+        world: int = 1,
+        steps_per_epoch: int = 1,
+    ) -> None:
+        self.cfg, self.stage = cfg, cfg.stage
+        self.out_dir = Path(out_dir)
+        self.device = torch.device(device)
+        self.rank, self.world = rank, world
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.step = 0
+        self.skipped_files = 0
+
+        self.model = model.to(self.device)
+        names = set(trainable_names(model, self.stage))
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in names)
+        self.params = {n: p for n, p in model.named_parameters() if n in names}
+        self.set_modes()
+
+        # the pivot replica: a frozen copy of E as it is now (stage I only), always eval
+        self.pivot = None
+        if self.stage == 1:
+            self.pivot = copy.deepcopy(model.encoder).requires_grad_(False).eval()
+
+        self.ema = copy.deepcopy(model).requires_grad_(False).eval()
+        self.ema_params = dict(self.ema.named_parameters())
+
+        self.lpips = lpips.to(self.device) if lpips is not None else None
+        self.disc = disc.to(self.device) if disc is not None else None
+        use_gan = self.disc is not None and cfg.gan_weight > 0 and self.stage in (1, 3)
+        if not use_gan:
+            self.disc = None
+
+        self.fwd = StageForward(model, self.stage, cfg.noise_tau)
+        if world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.fwd = DDP(self.fwd, device_ids=ids, broadcast_buffers=False)
+
+        self.opt = torch.optim.AdamW(
+            list(self.params.values()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, self.steps_per_epoch))
+        self.disc_opt = self.disc_sched = None
+        if self.disc is not None:
+            head_params = [p for p in self.disc.heads.parameters()]
+            self.disc_opt = torch.optim.AdamW(head_params, lr=cfg.disc_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+            self.disc_sched = torch.optim.lr_scheduler.LambdaLR(self.disc_opt, lr_lambda(cfg, self.steps_per_epoch))
+
+        self.last_enc_param = model.encoder.encoder.encoder.layer[-1].layer_scale2.lambda1
+        self.last_dec_param = model.decoder.decoder_pred.weight
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        )
+
+    # -- modes -------------------------------------------------------------------------------
+    def set_modes(self) -> None:
+        """Trainable parts in train mode, frozen parts in eval mode."""
+        m = self.model
+        m.eval()
+        for prefix in STAGE_PARTS[self.stage]:
+            getattr(m, prefix.rstrip(".")).train()
+
+    @property
+    def epoch_float(self) -> float:
+        return self.step / self.steps_per_epoch
+
+    def gan_active(self) -> bool:
+        return self.disc is not None and self.epoch_float >= self.cfg.gan_start_epoch
+
+    def disc_active(self) -> bool:
+        return self.disc is not None and self.epoch_float >= self.cfg.disc_start_epoch
+
+    # -- losses ----------------------------------------------------------------------------------
+    def compute_losses(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        """Total loss of one micro-batch, its parts (floats) and the reconstruction."""
+        cfg, logs = self.cfg, {}
+        with self.autocast:
+            out = self.fwd(x)
+        recon = out["recon"].float()
+        l1 = (recon - x).abs().mean()
+        logs["l1"] = l1.item()
+
+        if self.stage == 2:
+            feat = F.mse_loss(out["tokens_hat"].float(), out["tokens"].float())
+            kl = out["kl"].float().mean()
+            loss = cfg.feature_weight * feat + cfg.kl_weight * kl + cfg.l1_weight * l1
+            logs.update(feat=feat.item(), kl=kl.item())
+            logs["loss"] = loss.item()
+            return loss, logs, recon
+
+        rec = cfg.l1_weight * l1
+        if self.lpips is not None and cfg.lpips_weight > 0:
+            with self.autocast:
+                lp = lpips_loss(self.lpips, recon, x).float()
+            rec = rec + cfg.lpips_weight * lp
+            logs["lpips"] = lp.item()
+        loss = rec
+
+        if self.stage == 1:
+            with torch.no_grad(), self.autocast:
+                target = self.pivot(x)
+            piv = F.mse_loss(out["tokens"].float(), target.float())
+            if self.step < cfg.pivot_warmup_steps:
+                w_piv = torch.tensor(cfg.pivot_weight, device=x.device)
+            else:
+                w_piv = cfg.pivot_weight * adaptive_weight(rec, piv, self.last_enc_param, cfg.pivot_eps, cfg.pivot_max)
+            loss = loss + w_piv * piv
+            logs.update(pivot=piv.item(), w_piv=float(w_piv))
+
+        if self.gan_active():
+            with self.autocast:
+                logits = self.disc(quantize_fake(recon) * 2 - 1)
+            g = -logits.float().mean()
+            w_gan = adaptive_weight(rec, g, self.last_dec_param, cfg.gan_eps, cfg.gan_max)
+            loss = loss + cfg.gan_weight * w_gan * g
+            logs.update(gan=g.item(), w_gan=float(w_gan))
+        logs["loss"] = loss.item()
+        return loss, logs, recon
+
+    # -- one optimiser step ----------------------------------------------------------------------
+    def train_step(self, micro_batches: Sequence[torch.Tensor]) -> dict[str, float]:
+        """Generator (and discriminator) update on `grad_accum` micro-batches; returns mean logs."""
+        self.set_modes()
+        n = len(micro_batches)
+        sums: dict[str, float] = {}
+        fakes = []
+        self.opt.zero_grad(set_to_none=True)
+        for i, x in enumerate(micro_batches):
+            x = x.to(self.device, non_blocking=True)
+            sync = self.world == 1 or i == n - 1
+            ctx = self.fwd.no_sync() if not sync else nullcontext()
+            with ctx:
+                loss, logs, recon = self.compute_losses(x)
+                (loss / n).backward()
+            fakes.append((x, recon.detach()))
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v / n
+        self.opt.step()
+
+        if self.disc_active():
+            self.disc_opt.zero_grad(set_to_none=True)
+            d_sum = 0.0
+            for x, recon in fakes:
+                with self.autocast:
+                    real = self.disc(x * 2 - 1)
+                    fake = self.disc(quantize_fake(recon) * 2 - 1)
+                d_loss = hinge_d_loss(real.float(), fake.float())
+                (d_loss / n).backward()
+                d_sum += d_loss.item() / n
+            if self.world > 1:  # the heads are small: average their gradients by hand
+                for p in self.disc.heads.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= self.world
+            self.disc_opt.step()
+            sums["d_loss"] = d_sum
+        self.sched.step()
+        if self.disc_sched is not None:
+            self.disc_sched.step()
+        self.update_ema()
+        self.step += 1
+        sums["lr"] = self.opt.param_groups[0]["lr"]
+        return sums
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        decay = self.cfg.ema_decay
+        for n, p in self.params.items():
+            self.ema_params[n].lerp_(p.detach(), 1.0 - decay)
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, use_ema: bool = True, batch: int = 8) -> torch.Tensor:
+        """The stage's inference path (stage I: D(E(x)); later: the full autoencoder), no noise."""
+        m = self.ema if use_ema else self.model
+        was_training = m.training
+        m.eval()  # also refreshes E's cached pos-embed after EMA updates
+        outs = []
+        for i in range(0, len(images), batch):
+            x = images[i : i + batch].to(self.device)
+            with self.autocast:
+                y = m.decode_tokens(m.tokens(x)) if self.stage == 1 else m(x)
+            outs.append(y.float().cpu())
+        if was_training:
+            self.set_modes()
+        return torch.cat(outs)
+
+    def validate(self, images: torch.Tensor) -> dict[str, float]:
+        recon = self.reconstruct(images)
+        psnrs, ssims = psnr_ssim(recon, images)
+        return {"val_psnr": sum(psnrs) / len(psnrs), "val_ssim": sum(ssims) / len(ssims)}
+
+    def save_samples(self, images: torch.Tensor, path: str | Path) -> Path:
+        """PNG grid: originals on top, EMA reconstructions below."""
+        from PIL import Image
+
+        recon = self.reconstruct(images).clamp(0, 1)
+        top = torch.cat(list(images.clamp(0, 1)), dim=2)
+        bottom = torch.cat(list(recon), dim=2)
+        grid = torch.cat([top, bottom], dim=1)
+        arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        path = Path(path)
+        with atomic_file(path) as tmp:
+            Image.fromarray(arr).save(tmp, format="PNG")
+        return path
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        state = {
+            "config": self.model.config.to_dict(),
+            "train_config": self.cfg.to_dict(),
+            "stage": self.stage,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "rng": rng,
+            "skipped_files": self.skipped_files,
+        }
+        if self.pivot is not None:
+            state["pivot"] = self.pivot.state_dict()
+        if self.disc is not None:
+            state["disc"] = self.disc.state_dict()
+            state["disc_opt"] = self.disc_opt.state_dict()
+            state["disc_sched"] = self.disc_sched.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["stage"] != self.stage:
+            raise ValueError(f"checkpoint is from stage {state['stage']}, this run is stage {self.stage}")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        if self.pivot is not None:
+            self.pivot.load_state_dict(state["pivot"])
+        if self.disc is not None:
+            if "disc" not in state:
+                raise ValueError("the checkpoint has no discriminator state but this run uses a GAN")
+            self.disc.load_state_dict(state["disc"])
+            self.disc_opt.load_state_dict(state["disc_opt"])
+            self.disc_sched.load_state_dict(state["disc_sched"])
+        self.step = int(state["step"])
+        self.skipped_files = int(state.get("skipped_files", 0))
+        rng = state["rng"]
+        if self.rank == 0:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        else:  # other ranks: deterministic, distinct streams
+            torch.manual_seed(self.cfg.seed + self.rank + 1000 * self.step)
+        self.set_modes()
+
+    def save_checkpoint(self, name: str = "last") -> Path:
+        """`out/<name>/checkpoint.pt`, written atomically (rank 0 only)."""
+        path = self.out_dir / name
+        if self.rank == 0:
+            with atomic_dir(path, overwrite=True) as tmp:
+                torch.save(self.state_dict(), tmp / CHECKPOINT_NAME)
+        return path
+
+
+# -- helpers for the command line and scripts -------------------------------------------------------
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """`runs/s1/last` (a directory) or the file itself."""
+    path = Path(path)
+    return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
+def read_training_checkpoint(path: str | Path) -> dict:
+    f = checkpoint_file(path)
+    if not f.is_file():
+        raise FileNotFoundError(f"no training checkpoint at {path}")
+    state = torch.load(f, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or "stage" not in state or "config" not in state:
+        raise ValueError(f"{f} is not a training checkpoint of this project")
+    return state
+
+
+def micro_batch_size(cfg: TrainConfig, world: int = 1) -> int:
+    micro, rest = divmod(cfg.batch_size, world * cfg.grad_accum)
+    if micro < 1 or rest:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} is not divisible by ranks x grad_accum = {world} x {cfg.grad_accum}"
+        )
+    return micro
+
+
+def steps_per_epoch(cfg: TrainConfig, num_samples: int, world: int = 1) -> int:
+    micro = micro_batch_size(cfg, world)
+    return num_samples // (micro * world) // cfg.grad_accum
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) under torchrun; (0, 1, cuda or cpu) otherwise."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            return rank, world, torch.device("cuda", local)
+        return rank, world, torch.device("cpu")
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fit(
+    trainer: Trainer,
+    dataset: ImageFolderDataset,
+    val_images: torch.Tensor | None = None,
+    sample_images: torch.Tensor | None = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Run (or continue) the stage to the end of its schedule; returns the final metrics."""
+    cfg, rank, world = trainer.cfg, trainer.rank, trainer.world
+    micro = micro_batch_size(cfg, world)
+    sampler = EpochSampler(len(dataset), micro, rank, world, seed=cfg.seed)
+    spe = steps_per_epoch(cfg, len(dataset), world)
+    if spe != trainer.steps_per_epoch:
+        raise ValueError(f"trainer was built for {trainer.steps_per_epoch} steps per epoch, the data gives {spe}")
+    total = cfg.epochs * spe
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=micro,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        pin_memory=trainer.device.type == "cuda",
+        drop_last=True,
+        # the loader's own generator: creating an iterator must not consume the global RNG,
+        # or a resumed run would draw different noise than the uninterrupted one
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    if sample_images is None:
+        sample_images = val_images[:4] if val_images is not None else None
+    log_path = trainer.out_dir / "log.jsonl"
+    trainer.out_dir.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=total, initial=trainer.step, disable=not progress or rank != 0, desc=f"stage {cfg.stage}", dynamic_ncols=True)
+    metrics: dict[str, float] = {}
+    t0 = time.time()
+
+    def log(record: dict) -> None:
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    while trainer.step < total:
+        epoch, in_epoch = divmod(trainer.step, spe)
+        dataset.set_epoch(epoch)
+        sampler.set_epoch(epoch, start_batch=in_epoch * cfg.grad_accum)
+        buf: list[torch.Tensor] = []
+        for x, bad in loader:
+            trainer.skipped_files += int(bad.sum())
+            buf.append(x)
+            if len(buf) < cfg.grad_accum:
+                continue
+            logs, buf = trainer.train_step(buf), []
+            step = trainer.step
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                shown = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in logs.items()}
+                bar.set_postfix(shown, refresh=False)
+                log({"step": step, "epoch": round(trainer.epoch_float, 4), "time": round(time.time() - t0, 1), **logs})
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                trainer.save_checkpoint()
+            if cfg.sample_every and step % cfg.sample_every == 0 and sample_images is not None and rank == 0:
+                trainer.save_samples(sample_images, trainer.out_dir / "samples" / f"step_{step:07d}.png")
+            if val_images is not None and rank == 0 and (
+                (cfg.val_every and step % cfg.val_every == 0) or (not cfg.val_every and step % spe == 0)
+            ):
+                metrics = trainer.validate(val_images)
+                log({"step": step, **metrics})
+                bar.write(f"step {step}: val PSNR {metrics['val_psnr']:.2f} dB, SSIM {metrics['val_ssim']:.4f}")
+            if step >= total:
+                break
+    bar.close()
+    if trainer.skipped_files and rank == 0:
+        bar.write(f"warning: {trainer.skipped_files} unreadable image file(s) were skipped")
+    trainer.save_checkpoint()
+    if rank == 0:
+        if sample_images is not None:
+            trainer.save_samples(sample_images, trainer.out_dir / "samples" / f"final_{trainer.step:07d}.png")
+        if val_images is not None:
+            metrics = trainer.validate(val_images)
+        metrics = {"step": trainer.step, "skipped_files": trainer.skipped_files, **metrics}
+        with atomic_file(trainer.out_dir / "metrics.json") as tmp:
+            tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        trainer.ema.save(trainer.out_dir / "model.safetensors", metadata={"stage": str(trainer.stage), "step": str(trainer.step)})
+    return metrics
