@@ -9,8 +9,10 @@ from __future__ import annotations
 import click
 
 from rpiae import __version__
+from rpiae.cli.bench_cmd import bench
 from rpiae.cli.export_cmd import export, info, samples, verify
 from rpiae.cli.run import decode, encode
+from rpiae.cli.train import train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,8 +24,9 @@ def main() -> None:
     """
 
 
-for command in (export, encode, decode, verify, info, samples):
+for command in (export, encode, decode, verify, info, samples, bench):
     main.add_command(command)
+main.add_command(train)
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,10 @@ class TorchBackend(Backend):
     name = "torch"
     native = "torch"
 
-    def __init__(self, model: RPiAE, precision: str = "fp32", device: str = "cpu", max_batch: int | None = None) -> None:
+    def __init__(
+        self, model: RPiAE, precision: str = "fp32", device: str = "cpu", max_batch: int | None = None,
+        compile: bool = False,
+    ) -> None:
         if precision not in _DTYPES:
             raise BackendUnavailable(f"torch backend runs {', '.join(_DTYPES)}, not {precision}")
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -23,15 +26,21 @@ class TorchBackend(Backend):
         self.device = torch.device(device)
         self.dtype = _DTYPES[precision]
         self.model = model.eval().to(self.device)
+        # compile=True: torch.compile of encode/decode (the benchmark's `torch-compile` row);
+        # the first call per batch size compiles, later calls reuse the compiled graph
+        self.compiled = compile
+        self._fns = {"encode": self.model.encode, "decode": self.model.decode}
+        if compile:
+            self._fns = {g: torch.compile(f, dynamic=False) for g, f in self._fns.items()}
 
     @torch.inference_mode()
     def _run(self, graph: str, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device)
-        fn = self.model.encode if graph == "encode" else self.model.decode
+        fn = self._fns[graph]
         if self.dtype == torch.float32:
             return fn(x.float())
         with torch.autocast(self.device.type, dtype=self.dtype):
             return fn(x.float()).float()
 
     def describe(self) -> dict:
-        return {**super().describe(), "device": str(self.device)}
+        return {**super().describe(), "device": str(self.device), "compiled": self.compiled}

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from rpiae.engines.base import Backend
 from rpiae.export.bundle import WEIGHTS, Bundle, onnx_name
+from rpiae.export.checks import assert_graph_ok
 from rpiae.export.graphs import GRAPHS
 from rpiae.export.onnx_export import OPSET, export_graph
 from rpiae.export.parity import compare, reference_outputs
@@ -58,8 +59,6 @@ def export_bundle(
     Parity against PyTorch is measured and recorded in the manifest.
     """
     from rpiae.engines import resolve_model
-    from rpiae.engines.ort_backend import ORTBackend
-    from rpiae.engines.torch_backend import TorchBackend
 
     precisions = parse_precisions(precisions)
     if "fp32" not in precisions:
@@ -102,6 +101,7 @@ def export_bundle(
                         )
                 data = calib_x if graph == "encode" else latents_calib
                 to_int8(fp32, tmp / name, data, high_precision=int8_high_precision)
+            assert_graph_ok(tmp / name, precision)
             extra = [name + ".data"] if (tmp / (name + ".data")).exists() else []
             for dep in extra:
                 bundle.add_file(dep, kind="onnx-external-data", graph=graph, precision=precision)
@@ -113,9 +113,7 @@ def export_bundle(
             bundle.add_file(name, **entry)
             bundle.manifest["precisions"] = [p for p in PRECISIONS if bundle.find("encode", p) and bundle.find("decode", p)]
         bundle.write_manifest()
-    # reopen at the final location
-    _ = (TorchBackend, ORTBackend)
-    return Bundle.open(out)
+    return Bundle.open(out)  # reopened at its final location
 
 
 def _default_parity_images(calib_x: np.ndarray | None) -> np.ndarray:

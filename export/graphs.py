@@ -23,9 +23,10 @@ GRAPHS = ("encode", "decode")
 
 def bicubic_matrix(n_in: int, n_out: int) -> torch.Tensor:
     """(n_out, n_in) matrix equal to PyTorch's bicubic (align_corners=False, no antialias)
-    resize along one axis; exact because the kernel is separable and linear."""
-    eye = torch.eye(n_in, dtype=torch.float64).view(1, 1, n_in, n_in)
-    return F.interpolate(eye, size=(n_out, n_in), mode="bicubic", align_corners=False)[0, 0].float()
+    resize along one axis; exact because the kernel is separable and linear. Computed by
+    the float32 kernel itself, so the weights are the very float32 numbers it uses."""
+    eye = torch.eye(n_in, dtype=torch.float32).view(1, 1, n_in, n_in)
+    return F.interpolate(eye, size=(n_out, n_in), mode="bicubic", align_corners=False)[0, 0]
 
 
 class EncodeGraph(nn.Module):

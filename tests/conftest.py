@@ -51,3 +51,31 @@ def photos() -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(a[..., :3].transpose(2, 0, 1))).float() / 255.0
         out.append(fit_square(x, 256).numpy())
     return np.stack(out)
+
+
+@pytest.fixture(scope="session")
+def trained_or_tiny_ckpt(tmp_path_factory) -> str:
+    """The shipped trained checkpoint when present, else a seeded random tiny one."""
+    from rpiae.assets import DEFAULT_CHECKPOINT
+
+    if DEFAULT_CHECKPOINT.is_file():
+        return str(DEFAULT_CHECKPOINT)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-random.safetensors"
+    make_tiny().save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def sample_photos():
+    from rpiae.samples import sample_photos as _sample
+
+    return _sample()[1]
+
+
+@pytest.fixture(scope="session")
+def bundle_all(tmp_path_factory, trained_or_tiny_ckpt, sample_photos):
+    """fp32 + fp16 + int8 bundle of the test checkpoint, calibrated on real photos."""
+    from rpiae.export import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "all"
+    return export_bundle(trained_or_tiny_ckpt, out, precisions="fp32,fp16,int8", calib=sample_photos, progress=False)

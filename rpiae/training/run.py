@@ -166,4 +166,8 @@ def run_training(
         except (ValueError, RuntimeError, KeyError) as e:
             raise TrainingError(f"cannot resume from {resume}: {e}") from None
         del state
-    return fit(trainer, dataset, val_images, progress=progress)
+    try:
+        return fit(trainer, dataset, val_images, progress=progress)
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

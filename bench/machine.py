@@ -1,0 +1,116 @@
+"""Machine facts recorded with every result: CPU, GPU, driver, library versions, load."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+from importlib import metadata as _md
+from typing import Any
+
+LIBRARIES = ("rpiae", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "tensorrt", "nvidia-modelopt",
+             "psutil", "matplotlib")
+_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8",
+              "amx_tile")
+
+
+def _cpuinfo() -> dict[str, Any]:
+    out: dict[str, Any] = {"model": platform.processor() or platform.machine(), "flags": []}
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return out
+    m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    if m:
+        out["model"] = m.group(1).strip()
+    m = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    if m:
+        flags = set(m.group(1).split())
+        out["flags"] = [f for f in _CPU_FLAGS if f in flags]
+    return out
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in LIBRARIES:
+        try:
+            out[dist] = _md.version(dist)
+        except _md.PackageNotFoundError:
+            pass
+    return out
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _nvidia_smi() -> dict[str, str]:
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return {}
+    try:
+        line = subprocess.run(
+            [exe, "--query-gpu=driver_version,name,clocks.max.sm,power.limit", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20,
+        ).stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return {}
+    parts = [p.strip() for p in line.split(",")]
+    keys = ("driver", "name", "max_sm_clock", "power_limit")
+    return dict(zip(keys, parts))
+
+
+def machine_facts(device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
+    import psutil
+    import torch
+
+    cpu = _cpuinfo()
+    facts: dict[str, Any] = {
+        "system": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "cpu": {
+            **cpu,
+            "logical_cores": os.cpu_count(),
+            "physical_cores": psutil.cpu_count(logical=False),
+            "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "torch_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)(),
+        },
+        "memory_bytes": psutil.virtual_memory().total,
+        "threads": {"benchmark": threads, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
+        "libraries": library_versions(),
+        "load_average": load_average(),
+    }
+    try:
+        import onnxruntime as ort
+
+        facts["onnxruntime_providers"] = ort.get_available_providers()
+    except ImportError:
+        pass
+    if device.startswith("cuda") and torch.cuda.is_available():
+        idx = torch.device(device).index or 0
+        props = torch.cuda.get_device_properties(idx)
+        facts["gpu"] = {
+            "name": props.name,
+            "compute_capability": f"{props.major}.{props.minor}",
+            "memory_bytes": props.total_memory,
+            "multiprocessors": props.multi_processor_count,
+            "cuda_runtime": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            **{k: v for k, v in _nvidia_smi().items() if k != "name"},
+        }
+    return facts
+
+
+def machine_slug(facts: dict[str, Any]) -> str:
+    """A file-name-safe machine label: the GPU name, else `cpu-<cores>c-<model>`."""
+    if "gpu" in facts:
+        name = facts["gpu"]["name"]
+    else:
+        c = facts["cpu"]
+        model = re.sub(r"\(R\)|\(TM\)|CPU|Processor|@.*", "", c.get("model") or "cpu")
+        name = f"cpu-{c.get('usable_cores')}c-{model}"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:60] or "machine"

@@ -1,0 +1,155 @@
+"""The machine's limit, measured in the same run as the rows it is compared against.
+
+A large square matmul is the best any dense kernel on this device can do, so "model FLOPs
+per image / measured time / matmul peak" says how much of the hardware a backend uses.
+Shared machines drift (DESIGN §4: ±20 %), so the peak is measured in the run itself —
+before and after the rows, and briefly again right before each row.
+
+- CPU fp32: `torch.matmul` on (n, n) float32 with the run's thread count.
+- CPU int8: ONNX Runtime `MatMulInteger` (uint8 x int8 -> int32), the kernels ORT's INT8
+  graphs use; skipped with the reason where it cannot run.
+- CUDA: fp32 (no TF32), bf16, fp16 and int8 (`torch._int_mm`) matmuls timed with CUDA events.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+
+def _time_bounded(fn, min_time: float, min_iters: int = 3, max_iters: int = 10_000) -> list[float]:
+    """Seconds per call of `fn` (already warm), at least `min_iters` calls and `min_time` seconds."""
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() - start < min_time):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _best_median(times: list[float], flops: float) -> dict[str, float]:
+    times = sorted(times)
+    med = times[len(times) // 2]
+    return {"gflops": flops / med / 1e9, "gflops_best": flops / times[0] / 1e9, "seconds_median": med,
+            "iterations": len(times)}
+
+
+def cpu_fp32_peak(threads: int, n: int = 2048, min_time: float = 1.0) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    out = torch.empty(n, n)
+    for _ in range(2):
+        torch.matmul(a, b, out=out)
+    res = _best_median(_time_bounded(lambda: torch.matmul(a, b, out=out), min_time), 2.0 * n**3)
+    return {**res, "dtype": "fp32", "kernel": f"torch.matmul {n}x{n}x{n}", "threads": threads}
+
+
+def _int8_matmul_model(n: int):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "w")
+    node = helper.make_node("MatMulInteger", ["a", "w"], ["y"])
+    graph = helper.make_graph(
+        [node], "int8_peak", [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])], initializer=[w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)
+    return onnx._serialize(model) if hasattr(onnx, "_serialize") else model.SerializeToString()
+
+
+def cpu_int8_peak(threads: int, n: int = 2048, min_time: float = 1.0) -> dict[str, Any]:
+    """ONNX Runtime's integer matmul (the kernels its INT8 graphs run on this CPU)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(_int8_matmul_model(n), sess_options=opts, providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(1).integers(0, 256, (n, n), dtype=np.uint8)
+    for _ in range(2):
+        sess.run(None, {"a": a})
+    res = _best_median(_time_bounded(lambda: sess.run(None, {"a": a}), min_time), 2.0 * n**3)
+    return {**res, "dtype": "int8", "kernel": f"onnxruntime MatMulInteger u8xs8 {n}x{n}x{n}", "threads": threads}
+
+
+def cuda_peaks(device: str = "cuda", n: int = 8192, min_time: float = 1.0) -> dict[str, dict[str, Any]]:
+    import torch
+
+    dev = torch.device(device)
+    out: dict[str, dict[str, Any]] = {}
+    prev_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for key, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16), ("int8", torch.int8)):
+            try:
+                if dtype == torch.int8:
+                    a = torch.randint(-127, 128, (n, n), device=dev, dtype=torch.int8)
+                    b = torch.randint(-127, 128, (n, n), device=dev, dtype=torch.int8)
+
+                    def fn(a=a, b=b):
+                        return torch._int_mm(a, b)
+                else:
+                    a = torch.randn(n, n, device=dev, dtype=dtype)
+                    b = torch.randn(n, n, device=dev, dtype=dtype)
+
+                    def fn(a=a, b=b):
+                        return a @ b
+                for _ in range(3):
+                    fn()
+                torch.cuda.synchronize(dev)
+                stream = torch.cuda.current_stream(dev)
+                times: list[float] = []
+                t_start = time.perf_counter()
+                while len(times) < 10 or (time.perf_counter() - t_start < min_time and len(times) < 2000):
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0.record(stream)
+                    fn()
+                    e1.record(stream)
+                    e1.synchronize()
+                    times.append(e0.elapsed_time(e1) / 1e3)
+                out[key] = {**_best_median(times, 2.0 * n**3), "dtype": key, "kernel": f"torch {key} matmul {n}^3 (CUDA events)"}
+                del a, b
+            except Exception as e:  # noqa: BLE001 - a dtype this GPU/torch cannot run is reported, not fatal
+                out[key] = {"skipped": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+    return out
+
+
+def measure_peaks(device: str, threads: int, min_time: float = 1.0, quick: bool = False) -> dict[str, dict[str, Any]]:
+    """dtype -> peak record; entries that could not run carry `skipped` with the reason."""
+    if device.startswith("cuda"):
+        return cuda_peaks(device, n=4096 if quick else 8192, min_time=min_time)
+    n = 1024 if quick else 2048
+    peaks: dict[str, dict[str, Any]] = {"fp32": cpu_fp32_peak(threads, n=n, min_time=min_time)}
+    try:
+        peaks["int8"] = cpu_int8_peak(threads, n=n, min_time=min_time)
+    except Exception as e:  # noqa: BLE001
+        peaks["int8"] = {"skipped": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
+    return peaks
+
+
+def peak_key(device: str, precision: str, peaks: dict[str, dict[str, Any]]) -> str | None:
+    """Which measured peak a row of `precision` is compared against.
+
+    CPU: fp32 rows (and fp16/bf16, which have no faster matmul on these CPUs) against the
+    fp32 peak; int8 rows against the int8 peak. CUDA: fp32 against fp32, fp16/bf16 against
+    the bf16 tensor-core peak (the issue's reference), int8 against the int8 peak.
+    """
+    if device.startswith("cuda"):
+        want = {"fp32": "fp32", "fp16": "bf16", "bf16": "bf16", "int8": "int8"}.get(precision, "fp32")
+    else:
+        want = "int8" if precision == "int8" else "fp32"
+    for key in (want, "bf16" if device.startswith("cuda") else "fp32"):
+        if key in peaks and "gflops" in peaks[key]:
+            return key
+    return None

@@ -1,0 +1,99 @@
+"""`rpiae bench`: latency/throughput of every backend and precision, and the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from rpiae.cli.common import device_option, friendly_errors, model_option, parse_int_list
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip().lower() for v in value.split(",") if v.strip()]
+
+
+@click.command()
+@model_option
+@click.option("--backends", default="torch,ort", show_default=True,
+              help="Comma-separated: torch, torch-compile, ort, trt, aoti. Unavailable ones are reported as skipped "
+              "with the reason. PyTorch eager rows are always added as the reference.")
+@click.option("--precision", "-p", "precisions", default="fp32", show_default=True,
+              help="Comma-separated: fp32, fp16, bf16, int8 (combinations a backend cannot run are skipped).")
+@click.option("--batch", "batches", default="1,8", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--graphs", default="encode,decode", show_default=True, help="Which graphs: encode, decode.")
+@device_option
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="CPU threads, fixed for every runtime (default: the cores this process may use).")
+@click.option("--warmup", type=click.IntRange(0), default=2, show_default=True, help="Warm-up calls per row (at least).")
+@click.option("--warmup-time", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Warm-up seconds per row (at least).")
+@click.option("--min-iters", type=click.IntRange(1), default=5, show_default=True, help="Timed calls per row (at least).")
+@click.option("--min-time", type=click.FloatRange(0), default=3.0, show_default=True,
+              help="Timed seconds per row (at least).")
+@click.option("--max-iters", type=click.IntRange(1), default=1000, show_default=True, help="Cap on timed calls per row.")
+@click.option("--max-time", type=click.FloatRange(0), default=60.0, show_default=True,
+              help="Cap on timed seconds per row (stops once min-iters is reached... or this, whichever is first).")
+@click.option("--peak-time", type=click.FloatRange(0.05), default=1.0, show_default=True,
+              help="Seconds per dtype for the matmul peak measured before and after the rows.")
+@click.option("--no-isolate", is_flag=True,
+              help="Run every row in this process (faster start; peak RSS is then not measured per row).")
+@click.option("--no-reference", is_flag=True, help="Do not add the PyTorch eager reference rows.")
+@click.option("--profile", is_flag=True,
+              help="Also record an op-type profile per backend/precision/graph at the smallest batch (torch, ort).")
+@click.option("--notes", default="", help="Free text stored with the results (e.g. what else ran on the machine).")
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
+              help="Results JSON to write (atomically); a directory gets <machine>.json inside.")
+@click.option("--report", "report", is_flag=True,
+              help="Render FILES (result JSONs) instead of measuring: markdown table, targets and PNG plots.")
+@click.option("--report-dir", type=click.Path(path_type=Path), default=None,
+              help="With --report: where README.md and the PNGs go (default: the first file's folder).")
+@click.argument("files", nargs=-1, type=click.Path(path_type=Path))
+@friendly_errors
+def bench(model, backends, precisions, batches, graphs, device, threads, warmup, warmup_time, min_iters, min_time,
+          max_iters, max_time, peak_time, no_isolate, no_reference, profile, notes, out, report, report_dir, files):
+    """Measure encode/decode latency and throughput of every backend, or render results.
+
+    \b
+    rpiae bench --model BUNDLE --backends torch,torch-compile,ort,trt --precision fp32,fp16,int8 \\
+                --batch 1,8,32 --out bench/results/<machine>.json
+    rpiae bench --report bench/results/*.json     # markdown table + PNG plots
+
+    Each row runs in a fresh process (true peak RSS per row) with fixed threads, after a
+    warm-up, for at least --min-iters calls and --min-time seconds; p50/p90/p99, images/s,
+    the speed-up over PyTorch eager at the same batch, and the fraction of the matmul peak
+    measured in the same run.
+    """
+    if report:
+        from rpiae.bench.report import render_report
+
+        if not files:
+            raise click.UsageError("--report needs result files: rpiae bench --report bench/results/*.json")
+        missing = [str(f) for f in files if not Path(f).is_file()]
+        if missing:
+            raise click.ClickException(f"no such result file: {', '.join(missing)}")
+        click.echo(render_report(list(files), out_dir=report_dir))
+        target = report_dir or Path(files[0]).parent
+        click.echo(f"\nwrote {target / 'README.md'} and {len(files)} plot(s)", err=True)
+        return
+    if files:
+        raise click.UsageError(f"unexpected arguments {' '.join(map(str, files))} (did you mean --report?)")
+
+    from rpiae.bench.report import render_markdown
+    from rpiae.bench.runner import BenchSettings, run_benchmark
+
+    settings = BenchSettings(
+        model=str(model) if model is not None else None, backends=_csv(backends), precisions=_csv(precisions),
+        batches=parse_int_list(batches, "--batch"), graphs=_csv(graphs), device=device, threads=threads,
+        warmup=warmup, warmup_time=warmup_time, min_iters=min_iters, min_time=min_time, max_iters=max_iters,
+        max_time=max_time, isolate=not no_isolate, reference=not no_reference, peak_time=peak_time,
+        profile=profile, notes=notes,
+    )
+    if out is not None and (out.is_dir() or str(out).endswith("/")):
+        from rpiae.bench.machine import machine_facts, machine_slug
+
+        out = out / f"{machine_slug(machine_facts(device))}.json"
+    result = run_benchmark(settings, out=out, progress=lambda msg: click.echo(msg, err=True))
+    click.echo(render_markdown(result, title=f"{result['model']['name']} on {device}"))
+    if out is not None:
+        click.echo(f"wrote {out}", err=True)

@@ -1,0 +1,97 @@
+"""AOTInductor backend: runs a bundle's `.pt2` packages (rpiae.export.aoti) in-process.
+
+Before loading, each package is checked against this machine (device, torch version, CPU
+level flags or GPU compute capability) and refused with a one-line `BackendUnavailable`
+when it cannot run here. AOTInductor's own input checks are switched on
+(`AOTI_RUNTIME_CHECK_INPUTS=1`); the batch range of the package is checked here as well:
+larger batches are split by the base class, a batch below the package's minimum (a fixed
+batch profile) is padded with copies of its last item and the padding is dropped again.
+Packages are unpacked under the rpiae cache directory (`cache_dir=`, `$RPIAE_CACHE_DIR`,
+`~/.cache/rpiae`), not the system temp directory.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from rpiae.engines.base import Backend, BackendUnavailable, InputError
+from rpiae.export.bundle import Bundle
+
+
+class AOTIBackend(Backend):
+    name = "aoti"
+    native = "torch"
+
+    def __init__(
+        self, bundle: Bundle, precision: str = "fp32", device: str = "cpu", max_batch: int | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        from rpiae.export import aoti
+
+        if precision != aoti.PRECISION:
+            raise BackendUnavailable(f"aoti backend runs fp32 packages only, not {precision}")
+        try:
+            kind, index = aoti._device_type(device)
+        except ValueError as e:
+            raise BackendUnavailable(f"aoti backend: {e}") from None
+        self.bundle = bundle
+        self.device = torch.device(kind, max(index, 0)) if kind == "cuda" else torch.device("cpu")
+        self._device_index = index
+        self.cache_dir = cache_dir
+        self.packages = aoti.find_packages(bundle, device, precision)
+        for name, entry in self.packages.values():
+            aoti.check_runnable(entry, device, name=f"{bundle.root / name}")
+        self.ranges = {g: (e["batch"]["min"], e["batch"]["max"]) for g, (_, e) in self.packages.items()}
+        top = min(hi for _, hi in self.ranges.values())
+        super().__init__(bundle.config, precision, min(max_batch, top) if max_batch else top)
+        # resolve (and hash-check) both packages now: a tampered file fails before any work
+        self._paths = {g: bundle.verify_file(name) for g, (name, _) in self.packages.items()}
+        self._runners: dict[str, object] = {}
+
+    def runner(self, graph: str):
+        if graph not in self._runners:
+            from rpiae.export import aoti
+
+            aoti.enable_runtime_input_checks()
+            pkg_log = logging.getLogger("torch.export.pt2_archive._package")
+            level = pkg_log.level
+            # torch warns when the package's ISA differs from this CPU's best one; we check the
+            # package's CPU level ourselves (check_runnable), so a superset CPU is not a problem
+            pkg_log.setLevel(logging.ERROR)
+            try:
+                with aoti.workdir(self.cache_dir):
+                    self._runners[graph] = torch._inductor.aoti_load_package(
+                        str(self._paths[graph]), device_index=self._device_index if self.device.type == "cuda" else -1
+                    )
+            except RuntimeError as e:
+                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise BackendUnavailable(f"aoti backend: cannot load {self._paths[graph]}: {msg}") from None
+            finally:
+                pkg_log.setLevel(level)
+        return self._runners[graph]
+
+    @torch.inference_mode()
+    def _run(self, graph: str, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.ranges[graph]
+        n = int(x.shape[0])
+        if n > hi:
+            raise InputError(f"{graph}: batch {n} exceeds the package's maximum {hi} (compiled profile {lo}..{hi})")
+        if n < lo:
+            x = torch.cat([x, x[-1:].expand(lo - n, *x.shape[1:])])
+        x = x.to(device=self.device, dtype=torch.float32).contiguous()
+        try:
+            y = self.runner(graph)(x)
+        except RuntimeError as e:
+            raise InputError(f"{graph}: the AOTInductor package refused the input: {str(e).strip()}") from None
+        return y[:n]
+
+    def describe(self) -> dict:
+        e = self.packages["encode"][1]
+        target = e.get("cpu_level") if e.get("device") == "cpu" else f"sm{e.get('capability', '').replace('.', '')}"
+        return {**super().describe(), "device": str(self.device), "target": target,
+                "batch": {g: {"min": lo, "max": hi} for g, (lo, hi) in self.ranges.items()}}
+
+    def close(self) -> None:
+        self._runners.clear()

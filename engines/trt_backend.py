@@ -1,0 +1,59 @@
+"""TensorRT backend: runs a bundle's engines (`rpiae export --target trt`) behind the one
+backend interface.
+
+Both engines of the asked precision are checked before any work: present in the bundle,
+sha256 intact, built with this TensorRT version for this GPU's compute capability (else a
+one-line error saying how to rebuild). Arrays may come from the host or the GPU; the
+engines run on `device` (cuda or cuda:N; `cpu` means the default GPU, with numpy/CPU
+results). Batches are split to the engines' profile maximum. The TensorRT calls themselves
+live in `rpiae.engines.tensorrt`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rpiae.engines import tensorrt as T
+from rpiae.engines.base import Backend
+from rpiae.export.bundle import Bundle, BundleError
+
+GRAPHS = ("encode", "decode")
+
+
+class TRTBackend(Backend):
+    name = "trt"
+    native = "torch"
+
+    def __init__(self, bundle: Bundle, precision: str = "fp16", device: str = "cuda", max_batch: int | None = None) -> None:
+        T.import_tensorrt()
+        self.device = T.require_cuda(device)
+        super().__init__(bundle.config, precision, max_batch)
+        self.bundle = bundle
+        env = T.current_environment(self.device)
+        names = {}
+        for graph in GRAPHS:
+            name = bundle.find(graph, precision, T.ENGINE_KIND)
+            if name is None:
+                have = ", ".join(bundle.precisions(T.ENGINE_KIND)) or "none"
+                raise BundleError(
+                    f"bundle {bundle.root} has no {precision} TensorRT {graph} engine (has: {have}); build it with "
+                    f"`rpiae export --target trt --precision {precision} --out {bundle.root}`"
+                )
+            T.check_engine_compat(bundle.files[name], env, bundle.root, name)
+            names[graph] = name
+        self._runners = {g: T.EngineRunner(bundle.verify_file(n).read_bytes(), self.device) for g, n in names.items()}
+        limit = min(r.max_batch for r in self._runners.values())
+        self.max_batch = min(max_batch, limit) if max_batch else limit
+
+    def _run(self, graph: str, x: torch.Tensor) -> torch.Tensor:
+        return self._runners[graph](x)
+
+    def describe(self) -> dict:
+        r = self._runners["encode"]
+        return {**super().describe(), "device": str(self.device),
+                "profile": f"{r.min_batch}:{r.opt_batch}:{r.max_batch}"}
+
+    def close(self) -> None:
+        for r in self._runners.values():
+            r.close()
+        self._runners = {}

@@ -1,0 +1,96 @@
+"""Graph checks that every exported ONNX file must pass (run at export, and in tests).
+
+Each returns a list of human-readable problems; an empty list means the graph is fit for
+TensorRT and ONNX Runtime:
+- opset >= 17 (native LayerNormalization);
+- only the batch axis is symbolic, on every input and output;
+- no antialiased Resize (does not export faithfully); no dynamic-quantisation ops
+  (`DynamicQuantizeLinear` and friends: TensorRT rejects them);
+- Q/DQ zero-points all 0 (symmetric; TensorRT rejects non-zero);
+- FP16/INT8: graph inputs and outputs stay float32; LayerNormalization and Softmax compute
+  in float32;
+- the model config travels in the metadata.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+MIN_OPSET = 17
+DYNAMIC_QUANT_OPS = {"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger"}
+FP32_ONLY_OPS = ("LayerNormalization", "Softmax")
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def _attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def check_graph(path: str | Path | onnx.ModelProto, precision: str | None = None) -> list[str]:
+    model = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    precision = precision or meta.get("rpiae.precision", "fp32")
+    problems: list[str] = []
+
+    if _opset(model) < MIN_OPSET:
+        problems.append(f"opset {_opset(model)} < {MIN_OPSET}")
+    if "rpiae.config" not in meta:
+        problems.append("no rpiae.config in the model metadata")
+
+    for value in (*model.graph.input, *model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if not dims or not dims[0].dim_param:
+            problems.append(f"{value.name}: batch axis is not symbolic")
+        fixed = [d for d in dims[1:] if not d.HasField("dim_value")]
+        if fixed:
+            problems.append(f"{value.name}: a non-batch axis is symbolic")
+        if value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            problems.append(f"{value.name}: graph I/O is not float32")
+
+    inits = {t.name: t for t in model.graph.initializer}
+    consts = {n.output[0]: _attr(n, "value") for n in model.graph.node if n.op_type == "Constant"}
+    for node in model.graph.node:
+        if node.op_type == "Resize" and _attr(node, "antialias", 0):
+            problems.append(f"{node.name}: antialiased Resize")
+        if node.op_type in DYNAMIC_QUANT_OPS:
+            problems.append(f"{node.name}: dynamic-quantisation op {node.op_type}")
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2 and node.input[2]:
+            zp = inits.get(node.input[2])
+            arr = numpy_helper.to_array(zp) if zp is not None else (
+                numpy_helper.to_array(consts[node.input[2]]) if node.input[2] in consts else None)
+            if arr is None:
+                problems.append(f"{node.name}: zero-point is not a constant")
+            elif np.any(arr.astype(np.int64) != 0):
+                problems.append(f"{node.name}: non-zero zero-point")
+
+    if precision in ("fp16", "int8"):
+        inferred = onnx.shape_inference.infer_shapes(model)
+        types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.input)}
+        types.update({t.name: t.data_type for t in model.graph.initializer})
+        for node in model.graph.node:
+            if node.op_type in FP32_ONLY_OPS and types.get(node.input[0]) != onnx.TensorProto.FLOAT:
+                problems.append(f"{node.name}: {node.op_type} does not compute in float32")
+    if precision == "int8" and not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        problems.append("int8 graph has no QuantizeLinear nodes")
+    return problems
+
+
+class GraphCheckError(ValueError):
+    pass
+
+
+def assert_graph_ok(path: str | Path, precision: str | None = None) -> None:
+    problems = check_graph(path, precision)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+        raise GraphCheckError(f"{Path(str(path)).name} fails the graph checks: {shown}")

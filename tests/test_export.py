@@ -1,0 +1,193 @@
+"""Export: graph checks, parity vs PyTorch at batch 1/3/8, bundles and their integrity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from rpiae import RPiAE
+from rpiae.engines import load_backend
+from rpiae.export import Bundle, BundleError, export_bundle, verify_bundle
+from rpiae.export.checks import check_graph
+from rpiae.export.graphs import bicubic_matrix
+from rpiae.export.onnx_export import read_metadata
+from rpiae.export.parity import TOLERANCES
+
+ONNX_FILES = [f"{g}.{p}.onnx" for g in ("encode", "decode") for p in ("fp32", "fp16", "int8")]
+
+
+@pytest.mark.parametrize("name", ONNX_FILES)
+def test_graph_checks_pass(bundle_all, name):
+    path = bundle_all.root / name
+    assert check_graph(path) == []
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    inp = model.graph.input[0].type.tensor_type.shape.dim
+    assert inp[0].dim_param == "batch" and all(d.dim_value > 0 for d in inp[1:])
+    ops = {n.op_type for n in model.graph.node}
+    assert "Resize" not in ops  # 256->224 is two matmuls
+    assert not ops & {"DynamicQuantizeLinear", "MatMulInteger"}
+    meta = read_metadata(model)
+    assert json.loads(meta["rpiae.config"]) == bundle_all.manifest["config"]
+
+
+def test_fp16_keeps_layernorm_softmax_and_io_fp32(bundle_all):
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(bundle_all.root / "decode.fp16.onnx")))
+    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.value_info, *model.graph.input)}
+    ln = [n for n in model.graph.node if n.op_type in ("LayerNormalization", "Softmax")]
+    assert ln and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in ln)
+    mm = [n for n in model.graph.node if n.op_type == "MatMul"]
+    fp16 = [n for n in mm if types.get(n.input[0]) == onnx.TensorProto.FLOAT16]
+    assert len(fp16) > 0.8 * len(mm)  # the bulk really is fp16
+    last = [n for n in mm if "decoder_pred" in n.name]
+    assert last and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in last)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_int8_is_symmetric_per_channel_qdq(bundle_all):
+    model = onnx.load(str(bundle_all.root / "encode.int8.onnx"))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    qs = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qs
+    for n in qs:
+        if len(n.input) > 2 and n.input[2] in inits:
+            assert not inits[n.input[2]].any()
+    per_channel = [n for n in qs if n.op_type == "DequantizeLinear" and n.input[1] in inits and inits[n.input[1]].size > 1]
+    assert per_channel, "weights are quantised per channel"
+    report = bundle_all.files["encode.int8.onnx"]["precision_report"]
+    assert report["per_op_type"]["LayerNormalization"] == {"fp32": 1 + 2 * bundle_all.config.encoder_depth + 2} or all(
+        k == "fp32" for k in report["per_op_type"]["LayerNormalization"])
+    assert report["per_op_type"]["MatMul"].get("int8", 0) > 0
+    assert report["matmuls_not_int8"], "the layers kept in higher precision are reported"
+
+
+def test_graph_checks_catch_bad_graphs(bundle_all, tmp_path):
+    """The checks can fail: an antialiased Resize, a non-zero zero-point, a fixed batch."""
+    model = onnx.load(str(bundle_all.root / "encode.int8.onnx"))
+    zp = next(t for t in model.graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and
+              any(n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] == t.name for n in model.graph.node))
+    arr = onnx.numpy_helper.to_array(zp).copy()
+    arr[...] = 3
+    zp.CopyFrom(onnx.numpy_helper.from_array(arr, zp.name))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
+    model.graph.node.append(onnx.helper.make_node("Resize", ["images", "", "", ""], ["r"], name="bad_resize", mode="cubic", antialias=1))
+    problems = " | ".join(check_graph(model))
+    assert "non-zero zero-point" in problems and "antialiased Resize" in problems and "batch axis is not symbolic" in problems
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_parity_batches_1_3_8(bundle_all, sample_photos, precision):
+    report = verify_bundle(bundle_all, backend="ort", images=sample_photos, batches=[1, 3, 8], precisions=[precision])
+    assert len(report["results"]) == 3
+    for row in report["results"]:
+        assert set(row["checks"]) == set(TOLERANCES[precision])
+        assert row["ok"], row
+    if precision == "fp32":
+        m = report["results"][-1]["metrics"]
+        assert m["latent_max_abs_rel"] <= 1e-4 and m["latent_cosine_min"] >= 0.99999 and m["decoded_psnr_db"] >= 60
+
+
+def test_parity_is_recorded_in_manifest(bundle_all):
+    rows = bundle_all.manifest["parity"]
+    assert {r["precision"] for r in rows} == {"fp32", "fp16", "int8"} and all(r["ok"] for r in rows)
+    m = bundle_all.manifest
+    assert m["source"]["sha256"] and m["opset"] >= 17 and m["tools"]["onnxruntime"]
+    assert m["io"]["encode"]["input"]["shape"] == ["batch", 3, 256, 256]
+    for name in ONNX_FILES + ["model.safetensors"]:
+        assert len(m["files"][name]["sha256"]) == 64
+
+
+def test_resize_matrix_equals_torch_bicubic():
+    x = torch.rand(2, 3, 256, 256)
+    r = bicubic_matrix(256, 224)
+    ref = torch.nn.functional.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(r @ x @ r.T, ref, rtol=0, atol=2e-6)
+
+
+def test_ort_backend_splits_batches_and_round_trips_types(bundle_all, sample_photos):
+    x = sample_photos[:5]
+    with load_backend(bundle_all.root, backend="ort") as whole, load_backend(bundle_all.root, backend="ort", max_batch=2) as split:
+        a, b = whole.encode(x), split.encode(x)
+        assert a.shape == (5, 64, 16, 16) and a.dtype == np.float32
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        t = split.encode(torch.from_numpy(x))
+        assert isinstance(t, torch.Tensor) and t.dtype == torch.float32
+        assert isinstance(split.decode(t[:1]), torch.Tensor)
+
+
+def test_torch_backend_on_bundle_matches_checkpoint(bundle_all, trained_or_tiny_ckpt, sample_photos):
+    x = sample_photos[:2]
+    with load_backend(bundle_all.root, backend="torch") as a, load_backend(trained_or_tiny_ckpt, backend="torch") as b:
+        np.testing.assert_array_equal(a.encode(x), b.encode(x))
+
+
+def test_tampered_and_truncated_files_are_refused(bundle_all, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_all.root, copy)
+    path = copy / "decode.fp32.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    bundle = Bundle.open(copy)  # same size: caught by the hash on first use
+    with pytest.raises(BundleError, match="sha256"):
+        bundle.graph_path("decode", "fp32")
+    with pytest.raises(BundleError, match="sha256"):
+        load_backend(copy, backend="ort")
+    path.write_bytes(bytes(data[:1000]))
+    with pytest.raises(BundleError, match="truncated"):
+        Bundle.open(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(BundleError, match="no manifest.json"):
+        Bundle.open(copy)
+
+
+def test_missing_precision_is_a_clear_error(tmp_path, trained_or_tiny_ckpt):
+    b = export_bundle(trained_or_tiny_ckpt, tmp_path / "fp32only", precisions="fp32", progress=False)
+    with pytest.raises(BundleError, match=r"no int8 encode onnx \(has: fp32\); re-export with --precision int8"):
+        load_backend(b.root, backend="ort", precision="int8")
+
+
+def test_interrupted_export_leaves_nothing_that_looks_finished(tmp_path, trained_or_tiny_ckpt, monkeypatch):
+    import rpiae.export.api as api
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "export_graph", boom)  # after the weights were written
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(trained_or_tiny_ckpt, tmp_path / "out", precisions="fp32,fp16", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_refuses_to_overwrite_and_int8_needs_calibration(tmp_path, trained_or_tiny_ckpt):
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError):
+        export_bundle(trained_or_tiny_ckpt, tmp_path / "exists", progress=False)
+    with pytest.raises(ValueError, match="--calib"):
+        export_bundle(trained_or_tiny_ckpt, tmp_path / "x", precisions="int8", progress=False)
+    with pytest.raises(ValueError, match="unknown precision"):
+        export_bundle(trained_or_tiny_ckpt, tmp_path / "x", precisions="fp8", progress=False)
+
+
+@pytest.mark.slow
+def test_rpiae_b_encode_graph_exports(tmp_path):
+    from rpiae.export.onnx_export import export_graph
+
+    torch.manual_seed(0)
+    model = RPiAE.from_preset("rpiae-b")
+    path = export_graph(model, "encode", tmp_path / "encode.fp32.onnx")
+    assert check_graph(path) == []
+    import onnxruntime as ort
+
+    x = np.random.default_rng(0).random((1, 3, 256, 256), dtype=np.float32)
+    z = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    with torch.no_grad():
+        ref = model.encode(torch.from_numpy(x)).numpy()
+    assert np.abs(z - ref).max() <= 1e-4 * np.abs(ref).max()

@@ -1,0 +1,412 @@
+"""Three-stage training: a few steps per stage on the tiny preset, batch 1-2, on the CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from PIL import Image
+
+from rpiae import RPiAE
+from rpiae.training.config import PAPER_STAGES, TrainConfig, load_train_config, parse_override
+from rpiae.training.data import ImageFolderDataset, psnr_ssim
+from rpiae.training.discriminator import Discriminator, diff_augment, load_dino_features, quantize_fake
+from rpiae.training.lpips import LPIPS, load_lpips
+from rpiae.training.trainer import STAGE_PARTS, Trainer, read_training_checkpoint, trainable_names
+from tests.conftest import make_tiny
+
+SMALL_LPIPS = (4, 8, 8, 8, 8)  # VGG16 structure, narrow: fast on a CPU
+SMALL_DISC = dict(dim=32, depth=12, heads=2, patch=8)  # ViT/8 structure (785 tokens), narrow
+
+
+def small_lpips(seed: int = 0) -> LPIPS:
+    torch.manual_seed(seed)
+    net = LPIPS(SMALL_LPIPS)
+    with torch.no_grad():
+        for k in range(5):
+            w = getattr(net, f"lin{k}").model[1].weight
+            w.abs_()  # LPIPS heads are non-negative
+    return net
+
+
+def small_disc(seed: int = 0) -> Discriminator:
+    torch.manual_seed(seed)
+    return Discriminator(**SMALL_DISC)
+
+
+def make_cfg(stage: int, **kw) -> TrainConfig:
+    base = dict(
+        batch_size=2, epochs=1, warmup_epochs=0.0, lr=1e-3, min_lr=1e-3, ema_decay=0.5, num_workers=0,
+        gan_start_epoch=0.0, disc_start_epoch=0.0, pivot_warmup_steps=0, sample_every=0, save_every=0,
+    )
+    base.update(kw)
+    return load_train_config(stage, overrides=base)
+
+
+def make_trainer(stage: int, tmp_path, gan: bool = True, lpips: bool = True, seed: int = 0, **kw) -> Trainer:
+    cfg = make_cfg(stage, **kw)
+    model = make_tiny(seed)
+    use = stage in (1, 3)
+    return Trainer(
+        model, cfg, tmp_path / f"s{stage}",
+        lpips=small_lpips() if (lpips and use) else None,
+        disc=small_disc() if (gan and use) else None,
+        steps_per_epoch=100,
+    )
+
+
+@pytest.fixture(scope="module")
+def batch(photos) -> torch.Tensor:
+    return torch.from_numpy(photos[:2]).clone()
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# -- config --------------------------------------------------------------------------------------
+
+
+def test_config_defaults_are_the_paper(tmp_path):
+    c1, c2, c3 = (load_train_config(s) for s in (1, 2, 3))
+    assert (c1.lr, c1.betas, c1.weight_decay, c1.min_lr, c1.ema_decay) == (2e-4, (0.9, 0.95), 0.0, 2e-5, 0.9978)
+    assert (c1.epochs, c1.batch_size, c1.noise_tau, c1.pivot_warmup_steps) == (16, 256, 0.8, 1000)
+    assert (c1.gan_start_epoch, c1.disc_start_epoch, c1.gan_weight, c1.pivot_weight) == (8, 6, 0.75, 0.75)
+    assert (c1.resize_min, c1.resize_max, c1.crop) == (384, 384, 256)
+    assert (c2.epochs, c2.batch_size, c2.kl_weight, c2.l1_weight) == (32, 512, 1e-3, 0.05)
+    assert (c3.epochs, c3.batch_size, c3.noise_tau) == (16, 256, 0.0)
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"batch_size": 8, "stage2": {"epochs": 3}}))
+    assert load_train_config(2, path).batch_size == 8 and load_train_config(2, path).epochs == 3
+    assert load_train_config(1, path).epochs == PAPER_STAGES[1]["epochs"]
+    assert load_train_config(1, path, {"lr": 1e-3}).lr == 1e-3
+    path.write_text(json.dumps({"bogus": 1}))
+    with pytest.raises(ValueError, match="bogus"):
+        load_train_config(1, path)
+    assert parse_override("hflip=true") == ("hflip", True)
+    assert parse_override("betas=0.9,0.99") == ("betas", (0.9, 0.99))
+
+
+# -- every stage: finite losses, only the intended parameters move, frozen really frozen -----------
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_stage_trains_only_its_parameters(stage, batch, tmp_path):
+    trainer = make_trainer(stage, tmp_path)
+    model = trainer.model
+    before = snapshot(model)
+    ema_before = snapshot(trainer.ema)
+    pivot_before = snapshot(trainer.pivot) if trainer.pivot is not None else None
+    disc_feat_before = snapshot(trainer.disc.features) if trainer.disc is not None else None
+    disc_heads_before = snapshot(trainer.disc.heads) if trainer.disc is not None else None
+
+    for i in range(2):
+        logs = trainer.train_step([batch[i : i + 1]])
+        assert all(math.isfinite(v) for v in logs.values()), logs
+    if stage in (1, 3):
+        assert "w_gan" in logs and "d_loss" in logs and "lpips" in logs
+    if stage == 1:
+        assert "w_piv" in logs
+    if stage == 2:
+        assert "kl" in logs and "feat" in logs
+
+    names = set(trainable_names(model, stage))
+    assert names and all(n.startswith(STAGE_PARTS[stage]) for n in names)
+    after = model.state_dict()
+    params = dict(model.named_parameters())
+    for k, v in after.items():
+        if k in names:
+            assert not torch.equal(v, before[k]), f"{k} did not train"
+            assert not torch.equal(trainer.ema.state_dict()[k], ema_before[k]), f"EMA of {k} did not move"
+        else:
+            assert torch.equal(v, before[k]), f"frozen {k} changed"
+            assert torch.equal(trainer.ema.state_dict()[k], ema_before[k])
+            if k in params:
+                assert not params[k].requires_grad and params[k].grad is None, k
+    # optimiser state only for the trainable parameters
+    opt_params = {id(p) for g in trainer.opt.param_groups for p in g["params"]}
+    assert opt_params == {id(params[n]) for n in names}
+    assert len(trainer.opt.state) == len(names)
+    # modes: trainable parts train, frozen parts eval; the replica never changes
+    for part in ("encoder", "vb_feature_encoder", "vb_feature_decoder", "decoder"):
+        assert getattr(model, part).training == (part + "." in STAGE_PARTS[stage])
+    if pivot_before is not None:
+        assert not trainer.pivot.training
+        assert all(not p.requires_grad for p in trainer.pivot.parameters())
+        for k, v in trainer.pivot.state_dict().items():
+            assert torch.equal(v, pivot_before[k]), f"pivot {k} changed"
+    if disc_feat_before is not None:
+        for k, v in trainer.disc.features.state_dict().items():
+            assert torch.equal(v, disc_feat_before[k]), f"discriminator backbone {k} changed"
+        assert any(not torch.equal(v, disc_heads_before[k]) for k, v in trainer.disc.heads.state_dict().items())
+        assert len(trainer.disc_opt.state) == sum(1 for _ in trainer.disc.heads.parameters())
+
+
+def test_gan_and_disc_start_epochs(batch, tmp_path):
+    trainer = make_trainer(1, tmp_path, gan_start_epoch=0.02, disc_start_epoch=0.01, pivot_warmup_steps=1000)
+    x = batch[:1]
+    logs = trainer.train_step([x])  # step 0 = epoch 0.00: neither
+    assert "w_gan" not in logs and "d_loss" not in logs and logs["w_piv"] == 0.75
+    logs = trainer.train_step([x])  # epoch 0.01: discriminator only
+    assert "w_gan" not in logs and "d_loss" in logs
+    logs = trainer.train_step([x])  # epoch 0.02: both
+    assert "w_gan" in logs and "d_loss" in logs
+
+
+# -- adaptive weights = the formula, recomputed independently --------------------------------------
+
+
+def test_adaptive_weights_match_formula(batch, tmp_path):
+    trainer = make_trainer(1, tmp_path)
+    cfg, model = trainer.cfg, trainer.model
+    x = batch[:2]
+    disc_state = snapshot(trainer.disc)  # spectral norm's power iteration updates buffers per call
+
+    torch.manual_seed(123)
+    _, logs, _ = trainer.compute_losses(x)
+
+    trainer.disc.load_state_dict(disc_state)
+    torch.manual_seed(123)
+    # the same computation, written out from DESIGN.md §2
+    b = x.shape[0]
+    tokens = model.tokens(x)
+    sigma = cfg.noise_tau * torch.rand(b, 1, 1)
+    noised = tokens + sigma * torch.randn(tokens.shape)
+    recon = model.decode_tokens(noised)
+    lp = trainer.lpips(recon * 2 - 1, x * 2 - 1).mean()
+    l_rec = (recon - x).abs().mean() + lp
+    with torch.no_grad():
+        target = trainer.pivot(x)
+    l_piv = ((tokens - target) ** 2).mean()
+    fake = recon + (torch.round(recon.clamp(0, 1) * 255) / 255 - recon).detach()
+    g = -trainer.disc(fake * 2 - 1).mean()
+
+    last_e = model.encoder.encoder.encoder.layer[-1].layer_scale2.lambda1
+    last_d = model.decoder.decoder_pred.weight
+    gr_e, gp_e = (torch.autograd.grad(l, last_e, retain_graph=True)[0] for l in (l_rec, l_piv))
+    gr_d, gg_d = (torch.autograd.grad(l, last_d, retain_graph=True)[0] for l in (l_rec, g))
+    w_piv = 0.75 * min(max(gr_e.norm().item() / (gp_e.norm().item() + 1e-4), 0.0), 1e5)
+    w_gan = min(max(gr_d.norm().item() / (gg_d.norm().item() + 1e-6), 0.0), 1e4)
+
+    assert logs["pivot"] == pytest.approx(l_piv.item(), rel=1e-5)
+    assert logs["gan"] == pytest.approx(g.item(), rel=1e-4, abs=1e-6)
+    assert logs["w_piv"] == pytest.approx(w_piv, rel=1e-4)
+    assert logs["w_gan"] == pytest.approx(w_gan, rel=1e-4)
+    assert 0 < logs["w_piv"] and 0 < logs["w_gan"]
+
+    # during the warm-up the pivot weight is the constant 0.75
+    trainer.cfg.pivot_warmup_steps = 10
+    _, logs, _ = trainer.compute_losses(x)
+    assert logs["w_piv"] == 0.75
+
+
+# -- learning: one batch, L1 goes down ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_overfit_one_batch(stage, batch, tmp_path):
+    torch.manual_seed(0)
+    lr = 2e-3 if stage == 2 else 1e-3
+    trainer = make_trainer(stage, tmp_path, gan=False, lpips=False, lr=lr, min_lr=lr, l1_weight=1.0)
+    x = batch[:1]
+    l1 = [trainer.train_step([x])["l1"] for _ in range(25)]
+    assert np.mean(l1[-5:]) < 0.7 * l1[0], l1
+
+
+# -- resume is bit-identical ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_bit_identical_one_step(stage, batch, tmp_path):
+    x1, x2 = batch[:1], batch[1:2]
+    a = make_trainer(stage, tmp_path, lr=1e-3, min_lr=1e-4, warmup_epochs=0.01)  # schedule mid-warm-up
+    a.train_step([x1])
+    a.train_step([x2])
+    path = tmp_path / "state.pt"
+    torch.save(a.state_dict(), path)
+    logs_a = a.train_step([x1])
+    rng_a = torch.get_rng_state()
+
+    b = make_trainer(stage, tmp_path, seed=7, lr=1e-3, min_lr=1e-4, warmup_epochs=0.01)  # different init
+    torch.manual_seed(999)  # a different global RNG too: the checkpoint must restore it
+    b.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    logs_b = b.train_step([x1])
+    assert torch.equal(rng_a, torch.get_rng_state())
+
+    assert logs_a == logs_b
+    for name, ma, mb in (("model", a.model, b.model), ("ema", a.ema, b.ema), ("disc", a.disc, b.disc)):
+        if ma is None:
+            continue
+        sa, sb = ma.state_dict(), mb.state_dict()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"{name}.{k} differs after resume"
+    for ga, gb in zip(a.opt.state.values(), b.opt.state.values()):
+        assert all(torch.equal(ga[k], gb[k]) for k in ga)
+    assert a.step == b.step == 3
+
+
+@pytest.fixture
+def image_dir(tmp_path, photos):
+    d = tmp_path / "images" / "nested"
+    d.mkdir(parents=True)
+    for i, p in enumerate(photos[:3]):
+        Image.fromarray((p.transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(d / f"img{i}.png")
+    (d / "broken.jpg").write_bytes(b"not a jpeg at all")
+    return tmp_path / "images"
+
+
+def test_run_training_resume_matches_uninterrupted(image_dir, tmp_path):
+    """Through the data loader, checkpoints on disk and the RNG: 2 steps == 1 step + resume + 1 step."""
+    from rpiae.training.run import run_training
+
+    common = dict(
+        preset="tiny", no_lpips=True, no_gan=True, progress=False,
+        overrides=dict(batch_size=1, num_workers=0, resize_min=256, resize_max=300, hflip=True, epochs=1, warmup_epochs=0.5),
+    )
+    with pytest.warns(UserWarning):
+        run_training(1, image_dir, tmp_path / "full", **{**common, "overrides": {**common["overrides"], "max_steps": 2}})
+    with pytest.warns(UserWarning):
+        run_training(1, image_dir, tmp_path / "part", **{**common, "overrides": {**common["overrides"], "max_steps": 1}})
+    run_training(1, image_dir, tmp_path / "part", resume=tmp_path / "part" / "last",
+                 **{**common, "overrides": {**common["overrides"], "max_steps": 2}})
+    full = read_training_checkpoint(tmp_path / "full" / "last")
+    part = read_training_checkpoint(tmp_path / "part" / "last")
+    assert full["step"] == part["step"] == 2
+    for key in ("model", "ema", "pivot"):
+        for k, v in full[key].items():
+            assert torch.equal(v, part[key][k]), f"{key}.{k}"
+    assert torch.equal(full["rng"]["torch"], part["rng"]["torch"])
+    # the run's outputs: an inference model, a sample grid, a log; the broken file was counted
+    model = RPiAE.from_checkpoint(tmp_path / "full" / "last" / "checkpoint.pt")
+    assert model.config.name == "tiny"
+    assert (tmp_path / "full" / "model.safetensors").is_file()
+    assert (tmp_path / "full" / "log.jsonl").read_text().strip()
+    metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert metrics["step"] == 2
+
+
+# -- data ---------------------------------------------------------------------------------------------------
+
+
+def test_dataset_skips_unreadable_files(image_dir):
+    ds = ImageFolderDataset(image_dir, crop=256, resize_min=256, resize_max=320, seed=0)
+    assert len(ds.files) == 4  # recursive, broken.jpg included until it is read
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        items = [ds[i] for i in range(len(ds))]
+    assert all(x.shape == (3, 256, 256) and 0 <= float(x.min()) and float(x.max()) <= 1 for x, _ in items)
+    assert ds.skipped == 1 and sum(bad for _, bad in items) == 1
+    # deterministic per (seed, epoch, index)
+    assert torch.equal(ds[1][0], ds[1][0])
+    ds.set_epoch(1)
+    assert not torch.equal(ds[1][0], items[1][0])  # a new epoch, new crops
+
+
+def test_psnr_ssim_identity(photos):
+    x = torch.from_numpy(photos[:2])
+    p, s = psnr_ssim(x + 0.01, x)
+    assert p[0] == pytest.approx(40.0, abs=0.2) and s[0] > 0.9
+
+
+# -- loss networks from local files ----------------------------------------------------------------------
+
+
+def test_lpips_loads_torchvision_and_lpips_layouts(tmp_path):
+    net = small_lpips(3)
+    sd = net.state_dict()
+    feats = {k: v for k, v in sd.items() if k.startswith("features.")}
+    feats["classifier.0.weight"] = torch.zeros(2, 2)  # torchvision's vgg16 file has a classifier
+    heads = {k: v for k, v in sd.items() if k.startswith("lin")}
+    assert sorted(heads) == [f"lin{k}.model.1.weight" for k in range(5)]
+    assert "features.28.weight" in feats  # torchvision's index layout: last conv of VGG16
+    torch.save(feats, tmp_path / "vgg16.pth")
+    torch.save(heads, tmp_path / "lpips_vgg.pth")
+    loaded = load_lpips([tmp_path / "vgg16.pth", tmp_path / "lpips_vgg.pth"], channels=SMALL_LPIPS)
+    x, y = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
+    assert torch.equal(loaded(x, y), net(x, y))
+    assert float(loaded(x, x)) == 0.0
+    from rpiae.checkpoints import CheckpointError
+
+    with pytest.raises(CheckpointError, match="lin0"):
+        load_lpips(tmp_path / "vgg16.pth", channels=SMALL_LPIPS)
+
+
+def test_discriminator_loads_dino_layout(tmp_path):
+    disc = small_disc(1)
+    sd = disc.features.state_dict()
+    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.11.attn.qkv.weight", "norm.weight"} <= set(sd)
+    assert sd["pos_embed"].shape == (1, 785, 32)
+    torch.save({**sd, "head.weight": torch.zeros(1)}, tmp_path / "dino.pth")
+    other = small_disc(2)
+    load_dino_features(other, tmp_path / "dino.pth")
+    for k, v in other.features.state_dict().items():
+        assert torch.equal(v, sd[k])
+    assert all(not p.requires_grad for p in other.features.parameters())
+    other.diffaug = False
+    logits = other(torch.rand(2, 3, 256, 256) * 2 - 1)
+    assert logits.shape == (2, 5 * 785)
+
+
+def test_diffaug_and_quantize():
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    y = diff_augment(x)
+    assert y.shape == x.shape and not torch.equal(x, y)
+    r = torch.rand(1, 3, 8, 8, requires_grad=True)
+    q = quantize_fake(r * 1.2)
+    assert torch.allclose(q * 255, (q * 255).round(), atol=1e-4) and float(q.max()) <= 1
+    q.sum().backward()
+    assert torch.allclose(r.grad, torch.full_like(r, 1.2))  # straight-through
+
+
+# -- command line: bad input is one line, exit 1 ----------------------------------------------------------
+
+
+def _cli(*args):
+    from rpiae.cli.main import main
+
+    return CliRunner().invoke(main, ["train", *map(str, args)])
+
+
+def test_cli_refuses_bad_input(tmp_path, image_dir):
+    r = _cli("--stage", 1, "--data", tmp_path / "missing", "--out", tmp_path / "o", "--no-lpips", "--no-gan")
+    assert r.exit_code == 1 and "not found" in r.output and "Traceback" not in r.output
+    (tmp_path / "empty").mkdir()
+    r = _cli("--stage", 1, "--data", tmp_path / "empty", "--out", tmp_path / "o", "--no-lpips", "--no-gan", "--preset", "tiny")
+    assert r.exit_code == 1 and "no images" in r.output
+    r = _cli("--stage", 1, "--data", image_dir, "--out", tmp_path / "o", "--preset", "tiny")
+    assert r.exit_code == 1 and "--lpips-weights" in r.output and "--no-lpips" in r.output
+    r = _cli("--stage", 1, "--data", image_dir, "--out", tmp_path / "o", "--no-lpips", "--preset", "tiny")
+    assert r.exit_code == 1 and "--disc-weights" in r.output
+    r = _cli("--stage", 1, "--data", image_dir, "--out", tmp_path / "o", "--lpips-weights", tmp_path / "nope.pth", "--no-gan")
+    assert r.exit_code == 1 and "nope.pth" in r.output
+    r = _cli("--stage", 2, "--data", image_dir, "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "--resume" in r.output
+    r = _cli("--stage", 2, "--data", image_dir, "--out", tmp_path / "o", "--resume", tmp_path / "nothing")
+    assert r.exit_code == 1 and "resume" in r.output
+    r = _cli("--stage", 1, "--data", image_dir, "--out", tmp_path / "o", "--no-lpips", "--no-gan", "--set", "nonsense=1")
+    assert r.exit_code == 2 and "nonsense" in r.output
+
+
+def test_cli_stage2_from_stage1(tmp_path, image_dir):
+    """`rpiae train --stage 2 --resume s1/last` starts from stage I's EMA weights."""
+    from rpiae.training.run import run_training
+
+    with pytest.warns(UserWarning):
+        run_training(1, image_dir, tmp_path / "s1", preset="tiny", no_lpips=True, no_gan=True, progress=False,
+                     overrides=dict(batch_size=1, num_workers=0, max_steps=1, resize_min=256, resize_max=256))
+    r = _cli("--stage", 2, "--data", image_dir, "--out", tmp_path / "s2", "--resume", tmp_path / "s1" / "last",
+             "--quiet", "--set", "batch_size=1", "--set", "max_steps=1", "--set", "num_workers=0",
+             "--set", "resize_min=256", "--set", "resize_max=256", "--val-data", image_dir)
+    assert r.exit_code == 0, r.output
+    s1 = read_training_checkpoint(tmp_path / "s1" / "last")
+    s2 = read_training_checkpoint(tmp_path / "s2" / "last")
+    assert s2["stage"] == 2 and s2["step"] == 1
+    for k, v in s1["ema"].items():
+        if k.startswith(("encoder.", "decoder.")):
+            assert torch.equal(v, s2["model"][k]), k
+    assert "val_psnr" in json.loads((tmp_path / "s2" / "metrics.json").read_text())
