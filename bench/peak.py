@@ -125,11 +125,15 @@ def cuda_peaks(device: str = "cuda", n: int = 8192, min_time: float = 1.0) -> di
     return out
 
 
-def measure_peaks(device: str, threads: int, min_time: float = 1.0, quick: bool = False) -> dict[str, dict[str, Any]]:
-    """dtype -> peak record; entries that could not run carry `skipped` with the reason."""
+def measure_peaks(device: str, threads: int, min_time: float = 1.0, quick: bool = False,
+                  size: int | None = None) -> dict[str, dict[str, Any]]:
+    """dtype -> peak record; entries that could not run carry `skipped` with the reason.
+
+    `size`: the matmul side (default 8192 on CUDA, 2048 on CPU; `quick` halves it).
+    """
     if device.startswith("cuda"):
-        return cuda_peaks(device, n=4096 if quick else 8192, min_time=min_time)
-    n = 1024 if quick else 2048
+        return cuda_peaks(device, n=size or (4096 if quick else 8192), min_time=min_time)
+    n = size or (1024 if quick else 2048)
     peaks: dict[str, dict[str, Any]] = {"fp32": cpu_fp32_peak(threads, n=n, min_time=min_time)}
     try:
         peaks["int8"] = cpu_int8_peak(threads, n=n, min_time=min_time)

@@ -198,7 +198,7 @@ def render_markdown(result: dict[str, Any], title: str | None = None, plot: str 
             v = tg.get("value")
             val = "–" if v is None else (f"{v * 100:.0f} %" if tg["unit"] == "fraction" else f"{v:.2f}×")
             note = tg.get("note", "")
-            if tg.get("holds") is False and tg.get("row"):
+            if tg.get("holds") is False and tg.get("row") and not tg.get("at_most"):  # a speed target
                 g, b, p, _ = tg["row"]
                 prof = profiles.get((g, b, p))
                 if prof:

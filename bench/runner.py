@@ -65,6 +65,7 @@ class BenchSettings:
     isolate: bool = True  # one fresh child process per row (true peak RSS per row)
     reference: bool = True  # always add the PyTorch eager rows the ratios are taken against
     peak_time: float = 1.0  # seconds per dtype for the run's matmul peaks
+    peak_size: int | None = None  # matmul side for the peaks (default: 2048 CPU, 8192 CUDA)
     row_peak_time: float = 0.3  # seconds for the quick peak inside each child (0: off)
     profile: bool = False  # op-type profile of each (backend, precision, graph) at the smallest batch
     notes: str = ""
@@ -286,7 +287,9 @@ def _measure_row(row: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any
     graph, batch, precision = row["graph"], row["batch"], row["precision"]
     cuda = device.startswith("cuda")
     if settings["row_peak_time"] > 0:
-        local = measure_peaks(device, threads, min_time=settings["row_peak_time"], quick=True)
+        size = settings.get("peak_size")
+        local = measure_peaks(device, threads, min_time=settings["row_peak_time"], quick=True,
+                              size=size // 2 if size else None)
         key = peak_key(device, precision, local)
         row["local_peak"] = {"dtype": key, "gflops": local[key]["gflops"]} if key else None
     if cuda:
@@ -531,7 +534,8 @@ def run_benchmark(settings: BenchSettings, out: str | Path | None = None,
     with _child_env(settings.threads):
         facts = machine_facts(settings.device, settings.threads)
         say(f"measuring the {settings.device} matmul peak")
-        peaks_before = measure_peaks(settings.device, settings.threads, min_time=settings.peak_time)
+        peaks_before = measure_peaks(settings.device, settings.threads, min_time=settings.peak_time,
+                                       size=settings.peak_size)
     rows: list[dict[str, Any]] = []
     unavailable: dict[tuple[str, str], str] = {}
     specs = settings.row_specs()
@@ -569,7 +573,8 @@ def run_benchmark(settings: BenchSettings, out: str | Path | None = None,
 
     with _child_env(settings.threads):
         say(f"measuring the {settings.device} matmul peak again")
-        peaks_after = measure_peaks(settings.device, settings.threads, min_time=settings.peak_time)
+        peaks_after = measure_peaks(settings.device, settings.threads, min_time=settings.peak_time,
+                                       size=settings.peak_size)
     used = {}
     for key in set(peaks_before) | set(peaks_after):
         vals = [p[key]["gflops"] for p in (peaks_before, peaks_after) if "gflops" in p.get(key, {})]

@@ -13,6 +13,7 @@ from rpiae.cli.bench_cmd import bench
 from rpiae.cli.export_cmd import export, info, samples, verify
 from rpiae.cli.run import decode, encode
 from rpiae.cli.train import train
+from rpiae.cli.triton_cmd import triton
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,7 +25,7 @@ def main() -> None:
     """
 
 
-for command in (export, encode, decode, verify, info, samples, bench):
+for command in (export, encode, decode, verify, info, samples, bench, triton):
     main.add_command(command)
 main.add_command(train)
 

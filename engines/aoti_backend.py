@@ -20,6 +20,14 @@ from rpiae.engines.base import Backend, BackendUnavailable, InputError
 from rpiae.export.bundle import Bundle
 
 
+def _dense_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
 class AOTIBackend(Backend):
     name = "aoti"
     native = "torch"
@@ -80,7 +88,10 @@ class AOTIBackend(Backend):
             raise InputError(f"{graph}: batch {n} exceeds the package's maximum {hi} (compiled profile {lo}..{hi})")
         if n < lo:
             x = torch.cat([x, x[-1:].expand(lo - n, *x.shape[1:])])
-        x = x.to(device=self.device, dtype=torch.float32).contiguous()
+        x = x.to(device=self.device, dtype=torch.float32)
+        if x.stride() != _dense_strides(x.shape):
+            # the package checks strides exactly; numpy's x[None] gives a batch stride of 0
+            x = torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
         try:
             y = self.runner(graph)(x)
         except RuntimeError as e:

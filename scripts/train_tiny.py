@@ -45,8 +45,8 @@ TINY_CONFIG = {
     "save_every": 250,
     "val_every": 500,
     "stage1": {"epochs": 20},
-    "stage2": {"epochs": 15},
-    "stage3": {"epochs": 30},
+    "stage2": {"epochs": 10},
+    "stage3": {"epochs": 25},
 }
 
 HELD_OUT = ("coffee", "china")

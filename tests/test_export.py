@@ -191,3 +191,22 @@ def test_rpiae_b_encode_graph_exports(tmp_path):
     with torch.no_grad():
         ref = model.encode(torch.from_numpy(x)).numpy()
     assert np.abs(z - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_large_graphs_use_external_data(tmp_path, trained_or_tiny_ckpt, sample_photos, monkeypatch):
+    """Past the 2 GB protobuf limit weights go to `<name>.data`; the bundle hashes both."""
+    import rpiae.export.onnx_export as ox
+
+    monkeypatch.setattr(ox, "TWO_GB", 1024)  # treat every graph as "large"
+    b = export_bundle(trained_or_tiny_ckpt, tmp_path / "ext", precisions="fp32", progress=False,
+                      parity_images=sample_photos[:2])
+    entry = b.files["encode.fp32.onnx"]
+    assert entry["external_data"] == ["encode.fp32.onnx.data"] and "encode.fp32.onnx.data" in b.files
+    assert (b.root / "encode.fp32.onnx").stat().st_size < 1_000_000 < (b.root / "encode.fp32.onnx.data").stat().st_size
+    assert all(r["ok"] for r in b.manifest["parity"])
+    data = b.root / "encode.fp32.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="encode.fp32.onnx.data fails its sha256"):
+        Bundle.open(b.root).graph_path("encode", "fp32")

@@ -210,12 +210,19 @@ def test_adaptive_weights_match_formula(batch, tmp_path):
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_overfit_one_batch(stage, batch, tmp_path):
+    """L1 falls when D learns (stages I, III); in stage II (D frozen, random here) the VB's
+    own objective, the token MSE, falls and L1 does not get worse."""
     torch.manual_seed(0)
-    lr = 2e-3 if stage == 2 else 1e-3
-    trainer = make_trainer(stage, tmp_path, gan=False, lpips=False, lr=lr, min_lr=lr, l1_weight=1.0)
+    trainer = make_trainer(stage, tmp_path, gan=False, lpips=False, lr=2e-3, min_lr=2e-3)
     x = batch[:1]
-    l1 = [trainer.train_step([x])["l1"] for _ in range(25)]
-    assert np.mean(l1[-5:]) < 0.7 * l1[0], l1
+    logs = [trainer.train_step([x]) for _ in range(12)]
+    l1 = [r["l1"] for r in logs]
+    if stage == 2:
+        feat = [r["feat"] for r in logs]
+        assert np.mean(feat[-3:]) < 0.7 * feat[0], feat
+        assert np.mean(l1[-3:]) <= l1[0] + 1e-3, l1
+    else:
+        assert np.mean(l1[-3:]) < 0.7 * l1[0], l1
 
 
 # -- resume is bit-identical ----------------------------------------------------------------------------

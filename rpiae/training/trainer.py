@@ -152,12 +152,12 @@ class Trainer:
         self.opt = torch.optim.AdamW(
             list(self.params.values()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, self.steps_per_epoch))
-        self.disc_opt = self.disc_sched = None
-        if self.disc is not None:
+        self.lr_factor = lr_lambda(cfg, self.steps_per_epoch)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
+        self.disc_opt = None
+        if self.disc is not None:  # its lr follows the same schedule, by global step
             head_params = [p for p in self.disc.heads.parameters()]
             self.disc_opt = torch.optim.AdamW(head_params, lr=cfg.disc_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-            self.disc_sched = torch.optim.lr_scheduler.LambdaLR(self.disc_opt, lr_lambda(cfg, self.steps_per_epoch))
 
         self.last_enc_param = model.encoder.encoder.encoder.layer[-1].layer_scale2.lambda1
         self.last_dec_param = model.decoder.decoder_pred.weight
@@ -251,6 +251,8 @@ class Trainer:
         self.opt.step()
 
         if self.disc_active():
+            for group in self.disc_opt.param_groups:
+                group["lr"] = self.cfg.disc_lr * self.lr_factor(self.step)
             self.disc_opt.zero_grad(set_to_none=True)
             d_sum = 0.0
             for x, recon in fakes:
@@ -268,8 +270,6 @@ class Trainer:
             self.disc_opt.step()
             sums["d_loss"] = d_sum
         self.sched.step()
-        if self.disc_sched is not None:
-            self.disc_sched.step()
         self.update_ema()
         self.step += 1
         sums["lr"] = self.opt.param_groups[0]["lr"]
@@ -339,7 +339,6 @@ class Trainer:
         if self.disc is not None:
             state["disc"] = self.disc.state_dict()
             state["disc_opt"] = self.disc_opt.state_dict()
-            state["disc_sched"] = self.disc_sched.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -356,7 +355,6 @@ class Trainer:
                 raise ValueError("the checkpoint has no discriminator state but this run uses a GAN")
             self.disc.load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_opt"])
-            self.disc_sched.load_state_dict(state["disc_sched"])
         self.step = int(state["step"])
         self.skipped_files = int(state.get("skipped_files", 0))
         rng = state["rng"]

@@ -1,0 +1,268 @@
+"""A Triton Inference Server model repository from an export bundle.
+
+    OUT/
+      <prefix>_encode/config.pbtxt  1/model.plan (tensorrt_plan) or 1/model.onnx (onnxruntime_onnx)
+      <prefix>_decode/config.pbtxt  1/...
+      <prefix>/config.pbtxt         1/   ensemble: images -> encode -> latent -> decode -> image
+
+`tensorrt_plan` serves the bundle's TensorRT engines (GPU instances; the server's TensorRT
+must be the version the engines were built with, on the same compute capability);
+`onnxruntime_onnx` serves the bundle's ONNX graph of the same precision, on CPU or GPU
+instances, for users without TensorRT. Dynamic batching stays within the engine profile
+(max_batch_size = the profile's maximum). Every config.pbtxt is parsed with Triton's own
+model-config protobuf (tritonclient) and checked before the repository is renamed into
+place.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rpiae.export.bundle import Bundle, BundleError
+
+PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}
+MODEL_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx"}
+GRAPHS = ("encode", "decode")
+_PREFERENCE = ("fp16", "int8", "bf16", "fp32")
+_ONNX_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16", 3: "TYPE_INT8", 6: "TYPE_INT32", 7: "TYPE_INT64"}
+
+
+class TritonConfigError(ValueError):
+    """A generated config.pbtxt that Triton's model-config protobuf rejects or that is inconsistent."""
+
+
+# -- config text ------------------------------------------------------------------------------
+def _tensor(name: str, data_type: str, dims: list[int]) -> str:
+    return (f"  {{\n    name: \"{name}\"\n    data_type: {data_type}\n"
+            f"    dims: [ {', '.join(str(int(d)) for d in dims)} ]\n  }}")
+
+
+def _tensors(kind: str, items: list[tuple[str, str, list[int]]]) -> str:
+    return f"{kind} [\n" + ",\n".join(_tensor(*t) for t in items) + "\n]\n"
+
+
+def model_config(name: str, platform: str, max_batch_size: int, inputs: list[tuple[str, str, list[int]]],
+                 outputs: list[tuple[str, str, list[int]]], instance_kind: str = "KIND_GPU", instance_count: int = 1,
+                 preferred_batch_sizes: list[int] | None = None, max_queue_delay_us: int = 100,
+                 comment: list[str] | None = None) -> str:
+    """config.pbtxt for one model. Dims exclude the batch axis (max_batch_size > 0)."""
+    if platform not in MODEL_FILES:
+        raise ValueError(f"unknown Triton platform {platform!r}; expected one of {', '.join(MODEL_FILES)}")
+    if instance_kind not in ("KIND_GPU", "KIND_CPU"):
+        raise ValueError(f"instance kind {instance_kind!r}: expected KIND_GPU or KIND_CPU")
+    if platform == "tensorrt_plan" and instance_kind != "KIND_GPU":
+        raise ValueError("a tensorrt_plan model runs on GPU instances only; use --platform onnxruntime for CPU")
+    preferred = sorted({int(b) for b in (preferred_batch_sizes or []) if 1 <= int(b) <= max_batch_size})
+    text = "".join(f"# {line}\n" for line in (comment or []))
+    text += f"name: \"{name}\"\nplatform: \"{platform}\"\nmax_batch_size: {int(max_batch_size)}\n"
+    text += _tensors("input", inputs) + _tensors("output", outputs)
+    text += f"instance_group [\n  {{\n    count: {int(instance_count)}\n    kind: {instance_kind}\n  }}\n]\n"
+    text += "dynamic_batching {\n"
+    if preferred:
+        text += f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
+    text += f"  max_queue_delay_microseconds: {int(max_queue_delay_us)}\n}}\n"
+    return text
+
+
+def ensemble_config(name: str, max_batch_size: int, steps: list[dict[str, Any]],
+                    inputs: list[tuple[str, str, list[int]]], outputs: list[tuple[str, str, list[int]]],
+                    comment: list[str] | None = None) -> str:
+    """config.pbtxt of an ensemble; each step is {"model": name, "input_map": {model_tensor: ensemble_tensor},
+    "output_map": {model_tensor: ensemble_tensor}}."""
+    text = "".join(f"# {line}\n" for line in (comment or []))
+    text += f"name: \"{name}\"\nplatform: \"ensemble\"\nmax_batch_size: {int(max_batch_size)}\n"
+    text += _tensors("input", inputs) + _tensors("output", outputs)
+    parts = []
+    for s in steps:
+        maps = "".join(f"      {kind} {{\n        key: \"{k}\"\n        value: \"{v}\"\n      }}\n"
+                       for kind in ("input_map", "output_map") for k, v in s[kind].items())
+        parts.append(f"    {{\n      model_name: \"{s['model']}\"\n      model_version: -1\n{maps}    }}")
+    text += "ensemble_scheduling {\n  step [\n" + ",\n".join(parts) + "\n  ]\n}\n"
+    return text
+
+
+# -- validation with Triton's own protobuf ----------------------------------------------------
+def parse_config(text: str):
+    """Parse config.pbtxt text into tritonclient's `ModelConfig` message (raises TritonConfigError)."""
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        raise ImportError('validating Triton configs needs tritonclient: pip install "tritonclient[grpc]>=2.40,<3"') from None
+    config = model_config_pb2.ModelConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as e:
+        raise TritonConfigError(f"config.pbtxt does not parse as Triton's ModelConfig: {e}") from None
+    return config
+
+
+def check_repository(configs: dict[str, str]) -> dict[str, Any]:
+    """Parse every config (model name -> config.pbtxt text) and check what Triton would check:
+    names, platforms, batch dims, and that every ensemble step and tensor is wired."""
+    parsed = {name: parse_config(text) for name, text in configs.items()}
+    for name, c in parsed.items():
+        if c.name != name:
+            raise TritonConfigError(f"{name}/config.pbtxt names the model {c.name!r}")
+        if c.platform not in (*MODEL_FILES, "ensemble"):
+            raise TritonConfigError(f"{name}: unexpected platform {c.platform!r}")
+        if c.max_batch_size < 1:
+            raise TritonConfigError(f"{name}: max_batch_size must be >= 1 (batching models)")
+        for t in (*c.input, *c.output):
+            if not t.dims or any(d < 1 for d in t.dims):
+                raise TritonConfigError(f"{name}: tensor {t.name} has dims {list(t.dims)} (no batch axis, all fixed)")
+        if c.platform == "ensemble":
+            available = {t.name for t in c.input}
+            for step in c.ensemble_scheduling.step:
+                if step.model_name not in parsed:
+                    raise TritonConfigError(f"{name}: step model {step.model_name!r} is not in the repository")
+                member = parsed[step.model_name]
+                if member.max_batch_size < c.max_batch_size:
+                    raise TritonConfigError(f"{name}: max_batch_size {c.max_batch_size} exceeds {step.model_name}'s")
+                if set(step.input_map) != {t.name for t in member.input}:
+                    raise TritonConfigError(f"{name}: step {step.model_name} maps inputs {sorted(step.input_map)}, "
+                                            f"the model has {[t.name for t in member.input]}")
+                missing = [v for v in step.input_map.values() if v not in available]
+                if missing:
+                    raise TritonConfigError(f"{name}: step {step.model_name} reads {missing} before anything writes them")
+                unknown = [k for k in step.output_map if k not in {t.name for t in member.output}]
+                if unknown:
+                    raise TritonConfigError(f"{name}: step {step.model_name} has no outputs {unknown}")
+                available |= set(step.output_map.values())
+            missing = [t.name for t in c.output if t.name not in available]
+            if missing:
+                raise TritonConfigError(f"{name}: ensemble outputs {missing} are produced by no step")
+    return parsed
+
+
+# -- the repository ---------------------------------------------------------------------------
+def _io_types(onnx_path: Path) -> dict[str, tuple[str, str, list[int]]]:
+    """{"input"/"output": (name, Triton type, dims without batch)} of a graph, read from its ONNX."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    out = {}
+    for kind, values in (("input", model.graph.input), ("output", model.graph.output)):
+        if len(values) != 1:
+            raise BundleError(f"{onnx_path}: expected one {kind}, found {len(values)}")
+        v = values[0]
+        elem = v.type.tensor_type.elem_type
+        if elem not in _ONNX_TYPES:
+            raise BundleError(f"{onnx_path}: {kind} {v.name} has ONNX element type {elem}, which Triton configs here do not map")
+        dims = [d.dim_value for d in v.type.tensor_type.shape.dim][1:]
+        out[kind] = (v.name, _ONNX_TYPES[elem], dims)
+    return out
+
+
+def choose(bundle: Bundle, platform: str = "auto", precision: str | None = None) -> tuple[str, str]:
+    """(Triton platform, precision): `auto` serves TensorRT engines when the bundle has them."""
+    from rpiae.engines.tensorrt import ENGINE_KIND
+
+    if platform == "auto":
+        engines = bundle.precisions(ENGINE_KIND)
+        platform = "tensorrt" if (engines if precision is None else precision in engines) else "onnxruntime"
+    if platform not in PLATFORMS:
+        raise ValueError(f"unknown platform {platform!r}; choose auto, tensorrt or onnxruntime")
+    kind = ENGINE_KIND if platform == "tensorrt" else "onnx"
+    have = bundle.precisions(kind)
+    if precision is None:
+        precision = next((p for p in _PREFERENCE if p in have), None)
+    if precision is None or precision not in have:
+        hint = (f"build engines with `rpiae export --target trt --precision {precision or 'fp16'} --out {bundle.root}`"
+                if platform == "tensorrt" else f"re-export with --precision {precision}")
+        raise BundleError(f"bundle {bundle.root} has no {precision or ''} {'TensorRT engines' if platform == 'tensorrt' else 'ONNX graphs'}"
+                          f" (has: {', '.join(have) or 'none'}); {hint}")
+    return platform, precision
+
+
+def write_model_repository(
+    bundle: Bundle | str | Path, out: str | Path, precision: str | None = None, platform: str = "auto",
+    instance_kind: str = "auto", instances: int = 1, max_batch: int | None = None, prefix: str = "rpiae",
+    max_queue_delay_us: int = 100, overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write a Triton model repository for `bundle` at `out` (atomically). Returns a summary."""
+    from rpiae.engines.tensorrt import ENGINE_KIND
+    from rpiae.fileio import atomic_dir
+
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle.open(bundle)
+    platform, precision = choose(bundle, platform, precision)
+    triton_platform = PLATFORMS[platform]
+    kind = {"auto": "KIND_GPU" if platform == "tensorrt" else "KIND_CPU", "gpu": "KIND_GPU", "cpu": "KIND_CPU"}.get(instance_kind)
+    if kind is None:
+        raise ValueError(f"instance kind {instance_kind!r}: expected auto, gpu or cpu")
+    names = {g: f"{prefix}_{g}" for g in GRAPHS}
+    configs: dict[str, str] = {}
+    files: dict[str, list[tuple[Path, str]]] = {}
+    io: dict[str, dict[str, tuple[str, str, list[int]]]] = {}
+    limits = []
+    for graph in GRAPHS:
+        onnx_path = bundle.graph_path(graph, precision if platform == "onnxruntime" else _engine_onnx_precision(bundle, graph, precision))
+        io[graph] = _io_types(onnx_path)
+        comment = [f"rpiae {graph} graph, model {bundle.config.name}, precision {precision}, from bundle {bundle.root}"]
+        if platform == "tensorrt":
+            name = bundle.find(graph, precision, ENGINE_KIND)
+            entry = bundle.files[name]
+            prof = entry["profile"]
+            if prof["min"] > 1:
+                raise ValueError(f"{name}: its profile starts at batch {prof['min']} and Triton sends batches from 1; "
+                                 f"rebuild with --batch 1:{prof['opt']}:{prof['max']}")
+            batch_max = prof["max"] if max_batch is None else max_batch
+            if batch_max > prof["max"]:
+                raise ValueError(f"--max-batch {batch_max} exceeds the engine profile's maximum {prof['max']} ({name})")
+            preferred = [prof["opt"], batch_max]
+            comment.append(f"TensorRT {entry['tensorrt']} engine for compute capability {entry['compute_capability']} "
+                           f"({entry['gpu']}), profile {prof['min']}:{prof['opt']}:{prof['max']}: serve it with a "
+                           f"Triton whose TensorRT is {entry['tensorrt']}, on a GPU of that compute capability")
+            files[graph] = [(bundle.verify_file(name), MODEL_FILES[triton_platform])]
+        else:
+            batch_max = max_batch or 32
+            preferred = [min(8, batch_max), batch_max]
+            onnx_name = bundle.find(graph, precision, "onnx")
+            deps = bundle.files[onnx_name].get("external_data", [])
+            # external data keeps its file name: the ONNX file refers to it by that name
+            files[graph] = [(onnx_path, MODEL_FILES[triton_platform])] + [(bundle.verify_file(d), Path(d).name) for d in deps]
+        limits.append(batch_max)
+        configs[names[graph]] = model_config(
+            names[graph], triton_platform, batch_max, [io[graph]["input"]], [io[graph]["output"]], kind, instances,
+            preferred, max_queue_delay_us, comment)
+    if io["encode"]["output"][0] != io["decode"]["input"][0]:
+        raise BundleError(f"encode output {io['encode']['output'][0]!r} and decode input {io['decode']['input'][0]!r} differ")
+    latent, image_in, image_out = io["encode"]["output"], io["encode"]["input"], io["decode"]["output"]
+    steps = [
+        {"model": names["encode"], "input_map": {image_in[0]: image_in[0]}, "output_map": {latent[0]: latent[0]}},
+        {"model": names["decode"], "input_map": {latent[0]: latent[0]}, "output_map": {image_out[0]: image_out[0]}},
+    ]
+    configs[prefix] = ensemble_config(
+        prefix, min(limits), steps, [image_in], [latent, image_out],
+        [f"rpiae round trip: {image_in[0]} -> {names['encode']} -> {latent[0]} -> {names['decode']} -> {image_out[0]}"])
+    check_repository(configs)
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for model, text in configs.items():
+            (tmp / model / "1").mkdir(parents=True)
+            (tmp / model / "config.pbtxt").write_text(text)
+        for graph, pairs in files.items():
+            for src, dst in pairs:
+                shutil.copyfile(src, tmp / names[graph] / "1" / dst)
+    return {"repository": str(out), "platform": triton_platform, "precision": precision,
+            "models": {**{names[g]: triton_platform for g in GRAPHS}, prefix: "ensemble"},
+            "instance_kind": kind, "max_batch_size": {m: parse_config(t).max_batch_size for m, t in configs.items()},
+            "inputs": {prefix: image_in[0]}, "outputs": {prefix: [latent[0], image_out[0]]}}
+
+
+def _engine_onnx_precision(bundle: Bundle, graph: str, precision: str) -> str:
+    """The precision of the ONNX graph an engine was built from (for its I/O names and types)."""
+    from rpiae.engines.tensorrt import ENGINE_KIND
+
+    name = bundle.find(graph, precision, ENGINE_KIND)
+    if name is None:
+        raise BundleError(f"bundle {bundle.root} has no {precision} TensorRT {graph} engine")
+    src = bundle.files[name].get("onnx")
+    return bundle.files[src]["precision"] if src in bundle.files else precision
+
+
+__all__ = ["PLATFORMS", "TritonConfigError", "check_repository", "choose", "ensemble_config", "model_config",
+           "parse_config", "write_model_repository"]

@@ -1,0 +1,175 @@
+"""`rpiae bench` on the tiny preset: it runs, writes valid JSON, the report renders.
+
+No timed assertions: only that the numbers exist, are finite and are consistent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from rpiae.bench.peak import measure_peaks, peak_key
+from rpiae.bench.report import evaluate_targets, render_markdown, render_report
+from rpiae.bench.runner import BenchSettings, load_results, run_benchmark, stats, time_loop
+from rpiae.cli.main import main
+
+FAST = dict(warmup=1, warmup_time=0.0, min_iters=2, min_time=0.0, max_iters=3, max_time=5.0, peak_time=0.05,
+            peak_size=256, row_peak_time=0.0)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, tiny_ckpt):
+    from rpiae.export.api import export_bundle
+
+    out = tmp_path_factory.mktemp("bench") / "bundle"
+    export_bundle(tiny_ckpt, out, precisions="fp32", progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def result_file(tmp_path_factory, bundle):
+    out = tmp_path_factory.mktemp("results") / "tiny-cpu.json"
+    settings = BenchSettings(model=bundle, backends=["torch", "ort", "trt"], precisions=["fp32", "int8"],
+                             batches=[1, 2], isolate=False, threads=2, profile=True, **FAST)
+    run_benchmark(settings, out=out)
+    return out
+
+
+def test_time_loop_counts_and_caps():
+    calls = []
+    times, info = time_loop(lambda: calls.append(1), warmup=3, warmup_time=0.0, min_iters=4, min_time=0.0,
+                            max_iters=10, max_time=10.0)
+    assert info["warmup_calls"] == 3 and len(times) == 4 and len(calls) == 7
+    times, info = time_loop(lambda: None, warmup=0, warmup_time=0.0, min_iters=5, min_time=100.0, max_iters=6,
+                            max_time=100.0)
+    assert len(times) == 6 and info["capped_by"] == "max_iters"
+    s = stats([0.001, 0.002, 0.003, 0.004], batch=4)
+    assert s["p50_ms"] == pytest.approx(2.5) and s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] <= s["max_ms"]
+    assert s["throughput_ips"] == pytest.approx(4 / 0.0025)
+
+
+def test_settings_validate_and_add_reference_rows():
+    s = BenchSettings(model="x", backends=["ort"], precisions=["int8"], batches=[1, 8], graphs=["decode"])
+    specs = s.row_specs()
+    assert [(r["backend"], r["precision"], r["batch"], r["reference"]) for r in specs] == [
+        ("torch", "fp32", 1, True), ("torch", "fp32", 8, True), ("ort", "int8", 1, False), ("ort", "int8", 8, False)]
+    assert s.threads >= 1
+    with pytest.raises(ValueError, match="unknown backend"):
+        BenchSettings(model="x", backends=["tensorflow"])
+    with pytest.raises(ValueError, match="unknown precision"):
+        BenchSettings(model="x", precisions=["fp8"])
+
+
+def test_peaks_and_peak_key():
+    peaks = measure_peaks("cpu", threads=1, min_time=0.01, size=128)
+    assert peaks["fp32"]["gflops"] > 0
+    assert peak_key("cpu", "fp32", peaks) == "fp32"
+    assert peak_key("cpu", "int8", peaks) == ("int8" if "gflops" in peaks.get("int8", {}) else "fp32")
+    assert peak_key("cuda", "fp16", {"bf16": {"gflops": 1.0}}) == "bf16"
+
+
+def test_results_json(result_file, bundle):
+    data = json.loads(result_file.read_text())
+    assert data == load_results(result_file)
+    assert data["format"] == "rpiae-bench" and data["model"]["name"] == "tiny"
+    assert set(data["model"]["flops_per_image"]) == {"encode", "decode"}
+    assert data["machine"]["cpu"]["usable_cores"] >= 1 and "torch" in data["machine"]["libraries"]
+    assert data["settings"]["threads"] == 2
+    assert data["peaks"]["used"]["fp32"] > 0
+    rows = {(r["graph"], r["backend"], r["precision"], r["batch"]): r for r in data["rows"]}
+    assert len(rows) == len(data["rows"]) == 2 * 3 * 2 * 2
+    for graph in ("encode", "decode"):
+        for batch in (1, 2):
+            ref, ort = rows[(graph, "torch", "fp32", batch)], rows[(graph, "ort", "fp32", batch)]
+            assert ref["status"] == "ok" and ort["status"] == "ok", (ref.get("reason"), ort.get("reason"))
+            assert ref["speedup_vs_torch"]["fp32"] == pytest.approx(1.0)
+            for r in (ref, ort):
+                t = r["timing"]
+                assert r["output_finite"] and t["iterations"] >= 2
+                assert 0 < t["p50_ms"] <= t["p90_ms"] <= t["p99_ms"]
+                assert math.isfinite(r["fraction_of_peak"]) and r["fraction_of_peak"] > 0
+                assert r["threads"]["torch"] == 2
+            assert ort["weight_bytes"] > 0 and ort["backend_info"]["backend"] == "ort"
+            # skipped with the reason, never an error
+            assert "int8" in rows[(graph, "ort", "int8", batch)]["reason"]
+            assert rows[(graph, "torch", "int8", batch)]["status"] == "skipped"
+            trt = rows[(graph, "trt", "fp32", batch)]
+            assert trt["status"] in ("skipped", "ok"), trt.get("reason")
+    assert {p["backend"] for p in data["profiles"] if p["status"] == "ok"} == {"torch", "ort"}
+    assert data["accuracy"] and data["accuracy"][0]["precision"] == "fp32"
+    assert any("ORT FP32 encode batch 1" in t["target"] for t in data["targets"])
+
+
+def test_report_renders(result_file, tmp_path):
+    text = render_report([result_file], out_dir=tmp_path)
+    assert (tmp_path / "README.md").read_text().strip() == text.strip()
+    png = tmp_path / "tiny-cpu.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| graph | backend | precision | batch | p50 ms" in text and "× torch fp32" in text
+    assert "Skipped rows" in text and "### Targets" in text and "### Profiles" in text
+    assert "![latency and throughput vs batch](tiny-cpu.png)" in text
+
+
+def test_targets_report_misses():
+    def row(graph, backend, precision, batch, ms, **kw):
+        return {"graph": graph, "backend": backend, "precision": precision, "batch": batch, "status": "ok",
+                "timing": {"p50_ms": ms}, **kw}
+
+    result = {"settings": {"device": "cuda"}, "model": {"name": "rpiae-b"}, "rows": [
+        row("decode", "trt", "fp16", 32, 10.0, fraction_of_peak=0.3, speedup_vs_torch={"bf16": 2.5}),
+        row("decode", "trt", "int8", 32, 5.0),
+    ]}
+    by_name = {t["target"]: t for t in evaluate_targets(result)}
+    frac = by_name["TensorRT FP16 decode batch 32 >= 60 % of the measured BF16 matmul peak"]
+    assert frac["holds"] is False and frac["status"] == "misses by 50 %"
+    assert by_name["TensorRT FP16 decode batch 32 >= 2x PyTorch eager BF16"]["holds"] is True
+    assert by_name["TensorRT INT8 decode batch 32 >= 1.3x TensorRT FP16"]["value"] == pytest.approx(2.0)
+    assert by_name["TensorRT INT8 encode batch 32 >= 1.3x TensorRT FP16"]["status"] == "not measured"
+    assert "Targets" in render_markdown({**result, "targets": evaluate_targets(result)})
+
+
+def test_isolated_rows_measure_rss(bundle, tmp_path):
+    settings = BenchSettings(model=bundle, backends=["ort"], precisions=["fp32"], batches=[1], graphs=["decode"],
+                             isolate=True, threads=1, **{**FAST, "row_peak_time": 0.01})
+    data = run_benchmark(settings, out=tmp_path / "r.json")
+    rows = data["rows"]
+    assert [(r["backend"], r["status"]) for r in rows] == [("torch", "ok"), ("ort", "ok")], [r.get("reason") for r in rows]
+    for r in rows:
+        assert r["rss_peak_bytes"] > r["rss_baseline_bytes"] > 0 and r["rss_delta_bytes"] > 0
+        assert r["threads"]["OMP_NUM_THREADS"] == "1" and r["threads"]["torch"] == 1
+        assert r["local_peak"]["gflops"] > 0 and r["rss_over_weights"] > 0
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["isolate"] is True
+
+
+def test_cli_bench_and_report(bundle, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli.json"
+    args = ["bench", "--model", bundle, "--backends", "ort,aoti", "--precision", "fp32", "--batch", "1",
+            "--graphs", "encode", "--no-isolate", "--warmup", "1", "--warmup-time", "0", "--min-iters", "2",
+            "--min-time", "0", "--peak-time", "0.05", "--threads", "1", "--out", str(out)]
+    res = runner.invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "| encode | ort | fp32 | 1 |" in res.output
+    data = load_results(out)
+    assert {r["backend"] for r in data["rows"]} == {"torch", "aoti", "ort"}
+    assert next(r for r in data["rows"] if r["backend"] == "aoti")["status"] in ("skipped", "ok")
+    res = runner.invoke(main, ["bench", "--report", str(out), "--report-dir", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "rep" / "README.md").is_file() and (tmp_path / "rep" / "cli.png").is_file()
+
+
+def test_cli_errors(bundle, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["bench", "--report"])
+    assert res.exit_code == 2 and "needs result files" in res.output
+    res = runner.invoke(main, ["bench", "--report", str(tmp_path / "missing.json")])
+    assert res.exit_code == 1 and "no such result file" in res.output
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "something-else"}))
+    res = runner.invoke(main, ["bench", "--report", str(bad)])
+    assert res.exit_code == 1 and "not an rpiae bench result" in res.output and "Traceback" not in res.output
+    res = runner.invoke(main, ["bench", "--model", bundle, "--backends", "tensorflow"])
+    assert res.exit_code == 1 and "unknown backend" in res.output

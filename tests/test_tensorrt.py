@@ -1,0 +1,600 @@
+"""TensorRT: everything around the engine on the CPU (profiles, layer-precision check,
+manifest entries and refusal, missing TensorRT, the backend's wiring, the CLI), the API
+used checked against TensorRT's stubs, and engine build + parity on a GPU with TensorRT."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from rpiae.cli.main import main as cli
+from rpiae.engines import BackendUnavailable
+from rpiae.engines import tensorrt as T
+from rpiae.export import Bundle, BundleError
+from rpiae.export.bundle import WEIGHTS
+from rpiae.export.profile import BatchProfile
+
+ROOT = Path(__file__).resolve().parents[1]
+TRT_MODULE = ROOT / "engines" / "tensorrt.py"
+STUBS_VERSION = "10.13.0.35.1"
+BUILT_ENV = {"tensorrt": "10.13.0.35", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+
+requires_trt = pytest.mark.skipif(not T.tensorrt_available(), reason="TensorRT not installed")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+
+
+# -- realistic engine-inspector JSON ----------------------------------------------------------
+def _t(name, dtype, dims, trt11=False):
+    if trt11:
+        return {"Name": name, "Location": "Device", "Dimensions": dims, "Datatype": dtype.split()[0],
+                "Format": "Row major linear"}
+    return {"Name": name, "Location": "Device", "Dimensions": dims, "Format/Datatype": dtype}
+
+
+def _layer(name, ltype, ins, outs, **extra):
+    return {"Name": name, "LayerType": ltype, "Inputs": ins, "Outputs": outs, "TacticValue": "0x0000000000000001",
+            "StreamId": 0, "Metadata": f"[ONNX Layer: {name}]", **extra}
+
+
+def vit_engine_json(low="Half", fp32_fmt="Float", trt11=False, layers_per_block=4, blocks=4):
+    """An engine-information JSON shaped like TensorRT's for a small ViT: reformat/cast in,
+    per block LayerNorm (fp32) + GEMMs/attention in `low`, reformat out."""
+    b = [1, 257, 256]
+    layers = [_layer("Reformatting CopyNode for Input Tensor 0 to /patch/Conv", "Reformat",
+                     [_t("images", "Row major linear FP32", [1, 3, 256, 256], trt11)],
+                     [_t("Reformatted images", "Channel major FP16 format where channel % 8 == 0", [1, 3, 256, 256], trt11)]),
+              _layer("/patch/Conv", "CaskConvolution", [_t("Reformatted images", low, [1, 3, 256, 256], trt11)],
+                     [_t("/patch/Conv_output_0", low, [1, 256, 16, 16], trt11)], ParameterType="Convolution")]
+    for i in range(blocks):
+        layers.append(_layer(f"/blocks.{i}/norm1/LayerNormalization", "kgen", [_t(f"x{i}", fp32_fmt, b, trt11)],
+                             [_t(f"n{i}", fp32_fmt, b, trt11)]))
+        for j in range(layers_per_block):
+            layers.append(_layer(f"/blocks.{i}/gemm{j}", "gemm", [_t(f"n{i}_{j}", low, b, trt11)],
+                                 [_t(f"g{i}_{j}", low, b, trt11)]))
+        layers.append(_layer(f"/blocks.{i}/shape", "Shape", [_t(f"g{i}", low, b, trt11)], [_t(f"s{i}", "Int64", [3], trt11)]))
+    layers.append(_layer("/head/Cast", "Cast", [_t("h", low, b, trt11)], [_t("latent", fp32_fmt, [1, 64, 16, 16], trt11)]))
+    io = ({"I/O Tensors": [{"Name": "images", "IOMode": "Input", "DataType": "Float"}]} if trt11
+          else {"Bindings": ["images", "latent"]})
+    return json.dumps({"Layers": layers, **io})
+
+
+def test_layer_precision_of_realistic_tensor_descriptions():
+    assert T.tensor_dtype({"Format/Datatype": "Row major linear FP32"}) == "fp32"
+    assert T.tensor_dtype({"Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}) == "fp16"
+    assert T.tensor_dtype({"Format/Datatype": "Thirty-two wide channel vectorized row major Int8 format."}) == "int8"
+    assert T.tensor_dtype({"Format/Datatype": "Half"}) == "fp16"
+    assert T.tensor_dtype({"Format/Datatype": "Float"}) == "fp32"
+    assert T.tensor_dtype({"Datatype": "BFloat16", "Format": "Row major linear FP32 format (kLINEAR)"}) == "bf16"
+    assert T.tensor_dtype({"Datatype": "Half", "Format": "Row major linear FP32 format (kLINEAR)"}) == "fp16"  # TRT 11
+    assert T.tensor_dtype({"Format/Datatype": "Row major linear Int64"}) is None
+    assert T.tensor_dtype({"Format/Datatype": "Row major linear UInt8"}) is None
+    assert T.tensor_dtype({"Name": "x"}) is None
+    # a Q/DQ boundary counts as int8, a cast as its lowest float type
+    assert T.layer_precision({"Inputs": [{"Format/Datatype": "Float"}], "Outputs": [{"Format/Datatype": "Int8"}]}) == "int8"
+    assert T.layer_precision({"Inputs": [{"Format/Datatype": "Float"}], "Outputs": [{"Format/Datatype": "Half"}]}) == "fp16"
+    assert T.layer_precision({"Inputs": [], "Outputs": [{"Format/Datatype": "Int32"}]}) is None
+
+
+@pytest.mark.parametrize("trt11", [False, True], ids=["trt10-format", "trt11-format"])
+def test_fp16_engine_passes_and_summary_counts_compute_layers(trt11):
+    s = T.layer_precision_summary(vit_engine_json(trt11=trt11))
+    # reformat, shape and cast layers are not compute layers
+    assert s["counted"] == 1 + 4 * (1 + 4)
+    assert s["by_precision"] == {"fp16": 17, "fp32": 4}
+    assert s["fp32_share"] == round(4 / 21, 4) and s["low_precision_share"] == round(17 / 21, 4)
+    assert s["fp32_layers"][0] == "/blocks.0/norm1/LayerNormalization"
+    assert s["by_layer_type"]["gemm"] == {"fp16": 16}
+    T.check_layer_precisions(s, "fp16", "encode.fp16")
+    json.dumps(s)  # goes into the manifest as is
+
+
+def test_engine_silently_in_fp32_fails_the_check():
+    s = T.layer_precision_summary(vit_engine_json(low="Row major linear FP32"))
+    assert s["fp32_share"] == 1.0
+    T.check_layer_precisions(s, "fp32")  # fine for an fp32 engine
+    for precision in ("fp16", "int8", "bf16"):
+        with pytest.raises(T.EnginePrecisionError, match="runs 100% of its compute layers in fp32|without a single int8"):
+            T.check_layer_precisions(s, precision, "decode." + precision)
+
+
+def test_int8_engine_needs_int8_layers():
+    int8 = T.layer_precision_summary(vit_engine_json(low="Thirty-two wide channel vectorized row major Int8 format."))
+    assert int8["by_precision"]["int8"] == 17
+    T.check_layer_precisions(int8, "int8")
+    fp16_only = T.layer_precision_summary(vit_engine_json(low="Half"))
+    with pytest.raises(T.EnginePrecisionError, match="without a single int8 layer"):
+        T.check_layer_precisions(fp16_only, "int8")
+    # mostly-fp32 threshold is a parameter (int8 graphs whose other layers are fp32 pass 1.0)
+    mostly32 = T.layer_precision_summary(vit_engine_json(low="Int8", layers_per_block=1, blocks=4))
+    mostly32["fp32_share"] = 0.6
+    with pytest.raises(T.EnginePrecisionError):
+        T.check_layer_precisions(mostly32, "int8")
+    T.check_layer_precisions(mostly32, "int8", max_fp32_share=1.0)
+
+
+def test_layer_information_in_other_shapes():
+    layers = json.loads(vit_engine_json())["Layers"]
+    # a list of per-layer JSON strings (get_layer_information per index) gives the same summary
+    per_layer = [json.dumps(x) for x in layers]
+    assert T.layer_precision_summary(per_layer) == T.layer_precision_summary(vit_engine_json())
+    assert T.layer_precision_summary(layers[1])["by_precision"] == {"fp16": 1}
+    # built without detailed profiling verbosity: names only, cannot be checked
+    with pytest.raises(T.EnginePrecisionError, match="ProfilingVerbosity.DETAILED"):
+        T.layer_precision_summary(json.dumps({"Layers": ["/patch/Conv", "/blocks.0/gemm0"], "Bindings": ["images"]}))
+    with pytest.raises(T.EnginePrecisionError, match="no typed compute layers"):
+        T.check_layer_precisions(T.layer_precision_summary({"Layers": []}), "fp16")
+
+
+# -- profiles -------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,expected", [("1:8:32", (1, 8, 32)), ("8", (8, 8, 8)), ("1:32", (1, 32, 32)),
+                                           (" 2:4:4", (2, 4, 4))])
+def test_batch_profile_parse(text, expected):
+    p = BatchProfile.parse(text)
+    assert (p.min, p.opt, p.max) == expected
+    assert BatchProfile.parse(str(p)) == p and p.to_dict() == dict(zip(("min", "opt", "max"), expected))
+
+
+@pytest.mark.parametrize("text", ["0:1:2", "8:4:2", "1:16:8", "a:b", "1:2:3:4", "", "-1"])
+def test_batch_profile_rejects(text):
+    with pytest.raises(ValueError, match="batch profile"):
+        BatchProfile.parse(text)
+
+
+# -- engine entries and refusal ----------------------------------------------------------------
+def engine_entry(**over):
+    return {"kind": "trt-engine", "graph": "encode", "precision": "fp16", "profile": {"min": 1, "opt": 8, "max": 32},
+            **BUILT_ENV, "onnx": "encode.fp16.onnx", "onnx_sha256": "0" * 64, **over}
+
+
+def test_engine_compat_accepts_same_version_and_capability():
+    T.check_engine_compat(engine_entry(), dict(BUILT_ENV))
+    # another GPU model of the same compute capability runs the same plan
+    T.check_engine_compat(engine_entry(), {**BUILT_ENV, "gpu": "NVIDIA H100 PCIe"})
+
+
+@pytest.mark.parametrize("env,words", [
+    ({**BUILT_ENV, "tensorrt": "10.14.1.48"}, ["TensorRT 10.13.0.35 (here: 10.14.1.48)"]),
+    ({**BUILT_ENV, "compute_capability": "8.9", "gpu": "NVIDIA L4"}, ["compute capability 9.0", "here: 8.9 on NVIDIA L4"]),
+    ({"tensorrt": "11.1.0.4", "compute_capability": "12.0", "gpu": "NVIDIA RTX PRO 6000"}, ["TensorRT 10.13.0.35", "and compute"]),
+])
+def test_engine_compat_refuses_other_environments(env, words):
+    with pytest.raises(T.EngineMismatch) as e:
+        T.check_engine_compat(engine_entry(profile={"min": 1, "opt": 4, "max": 16}), env, "/b", "engines/encode.fp16.plan")
+    msg = str(e.value)
+    assert "\n" not in msg and "/b/engines/encode.fp16.plan" in msg
+    assert "Rebuild it on this machine: rpiae export --target trt --precision fp16 --batch 1:4:16 --out /b" in msg
+    for w in words:
+        assert w in msg
+    assert isinstance(e.value, BackendUnavailable)  # the CLI shows it as one line
+
+
+def fake_bundle(root: Path, model=None, engines=("fp16",), env=BUILT_ENV) -> Bundle:
+    """A bundle with placeholder ONNX files and engine entries (what a GPU machine's export
+    would record), for everything that must be decided before TensorRT is touched."""
+    from rpiae.config import get_preset
+
+    config = model.config if model is not None else get_preset("tiny")
+    root.mkdir(parents=True)
+    b = Bundle.new(root, config, {"path": None, "sha256": None}, 18)
+    if model is not None:
+        model.save(root / WEIGHTS)
+        b.add_file(WEIGHTS, kind="weights", dtype="float32")
+    for graph in ("encode", "decode"):
+        for p in ("fp32", "fp16"):
+            (root / f"{graph}.{p}.onnx").write_bytes(b"placeholder " + graph.encode())
+            b.add_file(f"{graph}.{p}.onnx", kind="onnx", graph=graph, precision=p)
+        for p in engines:
+            name = T.engine_name(graph, p)
+            (root / "engines").mkdir(exist_ok=True)
+            (root / name).write_bytes(b"plan " + graph.encode())
+            b.add_file(name, **engine_entry(graph=graph, precision=p, **env, onnx=f"{graph}.{p}.onnx"))
+    b.manifest["precisions"] = ["fp32", "fp16"]
+    b.write_manifest()
+    return Bundle.open(root)
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    """Make `import tensorrt` fail here even where TensorRT is installed."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """TensorRT 'present' on a GPU of compute capability 8.9 (no TensorRT call is made)."""
+    env = {"tensorrt": "10.13.0.35", "gpu": "NVIDIA L4", "compute_capability": "8.9"}
+    monkeypatch.setattr(T, "import_tensorrt", lambda: object())
+    monkeypatch.setattr(T, "require_cuda", lambda device=None: torch.device("cpu"))
+    monkeypatch.setattr(T, "current_environment", lambda device=None: dict(env))
+    return env
+
+
+def test_backend_refuses_engines_built_elsewhere(tmp_path, fake_gpu):
+    from rpiae.engines.trt_backend import TRTBackend
+
+    bundle = fake_bundle(tmp_path / "b")
+    with pytest.raises(T.EngineMismatch, match=r"compute capability 9\.0 on NVIDIA H100.*here: 8\.9 on NVIDIA L4.*"
+                                               r"rpiae export --target trt --precision fp16 --batch 1:8:32"):
+        TRTBackend(bundle, precision="fp16")
+    with pytest.raises(BundleError, match=r"no int8 TensorRT encode engine \(has: fp16\).*--target trt --precision int8"):
+        TRTBackend(bundle, precision="int8")
+
+
+def test_backend_splits_batches_to_the_profile(tmp_path, fake_gpu, monkeypatch):
+    from rpiae.engines.trt_backend import TRTBackend
+
+    bundle = fake_bundle(tmp_path / "b", env=fake_gpu)
+    calls = []
+
+    class FakeRunner:  # stands in for the deserialized engine
+        def __init__(self, plan, device):
+            self.graph = plan.decode().split()[-1]
+            self.min_batch, self.opt_batch, self.max_batch = 1, 2, 4
+
+        def __call__(self, x):
+            calls.append((self.graph, tuple(x.shape), x.dtype))
+            out = (64, 16, 16) if self.graph == "encode" else (3, 256, 256)
+            return torch.full((x.shape[0], *out), 0.5, dtype=torch.float16)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(T, "EngineRunner", FakeRunner)
+    with TRTBackend(bundle, precision="fp16", max_batch=16) as be:
+        assert be.max_batch == 4  # never above the engine profile
+        z = be.encode(np.random.rand(10, 3, 256, 256).astype(np.float32))
+        assert isinstance(z, np.ndarray) and z.dtype == np.float32 and z.shape == (10, 64, 16, 16)
+        assert [c[1][0] for c in calls] == [4, 4, 2] and all(c[2] == torch.float32 for c in calls)
+        y = be.decode(torch.zeros(3, 64, 16, 16, dtype=torch.float16))
+        assert isinstance(y, torch.Tensor) and y.dtype == torch.float32 and y.shape == (3, 3, 256, 256)
+        assert be.describe()["profile"] == "1:2:4"
+    with TRTBackend(bundle, precision="fp16", max_batch=3) as be:
+        assert be.max_batch == 3
+
+
+# -- missing TensorRT ------------------------------------------------------------------------
+def test_missing_tensorrt_is_one_line(no_tensorrt):
+    with pytest.raises(BackendUnavailable) as e:
+        T.import_tensorrt()
+    assert str(e.value) == T.TRT_MISSING and "\n" not in str(e.value) and "pip install tensorrt" in str(e.value)
+    assert not T.tensorrt_available()
+
+
+def test_type_stubs_alone_are_not_tensorrt(monkeypatch):
+    # tensorrt-stubs installed into site-packages leaves an importable, empty `tensorrt`
+    import types
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    with pytest.raises(BackendUnavailable, match="empty `tensorrt` package"):
+        T.import_tensorrt()
+
+
+def test_missing_tensorrt_in_backend_and_builder(tmp_path, no_tensorrt):
+    from rpiae.engines import load_backend
+
+    bundle = fake_bundle(tmp_path / "b")
+    with pytest.raises(BackendUnavailable, match="TensorRT is not installed"):
+        load_backend(bundle.root, backend="trt", precision="fp16")
+    with pytest.raises(BackendUnavailable, match="TensorRT is not installed"):
+        T.build_bundle_engines(bundle, ["fp16"], BatchProfile(1, 8, 32))
+
+
+# -- CLI --------------------------------------------------------------------------------------
+def _one_line_error(result, *words):
+    out = result.output
+    assert result.exit_code == 1, out
+    assert "Traceback" not in out and isinstance(result.exception, SystemExit), out
+    errors = [line for line in out.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, out
+    for w in words:
+        assert w in errors[0], out
+
+
+def test_cli_without_tensorrt(tmp_path, no_tensorrt, tiny_model, photos):
+    bundle = fake_bundle(tmp_path / "b", model=tiny_model)
+    runner = CliRunner()
+    # the ONNX graphs are reused; the engine build then needs TensorRT
+    r = runner.invoke(cli, ["export", "--target", "trt", "--precision", "fp16", "--batch", "1:4:8", "--out", str(bundle.root)])
+    _one_line_error(r, "TensorRT is not installed: pip install tensorrt")
+    from rpiae.imageio import save_image
+
+    img = save_image(photos[0], tmp_path / "a.png")
+    r = runner.invoke(cli, ["encode", "--model", str(bundle.root), "--backend", "trt", "--precision", "fp16", str(img),
+                            "-o", str(tmp_path / "z.npy")])
+    _one_line_error(r, "TensorRT is not installed")
+    assert not (tmp_path / "z.npy").exists()
+    r = runner.invoke(cli, ["verify", "--model", str(bundle.root), "--backend", "trt", "--batch", "1"])
+    _one_line_error(r, "TensorRT is not installed")
+
+
+def test_cli_refuses_engine_from_another_gpu(tmp_path, fake_gpu, photos):
+    from rpiae.imageio import save_image
+
+    bundle = fake_bundle(tmp_path / "b")
+    img = save_image(photos[0], tmp_path / "a.png")
+    r = CliRunner().invoke(cli, ["encode", "--model", str(bundle.root), "--backend", "trt", "--precision", "fp16",
+                                 str(img), "-o", str(tmp_path / "z.npy")])
+    _one_line_error(r, "compute capability 9.0", "here: 8.9", "Rebuild it on this machine: rpiae export --target trt")
+
+
+def test_cli_export_rejects_bad_profile(tmp_path):
+    r = CliRunner().invoke(cli, ["export", "--target", "trt", "--batch", "8:4:2", "--out", str(tmp_path / "b")])
+    assert r.exit_code != 0 and "batch profile" in r.output and "Traceback" not in r.output
+
+
+# -- the TensorRT API this project uses, against TensorRT's own stubs ------------------------
+# Documented as removed in TensorRT 11 (NVIDIA, "Migrating from TensorRT 10.x to 11.x",
+# Removed Python APIs), or deprecated in 10.x on the way out; all present in the 10.13 stubs.
+TRT11_REMOVED = {
+    "BuilderFlag.FP16", "BuilderFlag.INT8", "BuilderFlag.BF16", "BuilderFlag.FP8", "BuilderFlag.INT4", "BuilderFlag.FP4",
+    "BuilderFlag.OBEY_PRECISION_CONSTRAINTS", "BuilderFlag.PREFER_PRECISION_CONSTRAINTS", "BuilderFlag.DIRECT_IO",
+    "IBuilderConfig.int8_calibrator", "IBuilderConfig.set_calibration_profile", "IBuilderConfig.get_calibration_profile",
+    "IBuilderConfig.set_quantization_flag", "IBuilderConfig.get_quantization_flag", "IBuilderConfig.quantization_flags",
+    "IBuilderConfig.clear_quantization_flag", "IBuilderConfig.algorithm_selector",
+    "ICudaEngine.device_memory_size", "ICudaEngine.device_memory_size_v2", "ICudaEngine.get_device_memory_size_for_profile",
+    "ICudaEngine.get_device_memory_size_for_profile_v2", "ICudaEngine.create_execution_context_without_device_memory",
+    "Builder.platform_has_fast_fp16", "Builder.platform_has_fast_int8", "Builder.platform_has_tf32",
+    "IInt8Calibrator", "IInt8EntropyCalibrator", "IInt8EntropyCalibrator2", "IInt8LegacyCalibrator", "IInt8MinMaxCalibrator",
+    "CalibrationAlgoType", "QuantizationFlag", "IAlgorithm", "IAlgorithmContext", "IAlgorithmIOInfo", "IAlgorithmSelector",
+    "IAlgorithmVariant", "NetworkDefinitionCreationFlag.EXPLICIT_BATCH",
+}
+# which TensorRT class each variable of engines/tensorrt.py holds
+VAR_TYPES = {
+    "logger": "Logger", "_logger": "Logger", "builder": "Builder", "network": "INetworkDefinition", "parser": "OnnxParser",
+    "tensor": "ITensor", "config": "IBuilderConfig", "opt_profile": "IOptimizationProfile", "cache": "ITimingCache",
+    "plan": "IHostMemory", "runtime": "Runtime", "_runtime": "Runtime", "engine": "ICudaEngine",
+    "inspector": "EngineInspector", "context": "IExecutionContext",
+}
+
+
+def _stubs_dir() -> Path | None:
+    candidates = [os.environ.get("RPIAE_TRT_STUBS"), Path(sys.prefix) / "tensorrt-stubs"]
+    for c in candidates:
+        if c and (Path(c) / "tensorrt_bindings" / "tensorrt.pyi").is_file():
+            return Path(c)
+    try:
+        from importlib import metadata
+
+        dist = metadata.distribution("tensorrt-stubs")
+        p = Path(dist.locate_file("tensorrt_bindings/tensorrt.pyi"))
+        return p.parents[1] if p.is_file() else None
+    except Exception:
+        return None
+
+
+@pytest.fixture(scope="module")
+def trt_api() -> dict[str, set[str]]:
+    """{class: members (own + inherited)} and {"<module>": top-level names} from the stubs,
+    read as text (the .pyi is not valid Python for mypy nor for ast)."""
+    d = _stubs_dir()
+    if d is None:
+        pytest.skip(f"tensorrt-stubs not installed: pip install --no-deps --target $VIRTUAL_ENV/tensorrt-stubs "
+                    f"tensorrt-stubs=={STUBS_VERSION}")
+    classes: dict[str, set[str]] = {}
+    bases: dict[str, list[str]] = {}
+    current = None
+    for line in (d / "tensorrt_bindings" / "tensorrt.pyi").read_text().splitlines():
+        if m := re.match(r"^class (\w+)(?:\(([^)]*)\))?:", line):
+            current = m.group(1)
+            classes[current] = set()
+            bases[current] = [b.strip().split(".")[-1] for b in (m.group(2) or "").split(",") if b.strip()]
+        elif not line.startswith((" ", "\t")) and line.strip():
+            current = None
+        elif current and (m := re.match(r"^    (?:def |class )?(\w+)\s*[:(=]", line)):
+            classes[current].add(m.group(1))
+
+    def members(c: str) -> set[str]:
+        out = set(classes.get(c, ()))
+        for b in bases.get(c, ()):
+            out |= members(b)
+        return out
+
+    api = {c: members(c) for c in classes}
+    init = (d / "tensorrt" / "__init__.pyi").read_text()
+    top = set(re.findall(r"^(?:def |class )?(\w+)\s*[:(=]", init, flags=re.M))
+    top |= set(re.findall(r"'(\w+)'", init.split("__all__", 1)[1].split("]", 1)[0]))
+    api["<module>"] = top
+    return api
+
+
+def _receiver(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+        return node.attr
+    return None
+
+
+def tensorrt_uses(path: Path = TRT_MODULE) -> set[str]:
+    """Every TensorRT API the module touches: `trt.X`, `trt.X.Y` and `<var>.attr` on the
+    variables that hold TensorRT objects (VAR_TYPES)."""
+    tree = ast.parse(path.read_text())
+    used = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Attribute):
+            continue
+        if isinstance(node.value, ast.Name) and node.value.id == "trt":
+            used.add(node.attr)
+        elif (isinstance(node.value, ast.Attribute) and isinstance(node.value.value, ast.Name)
+              and node.value.value.id == "trt"):
+            used.add(f"{node.value.attr}.{node.attr}")
+        elif (name := _receiver(node.value)) in VAR_TYPES:
+            used.add(f"{VAR_TYPES[name]}.{node.attr}")
+    return used
+
+
+def test_removed_list_names_real_tensorrt10_apis(trt_api):
+    for item in sorted(TRT11_REMOVED):
+        cls, _, member = item.partition(".")
+        assert cls in trt_api, item
+        assert not member or member in trt_api[cls], item
+
+
+def test_every_tensorrt_api_used_exists_and_survives_tensorrt11(trt_api):
+    used = tensorrt_uses()
+    assert {"Builder", "OnnxParser", "IBuilderConfig.set_memory_pool_limit", "IExecutionContext.execute_async_v3",
+            "IExecutionContext.set_input_shape", "IExecutionContext.set_tensor_address",
+            "EngineInspector.get_engine_information", "LayerInformationFormat.JSON"} <= used, used
+    missing, removed = [], []
+    for item in sorted(used):
+        cls, _, member = item.partition(".")
+        if not member:
+            ok = item in trt_api["<module>"] or item == "__version__"
+        else:
+            ok = cls in trt_api and member in trt_api[cls]
+        if not ok:
+            missing.append(item)
+        if item in TRT11_REMOVED or cls in TRT11_REMOVED:
+            removed.append(item)
+    assert not missing, f"not in the TensorRT {STUBS_VERSION} API: {missing}"
+    assert not removed, f"removed in TensorRT 11: {removed}"
+
+
+def test_every_tensorrt_object_is_tracked():
+    """Each value produced by a TensorRT call is held in a variable VAR_TYPES knows, so the
+    check above sees every attribute used on it."""
+    tree = ast.parse(TRT_MODULE.read_text())
+    untracked = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Attribute):
+            base = _receiver(node.value.func.value)
+            if base == "trt" or base in VAR_TYPES:
+                for target in node.targets:
+                    name = _receiver(target)
+                    if name not in VAR_TYPES:
+                        untracked.append(ast.unparse(node))
+    assert not untracked, untracked
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {
+        n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    assert set(VAR_TYPES) <= names, set(VAR_TYPES) - names  # the map does not rot
+
+
+def test_progress_monitor_overrides_real_methods(trt_api):
+    tree = ast.parse(TRT_MODULE.read_text())
+    monitors = [c for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and "IProgressMonitor" in ast.unparse(c.bases[0])]
+    assert monitors
+    defined = {f.name for f in monitors[0].body if isinstance(f, ast.FunctionDef)} - {"__init__"}
+    assert defined == {"phase_start", "step_complete", "phase_finish"} <= trt_api["IProgressMonitor"]
+
+
+def test_strongly_typed_flag_only_on_tensorrt10():
+    tree = ast.parse(TRT_MODULE.read_text())
+    parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
+    hits = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "STRONGLY_TYPED"]
+    assert hits
+    for n in hits:
+        p = n
+        while p in parents and not isinstance(p, ast.If):
+            p = parents[p]
+        assert isinstance(p, ast.If) and "< 11" in ast.unparse(p.test)
+
+
+def test_tensorrt_is_imported_lazily_and_only_in_one_module():
+    tree = ast.parse(TRT_MODULE.read_text())
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not any("tensorrt" in ast.unparse(n).split() for n in top)
+    for path in (ROOT / "engines").glob("*.py"):
+        if path.name == "tensorrt.py":
+            continue
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.Import):
+                assert all(a.name.split(".")[0] != "tensorrt" for a in n.names), path
+            if isinstance(n, ast.ImportFrom):
+                assert (n.module or "").split(".")[0] != "tensorrt", path
+    # importing the project never imports TensorRT
+    code = ("import sys, rpiae.engines.tensorrt, rpiae.engines.trt_backend, rpiae.engines.triton, rpiae.cli.triton_cmd;"
+            "sys.exit('tensorrt' in sys.modules)")
+    import subprocess
+
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+# -- on a GPU with TensorRT ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine_bundle(tmp_path_factory, bundle_all):
+    """The session's fp32/fp16/int8 bundle, copied, with engines for every precision."""
+    root = tmp_path_factory.mktemp("trt") / "bundle"
+    shutil.copytree(bundle_all.root, root)
+    bundle = Bundle.open(root)
+    T.build_bundle_engines(bundle, ["fp32", "fp16", "int8"], BatchProfile(1, 4, 8), workspace_gb=2.0,
+                           timing_cache=root.parent / "timing.cache", opt_level=3, progress=False)
+    return Bundle.open(root)
+
+
+@pytest.mark.gpu
+@requires_trt
+@requires_cuda
+def test_engines_are_recorded_and_typed(engine_bundle):
+    env = T.current_environment()
+    assert engine_bundle.precisions("trt-engine") == ["fp32", "fp16", "int8"]
+    for precision in ("fp32", "fp16", "int8"):
+        for graph in ("encode", "decode"):
+            e = engine_bundle.files[T.engine_name(graph, precision)]
+            assert e["kind"] == "trt-engine" and e["profile"] == {"min": 1, "opt": 4, "max": 8}
+            assert e["tensorrt"] == env["tensorrt"] and e["compute_capability"] == env["compute_capability"]
+            assert e["onnx_sha256"] == engine_bundle.files[f"{graph}.{precision}.onnx"]["sha256"]
+            lp = e["layer_precisions"]
+            if precision != "fp32":
+                assert lp["fp32_share"] <= T.MAX_FP32_SHARE, lp
+            if precision == "int8":
+                assert lp["by_precision"].get("int8", 0) > 0, lp
+            assert f"trt:{graph}.{precision}" in engine_bundle.manifest["engines"]
+    assert (engine_bundle.root.parent / "timing.cache").stat().st_size > 0
+
+
+@pytest.mark.gpu
+@requires_trt
+@requires_cuda
+def test_engine_parity_against_pytorch(engine_bundle, sample_photos):
+    from rpiae.export import verify_bundle
+
+    report = verify_bundle(engine_bundle, backend="trt", images=sample_photos, batches=[1, 3, 8, 11], device="cuda")
+    assert report["results"] and report["ok"], json.dumps(report["results"], indent=1)
+
+
+@pytest.mark.gpu
+@requires_trt
+@requires_cuda
+def test_engine_backend_on_gpu_tensors_and_streams(engine_bundle, sample_photos):
+    from rpiae.engines import load_backend
+
+    x = torch.from_numpy(sample_photos[:5]).cuda()
+    with load_backend(engine_bundle.root, backend="trt", precision="fp16", device="cuda") as be:
+        z = be.encode(x)
+        assert z.is_cuda and z.dtype == torch.float32 and z.shape == (5, 64, 16, 16)
+        s = torch.cuda.Stream()
+        with torch.cuda.stream(s):
+            z2 = be.encode(x)
+        s.synchronize()
+        torch.testing.assert_close(z, z2)
+        assert be.describe()["profile"] == "1:4:8"
+
+
+@pytest.mark.gpu
+@requires_trt
+@requires_cuda
+def test_cli_trt_end_to_end(tmp_path, engine_bundle, photos):
+    from rpiae.imageio import save_image
+
+    bundle = tmp_path / "b"
+    shutil.copytree(engine_bundle.root, bundle)
+    runner = CliRunner()
+    r = runner.invoke(cli, ["export", "--target", "trt", "--precision", "fp16", "--batch", "1:2:4", "--out", str(bundle)])
+    assert r.exit_code == 0, r.output
+    assert Bundle.open(bundle).files[T.engine_name("encode", "fp16")]["profile"]["max"] == 4
+    imgs = [str(save_image(p, tmp_path / f"{i}.png")) for i, p in enumerate(photos[:3])]
+    r = runner.invoke(cli, ["encode", "-m", str(bundle), "-b", "trt", "-p", "fp16", "-d", "cuda", *imgs, "-o", str(tmp_path / "z.npy")])
+    assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "z.npy").shape == (3, 64, 16, 16)
+    r = runner.invoke(cli, ["verify", "-m", str(bundle), "-b", "trt", "-d", "cuda", "-p", "fp16", "--batch", "1,3"])
+    assert r.exit_code == 0, r.output
