@@ -25,7 +25,10 @@ from rpiae.cli.common import CheckFailed, device_option, echo_json, friendly_err
               help="Precision of the layers the INT8 graph does not quantise (fp16 for TensorRT, fp32 for CPU speed).")
 @click.option("--batch", default="1:8:32", show_default=True,
               help="Batch profile MIN:OPT:MAX for TensorRT engines / AOTInductor packages (ONNX graphs are dynamic).")
-@click.option("--device", default="cuda", show_default=True, help="aoti target: cpu or cuda.")
+@click.option("--device", default="auto", show_default=True,
+              help="aoti target: cpu, cuda (or cuda:N), or auto = cuda when a GPU is visible, else cpu.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="aoti: directory for compiler caches and temporary files (default $RPIAE_CACHE_DIR or ~/.cache/rpiae).")
 @click.option("--workspace-gb", type=click.FloatRange(0.1), default=8.0, show_default=True,
               help="TensorRT builder workspace limit in GiB.")
 @click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
@@ -35,8 +38,8 @@ from rpiae.cli.common import CheckFailed, device_option, echo_json, friendly_err
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
 @friendly_errors
-def export(checkpoint, target, precision, calib, calib_count, int8_high_precision, batch, device, workspace_gb,
-           timing_cache, opt_level, out, overwrite):
+def export(checkpoint, target, precision, calib, calib_count, int8_high_precision, batch, device, cache_dir,
+           workspace_gb, timing_cache, opt_level, out, overwrite):
     """Export the encode/decode graphs into a self-describing bundle, checked against PyTorch.
 
     Writes OUT/manifest.json, OUT/model.safetensors and OUT/{encode,decode}.<precision>.onnx;
@@ -50,6 +53,14 @@ def export(checkpoint, target, precision, calib, calib_count, int8_high_precisio
 
     precisions = parse_precisions(precision)
     profile = BatchProfile.parse(batch)
+    if target == "aoti":
+        from rpiae.export.aoti import check_target
+
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        check_target(device)  # fail before the (long) ONNX export, not after it
     reuse = target != "onnx" and Bundle.is_bundle(out) and not overwrite
     if reuse:
         bundle = Bundle.open(out)
@@ -67,7 +78,7 @@ def export(checkpoint, target, precision, calib, calib_count, int8_high_precisio
     elif target == "aoti":
         from rpiae.export.aoti import package_bundle
 
-        package_bundle(bundle, device=device, profile=profile)
+        package_bundle(bundle, device=device, profile=profile, cache_dir=cache_dir)
     failed = [r for r in bundle.manifest.get("parity", []) if not r["ok"]]
     click.echo(f"bundle {out}: precisions {', '.join(bundle.precisions())}"
                + (f"; engines: {', '.join(bundle.manifest.get('engines', {}))}" if bundle.manifest.get("engines") else ""))

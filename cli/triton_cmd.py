@@ -12,7 +12,8 @@ from rpiae.cli.common import friendly_errors
 @click.command()
 @click.option("--model", "-m", type=click.Path(path_type=Path), required=True, help="Export bundle directory.")
 @click.option("--precision", "-p", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
-              help="Which precision to serve (default: fp16, else int8, else fp32, among what the bundle has).")
+              help="Which precision to serve (default, among what the bundle has: fp16 first on GPUs, "
+              "fp32 first for ONNX Runtime on CPUs).")
 @click.option("--platform", type=click.Choice(["auto", "tensorrt", "onnxruntime"]), default="auto", show_default=True,
               help="tensorrt: the bundle's TensorRT engines (tensorrt_plan, GPU); onnxruntime: its ONNX graphs "
               "(onnxruntime_onnx, CPU or GPU, no TensorRT needed); auto: engines when the bundle has them.")

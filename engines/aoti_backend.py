@@ -12,8 +12,6 @@ Packages are unpacked under the rpiae cache directory (`cache_dir=`, `$RPIAE_CAC
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from rpiae.engines.base import Backend, BackendUnavailable, InputError
@@ -62,22 +60,14 @@ class AOTIBackend(Backend):
         if graph not in self._runners:
             from rpiae.export import aoti
 
-            aoti.enable_runtime_input_checks()
-            pkg_log = logging.getLogger("torch.export.pt2_archive._package")
-            level = pkg_log.level
-            # torch warns when the package's ISA differs from this CPU's best one; we check the
-            # package's CPU level ourselves (check_runnable), so a superset CPU is not a problem
-            pkg_log.setLevel(logging.ERROR)
             try:
-                with aoti.workdir(self.cache_dir):
-                    self._runners[graph] = torch._inductor.aoti_load_package(
-                        str(self._paths[graph]), device_index=self._device_index if self.device.type == "cuda" else -1
-                    )
+                self._runners[graph] = aoti.load_package(
+                    self._paths[graph], device_index=self._device_index if self.device.type == "cuda" else -1,
+                    cache_dir=self.cache_dir,
+                )
             except RuntimeError as e:
                 msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                 raise BackendUnavailable(f"aoti backend: cannot load {self._paths[graph]}: {msg}") from None
-            finally:
-                pkg_log.setLevel(level)
         return self._runners[graph]
 
     @torch.inference_mode()

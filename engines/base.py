@@ -78,19 +78,14 @@ class Backend(abc.ABC):
 
     def _batched(self, graph: str, x: Array) -> Array:
         is_torch = isinstance(x, torch.Tensor)
-        device = x.device if is_torch else None
         xs = self._to_native(x)
-        n = xs.shape[0]
-        step = self.max_batch or n
-        outs = [self._run(graph, xs[i : i + step]) for i in range(0, n, step)]
-        out = torch.cat([torch.as_tensor(o) for o in outs]) if self.native == "torch" else np.concatenate(
-            [np.asarray(o) for o in outs]
-        )
-        if is_torch:
-            return torch.as_tensor(out).to(device=device, dtype=torch.float32)
-        return out.detach().cpu().numpy().astype(np.float32, copy=False) if isinstance(out, torch.Tensor) else out.astype(
-            np.float32, copy=False
-        )
+        step = self.max_batch or len(xs)
+        outs = [self._run(graph, xs[i : i + step]) for i in range(0, len(xs), step)]
+        if self.native == "torch":
+            out = torch.cat(outs).float()
+            return out.to(x.device) if is_torch else out.cpu().numpy()
+        out = np.concatenate(outs).astype(np.float32, copy=False)
+        return torch.from_numpy(out).to(x.device) if is_torch else out
 
     def _to_native(self, x: Array) -> Array:
         if self.native == "torch":

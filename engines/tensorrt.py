@@ -23,6 +23,7 @@ The pure functions (`check_engine_compat`, `layer_precision_summary`,
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,8 @@ CUDA_MISSING = (
 ENGINE_KIND = "trt-engine"
 # an fp16/int8 engine in which more than this share of the float compute layers runs in fp32
 # is refused: the known silent failure of a "reduced precision" engine that is not
-MAX_FP32_SHARE = 0.5
+# (RPIAE_TRT_MAX_FP32_SHARE overrides it, e.g. 1.0 to keep an engine the check refuses)
+MAX_FP32_SHARE = float(os.environ.get("RPIAE_TRT_MAX_FP32_SHARE", "0.5"))
 
 
 class EngineMismatch(BackendUnavailable):
@@ -70,6 +72,17 @@ def import_tensorrt():
     if not hasattr(trt, "Builder") or not hasattr(trt, "__version__"):
         raise BackendUnavailable(TRT_MISSING + " (found only an empty `tensorrt` package, e.g. tensorrt-stubs)")
     return trt
+
+
+_LOGGERS: dict[int, Any] = {}
+
+
+def trt_logger(trt):
+    """One TensorRT logger per process (TensorRT warns when builders and runtimes get different ones)."""
+    if id(trt) not in _LOGGERS:
+        logger = trt.Logger(trt.Logger.WARNING)
+        _LOGGERS[id(trt)] = logger
+    return _LOGGERS[id(trt)]
 
 
 def tensorrt_available() -> bool:
@@ -286,7 +299,7 @@ def build_engine(onnx_path: str | Path, profile, workspace_gb: float = 8.0, timi
     """Parse + build one precision-typed ONNX graph. Returns (plan bytes, layer summary + build info)."""
     trt = import_tensorrt()
     require_cuda()
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = trt_logger(trt)
     builder = trt.Builder(logger)
     flags = 0
     if trt_major(trt.__version__) < 11:  # always strongly typed on 11, where the flag is ignored
@@ -410,10 +423,9 @@ class EngineRunner:
                         trt.DataType.BF16: torch.bfloat16, trt.DataType.INT8: torch.int8,
                         trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64,
                         trt.DataType.BOOL: torch.bool, trt.DataType.UINT8: torch.uint8}
-        self._logger = trt.Logger(trt.Logger.WARNING)
         with torch.cuda.device(self.device):
             torch.cuda.current_stream(self.device)  # torch owns (and initialises) the CUDA context
-            self._runtime = trt.Runtime(self._logger)  # must outlive the engine
+            self._runtime = trt.Runtime(trt_logger(trt))  # must outlive the engine
             engine = self._runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise BackendUnavailable("TensorRT could not deserialize the engine (see the TensorRT messages above); "
@@ -453,7 +465,10 @@ class EngineRunner:
             if n < self.min_batch:  # pad to the profile's minimum, drop the padding afterwards
                 x = torch.cat([x, x[-1:].expand(self.min_batch - n, *x.shape[1:])])
             x = x.contiguous()
-            stream = torch.cuda.current_stream(self.device)
+            current = stream = torch.cuda.current_stream(self.device)
+            if current.cuda_stream == 0:  # TensorRT adds syncs on the legacy default stream: use a side stream
+                stream = self._side_stream()
+                stream.wait_stream(current)
             context, lock = self._context(stream.cuda_stream)
             with lock:
                 if not context.set_input_shape(self.input_name, tuple(x.shape)):
@@ -464,9 +479,21 @@ class EngineRunner:
                 context.set_tensor_address(self.output_name, out.data_ptr())
                 if not context.execute_async_v3(stream.cuda_stream):
                     raise RuntimeError("TensorRT execution failed (see the TensorRT messages above)")
-            # x and out were allocated on this stream: the caching allocator keeps them until
-            # the work queued on it is done, and later torch ops on the stream are ordered after it
+            if stream is not current:
+                current.wait_stream(stream)  # later work on the caller's stream sees the output
+                x.record_stream(stream)  # and the allocator keeps the buffers until the engine is done
+                out.record_stream(stream)
+            # on the caller's own stream, x and out belong to it: the caching allocator keeps them
+            # until the queued work is done, and later torch ops on the stream are ordered after it
             return out[:n]
+
+    def _side_stream(self):
+        import torch
+
+        with self._guard:
+            if getattr(self, "_side", None) is None:
+                self._side = torch.cuda.Stream(self.device)
+            return self._side
 
     def close(self) -> None:
         self._contexts.clear()

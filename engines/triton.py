@@ -156,8 +156,11 @@ def _io_types(onnx_path: Path) -> dict[str, tuple[str, str, list[int]]]:
     return out
 
 
-def choose(bundle: Bundle, platform: str = "auto", precision: str | None = None) -> tuple[str, str]:
-    """(Triton platform, precision): `auto` serves TensorRT engines when the bundle has them."""
+def choose(bundle: Bundle, platform: str = "auto", precision: str | None = None,
+           instance_kind: str = "auto") -> tuple[str, str]:
+    """(Triton platform, precision): `auto` serves TensorRT engines when the bundle has them.
+    Without a precision: fp16 first on GPUs, fp32 first for ONNX Runtime on CPUs (where the
+    fp16 graphs run slower than fp32)."""
     from rpiae.engines.tensorrt import ENGINE_KIND
 
     if platform == "auto":
@@ -168,7 +171,9 @@ def choose(bundle: Bundle, platform: str = "auto", precision: str | None = None)
     kind = ENGINE_KIND if platform == "tensorrt" else "onnx"
     have = bundle.precisions(kind)
     if precision is None:
-        precision = next((p for p in _PREFERENCE if p in have), None)
+        cpu = platform == "onnxruntime" and instance_kind in ("auto", "cpu")
+        order = ("fp32", "int8", "fp16", "bf16") if cpu else _PREFERENCE
+        precision = next((p for p in order if p in have), None)
     if precision is None or precision not in have:
         hint = (f"build engines with `rpiae export --target trt --precision {precision or 'fp16'} --out {bundle.root}`"
                 if platform == "tensorrt" else f"re-export with --precision {precision}")
@@ -188,7 +193,7 @@ def write_model_repository(
 
     if not isinstance(bundle, Bundle):
         bundle = Bundle.open(bundle)
-    platform, precision = choose(bundle, platform, precision)
+    platform, precision = choose(bundle, platform, precision, instance_kind)
     triton_platform = PLATFORMS[platform]
     kind = {"auto": "KIND_GPU" if platform == "tensorrt" else "KIND_CPU", "gpu": "KIND_GPU", "cpu": "KIND_CPU"}.get(instance_kind)
     if kind is None:

@@ -36,12 +36,12 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import platform
 import re
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,8 +70,6 @@ CPU_LEVELS: dict[str, dict[str, Any]] = {
     },
 }
 DEFAULT_CPU_LEVEL = "x86-64-v3"
-
-_log = logging.getLogger(__name__)
 
 
 # -- where compilers and loaders may write ------------------------------------------------------
@@ -125,6 +123,26 @@ def enable_runtime_input_checks() -> None:
     """AOTInductor's generated input checks (shape, dtype, stride, batch upper bound) run only
     when AOTI_RUNTIME_CHECK_INPUTS is set; each model library reads it once, on first run."""
     os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"
+
+
+def load_package(path: str | Path, device_index: int = -1, cache_dir: str | Path | None = None):
+    """`torch._inductor.aoti_load_package` with input checks on, unpacked under `cache_dir`.
+
+    Does not check the machine: call `check_runnable` on the manifest entry first.
+    """
+    import logging
+
+    enable_runtime_input_checks()
+    pkg_log = logging.getLogger("torch.export.pt2_archive._package")
+    level = pkg_log.level
+    # torch warns when the package's ISA differs from this CPU's best one; the CPU level is
+    # checked by check_runnable, and a CPU with more than the level needs is not a problem
+    pkg_log.setLevel(logging.ERROR)
+    try:
+        with workdir(cache_dir):
+            return torch._inductor.aoti_load_package(str(path), device_index=device_index)
+    finally:
+        pkg_log.setLevel(level)
 
 
 # -- machine facts ---------------------------------------------------------------------------
@@ -226,10 +244,12 @@ def inductor_options(device: str, cpu_level: str, metadata: dict[str, str]) -> d
 
 def export_program(module: torch.nn.Module, example: torch.Tensor, profile: BatchProfile) -> torch.export.ExportedProgram:
     """`torch.export` with the batch axis dynamic in [profile.min, profile.max] (static when fixed)."""
-    if profile.min == profile.max:
-        return torch.export.export(module, (example[: profile.min],), strict=False)
-    batch = torch.export.Dim("batch", min=profile.min, max=profile.max)
-    return torch.export.export(module, (example,), dynamic_shapes=({0: batch},), strict=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal
+        if profile.min == profile.max:
+            return torch.export.export(module, (example[: profile.min],), strict=False)
+        batch = torch.export.Dim("batch", min=profile.min, max=profile.max)
+        return torch.export.export(module, (example,), dynamic_shapes=({0: batch},), strict=False)
 
 
 def compile_graph(
@@ -244,7 +264,8 @@ def compile_graph(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.stem}.partial.pt2")
-    with workdir(cache_dir), torch.no_grad():
+    with workdir(cache_dir), torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal
         t0 = time.perf_counter()
         ep = export_program(module, example, profile)
         t1 = time.perf_counter()
@@ -280,6 +301,13 @@ def _target(kind: str, index: int, cpu_level: str) -> dict[str, Any]:
         )
     t = cuda_target(None if index < 0 else index)
     return {"device": "cuda", **t, "tag": f"cuda-{t['sm']}"}
+
+
+def check_target(device: str = "cpu", cpu_level: str = DEFAULT_CPU_LEVEL) -> dict[str, Any]:
+    """Fail fast (BackendUnavailable/ValueError, one line) when packages for `device` cannot be
+    compiled and checked here; call before a long ONNX export. Returns the target facts."""
+    kind, index = _device_type(device)
+    return _target(kind, index, cpu_level)
 
 
 def package_bundle(
@@ -338,9 +366,13 @@ def package_bundle(
     bundle.write_manifest()
     if parity and set(graphs) == set(GRAPHS):
         from rpiae.export.api import verify_bundle
-        from rpiae.samples import sample_photos
 
-        images = sample_photos()[1][:4]
+        try:
+            from rpiae.samples import sample_photos
+
+            images = sample_photos()[1][:4]
+        except (ImportError, RuntimeError):  # scikit-image missing: seeded random images
+            images = example_input(model, "encode", batch=4).numpy()
         batch = min(max(len(images), profile.min), profile.max)
         rows = verify_bundle(bundle, backend="aoti", images=images, batches=[batch], precisions=[PRECISION],
                              device=device)["results"]
@@ -351,6 +383,6 @@ def package_bundle(
 
 
 __all__ = [
-    "CPU_LEVELS", "DEFAULT_CPU_LEVEL", "KIND", "check_runnable", "compile_graph", "cpu_flags", "default_cache_dir",
-    "enable_runtime_input_checks", "find_packages", "package_bundle", "workdir",
+    "CPU_LEVELS", "DEFAULT_CPU_LEVEL", "KIND", "check_runnable", "check_target", "compile_graph", "cpu_flags", "default_cache_dir",
+    "enable_runtime_input_checks", "find_packages", "load_package", "package_bundle", "workdir",
 ]

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rpiae.engines.base import Backend
-from rpiae.export.bundle import WEIGHTS, Bundle, onnx_name
+from rpiae.export.bundle import WEIGHTS, Bundle, BundleError, onnx_name
 from rpiae.export.checks import assert_graph_ok
 from rpiae.export.graphs import GRAPHS
 from rpiae.export.onnx_export import OPSET, export_graph
@@ -146,6 +146,9 @@ def verify_bundle(
     batches = batches or [len(images)]
     kind = {"ort": "onnx", "trt": "trt-engine", "aoti": "aoti-package"}.get(backend, "onnx")
     precisions = precisions or bundle.precisions(kind)
+    if not precisions:
+        target = {"onnx": "onnx", "trt-engine": "trt", "aoti-package": "aoti"}[kind]
+        raise BundleError(f"bundle {bundle.root} has no {kind} files to verify; build them with `rpiae export --target {target}`")
     reference: Backend = TorchBackend(RPiAE.from_checkpoint(bundle.weights_path()), device=device)
     results = []
     jobs = [(p, b) for p in precisions for b in batches]

@@ -8,7 +8,6 @@ tiny model of conftest.py.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -39,25 +38,24 @@ def aoti_cache_dir(tmp_path_factory) -> Path:
 
 
 def aoti_bundle(tmp_path_factory):
-    """(bundle, cache_dir): an ONNX fp32 bundle with CPU AOTInductor packages (batch 1..8)."""
+    """(bundle, cache_dir): an fp32 bundle with CPU AOTInductor packages (batch 1..8), made
+    with the user's command `rpiae export --target aoti --device cpu --batch 1:2:8`."""
     if "bundle" not in _CACHE:
-        from rpiae.export import export_bundle
-        from rpiae.export.aoti import package_bundle
+        from click.testing import CliRunner
+
+        from rpiae.cli.main import main
+        from rpiae.export import Bundle
 
         root = tmp_path_factory.mktemp("aoti")
         cache = aoti_cache_dir(tmp_path_factory)
+        out = root / "bundle"
+        args = ["export", "--checkpoint", str(source_checkpoint(root)), "--target", "aoti", "--device", "cpu",
+                "--batch", str(PROFILE), "--out", str(out)]
         t0 = time.perf_counter()
-        bundle = export_bundle(source_checkpoint(root), root / "bundle", precisions="fp32", progress=False)
-        t1 = time.perf_counter()
-        saved = os.environ.get("RPIAE_CACHE_DIR")
-        os.environ["RPIAE_CACHE_DIR"] = str(cache)  # the backends opened by the parity check use it too
-        try:
-            package_bundle(bundle, device="cpu", profile=PROFILE, progress=False)
-        finally:
-            if saved is None:
-                os.environ.pop("RPIAE_CACHE_DIR", None)
-            else:
-                os.environ["RPIAE_CACHE_DIR"] = saved
-        TIMINGS.update(onnx_export_s=t1 - t0, aoti_package_s=time.perf_counter() - t1)
-        _CACHE["bundle"] = bundle
+        # RPIAE_CACHE_DIR: the compiler cache, temporary files and unpacked packages stay in the session's tmp
+        res = CliRunner().invoke(main, args, env={"RPIAE_CACHE_DIR": str(cache)})
+        TIMINGS["export_aoti_s"] = time.perf_counter() - t0
+        assert res.exit_code == 0, f"rpiae {' '.join(args)} failed:\n{res.output}\n{res.exception!r}"
+        _CACHE["bundle"] = Bundle.open(out)
+        _CACHE["export_output"] = res.output
     return _CACHE["bundle"], _CACHE["cache"]

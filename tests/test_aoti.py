@@ -14,9 +14,9 @@ import torch
 from rpiae.engines import load_backend
 from rpiae.engines.aoti_backend import AOTIBackend
 from rpiae.engines.base import BackendUnavailable, InputError
-from rpiae.export import aoti, verify_bundle
+from rpiae.export import aoti
 from rpiae.export.profile import BatchProfile
-from tests.aoti_shared import PROFILE, aoti_bundle
+from tests.aoti_shared import PROFILE, aoti_bundle, aoti_cache_dir
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +70,33 @@ def test_package_metadata_for_cpp(backend):
     assert meta.get("AOTI_CPU_ISA", "AVX2") == "AVX2"
 
 
-def test_parity_with_torch_at_onnx_fp32_tolerances(packaged):
+def test_export_command_output(packaged):
+    from tests.aoti_shared import _CACHE
+
+    out = _CACHE["export_output"]
+    assert "engines: aoti-cpu-x86-64-v3" in out
+    assert any(line.startswith("aoti") and line.rstrip().endswith("yes") for line in out.splitlines())
+
+
+def test_verify_command_parity_at_onnx_fp32_tolerances(packaged, tmp_path):
+    """`rpiae verify --backend aoti`: AOTI against eager PyTorch, batch 1 and 3."""
+    import json
+
+    from click.testing import CliRunner
+
+    from rpiae.cli.main import main
+
     bundle, cache = packaged
-    os.environ["RPIAE_CACHE_DIR"] = str(cache)
-    try:
-        report = verify_bundle(bundle, backend="aoti", device="cpu", batches=[1, 3])
-    finally:
-        os.environ.pop("RPIAE_CACHE_DIR", None)
-    assert report["ok"], report
-    for row in report["results"]:
+    report = tmp_path / "verify.json"
+    res = CliRunner().invoke(main, ["verify", "--model", str(bundle.root), "--backend", "aoti", "--batch", "1,3",
+                                    "--json", str(report)], env={"RPIAE_CACHE_DIR": str(cache)})
+    assert res.exit_code == 0, res.output
+    assert "all checks passed" in res.output
+    rows = json.loads(report.read_text())["results"]
+    assert [r["metrics"]["batch"] for r in rows] == [1, 3]
+    for row in rows:
+        assert row["backend"] == "aoti" and row["ok"]
+        assert row["metrics"]["latent_max_abs_rel"] <= 1e-4
         assert row["metrics"]["latent_cosine_min"] >= 0.99999
         assert row["metrics"]["decoded_psnr_db"] >= 60
 
@@ -86,6 +104,7 @@ def test_parity_with_torch_at_onnx_fp32_tolerances(packaged):
 def test_batches_split_and_padded(backend, photos):
     ref = backend.encode(photos[:1])
     assert ref.shape == (1, 64, 16, 16)
+    np.testing.assert_array_equal(backend.encode(photos[0][None]), ref)  # numpy's x[None]: batch stride 0
     z = backend.encode(np.concatenate([photos, photos[:2]]))  # 10 > max 8: split by the base class
     assert z.shape == (10, 64, 16, 16)
     np.testing.assert_allclose(z[:1], ref, atol=1e-5)
@@ -134,6 +153,11 @@ def test_cuda_target_refused_without_gpu(packaged):
     t = time.perf_counter()
     with pytest.raises(BackendUnavailable, match="--device cuda needs a CUDA GPU"):
         aoti.package_bundle(bundle, device="cuda", profile=PROFILE)
+    with pytest.raises(BackendUnavailable, match="--device cuda needs a CUDA GPU"):
+        aoti.check_target("cuda")
+    assert aoti.check_target("cpu")["cpu_level"] == "x86-64-v3"
+    with pytest.raises(ValueError, match="unknown CPU level"):
+        aoti.check_target("cpu", cpu_level="native")
     assert time.perf_counter() - t < 5  # refused before any compiling
 
 
@@ -182,16 +206,34 @@ def test_cli_encode_with_aoti_backend(packaged, tmp_path):
     assert np.abs(z - z_ref).max() <= 1e-4 * np.abs(z_ref).max()
 
 
-def test_batch_one_only_profile(tmp_path, tiny_model):
+def test_bench_has_aoti_rows(packaged, tmp_path):
+    """`rpiae bench --backends aoti`: measured rows next to the eager PyTorch reference."""
+    from click.testing import CliRunner
+
+    from rpiae.bench.runner import load_results
+    from rpiae.cli.main import main
+
+    bundle, cache = packaged
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", str(bundle.root), "--backends", "aoti", "--precision", "fp32", "--batch", "1,2",
+            "--graphs", "encode", "--no-isolate", "--warmup", "1", "--warmup-time", "0", "--min-iters", "2",
+            "--min-time", "0", "--peak-time", "0.05", "--threads", "1", "--out", str(out)]
+    res = CliRunner().invoke(main, args, env={"RPIAE_CACHE_DIR": str(cache)})
+    assert res.exit_code == 0, res.output
+    rows = [r for r in load_results(out)["rows"] if r["backend"] == "aoti"]
+    assert [(r["batch"], r["status"]) for r in rows] == [(1, "ok"), (2, "ok")], [r.get("reason") for r in rows]
+    assert all(r["timing"]["p50_ms"] > 0 and r["speedup_vs_torch"]["fp32"] > 0 for r in rows)
+
+
+def test_batch_one_only_profile(tmp_path, tmp_path_factory, tiny_model):
     """A fixed batch-1 package (static shapes) still compiles, runs and pads nothing."""
     from rpiae.export.aoti import compile_graph
 
     out = tmp_path / "decode.pt2"
-    t = compile_graph(tiny_model, "decode", out, profile=BatchProfile(1, 1, 1), cache_dir=tmp_path / "cache")
+    cache = aoti_cache_dir(tmp_path_factory)  # the session's: precompiled headers are reused
+    t = compile_graph(tiny_model, "decode", out, profile=BatchProfile(1, 1, 1), cache_dir=cache)
     assert t["compile_s"] > 0
-    with aoti.workdir(tmp_path / "cache"):
-        aoti.enable_runtime_input_checks()
-        runner = torch._inductor.aoti_load_package(str(out))
+    runner = aoti.load_package(out, cache_dir=cache)
     z = torch.randn(1, 64, 16, 16)
     with torch.inference_mode():
         ref = tiny_model.decode(z)
@@ -201,7 +243,7 @@ def test_batch_one_only_profile(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
-def test_rpiae_b_encode_compiles(tmp_path):
+def test_rpiae_b_encode_compiles(tmp_path, tmp_path_factory):
     """The paper-size encoder exports and compiles (batch 1..2) and matches eager PyTorch."""
     from rpiae import RPiAE
     from rpiae.export.aoti import compile_graph
@@ -213,14 +255,15 @@ def test_rpiae_b_encode_compiles(tmp_path):
     model = RPiAE.from_preset("rpiae-b").eval()
     out = tmp_path / "encode.pt2"
     t = time.perf_counter()
-    timings = compile_graph(model, "encode", out, profile=BatchProfile(1, 1, 2), cache_dir=tmp_path / "cache")
+    cache = aoti_cache_dir(tmp_path_factory)
+    timings = compile_graph(model, "encode", out, profile=BatchProfile(1, 1, 2), cache_dir=cache)
     print(f"rpiae-b encode: export {timings['export_s']} s, compile {timings['compile_s']} s, "
           f"total {time.perf_counter() - t:.1f} s, package {out.stat().st_size / 2**20:.0f} MiB")
-    with aoti.workdir(tmp_path / "cache"):
-        aoti.enable_runtime_input_checks()
-        runner = torch._inductor.aoti_load_package(str(out))
+    runner = aoti.load_package(out, cache_dir=cache)
     x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref = EncodeGraph(model)(x)
     z = runner(x)
     assert (z - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    del runner
+    out.unlink()  # 346 MiB: do not leave it in pytest's kept tmp directories

@@ -210,3 +210,8 @@ def test_large_graphs_use_external_data(tmp_path, trained_or_tiny_ckpt, sample_p
     data.write_bytes(bytes(raw))
     with pytest.raises(BundleError, match="encode.fp32.onnx.data fails its sha256"):
         Bundle.open(b.root).graph_path("encode", "fp32")
+
+
+def test_verify_refuses_a_bundle_without_the_backends_files(bundle_all):
+    with pytest.raises(BundleError, match=r"no trt-engine files to verify; build them with `rpiae export --target trt`"):
+        verify_bundle(bundle_all, backend="trt")

@@ -303,8 +303,11 @@ class TRTGraph : public Graph {
 #endif  // RPIAE_WITH_TENSORRT
 
 std::unique_ptr<Graph> open_graph(const std::string& path, const std::string& graph, const std::string& device) {
+  (void)graph;
+  (void)device;
   if (ends_with(path, ".plan") || ends_with(path, ".engine")) {
 #ifdef RPIAE_WITH_TENSORRT
+    if (device.rfind("cuda:", 0) == 0) cuda_check(cudaSetDevice(std::stoi(device.substr(5))), "cudaSetDevice");
     return std::make_unique<TRTGraph>(path);
 #else
     fail(path + ": this rpiae_run was built without TensorRT (CMake did not find it); rebuild with "
