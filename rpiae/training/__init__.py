@@ -1,1 +1,13 @@
-"""Three-stage RPiAE training (see the training issue)."""
+"""Three-stage RPiAE training (DESIGN.md §2): `rpiae train`, or `run_training` from Python.
+
+- `config.TrainConfig`: the recipe, defaults = the paper; JSON/YAML overrides per stage.
+- `data.ImageFolderDataset`: recursive jpg/png/webp folder, resize + random crop, bad files skipped.
+- `lpips.LPIPS`, `discriminator.Discriminator`: loss networks from local weight files.
+- `trainer.Trainer` / `trainer.fit`: one stage (AdamW, cosine, EMA, accumulation, DDP, resume).
+"""
+
+from rpiae.training.config import TrainConfig, load_train_config
+from rpiae.training.run import TrainingError, run_training
+from rpiae.training.trainer import Trainer, fit
+
+__all__ = ["TrainConfig", "Trainer", "TrainingError", "fit", "load_train_config", "run_training"]

@@ -88,15 +88,36 @@ def run_training(
     device: str | None = None,
 ) -> dict[str, float]:
     cfg = prepare_config(stage, config_path, overrides, lpips_weights, disc_weights, no_lpips, no_gan)
+    if stage > 1 and resume is None:
+        raise TrainingError(f"stage {stage} starts from stage {stage - 1}: give --resume runs/s{stage - 1}/last")
+    if resume is not None and not Path(resume).exists():
+        raise TrainingError(f"cannot resume: {resume} does not exist")
     if not Path(data).is_dir():
         raise TrainingError(f"training data folder not found: {data}")
     if val_data is not None and not Path(val_data).is_dir():
         raise TrainingError(f"held-out data folder not found: {val_data}")
 
     rank, world, dev = setup_distributed()
+    # -- data (checked before anything is built)
+    try:
+        dataset = ImageFolderDataset(
+            data, cfg.crop, cfg.resize_min, cfg.resize_max, cfg.hflip, cfg.seed, cfg.epoch_size
+        )
+        val_images = load_eval_images(val_data, cfg.val_images)[0] if val_data is not None else None
+    except ImageError as e:
+        raise TrainingError(str(e)) from None
+    try:
+        spe = steps_per_epoch(cfg, len(dataset), world)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+    if spe < 1:
+        raise TrainingError(
+            f"{len(dataset)} samples per epoch is less than one batch of {cfg.batch_size}: "
+            "lower batch_size or raise epoch_size"
+        )
     if device is not None:
         dev = torch.device(device)
-    torch.manual_seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed)  # the same initial weights (and pivot, EMA, heads) on every rank
 
     # -- the model: a new one (stage I), the previous stage's EMA, or this stage's own resume
     state = None
@@ -116,8 +137,6 @@ def run_training(
             model.load_state_dict(ckpt["ema"])  # a new stage starts from the previous EMA
         del ckpt
     else:
-        if stage > 1:
-            raise TrainingError(f"stage {stage} starts from stage {stage - 1}: give --resume runs/s{stage - 1}/last")
         try:
             model = RPiAE.from_preset(preset or "rpiae-b")
         except ValueError as e:
@@ -133,23 +152,7 @@ def run_training(
         if stage == 1 and not init_encoder and rank == 0:
             warnings.warn("stage I without --init-encoder: E (and its pivot) start from random weights", stacklevel=2)
 
-    # -- data and loss networks
-    try:
-        dataset = ImageFolderDataset(
-            data, cfg.crop, cfg.resize_min, cfg.resize_max, cfg.hflip, cfg.seed, cfg.epoch_size
-        )
-        val_images = load_eval_images(val_data, cfg.val_images)[0] if val_data is not None else None
-    except ImageError as e:
-        raise TrainingError(str(e)) from None
-    try:
-        spe = steps_per_epoch(cfg, len(dataset), world)
-    except ValueError as e:
-        raise TrainingError(str(e)) from None
-    if spe < 1:
-        raise TrainingError(
-            f"{len(dataset)} samples per epoch is less than one batch of {cfg.batch_size}: "
-            "lower batch_size or raise epoch_size"
-        )
+    # -- loss networks
     try:
         lpips = load_lpips(lpips_weights) if stage in (1, 3) and cfg.lpips_weight > 0 else None
         disc = None
@@ -160,6 +163,8 @@ def run_training(
         raise TrainingError(str(e)) from None
 
     trainer = Trainer(model, cfg, out, lpips=lpips, disc=disc, device=dev, rank=rank, world=world, steps_per_epoch=spe)
+    if world > 1:
+        torch.manual_seed(cfg.seed + 1 + rank)  # distinct noise and augmentation streams per rank
     if state is not None:
         try:
             trainer.load_state_dict(state)

@@ -161,9 +161,13 @@ class Trainer:
 
         self.last_enc_param = model.encoder.encoder.encoder.layer[-1].layer_scale2.lambda1
         self.last_dec_param = model.decoder.decoder_pred.weight
-        self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-        )
+
+    @property
+    def autocast(self):
+        """bf16 autocast on CUDA (a fresh context each use); nothing on the CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
 
     # -- modes -------------------------------------------------------------------------------
     def set_modes(self) -> None:
@@ -454,6 +458,9 @@ def fit(
         sample_images = val_images[:4] if val_images is not None else None
     log_path = trainer.out_dir / "log.jsonl"
     trainer.out_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # what this run is, readable without loading a checkpoint
+        with atomic_file(trainer.out_dir / "config.json") as tmp:
+            tmp.write_text(json.dumps({"model": trainer.model.config.to_dict(), "train": cfg.to_dict()}, indent=2) + "\n")
     bar = tqdm(total=total, initial=trainer.step, disable=not progress or rank != 0, desc=f"stage {cfg.stage}", dynamic_ncols=True)
     metrics: dict[str, float] = {}
     t0 = time.time()
