@@ -147,7 +147,7 @@ def render_markdown(result: dict[str, Any], title: str | None = None, plot: str 
     lines.append("")
     refs = [p for p in ("fp32", "bf16", "fp16") if any(p in r.get("speedup_vs_torch", {}) for r in result.get("rows", []))]
     head = ["graph", "backend", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s"]
-    head += [f"× torch {p}" for p in refs] + ["GFLOP/s", "% of peak"]
+    head += [f"× torch {p}" for p in refs] + ["GFLOP/s", "% of peak", "% of row peak"]
     if cuda:
         head += ["GPU p50 ms", "GPU mem MiB"]
     head += ["peak RSS MiB (Δ)", "RSS Δ / weights"]
@@ -161,14 +161,16 @@ def render_markdown(result: dict[str, Any], title: str | None = None, plot: str 
             continue
         t = r["timing"]
         name = r["backend"] + (" (ref)" if r.get("reference") and r["backend"] == "torch" else "")
-        cells = [r["graph"], name, r["precision"], str(r["batch"]), _f(t["p50_ms"]), _f(t["p90_ms"]), _f(t["p99_ms"]),
-                 _f(t["throughput_ips"], "{:.2f}")]
+        cells = [r["graph"], name, r["precision"], str(r["batch"]), _f(t.get("p50_ms")), _f(t.get("p90_ms")),
+                 _f(t.get("p99_ms")), _f(t.get("throughput_ips"), "{:.2f}")]
         cells += [_f(r.get("speedup_vs_torch", {}).get(p), "{:.2f}×") for p in refs]
         frac = r.get("fraction_of_peak")
-        cells += [_f(r.get("gflops"), "{:.0f}"), (f"{frac * 100:.0f} % ({r.get('peak_dtype')})" if frac is not None else "–")]
+        lfrac = r.get("fraction_of_local_peak")
+        cells += [_f(r.get("gflops"), "{:.0f}"), (f"{frac * 100:.0f} % ({r.get('peak_dtype')})" if frac is not None else "–"),
+                  f"{lfrac * 100:.0f} % of {r['local_peak']['gflops']:.0f}" if lfrac is not None else "–"]
         if cuda:
-            cells += [_f(r.get("compute", {}).get("p50_ms"), "{:.2f}"),
-                      _f((r.get("cuda_peak_allocated_bytes") or 0) / MiB, "{:.0f}") if r.get("cuda_peak_allocated_bytes") else "–"]
+            gpu_mem = max(r.get("cuda_peak_allocated_bytes") or 0, r.get("cuda_device_used_delta_bytes") or 0)
+            cells += [_f(r.get("compute", {}).get("p50_ms"), "{:.2f}"), f"{gpu_mem / MiB:.0f}" if gpu_mem else "–"]
         rss = r.get("rss_peak_bytes")
         cells += [f"{rss / MiB:.0f} ({r['rss_delta_bytes'] / MiB:+.0f})" if rss and r.get("rss_delta_bytes") is not None else "–",
                   _f(r.get("rss_delta_over_weights"), "{:.2f}×")]
@@ -177,9 +179,13 @@ def render_markdown(result: dict[str, Any], title: str | None = None, plot: str 
     lines.append("× torch P = PyTorch eager P p50 / this row's p50 at the same batch in the same run. "
                  "% of peak = model FLOPs × batch / p50"
                  + (" (GPU compute time on CUDA)" if cuda else "")
-                 + " over the measured matmul peak of the dtype in brackets. "
+                 + " over the run's measured matmul peak of the dtype in brackets (best of before/after); "
+                 "% of row peak = the same over that matmul re-measured in the row's own process just before it "
+                 "(the share of a shared machine the row actually had). "
                  "Peak RSS = the row's own process high-water mark; Δ = above the process baseline before the "
-                 "backend was opened; weights = the graph's weight bytes in that precision.")
+                 "backend was opened; weights = the graph's weight bytes in that precision."
+                 + (" GPU mem = max(torch allocator peak, device memory in use after the timed calls minus before "
+                    "the backend was opened)." if cuda else ""))
     lines.append("")
     if skipped:
         lines.append("Skipped rows:")
@@ -244,6 +250,7 @@ def plot_result(result: dict[str, Any], out: str | Path, title: str | None = Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from rpiae.fileio import atomic_file
 
@@ -269,6 +276,10 @@ def plot_result(result: dict[str, Any], out: str | Path, title: str | None = Non
             ax = axes[row][col]
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            batches = sorted({r["batch"] for r in rows if r["graph"] == graph})
+            if batches:
+                ax.set_xticks(batches, [str(b) for b in batches])
+                ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.set_xlabel("batch")
             ax.grid(True, which="both", alpha=0.3)
             if series:
@@ -278,12 +289,16 @@ def plot_result(result: dict[str, Any], out: str | Path, title: str | None = Non
     out = Path(out)
     with atomic_file(out) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
+        tmp.chmod(0o644)
     plt.close(fig)
     return out
 
 
 def render_report(paths: list[str | Path], out_dir: str | Path | None = None, write: bool = True) -> str:
-    """Markdown for all result files; with `write`, OUT_DIR/README.md and one PNG per file."""
+    """Markdown for all result files; with `write`, OUT_DIR/README.md and one PNG per file.
+
+    OUT_DIR/NOTES.md, where present (hand-written analysis of the recorded runs), is appended.
+    """
     from rpiae.bench.runner import load_results
     from rpiae.fileio import atomic_file
 
@@ -300,8 +315,12 @@ def render_report(paths: list[str | Path], out_dir: str | Path | None = None, wr
         if write:
             png = plot_result(result, out_dir / f"{p.stem}.png", title=f"{p.stem}: {result['model'].get('name')}").name
         parts.append(render_markdown(result, title=f"{p.stem} ({p.name})", plot=png))
+    notes = out_dir / "NOTES.md"  # hand-written analysis kept next to the results, appended verbatim
+    if notes.is_file():
+        parts += ["", notes.read_text().strip(), ""]
     text = "\n".join(parts)
     if write:
         with atomic_file(out_dir / "README.md") as tmp:
             tmp.write_text(text + "\n")
+            tmp.chmod(0o644)
     return text

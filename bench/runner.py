@@ -66,7 +66,7 @@ class BenchSettings:
     reference: bool = True  # always add the PyTorch eager rows the ratios are taken against
     peak_time: float = 1.0  # seconds per dtype for the run's matmul peaks
     peak_size: int | None = None  # matmul side for the peaks (default: 2048 CPU, 8192 CUDA)
-    row_peak_time: float = 0.3  # seconds for the quick peak inside each child (0: off)
+    row_peak_time: float = 0.5  # seconds for the peak re-measured inside each child before the row (0: off)
     profile: bool = False  # op-type profile of each (backend, precision, graph) at the smallest batch
     notes: str = ""
 
@@ -287,12 +287,13 @@ def _measure_row(row: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any
     graph, batch, precision = row["graph"], row["batch"], row["precision"]
     cuda = device.startswith("cuda")
     if settings["row_peak_time"] > 0:
-        size = settings.get("peak_size")
-        local = measure_peaks(device, threads, min_time=settings["row_peak_time"], quick=True,
-                              size=size // 2 if size else None)
+        # the same matmul as the run's peak, right before this row: the share of the machine
+        # this row had (other processes on a shared machine move it by a factor, not by ±20 %)
+        local = measure_peaks(device, threads, min_time=settings["row_peak_time"], size=settings.get("peak_size"))
         key = peak_key(device, precision, local)
         row["local_peak"] = {"dtype": key, "gflops": local[key]["gflops"]} if key else None
     if cuda:
+        torch.cuda.empty_cache()  # the local peak's matrices must not count against the row
         torch.cuda.reset_peak_memory_stats()
         free0, total = torch.cuda.mem_get_info()
     isolated = settings["isolate"]
@@ -301,15 +302,16 @@ def _measure_row(row: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any
     backend = _open_backend(settings["model"], row["backend"], precision, device, threads)
     row["load_s"] = time.perf_counter() - t0
     try:
-        cfg = backend.config
-        shape = cfg.image_shape if graph == "encode" else cfg.latent_shape
-        rng = np.random.default_rng(0)
-        x = (rng.random((batch, *shape), dtype=np.float32) if graph == "encode"
-             else rng.standard_normal((batch, *shape), dtype=np.float32))
+        x = _input(backend.config, graph, batch)  # timing does not depend on the values (no data-dependent paths)
         fn_graph = backend.encode if graph == "encode" else backend.decode
-        y = fn_graph(x)
+        t1 = time.perf_counter()
+        y = fn_graph(x)  # warm-up call 1: output check (and compilation for torch-compile)
+        row["first_call_s"] = time.perf_counter() - t1
         row["output_finite"] = bool(np.isfinite(np.asarray(y)).all())
+        del y
         loop = {k: settings[k] for k in ("warmup", "warmup_time", "min_iters", "min_time", "max_iters", "max_time")}
+        loop["warmup"] = max(loop["warmup"] - 1, 0)
+        loop["warmup_time"] = max(loop["warmup_time"] - row["first_call_s"], 0.0)
         times, info = time_loop(lambda: fn_graph(x), **loop)
         row.update(status="ok", timing=stats(times, batch), loop=info)
         row["threads"] = {"torch": torch.get_num_threads(), "ort_intra_op": threads if row["backend"] == "ort" else None,
@@ -332,10 +334,6 @@ def _measure_row(row: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any
         row["rss_delta_bytes"] = row["rss_peak_bytes"] - row["rss_baseline_bytes"]
     row.update(graph_weight_bytes(settings["model"], row["backend"], precision, graph))
     return row
-
-
-def _child_init(threads: int) -> None:  # pragma: no cover - runs in the child
-    os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def _child_env(threads: int) -> contextlib.AbstractContextManager:
@@ -385,7 +383,6 @@ def profile_graph(spec: dict[str, Any], settings: dict[str, Any]) -> dict[str, A
 def _profile_graph(spec: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     import tempfile
 
-    import numpy as np
     import torch
 
     threads = int(settings["threads"])
@@ -505,8 +502,6 @@ def run_benchmark(settings: BenchSettings, out: str | Path | None = None,
     """Run every row, derive ratios and fractions, write `out` atomically (JSON), return it."""
     import torch
 
-    from rpiae.bench.machine import load_average, machine_facts
-    from rpiae.bench.peak import measure_peaks
     from rpiae.engines import resolve_model
     from rpiae.export.bundle import Bundle
 
@@ -528,7 +523,21 @@ def run_benchmark(settings: BenchSettings, out: str | Path | None = None,
             config = RPiAE.from_checkpoint(model_path).config
         bundle, bundle_precisions = None, []
     sdict = dataclasses.asdict(settings)
-    torch.set_num_threads(settings.threads)
+    threads_before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(settings.threads)
+        result = _run(settings, sdict, model_path, is_bundle, bundle, config, bundle_precisions, say)
+    finally:
+        torch.set_num_threads(threads_before)
+    if out is not None:
+        write_results(result, out)
+    return result
+
+
+def _run(settings: BenchSettings, sdict: dict[str, Any], model_path: Path, is_bundle: bool, bundle: Any, config: Any,
+         bundle_precisions: list[str], say: Callable[[str], None]) -> dict[str, Any]:
+    from rpiae.bench.machine import load_average, machine_facts
+    from rpiae.bench.peak import measure_peaks
 
     started = _dt.datetime.now(_dt.timezone.utc)
     with _child_env(settings.threads):
@@ -608,8 +617,6 @@ def run_benchmark(settings: BenchSettings, out: str | Path | None = None,
     from rpiae.bench.report import evaluate_targets
 
     result["targets"] = evaluate_targets(result)
-    if out is not None:
-        write_results(result, out)
     return result
 
 
@@ -619,6 +626,7 @@ def write_results(result: dict[str, Any], out: str | Path) -> Path:
     out = Path(out)
     with atomic_file(out) as tmp:
         tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        tmp.chmod(0o644)
     return out
 
 

@@ -33,9 +33,11 @@ def _csv(value: str) -> list[str]:
               help="Timed seconds per row (at least).")
 @click.option("--max-iters", type=click.IntRange(1), default=1000, show_default=True, help="Cap on timed calls per row.")
 @click.option("--max-time", type=click.FloatRange(0), default=60.0, show_default=True,
-              help="Cap on timed seconds per row (stops once min-iters is reached... or this, whichever is first).")
+              help="Hard cap on timed seconds per row (may end a slow row before --min-iters; the row records it).")
 @click.option("--peak-time", type=click.FloatRange(0.05), default=1.0, show_default=True,
               help="Seconds per dtype for the matmul peak measured before and after the rows.")
+@click.option("--row-peak-time", type=click.FloatRange(0), default=0.5, show_default=True,
+              help="Seconds to re-measure the matmul peak inside each row's process before it (0: off).")
 @click.option("--no-isolate", is_flag=True,
               help="Run every row in this process (faster start; peak RSS is then not measured per row).")
 @click.option("--no-reference", is_flag=True, help="Do not add the PyTorch eager reference rows.")
@@ -51,7 +53,7 @@ def _csv(value: str) -> list[str]:
 @click.argument("files", nargs=-1, type=click.Path(path_type=Path))
 @friendly_errors
 def bench(model, backends, precisions, batches, graphs, device, threads, warmup, warmup_time, min_iters, min_time,
-          max_iters, max_time, peak_time, no_isolate, no_reference, profile, notes, out, report, report_dir, files):
+          max_iters, max_time, peak_time, row_peak_time, no_isolate, no_reference, profile, notes, out, report, report_dir, files):
     """Measure encode/decode latency and throughput of every backend, or render results.
 
     \b
@@ -87,6 +89,7 @@ def bench(model, backends, precisions, batches, graphs, device, threads, warmup,
         batches=parse_int_list(batches, "--batch"), graphs=_csv(graphs), device=device, threads=threads,
         warmup=warmup, warmup_time=warmup_time, min_iters=min_iters, min_time=min_time, max_iters=max_iters,
         max_time=max_time, isolate=not no_isolate, reference=not no_reference, peak_time=peak_time,
+        row_peak_time=row_peak_time,
         profile=profile, notes=notes,
     )
     if out is not None and (out.is_dir() or str(out).endswith("/")):
