@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from rpiae.export.checks import assert_graph_ok
 from rpiae.export.graphs import GRAPHS
 from rpiae.export.onnx_export import OPSET, export_graph
 from rpiae.export.parity import compare, reference_outputs
-from rpiae.export.precision import PRECISIONS, precision_report, to_fp16, to_int8
+from rpiae.export.precision import PRECISIONS, calibration_limit, precision_report, to_fp16, to_int8
 from rpiae.fileio import atomic_dir, sha256_file
 from rpiae.imageio import find_images, load_images
 from rpiae.model import RPiAE
@@ -77,6 +78,7 @@ def export_bundle(
     with atomic_dir(out, overwrite=overwrite) as tmp:
         bundle = Bundle.new(tmp, model.config, source, OPSET)
         latents_calib = None
+        calib_used: dict[str, int] = {}
         for kind, graph, precision in bar:
             bar.set_postfix_str(f"{graph or kind} {precision or ''}".strip())
             if kind == "weights":
@@ -100,7 +102,11 @@ def export_bundle(
                             [model.encode(torch.from_numpy(calib_x[i : i + 8])).numpy() for i in range(0, len(calib_x), 8)]
                         )
                 data = calib_x if graph == "encode" else latents_calib
-                to_int8(fp32, tmp / name, data, high_precision=int8_high_precision)
+                used = calibration_limit(fp32, len(data))
+                if used < len(data):
+                    warnings.warn(f"{graph} INT8 calibration uses {used} of {len(data)} samples: more would not fit in memory")
+                calib_used[graph] = used
+                to_int8(fp32, tmp / name, data[:used], high_precision=int8_high_precision)
             assert_graph_ok(tmp / name, precision)
             extra = [name + ".data"] if (tmp / (name + ".data")).exists() else []
             for dep in extra:
@@ -108,7 +114,7 @@ def export_bundle(
             entry: dict[str, Any] = {"kind": "onnx", "graph": graph, "precision": precision, "opset": OPSET,
                                      "external_data": extra, "precision_report": precision_report(tmp / name)}
             if precision == "int8":
-                entry["calibration"] = {"images": int(len(calib_x)), "source": str(calib) if not isinstance(calib, np.ndarray) else "array",
+                entry["calibration"] = {"images": calib_used[graph], "source": str(calib) if not isinstance(calib, np.ndarray) else "array",
                                         "method": "max", "high_precision": int8_high_precision}
             bundle.add_file(name, **entry)
             bundle.manifest["precisions"] = [p for p in PRECISIONS if bundle.find("encode", p) and bundle.find("decode", p)]

@@ -83,8 +83,38 @@ def to_fp16(src: str | Path, dst: str | Path) -> Path:
     return Path(dst)
 
 
+def activation_bytes_per_sample(path: str | Path) -> int:
+    """Bytes of every intermediate tensor of one sample: what max-calibration keeps per input
+    (ONNX Runtime's calibrator records all intermediate outputs of every calibration batch)."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    total = 0
+    for v in model.graph.value_info:
+        dims = v.type.tensor_type.shape.dim
+        n = 1
+        for d in dims:
+            n *= d.dim_value if d.HasField("dim_value") else 1  # the symbolic batch axis -> 1
+        total += 4 * n
+    return total
+
+
+# Measured: the rpiae-b decode graph peaked near 22 GB calibrating 4 latents, about 3x the
+# 1.6 GB/sample its intermediate tensors add up to (the calibrator copies them).
+CALIBRATION_OVERHEAD = 3.2
+
+
+def calibration_limit(path: str | Path, requested: int, memory_fraction: float = 0.6) -> int:
+    """How many calibration samples fit in `memory_fraction` of the available RAM (>= 1)."""
+    import psutil
+
+    per_sample = max(1, activation_bytes_per_sample(path)) * CALIBRATION_OVERHEAD
+    fit = int(psutil.virtual_memory().available * memory_fraction // per_sample)
+    return max(1, min(requested, fit))
+
+
 def to_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, high_precision: str = "fp16") -> Path:
-    """INT8 Q/DQ variant of an FP32 graph, calibrated on `calibration` (N, ...) inputs."""
+    """INT8 Q/DQ variant of an FP32 graph, calibrated on `calibration` (N, ...) inputs.
+
+    Callers cap N with `calibration_limit` so calibration fits in memory."""
     _, quantization = _modelopt()
     meta = read_metadata(src)
     input_name = meta["rpiae.input"]

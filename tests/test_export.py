@@ -215,3 +215,22 @@ def test_large_graphs_use_external_data(tmp_path, trained_or_tiny_ckpt, sample_p
 def test_verify_refuses_a_bundle_without_the_backends_files(bundle_all):
     with pytest.raises(BundleError, match=r"no trt-engine files to verify; build them with `rpiae export --target trt`"):
         verify_bundle(bundle_all, backend="trt")
+
+
+def test_int8_calibration_is_capped_to_fit_in_memory(bundle_all, monkeypatch):
+    """A calibration set that would not fit in RAM is cut (and the manifest says so)."""
+    import psutil
+
+    from rpiae.export.precision import CALIBRATION_OVERHEAD, activation_bytes_per_sample, calibration_limit
+
+    path = bundle_all.root / "decode.fp32.onnx"
+    per = activation_bytes_per_sample(path)
+    assert per > 256 * bundle_all.config.decoder_hidden_size * 4 * bundle_all.config.decoder_depth
+
+    class Mem:
+        available = int(per * CALIBRATION_OVERHEAD * 3 / 0.6) + 1
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Mem)
+    assert calibration_limit(path, 16) == 3
+    assert calibration_limit(path, 2) == 2
+    assert bundle_all.files["decode.int8.onnx"]["calibration"]["images"] >= 1
