@@ -78,3 +78,10 @@ batch_size_option = click.option(
     "--batch-size", type=click.IntRange(1), default=None,
     help="Largest batch sent to the backend at once (default: the backend's limit, else all).",
 )
+
+
+def runtime_options(fn: Callable) -> Callable:
+    """--model/--backend/--precision/--device/--batch-size, shared by encode and decode."""
+    for option in reversed((model_option, backend_option, precision_option, device_option, batch_size_option)):
+        fn = option(fn)
+    return fn

@@ -8,7 +8,7 @@ import click
 import numpy as np
 from tqdm.auto import tqdm
 
-from rpiae.cli.common import backend_option, batch_size_option, device_option, friendly_errors, model_option, precision_option
+from rpiae.cli.common import friendly_errors, runtime_options
 from rpiae.fileio import atomic_file
 
 
@@ -19,11 +19,7 @@ def _open(model, backend, precision, device, batch_size):
 
 
 @click.command()
-@model_option
-@backend_option
-@precision_option
-@device_option
-@batch_size_option
+@runtime_options
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
               help="Where to write the latents: one float32 .npy array of shape (N, 64, 16, 16), in input order.")
@@ -52,11 +48,7 @@ def encode(model, backend, precision, device, batch_size, images, output):
 
 
 @click.command()
-@model_option
-@backend_option
-@precision_option
-@device_option
-@batch_size_option
+@runtime_options
 @click.argument("latents", type=click.Path(path_type=Path))
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
               help="Folder for the decoded images: one 8-bit PNG per latent, 000000.png, 000001.png, ...")
