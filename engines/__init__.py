@@ -73,7 +73,12 @@ def load_backend(
         )
     else:
         source = path
+    return open_backend(source, backend, precision, device, **kwargs)
+
+
+def open_backend(source, backend: str, precision: str = "fp32", device: str = "cpu", **kwargs) -> Backend:
+    """Open an already-resolved source (a `Bundle`, or a checkpoint `Path` for torch) with `backend`."""
     return _factories()[backend](source, precision, device, **kwargs)
 
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "InputError", "load_backend", "resolve_model"]
+__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "InputError", "load_backend", "open_backend", "resolve_model"]

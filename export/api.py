@@ -140,7 +140,7 @@ def verify_bundle(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Run every precision of `bundle` on `backend` against eager PyTorch FP32."""
-    from rpiae.engines import _factories
+    from rpiae.engines import open_backend
     from rpiae.engines.torch_backend import TorchBackend
 
     if not isinstance(bundle, Bundle):
@@ -161,7 +161,7 @@ def verify_bundle(
     for precision, batch in tqdm(jobs, desc=f"verify {backend}", unit="run", disable=not progress):
         x = _batch_of(images, batch)
         ref = reference_outputs(reference, x)
-        with _factories()[backend](bundle, precision, device) as cand:
+        with open_backend(bundle, backend, precision, device) as cand:
             row = compare(cand, x, ref, precision)
         row.update(backend=backend, device=device)
         results.append(row)
