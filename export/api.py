@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import warnings
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +14,12 @@ from rpiae.engines.base import Backend
 from rpiae.export.bundle import WEIGHTS, Bundle, BundleError, onnx_name
 from rpiae.export.checks import assert_graph_ok
 from rpiae.export.graphs import GRAPHS
-from rpiae.export.onnx_export import OPSET, export_graph
+from rpiae.export.onnx_export import OPSET, export_graph_from_checkpoint
 from rpiae.export.parity import compare, reference_outputs
-from rpiae.export.precision import PRECISIONS, calibration_limit, precision_report, to_fp16, to_int8
+from rpiae.export.precision import PRECISIONS, precision_report, to_fp16, to_int8
 from rpiae.fileio import atomic_dir, sha256_file
 from rpiae.imageio import find_images, load_images
+from rpiae.isolation import run_in_child
 from rpiae.model import RPiAE
 
 
@@ -57,7 +58,9 @@ def export_bundle(
     """Export the encode/decode graphs of a checkpoint in each precision into a bundle.
 
     FP32 is always included (the variants are derived from it). INT8 needs `calib`.
-    Parity against PyTorch is measured and recorded in the manifest.
+    Parity against PyTorch is measured and recorded in the manifest. The ONNX export and the
+    INT8 pass each run in a child process (`rpiae.isolation`), from the bundle's own weights:
+    their memory peaks do not add up.
     """
     from rpiae.engines import resolve_model
 
@@ -77,13 +80,14 @@ def export_bundle(
     bar = tqdm(steps, desc="export", unit="step", disable=not progress)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         bundle = Bundle.new(tmp, model.config, source, OPSET)
-        latents_calib = None
-        calib_used: dict[str, int] = {}
         for kind, graph, precision in bar:
             bar.set_postfix_str(f"{graph or kind} {precision or ''}".strip())
             if kind == "weights":
                 model.save(tmp / WEIGHTS)
                 bundle.add_file(WEIGHTS, kind="weights", dtype="float32")
+                latents_calib = _encode_all(model, calib_x) if calib_x is not None else None
+                model = None  # from here on every graph comes from the bundle's own weights, in a child process
+                gc.collect()
                 continue
             if kind == "parity":
                 images = parity_images if parity_images is not None else _default_parity_images(calib_x)
@@ -91,22 +95,14 @@ def export_bundle(
                 continue
             name = onnx_name(graph, precision)
             fp32 = tmp / onnx_name(graph, "fp32")
-            if precision == "fp32":
-                export_graph(model, graph, tmp / name)
+            if precision == "fp32":  # the exporter peaks at several times the graph and keeps some: a child process
+                run_in_child(export_graph_from_checkpoint, str(tmp / WEIGHTS), graph, str(tmp / name),
+                             what=f"the {graph} ONNX export")
             elif precision == "fp16":
                 to_fp16(fp32, tmp / name)
             else:
-                if latents_calib is None:
-                    with torch.inference_mode():
-                        latents_calib = np.concatenate(
-                            [model.encode(torch.from_numpy(calib_x[i : i + 8])).numpy() for i in range(0, len(calib_x), 8)]
-                        )
                 data = calib_x if graph == "encode" else latents_calib
-                used = calibration_limit(fp32, len(data))
-                if used < len(data):
-                    warnings.warn(f"{graph} INT8 calibration uses {used} of {len(data)} samples: more would not fit in memory")
-                calib_used[graph] = used
-                to_int8(fp32, tmp / name, data[:used], high_precision=int8_high_precision)
+                to_int8(fp32, tmp / name, data, high_precision=int8_high_precision)
             assert_graph_ok(tmp / name, precision)
             extra = [name + ".data"] if (tmp / (name + ".data")).exists() else []
             for dep in extra:
@@ -114,12 +110,18 @@ def export_bundle(
             entry: dict[str, Any] = {"kind": "onnx", "graph": graph, "precision": precision, "opset": OPSET,
                                      "external_data": extra, "precision_report": precision_report(tmp / name)}
             if precision == "int8":
-                entry["calibration"] = {"images": calib_used[graph], "source": str(calib) if not isinstance(calib, np.ndarray) else "array",
+                entry["calibration"] = {"images": len(calib_x), "source": str(calib) if not isinstance(calib, np.ndarray) else "array",
                                         "method": "max", "high_precision": int8_high_precision}
             bundle.add_file(name, **entry)
             bundle.manifest["precisions"] = [p for p in PRECISIONS if bundle.find("encode", p) and bundle.find("decode", p)]
         bundle.write_manifest()
     return Bundle.open(out)  # reopened at its final location
+
+
+def _encode_all(model: RPiAE, images: np.ndarray, batch: int = 8) -> np.ndarray:
+    with torch.inference_mode():
+        return np.concatenate([model.encode(torch.from_numpy(images[i : i + batch])).numpy()
+                               for i in range(0, len(images), batch)])
 
 
 def _default_parity_images(calib_x: np.ndarray | None) -> np.ndarray:

@@ -6,7 +6,8 @@ TensorRT and ONNX Runtime:
 - only the batch axis is symbolic, on every input and output;
 - no antialiased Resize (does not export faithfully); no dynamic-quantisation ops
   (`DynamicQuantizeLinear` and friends: TensorRT rejects them);
-- Q/DQ zero-points all 0 (symmetric; TensorRT rejects non-zero);
+- Q/DQ zero-points all 0 (symmetric; TensorRT rejects non-zero); int8 weights stored in
+  the graph lie in [-127, 127] (TensorRT's weight range);
 - FP16/INT8: graph inputs and outputs stay float32; LayerNormalization and Softmax compute
   in float32;
 - the model config travels in the metadata.
@@ -72,6 +73,11 @@ def check_graph(path: str | Path | onnx.ModelProto, precision: str | None = None
                 problems.append(f"{node.name}: zero-point is not a constant")
             elif np.any(arr.astype(np.int64) != 0):
                 problems.append(f"{node.name}: non-zero zero-point")
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            w = inits[node.input[0]]
+            external = w.data_location == onnx.TensorProto.EXTERNAL  # not loaded here
+            if w.data_type == onnx.TensorProto.INT8 and not external and int(numpy_helper.to_array(w).min(initial=0)) < -127:
+                problems.append(f"{node.name}: int8 weight -128 (TensorRT takes weights in [-127, 127])")
 
     if precision in ("fp16", "int8"):
         inferred = onnx.shape_inference.infer_shapes(model)

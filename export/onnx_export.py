@@ -120,6 +120,11 @@ def export_graph(model: RPiAE, graph: str, path: str | Path, opset: int = OPSET)
     return path
 
 
+def export_graph_from_checkpoint(checkpoint: str | Path, graph: str, path: str | Path, opset: int = OPSET) -> Path:
+    """`export_graph` of the model in a checkpoint file (what `export_bundle`'s child process runs)."""
+    return export_graph(RPiAE.from_checkpoint(checkpoint), graph, path, opset)
+
+
 class _quiet_exporter:
     """The dynamo exporter logs progress and torchvision notices at WARNING; keep the CLI clean."""
 

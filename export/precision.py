@@ -5,10 +5,13 @@ from the graph: strongly typed networks, no builder flags).
   LayerNorm overflows in FP16), and so do the pos-embed Adds, the last projection of each
   graph (`to_moments`, `decoder_pred`) and the graph-level resize / de-normalisation.
 - INT8: ModelOpt's ONNX quantizer, explicit Q/DQ: symmetric (zero-point 0), per-channel
-  weights, activations calibrated on real images. Residual Adds and the attention
-  MatMuls are not quantised (per-tensor Q/DQ there rounds small tokens to zero and the
-  [0, 1] softmax range is too coarse for 257 tokens); LayerNorm/Softmax never are.
-  Everything not quantised runs in `high_precision` (fp16 for TensorRT by default).
+  weights stored as int8 (DQ only, a quarter of the FP32 bytes), activations calibrated on
+  real images. Residual Adds and the attention MatMuls are not quantised (per-tensor Q/DQ
+  there rounds small tokens to zero and the [0, 1] softmax range is too coarse for 257
+  tokens); LayerNorm/Softmax never are, nor the graph-level 256->224 resize (it would
+  quantise the input pixels). Everything not quantised runs in `high_precision` (fp16 for
+  TensorRT by default). Every quantised activation gets one Q/DQ pair per consumer
+  (`dedicated_qdq_pairs`), so that each MatMul is its own QDQ unit for the runtime.
 """
 
 from __future__ import annotations
@@ -38,9 +41,14 @@ FP32_NODES = [
     r"^.*\.decoder_pred/",  # last projection of decode
 ]
 INT8_EXCLUDED_OP_TYPES = ["Add"]
+INT8_EXCLUDED_NODES = [r"^/"]  # graph level: the resize matmuls would quantise the input pixels
 
 
 class QuantizationUnavailable(RuntimeError):
+    pass
+
+
+class QuantizationError(RuntimeError):
     pass
 
 
@@ -83,61 +91,153 @@ def to_fp16(src: str | Path, dst: str | Path) -> Path:
     return Path(dst)
 
 
-def activation_bytes_per_sample(path: str | Path) -> int:
-    """Bytes of every intermediate tensor of one sample: what max-calibration keeps per input
-    (ONNX Runtime's calibrator records all intermediate outputs of every calibration batch)."""
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
-    total = 0
-    for v in model.graph.value_info:
-        dims = v.type.tensor_type.shape.dim
-        n = 1
-        for d in dims:
-            n *= d.dim_value if d.HasField("dim_value") else 1  # the symbolic batch axis -> 1
-        total += 4 * n
-    return total
+# NVIDIA ModelOpt's INT8 pass holds about ten copies of the graph at once, whatever the size
+# of the calibration set (it calibrates one sample at a time). Measured peak RSS (ModelOpt 0.47,
+# ONNX Runtime 1.32): rpiae-b decode (1.83 GB graph) 18.4 GB with 1, 4 or 16 latents alike, and
+# with fp32 or fp16 around the int8 layers; rpiae-b encode (0.36 GB) 3.95 GB. It runs in a child
+# process, so that this peak is returned to the system when it ends and does not add to the
+# exporting process's own memory.
+INT8_MEMORY_PER_GRAPH_BYTE = 10.0
+INT8_MEMORY_BASE = 600 << 20  # interpreter, onnxruntime and modelopt themselves
 
 
-# Measured: the rpiae-b decode graph peaked near 22 GB calibrating 4 latents, about 3x the
-# 1.6 GB/sample its intermediate tensors add up to (the calibrator copies them).
-CALIBRATION_OVERHEAD = 3.2
+def onnx_bytes(path: str | Path) -> int:
+    """Size of an ONNX graph on disk, with its external-data file."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def calibration_limit(path: str | Path, requested: int, memory_fraction: float = 0.6) -> int:
-    """How many calibration samples fit in `memory_fraction` of the available RAM (>= 1)."""
+def int8_memory_needed(path: str | Path) -> int:
+    """Bytes of free RAM the INT8 pass of the graph at `path` needs (measured, see above)."""
+    return int(INT8_MEMORY_BASE + INT8_MEMORY_PER_GRAPH_BYTE * onnx_bytes(path))
+
+
+def check_int8_memory(path: str | Path) -> None:
+    """Refuse, before minutes of work and an OOM kill, an INT8 pass that cannot fit in RAM.
+    RPIAE_INT8_MEMORY_CHECK=0 skips the check (swap, or a smaller measured need)."""
+    import os
+
     import psutil
 
-    per_sample = max(1, activation_bytes_per_sample(path)) * CALIBRATION_OVERHEAD
-    fit = int(psutil.virtual_memory().available * memory_fraction // per_sample)
-    return max(1, min(requested, fit))
+    if os.environ.get("RPIAE_INT8_MEMORY_CHECK", "1") == "0":
+        return
+    need, free = int8_memory_needed(path), psutil.virtual_memory().available
+    if free < need:
+        raise QuantizationError(
+            f"INT8 quantisation of {Path(path).name} needs about {need / 1e9:.1f} GB of free memory "
+            f"(ModelOpt holds ~{INT8_MEMORY_PER_GRAPH_BYTE:g} copies of the {onnx_bytes(path) / 1e9:.2f} GB graph), "
+            f"{free / 1e9:.1f} GB are available: free memory or export int8 on a larger machine "
+            "(RPIAE_INT8_MEMORY_CHECK=0 skips this check)"
+        )
 
 
 def to_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, high_precision: str = "fp16") -> Path:
     """INT8 Q/DQ variant of an FP32 graph, calibrated on `calibration` (N, ...) inputs.
 
-    Callers cap N with `calibration_limit` so calibration fits in memory."""
-    _, quantization = _modelopt()
+    ModelOpt runs in a child process (see INT8_MEMORY_PER_GRAPH_BYTE); the result then gets
+    one Q/DQ pair per consumer (`dedicated_qdq_pairs`)."""
+    from rpiae.isolation import ChildProcessDied, run_in_child
+
+    _modelopt()  # a missing ModelOpt is a one-line error here, not in the child
+    check_int8_memory(src)
     meta = read_metadata(src)
-    input_name = meta["rpiae.input"]
-    with tempfile.TemporaryDirectory(prefix="rpiae-int8-") as tmp, _quiet():
+    calibration = {meta["rpiae.input"]: np.ascontiguousarray(calibration, dtype=np.float32)}
+    with tempfile.TemporaryDirectory(prefix="rpiae-int8-") as tmp:
         out = Path(tmp) / "int8.onnx"
+        try:
+            run_in_child(_modelopt_int8, str(src), str(out), calibration, high_precision,
+                         what=f"the INT8 pass of {Path(src).name}")
+        except ChildProcessDied as e:
+            raise QuantizationError(f"{e}; it needs about {int8_memory_needed(src) / 1e9:.1f} GB") from None
+        model = onnx.load(str(out))
+    dedicated_qdq_pairs(model)
+    _finish(model, meta, "int8", dst, {"rpiae.int8_high_precision": high_precision})
+    return Path(dst)
+
+
+def _modelopt_int8(src: str, out: str, calibration: dict[str, np.ndarray], high_precision: str) -> None:
+    """ModelOpt's INT8 quantizer (runs in the child process)."""
+    _, quantization = _modelopt()
+    with _quiet():
         quantization.quantize(
-            onnx_path=str(src),
+            onnx_path=src,
             quantize_mode="int8",
-            calibration_data={input_name: np.ascontiguousarray(calibration, dtype=np.float32)},
+            calibration_data=calibration,
             calibration_method="max",
             calibration_eps=["cpu"],
             op_types_to_exclude=INT8_EXCLUDED_OP_TYPES,
             op_types_to_exclude_fp16=FP32_OP_TYPES,
-            nodes_to_exclude=None,
+            nodes_to_exclude=INT8_EXCLUDED_NODES,
             disable_mha_qdq=True,
+            dq_only=True,
             high_precision_dtype=high_precision,
             use_zero_point=False,
-            output_path=str(out),
+            output_path=out,
             log_level="ERROR",
         )
-        model = onnx.load(str(out))
-    _finish(model, meta, "int8", dst, {"rpiae.int8_high_precision": high_precision})
-    return Path(dst)
+
+
+def dedicated_qdq_pairs(model: onnx.ModelProto) -> int:
+    """Give every consumer of a quantised activation its own QuantizeLinear -> DequantizeLinear
+    pair, with its own copies of the scale and zero-point; returns how many pairs were added.
+
+    ModelOpt shares one Q/DQ between the consumers of a tensor (q, k and v projections of
+    one LayerNorm output). ONNX Runtime's CPU fusion into an int8 MatMul needs a Q -> DQ
+    pair per MatMul, and its common-subexpression pass merges pairs that read the same
+    scale initializer, hence the copies. The arithmetic is unchanged (ONNX Runtime's
+    quantizer does the same with its `DedicatedQDQPair` option).
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            consumers.setdefault(name, []).append((node, i))
+
+    copies: dict[tuple[str, int], str] = {}
+
+    def own_copy(name: str, k: int) -> str:
+        if name not in inits:
+            return name
+        if (name, k) not in copies:
+            t = onnx.TensorProto()
+            t.CopyFrom(inits[name])
+            t.name = copies[(name, k)] = f"{name}_{k}"
+            graph.initializer.append(t)
+        return copies[(name, k)]
+
+    nodes: list[onnx.NodeProto] = []
+    unused: set[str] = set()  # outputs of DQs whose every use got a new pair
+    graph_outputs = {v.name for v in graph.output}
+    added = 0
+    for q in graph.node:
+        if q.op_type == "DequantizeLinear" and q.output[0] in unused:
+            continue
+        nodes.append(q)
+        if q.op_type != "QuantizeLinear":
+            continue
+        dqs = [n for n, _ in consumers.get(q.output[0], [])]
+        if not dqs or any(n.op_type != "DequantizeLinear" or n.output[0] in graph_outputs for n in dqs):
+            continue
+        uses = [(dq, user, i) for dq in dqs for user, i in consumers.get(dq.output[0], [])]
+        if len(uses) < 2:
+            continue
+        unused.update(dq.output[0] for dq in dqs if dq.output[0] != uses[0][0].output[0])
+        for k, (dq, user, i) in enumerate(uses[1:], start=1):  # the first use keeps the original pair
+            q2, dq2 = onnx.NodeProto(), onnx.NodeProto()
+            q2.CopyFrom(q)
+            dq2.CopyFrom(dq)
+            q2.name, dq2.name = f"{q.name}_{k}", f"{dq.name}_{k}"
+            q2.output[0], dq2.output[0] = f"{q.output[0]}_{k}", f"{dq.output[0]}_{k}"
+            q2.input[1:] = [own_copy(name, k) for name in q.input[1:]]
+            dq2.input[:] = [q2.output[0], *(own_copy(name, k) for name in dq.input[1:])]
+            user.input[i] = dq2.output[0]
+            nodes += [q2, dq2]
+            added += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return added
 
 
 def _finish(model: onnx.ModelProto, meta: dict[str, str], precision: str, dst: str | Path, extra: dict | None = None) -> None:

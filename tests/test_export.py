@@ -78,8 +78,109 @@ def test_graph_checks_catch_bad_graphs(bundle_all, tmp_path):
     zp.CopyFrom(onnx.numpy_helper.from_array(arr, zp.name))
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 4
     model.graph.node.append(onnx.helper.make_node("Resize", ["images", "", "", ""], ["r"], name="bad_resize", mode="cubic", antialias=1))
+    weights = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    w = next(t for t in model.graph.initializer if t.name in weights and t.data_type == onnx.TensorProto.INT8 and t.dims)
+    arr = onnx.numpy_helper.to_array(w).copy()
+    arr.flat[0] = -128
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
     problems = " | ".join(check_graph(model))
     assert "non-zero zero-point" in problems and "antialiased Resize" in problems and "batch axis is not symbolic" in problems
+    assert "int8 weight -128" in problems
+
+
+@pytest.mark.parametrize("graph", ["encode", "decode"])
+def test_int8_weights_are_stored_as_int8_with_one_qdq_pair_per_consumer(bundle_all, graph):
+    """Weights are int8 initializers behind a DequantizeLinear (no fp32 copy in the file), and every
+    quantised activation has its own Q -> DQ pair per consumer."""
+    root = bundle_all.root
+    assert (root / f"{graph}.int8.onnx").stat().st_size < 0.4 * (root / f"{graph}.fp32.onnx").stat().st_size
+    model = onnx.load(str(root / f"{graph}.int8.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    consumers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    weight_dqs = [n for n in dqs if n.input[0] in inits]
+    cfg = bundle_all.config
+    assert len(weight_dqs) >= 6 * (cfg.encoder_depth if graph == "encode" else cfg.decoder_depth)  # q k v o fc1 fc2
+    assert all(inits[n.input[0]].data_type == onnx.TensorProto.INT8 for n in weight_dqs)
+    assert not [n for n in qs if n.input[0] in inits], "no weight is quantised at run time"
+    for q in qs:
+        users = consumers[q.output[0]]
+        assert [u.op_type for u in users] == ["DequantizeLinear"], q.name
+        assert len(consumers[users[0].output[0]]) == 1, users[0].name
+
+
+def test_dedicated_qdq_pairs_leave_the_arithmetic_unchanged():
+    """One Q/DQ feeding two MatMuls becomes two pairs with their own scales; outputs identical."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from rpiae.export.precision import dedicated_qdq_pairs
+
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((8, 4)).astype(np.float32) for _ in range(2))
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="q"),
+         helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"], name="dq"),
+         helper.make_node("MatMul", ["xd", "w1"], ["y1"], name="mm1"),
+         helper.make_node("MatMul", ["xd", "w2"], ["y2"], name="mm2")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [3, 4]) for n in ("y1", "y2")],
+        [numpy_helper.from_array(np.array(0.02, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "zp"),
+         numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+
+    def run(m):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+    before = run(model)
+    assert dedicated_qdq_pairs(model) == 1
+    onnx.checker.check_model(model, full_check=True)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("QuantizeLinear") == 2 and ops.count("DequantizeLinear") == 2
+    mm2 = next(n for n in model.graph.node if n.name == "mm2")
+    dq2 = next(n for n in model.graph.node if n.output[0] == mm2.input[0])
+    assert dq2.name != "dq" and dq2.input[1] != "s"  # its own scale: no common-subexpression merge
+    for a, b in zip(before, run(model)):
+        np.testing.assert_array_equal(a, b)
+    assert dedicated_qdq_pairs(model) == 0  # idempotent
+
+
+@pytest.mark.parametrize("graph", ["encode", "decode"])
+def test_onnxruntime_runs_every_quantised_matmul_as_an_integer_matmul(tmp_path, bundle_all, sample_photos, graph):
+    """The CPU variant (fp32 around the int8 layers): in ONNX Runtime's optimised graph no
+    MatMul is left reading a DequantizeLinear (a weight dequantised at every call)."""
+    import onnxruntime as ort
+
+    from rpiae.export.precision import to_int8
+
+    src = bundle_all.root / f"{graph}.fp32.onnx"
+    if graph == "encode":
+        calib = sample_photos[:4]
+    else:
+        with load_backend(bundle_all.root, backend="torch") as be:
+            calib = be.encode(sample_photos[:4])
+    path = to_int8(src, tmp_path / f"{graph}.int8.onnx", calib, high_precision="fp32")
+    quantised = sum(1 for n in onnx.load(str(path)).graph.node if n.op_type == "MatMul")
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    opt = onnx.load(str(tmp_path / "optimised.onnx"))
+    producer = {o: n.op_type for n in opt.graph.node for o in n.output}
+    dq_matmuls = [n.name for n in opt.graph.node if n.op_type == "MatMul" and
+                  any(producer.get(i) == "DequantizeLinear" for i in n.input)]
+    integer = sum(1 for n in opt.graph.node if n.op_type == "MatMulIntegerToFloat")
+    assert dq_matmuls == []
+    assert integer >= 6 * (bundle_all.config.encoder_depth if graph == "encode" else bundle_all.config.decoder_depth)
+    assert integer < quantised  # attention MatMuls stay float
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
@@ -160,7 +261,7 @@ def test_interrupted_export_leaves_nothing_that_looks_finished(tmp_path, trained
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "export_graph", boom)  # after the weights were written
+    monkeypatch.setattr(api, "run_in_child", boom)  # after the weights were written
     with pytest.raises(KeyboardInterrupt):
         export_bundle(trained_or_tiny_ckpt, tmp_path / "out", precisions="fp32,fp16", progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -195,9 +296,11 @@ def test_rpiae_b_encode_graph_exports(tmp_path):
 
 def test_large_graphs_use_external_data(tmp_path, trained_or_tiny_ckpt, sample_photos, monkeypatch):
     """Past the 2 GB protobuf limit weights go to `<name>.data`; the bundle hashes both."""
+    import rpiae.export.api as api
     import rpiae.export.onnx_export as ox
 
     monkeypatch.setattr(ox, "TWO_GB", 1024)  # treat every graph as "large"
+    monkeypatch.setattr(api, "run_in_child", lambda fn, *args, what: fn(*args))  # so the patch applies
     b = export_bundle(trained_or_tiny_ckpt, tmp_path / "ext", precisions="fp32", progress=False,
                       parity_images=sample_photos[:2])
     entry = b.files["encode.fp32.onnx"]
@@ -217,20 +320,24 @@ def test_verify_refuses_a_bundle_without_the_backends_files(bundle_all):
         verify_bundle(bundle_all, backend="trt")
 
 
-def test_int8_calibration_is_capped_to_fit_in_memory(bundle_all, monkeypatch):
-    """A calibration set that would not fit in RAM is cut (and the manifest says so)."""
+def test_int8_calibrates_on_every_image_and_refuses_to_start_without_the_memory(bundle_all, sample_photos, tmp_path,
+                                                                               monkeypatch):
+    """All calibration images are used (ModelOpt's memory does not grow with them); an INT8 pass
+    that cannot fit in RAM is refused up front with the measured need, not OOM-killed later."""
     import psutil
 
-    from rpiae.export.precision import CALIBRATION_OVERHEAD, activation_bytes_per_sample, calibration_limit
+    from rpiae.export.precision import QuantizationError, int8_memory_needed, onnx_bytes, to_int8
 
-    path = bundle_all.root / "decode.fp32.onnx"
-    per = activation_bytes_per_sample(path)
-    assert per > 256 * bundle_all.config.decoder_hidden_size * 4 * bundle_all.config.decoder_depth
+    for graph in ("encode", "decode"):
+        assert bundle_all.files[f"{graph}.int8.onnx"]["calibration"]["images"] == len(sample_photos)
+    src = bundle_all.root / "decode.fp32.onnx"
+    need = int8_memory_needed(src)
+    assert need > 10 * onnx_bytes(src)
 
     class Mem:
-        available = int(per * CALIBRATION_OVERHEAD * 3 / 0.6) + 1
+        available = need - 1
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Mem)
-    assert calibration_limit(path, 16) == 3
-    assert calibration_limit(path, 2) == 2
-    assert bundle_all.files["decode.int8.onnx"]["calibration"]["images"] >= 1
+    with pytest.raises(QuantizationError, match=r"INT8 quantisation of decode.fp32.onnx needs about .* GB of free memory"):
+        to_int8(src, tmp_path / "x.onnx", np.zeros((1, 64, 16, 16), np.float32))
+    assert not (tmp_path / "x.onnx").exists()
