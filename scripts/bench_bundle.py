@@ -1,0 +1,45 @@
+"""The bundle the recorded benchmarks run: a seeded, randomly initialised preset (no real
+weights can be downloaded here; speed and memory do not depend on the weights' values).
+
+    python scripts/bench_bundle.py --out /tmp/bundle-rpiae-b                # rpiae-b, fp32 + int8 (CPU)
+    python scripts/bench_bundle.py --preset tiny --precision fp32,fp16,int8 --int8-high-precision fp16 --out B
+
+INT8 is calibrated on the 9 offline sample photos plus their mirror images (18); the
+export caps the set to what fits in memory and records how many each graph used.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from rpiae import RPiAE
+from rpiae.config import PRESETS
+from rpiae.export import export_bundle
+from rpiae.samples import sample_photos
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="rpiae-b", choices=sorted(PRESETS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--precision", default="fp32,int8")
+    ap.add_argument("--int8-high-precision", default="fp32", choices=["fp16", "fp32"],
+                    help="fp32 for ONNX Runtime on a CPU, fp16 for TensorRT")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    model = RPiAE.from_preset(args.preset).eval()
+    photos = sample_photos()[1]
+    calib = np.concatenate([photos, photos[..., ::-1]])
+    bundle = export_bundle(model, args.out, precisions=args.precision, calib=calib,
+                           int8_high_precision=args.int8_high_precision, overwrite=args.overwrite)
+    print(f"{bundle.root}: {', '.join(bundle.precisions('onnx'))}")
+
+
+if __name__ == "__main__":
+    main()
