@@ -16,7 +16,7 @@ from rpiae.export.checks import assert_graph_ok
 from rpiae.export.graphs import GRAPHS
 from rpiae.export.onnx_export import OPSET, export_graph_from_checkpoint
 from rpiae.export.parity import compare, reference_outputs
-from rpiae.export.precision import PRECISIONS, precision_report, to_fp16, to_int8
+from rpiae.export.precision import PRECISIONS, check_int8_memory, precision_report, to_fp16, to_int8
 from rpiae.fileio import atomic_dir, sha256_file
 from rpiae.imageio import find_images, load_images
 from rpiae.isolation import run_in_child
@@ -75,6 +75,9 @@ def export_bundle(
         source = {"path": str(path), "sha256": sha256_file(path)}
     model = model.float().eval()
     calib_x = calibration_images(calib, calib_count) if "int8" in precisions else None
+    if calib_x is not None:  # refuse now, not after minutes of FP32 export
+        for graph in GRAPHS:
+            check_int8_memory(_fp32_graph_bytes(model, graph), onnx_name(graph, "fp32"))
 
     steps = [("weights", None, None)] + [("onnx", g, p) for p in precisions for g in GRAPHS] + [("parity", None, None)]
     bar = tqdm(steps, desc="export", unit="step", disable=not progress)
@@ -116,6 +119,14 @@ def export_bundle(
             bundle.manifest["precisions"] = [p for p in PRECISIONS if bundle.find("encode", p) and bundle.find("decode", p)]
         bundle.write_manifest()
     return Bundle.open(out)  # reopened at its final location
+
+
+def _fp32_graph_bytes(model: RPiAE, graph: str) -> int:
+    """Size of a graph's FP32 ONNX file from the parameters of the parts it runs, within a few
+    percent (E's 37x37 pos-embed is a 16x16 constant in the graph: rpiae-b +1 %, tiny up to +4 %)."""
+    counts = model.parameter_counts()
+    parts = ("encoder", "vb_encoder") if graph == "encode" else ("vb_decoder", "pixel_decoder")
+    return 4 * sum(counts[p] for p in parts)
 
 
 def _encode_all(model: RPiAE, images: np.ndarray, batch: int = 8) -> np.ndarray:

@@ -108,12 +108,12 @@ def onnx_bytes(path: str | Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def int8_memory_needed(path: str | Path) -> int:
-    """Bytes of free RAM the INT8 pass of the graph at `path` needs (measured, see above)."""
-    return int(INT8_MEMORY_BASE + INT8_MEMORY_PER_GRAPH_BYTE * onnx_bytes(path))
+def int8_memory_needed(graph_bytes: int) -> int:
+    """Bytes of free RAM the INT8 pass of an FP32 graph of `graph_bytes` needs (measured, see above)."""
+    return int(INT8_MEMORY_BASE + INT8_MEMORY_PER_GRAPH_BYTE * graph_bytes)
 
 
-def check_int8_memory(path: str | Path) -> None:
+def check_int8_memory(graph_bytes: int, name: str) -> None:
     """Refuse, before minutes of work and an OOM kill, an INT8 pass that cannot fit in RAM.
     RPIAE_INT8_MEMORY_CHECK=0 skips the check (swap, or a smaller measured need)."""
     import os
@@ -122,11 +122,11 @@ def check_int8_memory(path: str | Path) -> None:
 
     if os.environ.get("RPIAE_INT8_MEMORY_CHECK", "1") == "0":
         return
-    need, free = int8_memory_needed(path), psutil.virtual_memory().available
+    need, free = int8_memory_needed(graph_bytes), psutil.virtual_memory().available
     if free < need:
         raise QuantizationError(
-            f"INT8 quantisation of {Path(path).name} needs about {need / 1e9:.1f} GB of free memory "
-            f"(ModelOpt holds ~{INT8_MEMORY_PER_GRAPH_BYTE:g} copies of the {onnx_bytes(path) / 1e9:.2f} GB graph), "
+            f"INT8 quantisation of {name} needs about {need / 1e9:.1f} GB of free memory "
+            f"(ModelOpt holds ~{INT8_MEMORY_PER_GRAPH_BYTE:g} copies of the {graph_bytes / 1e9:.2f} GB graph), "
             f"{free / 1e9:.1f} GB are available: free memory or export int8 on a larger machine "
             "(RPIAE_INT8_MEMORY_CHECK=0 skips this check)"
         )
@@ -140,7 +140,7 @@ def to_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, high_prec
     from rpiae.isolation import ChildProcessDied, run_in_child
 
     _modelopt()  # a missing ModelOpt is a one-line error here, not in the child
-    check_int8_memory(src)
+    check_int8_memory(onnx_bytes(src), Path(src).name)
     meta = read_metadata(src)
     calibration = {meta["rpiae.input"]: np.ascontiguousarray(calibration, dtype=np.float32)}
     with tempfile.TemporaryDirectory(prefix="rpiae-int8-") as tmp:
@@ -149,7 +149,7 @@ def to_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, high_prec
             run_in_child(_modelopt_int8, str(src), str(out), calibration, high_precision,
                          what=f"the INT8 pass of {Path(src).name}")
         except ChildProcessDied as e:
-            raise QuantizationError(f"{e}; it needs about {int8_memory_needed(src) / 1e9:.1f} GB") from None
+            raise QuantizationError(f"{e}; it needs about {int8_memory_needed(onnx_bytes(src)) / 1e9:.1f} GB") from None
         model = onnx.load(str(out))
     dedicated_qdq_pairs(model)
     _finish(model, meta, "int8", dst, {"rpiae.int8_high_precision": high_precision})

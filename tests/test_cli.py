@@ -128,3 +128,18 @@ def test_default_model_is_the_shipped_checkpoint(tmp_path, photo_dir):
     code, out = run("encode", photo_dir / "p0.png", "-o", tmp_path / "z.npy")
     assert code == 0, out
     assert np.load(tmp_path / "z.npy").shape == (1, 64, 16, 16)
+
+
+def test_export_int8_without_the_memory_is_one_line_and_leaves_nothing(tmp_path, photo_dir, monkeypatch):
+    """ModelOpt's INT8 pass needs ~10x the graph in RAM: without it, a one-line error before the
+    pass starts (not an OOM kill minutes later), exit 1, and no bundle."""
+    import psutil
+
+    class Mem:
+        available = 1 << 20
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Mem)
+    code, out = run("export", "--precision", "int8", "--calib", photo_dir, "--out", tmp_path / "b")
+    assert_one_line_error(code, out, "INT8 quantisation of encode.fp32.onnx needs about")
+    assert "GB are available" in out and "RPIAE_INT8_MEMORY_CHECK=0" in out
+    assert list(tmp_path.iterdir()) == []

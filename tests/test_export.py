@@ -331,8 +331,14 @@ def test_int8_calibrates_on_every_image_and_refuses_to_start_without_the_memory(
     for graph in ("encode", "decode"):
         assert bundle_all.files[f"{graph}.int8.onnx"]["calibration"]["images"] == len(sample_photos)
     src = bundle_all.root / "decode.fp32.onnx"
-    need = int8_memory_needed(src)
+    need = int8_memory_needed(onnx_bytes(src))
     assert need > 10 * onnx_bytes(src)
+    from rpiae.export.api import _fp32_graph_bytes
+
+    model = RPiAE.from_checkpoint(bundle_all.weights_path())
+    for graph in ("encode", "decode"):  # the up-front estimate export_bundle checks before any work
+        size = onnx_bytes(bundle_all.root / f"{graph}.fp32.onnx")
+        assert 0.98 * size <= _fp32_graph_bytes(model, graph) <= 1.05 * size
 
     class Mem:
         available = need - 1
