@@ -27,12 +27,10 @@ Methodology (recorded in the results' `methodology`):
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
 import dataclasses
 import datetime as _dt
 import json
-import multiprocessing as mp
 import os
 import time
 from dataclasses import dataclass, field
@@ -355,14 +353,16 @@ def _child_env(threads: int) -> contextlib.AbstractContextManager:
 
 
 def run_in_child(fn: Callable[..., dict[str, Any]], *args: Any, threads: int) -> dict[str, Any]:
-    """Run `fn(*args)` in a fresh spawned process (its own RSS high-water mark)."""
+    """Run `fn(*args)` in a fresh spawned process (its own RSS high-water mark), threads fixed;
+    a child that dies becomes an error row."""
+    from rpiae.isolation import ChildProcessDied
+    from rpiae.isolation import run_in_child as _run
+
     with _child_env(threads):
-        ctx = mp.get_context("spawn")
-        with cf.ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            try:
-                return pool.submit(fn, *args).result()
-            except cf.process.BrokenProcessPool:
-                return {"status": "error", "reason": "the child process died (killed, e.g. out of memory)"}
+        try:
+            return _run(fn, *args, what="the child process")
+        except ChildProcessDied:
+            return {"status": "error", "reason": "the child process died (killed, e.g. out of memory)"}
 
 
 # ---------------------------------------------------------------------------------------------

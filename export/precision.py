@@ -211,12 +211,13 @@ def dedicated_qdq_pairs(model: onnx.ModelProto) -> int:
     unused: set[str] = set()  # outputs of DQs whose every use got a new pair
     graph_outputs = {v.name for v in graph.output}
     added = 0
-    for q in graph.node:
-        if q.op_type == "DequantizeLinear" and q.output[0] in unused:
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.output[0] in unused:
             continue
-        nodes.append(q)
-        if q.op_type != "QuantizeLinear":
+        nodes.append(node)
+        if node.op_type != "QuantizeLinear":
             continue
+        q = node
         dqs = [n for n, _ in consumers.get(q.output[0], [])]
         if not dqs or any(n.op_type != "DequantizeLinear" or n.output[0] in graph_outputs for n in dqs):
             continue
