@@ -198,13 +198,14 @@ def _open_backend(model: str, backend: str, precision: str, device: str, threads
 def graph_weight_bytes(model: str, backend: str, precision: str, graph: str) -> dict[str, Any]:
     """Bytes of the weights of one graph as this backend holds them."""
     from rpiae.export.bundle import Bundle
+    from rpiae.export.graphs import GRAPH_MODULES
 
     path = Path(model)
     if backend in ("torch", "torch-compile"):
         from safetensors import safe_open
 
         weights = Bundle.open(path).weights_path() if Bundle.is_bundle(path) else path
-        prefixes = ("encoder.", "vb_feature_encoder.") if graph == "encode" else ("vb_feature_decoder.", "decoder.")
+        prefixes = tuple(f"{m}." for m in GRAPH_MODULES[graph])
         total = 0
         if str(weights).endswith(".safetensors"):
             with safe_open(str(weights), "pt") as f:

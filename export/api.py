@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from rpiae.engines.base import Backend
 from rpiae.export.bundle import WEIGHTS, Bundle, BundleError, onnx_name
 from rpiae.export.checks import assert_graph_ok
-from rpiae.export.graphs import GRAPHS
+from rpiae.export.graphs import GRAPH_MODULES, GRAPHS
 from rpiae.export.onnx_export import OPSET, export_graph_from_checkpoint
 from rpiae.export.parity import compare, reference_outputs
 from rpiae.export.precision import PRECISIONS, check_int8_memory, precision_report, to_fp16, to_int8
@@ -124,9 +124,7 @@ def export_bundle(
 def _fp32_graph_bytes(model: RPiAE, graph: str) -> int:
     """Size of a graph's FP32 ONNX file from the parameters of the parts it runs, within a few
     percent (E's 37x37 pos-embed is a 16x16 constant in the graph: rpiae-b +1 %, tiny up to +4 %)."""
-    counts = model.parameter_counts()
-    parts = ("encoder", "vb_encoder") if graph == "encode" else ("vb_decoder", "pixel_decoder")
-    return 4 * sum(counts[p] for p in parts)
+    return 4 * sum(p.numel() for m in GRAPH_MODULES[graph] for p in getattr(model, m).parameters())
 
 
 def _encode_all(model: RPiAE, images: np.ndarray, batch: int = 8) -> np.ndarray:

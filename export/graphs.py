@@ -19,6 +19,8 @@ from rpiae.model import RPiAE
 INPUT_NAMES = {"encode": "images", "decode": "latent"}
 OUTPUT_NAMES = {"encode": "latent", "decode": "image"}
 GRAPHS = ("encode", "decode")
+# the model's submodules each graph runs (also their state-dict key prefixes)
+GRAPH_MODULES = {"encode": ("encoder", "vb_feature_encoder"), "decode": ("vb_feature_decoder", "decoder")}
 
 
 def bicubic_matrix(n_in: int, n_out: int) -> torch.Tensor:

@@ -140,7 +140,8 @@ def to_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, high_prec
     from rpiae.isolation import ChildProcessDied, run_in_child
 
     _modelopt()  # a missing ModelOpt is a one-line error here, not in the child
-    check_int8_memory(onnx_bytes(src), Path(src).name)
+    graph_bytes = onnx_bytes(src)
+    check_int8_memory(graph_bytes, Path(src).name)
     meta = read_metadata(src)
     calibration = {meta["rpiae.input"]: np.ascontiguousarray(calibration, dtype=np.float32)}
     with tempfile.TemporaryDirectory(prefix="rpiae-int8-") as tmp:
@@ -149,7 +150,7 @@ def to_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, high_prec
             run_in_child(_modelopt_int8, str(src), str(out), calibration, high_precision,
                          what=f"the INT8 pass of {Path(src).name}")
         except ChildProcessDied as e:
-            raise QuantizationError(f"{e}; it needs about {int8_memory_needed(onnx_bytes(src)) / 1e9:.1f} GB") from None
+            raise QuantizationError(f"{e}; it needs about {int8_memory_needed(graph_bytes) / 1e9:.1f} GB") from None
         model = onnx.load(str(out))
     dedicated_qdq_pairs(model)
     _finish(model, meta, "int8", dst, {"rpiae.int8_high_precision": high_precision})
