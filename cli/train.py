@@ -1,4 +1,4 @@
-"""`rpiae train`: one stage of the three-stage recipe (DESIGN.md §2).
+"""`rpiae train`: one stage of the three-stage recipe (docs/TRAINING.md).
 
     rpiae train --stage 1 --data DIR --preset rpiae-b --init-encoder dinov2.pth \
         --lpips-weights vgg16.pth --lpips-weights lpips_vgg.pth --disc-weights dino_s8.pth --out runs/s1
@@ -25,9 +25,9 @@ from rpiae.cli.common import echo_json, friendly_errors
 @click.option("--init-encoder", type=click.Path(path_type=Path), default=None, help="DINOv2-with-registers weights for E (HF, Meta or timm layout).")
 @click.option("--init-decoder", type=click.Path(path_type=Path), default=None, help="RAE's ViT-XL decoder weights for D.")
 @click.option("--resume", type=click.Path(path_type=Path), default=None,
-              help="A run's last/ (or its checkpoint.pt): the same stage continues exactly; an earlier stage's starts this one from its EMA weights.")
+              help="A run's last/ (or its checkpoint.pt): the same stage continues exactly; an earlier stage's starts this one from its raw weights (--set start_from_ema=true: its EMA).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
-              help="Recipe overrides (JSON, or YAML with PyYAML): shared keys, and stage1/stage2/stage3 sections. Defaults are the paper's.")
+              help="Recipe overrides (JSON, or YAML with PyYAML): shared keys, and stage1/stage2/stage3 sections. Defaults: the authors' training code (docs/TRAINING.md).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one recipe field, e.g. --set batch_size=64 (repeatable).")
 @click.option("--lpips-weights", multiple=True, type=click.Path(path_type=Path),
               help="Local LPIPS weights: torchvision VGG16 (features.N.*) and the LPIPS heads (lin{0..4}.model.1.weight); one file or two.")

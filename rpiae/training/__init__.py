@@ -1,6 +1,6 @@
-"""Three-stage RPiAE training (DESIGN.md §2): `rpiae train`, or `run_training` from Python.
+"""Three-stage RPiAE training (docs/TRAINING.md): `rpiae train`, or `run_training` from Python.
 
-- `config.TrainConfig`: the recipe, defaults = the paper; JSON/YAML overrides per stage.
+- `config.TrainConfig`: the recipe, defaults = the authors' code; JSON/YAML overrides per stage.
 - `data.ImageFolderDataset`: recursive jpg/png/webp folder, resize + random crop, bad files skipped.
 - `lpips.LPIPS`, `discriminator.Discriminator`: loss networks from local weight files.
 - `trainer.Trainer` / `trainer.fit`: one stage (AdamW, cosine, EMA, accumulation, DDP, resume).

@@ -1,5 +1,6 @@
 """GAN discriminator of the recipe: a frozen DINO (v1) ViT-S/8 feature network with small
-trainable heads (StyleGAN-T style), plus DiffAugment (translation + colour).
+trainable heads (StyleGAN-T style), plus DiffAugment (translation, then colour), as the
+authors' `src/disc/dinodisc.py` and `src/disc/diffaug.py` build it.
 
 The feature network reads the official DINO checkpoint layout (`dino_deitsmall8_pretrain.pth`:
 `cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,
@@ -19,7 +20,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from rpiae.checkpoints import CheckpointError, load_strict, read_file, unwrap_state_dict
 from rpiae.config import IMAGENET_MEAN, IMAGENET_STD
 
-HOOKS = (2, 5, 8, 11)  # blocks whose outputs feed a head (plus the final normed output)
+HOOKS = (2, 5, 8, 11)  # blocks whose outputs feed a head, after the last block's output
 
 
 # -- DINO v1 ViT feature network ----------------------------------------------------------------
@@ -43,11 +44,13 @@ class ViTBlock(nn.Module):
         qkv = self.attn.qkv(self.norm1(x)).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, H, N, C/H)
         x = x + self.attn.proj(a.transpose(1, 2).reshape(b, n, c))
-        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+        # the authors' discriminator backbone uses the tanh approximation of GELU
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x)), approximate="tanh"))
 
 
 class DinoFeatures(nn.Module):
-    """Images in [-1, 1] -> list of token maps (B, C, N) after blocks 2, 5, 8, 11 and the last norm."""
+    """Images in [-1, 1] -> token maps (B, C, N), CLS dropped: the last block's output (not
+    normed), then the outputs of blocks 2, 5, 8, 11. `norm` is loaded but unused."""
 
     def __init__(self, dim: int = 384, depth: int = 12, heads: int = 6, patch: int = 8, size: int = 224) -> None:
         super().__init__()
@@ -85,20 +88,23 @@ class DinoFeatures(nn.Module):
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         feats = []
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = blk(x)  # (B, 1+N, C)
             if i in self.hooks:
                 feats.append(x)
-        feats.append(self.norm(x))
-        return [f.transpose(1, 2) for f in feats]  # (B, C, N) each
+        feats.insert(0, x)
+        return [f[:, 1:].transpose(1, 2) for f in feats]  # (B, C, N) each
 
 
 # -- heads ---------------------------------------------------------------------------------------
 
 
 class BatchNormLocal(nn.Module):
-    """Batch norm over virtual batches of 8 samples, batch statistics always (StyleGAN-T)."""
+    """Batch norm over groups of `virtual_bs` samples, batch statistics always, in fp32.
 
-    def __init__(self, channels: int, virtual_bs: int = 8, eps: float = 1e-5) -> None:
+    The authors use `virtual_bs=1`: each sample is normalised over its own tokens.
+    """
+
+    def __init__(self, channels: int, virtual_bs: int = 1, eps: float = 1e-6) -> None:
         super().__init__()
         self.virtual_bs, self.eps = virtual_bs, eps
         self.weight = nn.Parameter(torch.ones(channels))
@@ -109,7 +115,7 @@ class BatchNormLocal(nn.Module):
         groups = math.ceil(b / self.virtual_bs)
         if b % groups:
             groups = 1
-        x = x.view(groups, -1, c, n)
+        x = x.float().view(groups, -1, c, n)
         mean = x.mean(dim=(1, 3), keepdim=True)
         var = x.var(dim=(1, 3), keepdim=True, unbiased=False)
         x = (x - mean) / torch.sqrt(var + self.eps)
@@ -117,9 +123,9 @@ class BatchNormLocal(nn.Module):
         return x * self.weight.view(1, -1, 1) + self.bias.view(1, -1, 1)
 
 
-def _sn_block(channels: int, kernel: int) -> nn.Sequential:
+def _sn_block(channels: int, kernel: int, group: int, eps: float) -> nn.Sequential:
     conv = nn.Conv1d(channels, channels, kernel, padding=kernel // 2, padding_mode="circular")
-    return nn.Sequential(spectral_norm(conv), BatchNormLocal(channels), nn.LeakyReLU(0.2))
+    return nn.Sequential(spectral_norm(conv), BatchNormLocal(channels, group, eps), nn.LeakyReLU(0.2))
 
 
 class Residual(nn.Module):
@@ -132,9 +138,11 @@ class Residual(nn.Module):
 
 
 class DiscHead(nn.Module):
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, norm_group: int = 1, norm_eps: float = 1e-6) -> None:
         super().__init__()
-        self.main = nn.Sequential(_sn_block(channels, 1), Residual(_sn_block(channels, 9)))
+        self.main = nn.Sequential(
+            _sn_block(channels, 1, norm_group, norm_eps), Residual(_sn_block(channels, 9, norm_group, norm_eps))
+        )
         self.cls = spectral_norm(nn.Conv1d(channels, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,12 +150,25 @@ class DiscHead(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Logits (B, sum of token counts) for images in [-1, 1]; only the heads train."""
+    """Logits (B, sum of token counts) for images in [-1, 1]; only the heads train.
 
-    def __init__(self, dim: int = 384, depth: int = 12, heads: int = 6, patch: int = 8, diffaug: bool = True) -> None:
+    Spectral norm's power iteration runs only in train mode: the trainer keeps the
+    discriminator in eval mode for the generator step and in train mode for its own step.
+    """
+
+    def __init__(
+        self,
+        dim: int = 384,
+        depth: int = 12,
+        heads: int = 6,
+        patch: int = 8,
+        diffaug: bool = True,
+        norm_group: int = 1,
+        norm_eps: float = 1e-6,
+    ) -> None:
         super().__init__()
         self.features = DinoFeatures(dim, depth, heads, patch)
-        self.heads = nn.ModuleList(DiscHead(dim) for _ in range(self.features.num_features))
+        self.heads = nn.ModuleList(DiscHead(dim, norm_group, norm_eps) for _ in range(self.features.num_features))
         self.diffaug = diffaug
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,29 +193,33 @@ def load_dino_features(disc: Discriminator, path: str | Path) -> None:
     disc.features.requires_grad_(False)
 
 
-# -- DiffAugment (Zhao et al. 2020), policy "color,translation", images in [-1, 1] ---------------
+# -- DiffAugment (Zhao et al. 2020; StyleGAN-T's version), images in [-1, 1] -------------------
 
 
 def diff_augment(x: torch.Tensor, translation: float = 0.125) -> torch.Tensor:
-    b = x.shape[0]
-    opts = dict(device=x.device, dtype=x.dtype)
-    # colour: brightness, saturation, contrast
-    x = x + (torch.rand(b, 1, 1, 1, **opts) - 0.5)
-    m = x.mean(dim=1, keepdim=True)
-    x = (x - m) * (torch.rand(b, 1, 1, 1, **opts) * 2) + m
-    m = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - m) * (torch.rand(b, 1, 1, 1, **opts) + 0.5) + m
-    # translation by up to 1/8 of the size, zero padded
+    """Translation by up to 1/8 of the size (zero fill), then brightness, saturation and
+    contrast; one draw per sample, in fp32. Random numbers are drawn in the same order and
+    shapes as StyleGAN-T's `DiffAug.aug` (policy flags, then a (7, B) block), so a seeded
+    run augments exactly as the authors' code does."""
+    x = x.float()
+    b, dev = x.shape[0], x.device
+    torch.rand(3)  # the policy flags (translation, colour, cutout); always on here
+    r = torch.rand(7, b, 1, 1, device=dev)
     h, w = x.shape[-2:]
-    sh, sw = int(h * translation + 0.5), int(w * translation + 0.5)
-    ty = torch.randint(-sh, sh + 1, (b,), device=x.device)
-    tx = torch.randint(-sw, sw + 1, (b,), device=x.device)
-    padded = F.pad(x, (sw, sw, sh, sh))
-    rows = (torch.arange(h, device=x.device)[None, :] + sh - ty[:, None]).clamp(0, h + 2 * sh - 1)  # (B, H)
-    cols = (torch.arange(w, device=x.device)[None, :] + sw - tx[:, None]).clamp(0, w + 2 * sw - 1)  # (B, W)
-    idx = torch.arange(b, device=x.device)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[idx, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-    return out.permute(0, 3, 1, 2).contiguous()
+    dh, dw = round(h * translation), round(w * translation)
+    ty = (r[0] * (2 * dh + 1)).floor().long() - dh  # (B, 1, 1), uniform in [-dh, dh]
+    tx = (r[1] * (2 * dw + 1)).floor().long() - dw
+    padded = F.pad(x, (1, 1, 1, 1)).permute(0, 2, 3, 1)  # (B, H+2, W+2, C): the zero border is the fill
+    bi = torch.arange(b, device=dev).view(b, 1, 1)
+    rows = (torch.arange(h, device=dev).view(1, h, 1) + ty + 1).clamp(0, h + 1)  # (B, H, 1)
+    cols = (torch.arange(w, device=dev).view(1, 1, w) + tx + 1).clamp(0, w + 1)  # (B, 1, W)
+    x = padded[bi, rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+    r = r.unsqueeze(-1)  # (7, B, 1, 1, 1)
+    x = x + (r[2] - 0.5)  # brightness
+    m = x.mean(dim=1, keepdim=True)
+    x = (x - m) * (r[3] * 2) + m  # saturation
+    m = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - m) * (r[4] + 0.5) + m).contiguous()  # contrast
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

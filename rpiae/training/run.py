@@ -119,7 +119,7 @@ def run_training(
         dev = torch.device(device)
     torch.manual_seed(cfg.seed)  # the same initial weights (and pivot, EMA, heads) on every rank
 
-    # -- the model: a new one (stage I), the previous stage's EMA, or this stage's own resume
+    # -- the model: a new one (stage I), the previous stage's weights, or this stage's own resume
     state = None
     if resume is not None:
         try:
@@ -133,8 +133,8 @@ def run_training(
             raise TrainingError(f"{resume} is a stage {ckpt['stage']} checkpoint; it cannot start stage {stage}")
         if ckpt["stage"] == stage:
             state = ckpt  # continue this stage exactly where it stopped
-        else:
-            model.load_state_dict(ckpt["ema"])  # a new stage starts from the previous EMA
+        else:  # a new stage starts from the previous stage's raw weights (or its EMA, if asked)
+            model.load_state_dict(ckpt["ema" if cfg.start_from_ema else "model"])
         del ckpt
     else:
         try:
@@ -157,7 +157,10 @@ def run_training(
         lpips = load_lpips(lpips_weights) if stage in (1, 3) and cfg.lpips_weight > 0 else None
         disc = None
         if stage in (1, 3) and cfg.gan_weight > 0:
-            disc = Discriminator(cfg.disc_width, cfg.disc_depth, cfg.disc_heads, cfg.disc_patch, cfg.disc_diffaug)
+            disc = Discriminator(
+                cfg.disc_width, cfg.disc_depth, cfg.disc_heads, cfg.disc_patch, cfg.disc_diffaug,
+                cfg.disc_norm_group, cfg.disc_norm_eps,
+            )
             load_dino_features(disc, disc_weights)
     except CheckpointError as e:
         raise TrainingError(str(e)) from None

@@ -1,12 +1,14 @@
-"""Objective-decoupled three-stage training of RPiAE (DESIGN.md §2).
+"""Objective-decoupled three-stage training of RPiAE, as the authors' code runs it.
 
 - Stage I: E and D. L1 + LPIPS on D(noised E tokens) + w_piv * MSE(E(x), pivot(x)) + GAN.
-- Stage II: the Variational Bridge only. MSE(VB-dec(sampled z), clean tokens) + KL + light L1.
+- Stage II: the Variational Bridge only. MSE(VB-dec(z), clean tokens) + KL + light L1, with z
+  the posterior mean (`sample_posterior` samples it, as the paper describes).
 - Stage III: D only, on VB-dec(posterior mean), with L1 + LPIPS + GAN (a fresh discriminator).
 
-One `Trainer` runs one stage; the next stage starts from the previous stage's EMA weights
-(`--resume runs/s1/last` with `--stage 2`), and a stage resumes itself bit-exactly from its
-own `last` checkpoint (model, EMA, optimisers, schedulers, step, RNG).
+One `Trainer` runs one stage; the next stage starts from the previous stage's raw weights
+(`--resume runs/s1/last` with `--stage 2`), and a stage resumes itself from its own `last`
+checkpoint (model, EMA, optimisers, schedulers, step, RNG). Every difference from the
+paper's description is a config switch; see `docs/TRAINING.md`.
 """
 
 from __future__ import annotations
@@ -34,33 +36,49 @@ from rpiae.training.data import EpochSampler, ImageFolderDataset, psnr_ssim
 from rpiae.training.discriminator import Discriminator, hinge_d_loss, quantize_fake
 from rpiae.training.lpips import LPIPS, lpips_loss
 
-# parameters that stay fixed by design, whatever the stage
-FIXED = ("encoder.encoder.embeddings.mask_token", "decoder.decoder_pos_embed")
 STAGE_PARTS = {
     1: ("encoder.", "decoder."),
     2: ("vb_feature_encoder.", "vb_feature_decoder."),
     3: ("decoder.",),
 }
+MASK_TOKEN = "encoder.encoder.embeddings.mask_token"  # unused by the model, never trained
+DECODER_POS_EMBED = "decoder.decoder_pos_embed"
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def trainable_names(model: nn.Module, stage: int) -> list[str]:
-    return [n for n, _ in model.named_parameters() if n.startswith(STAGE_PARTS[stage]) and n not in FIXED]
+def trainable_names(model: nn.Module, cfg: TrainConfig) -> list[str]:
+    fixed = {MASK_TOKEN} | (set() if cfg.train_decoder_pos_embed else {DECODER_POS_EMBED})
+    return [n for n, _ in model.named_parameters() if n.startswith(STAGE_PARTS[cfg.stage]) and n not in fixed]
 
 
-def lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
-    """Linear warm-up from 0, then cosine down to min_lr at `decay_epochs`; flat after."""
-    warm = cfg.warmup_epochs * steps_per_epoch
-    total = max((cfg.decay_epochs or cfg.epochs) * steps_per_epoch, warm + 1)
-    floor = cfg.min_lr / cfg.lr
+def cosine_schedule(warmup_steps: float, decay_steps: float, floor: float):
+    """LR factor per step: linear warm-up from 0 over `warmup_steps`, cosine from 1 down to
+    `floor` at `decay_steps`, flat after (the authors' `build_scheduler`, `warmup_from_zero`)."""
+    warm = int(warmup_steps)
+    end = max(int(decay_steps), warm)
 
     def f(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        t = min(1.0, (step - warm) / (total - warm))
+        if step >= end:
+            return floor
+        t = (step - warm) / max(end - warm, 1)
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
     return f
+
+
+def lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
+    """The generator's LR factor by optimiser step."""
+    decay = cfg.decay_epochs or cfg.epochs
+    return cosine_schedule(cfg.warmup_epochs * steps_per_epoch, decay * steps_per_epoch, cfg.min_lr / cfg.lr)
+
+
+def disc_lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
+    """The discriminator's LR factor by *discriminator* update (its schedule starts with it)."""
+    return cosine_schedule(
+        cfg.disc_warmup_epochs * steps_per_epoch, cfg.disc_decay_epochs * steps_per_epoch, cfg.disc_min_lr / cfg.disc_lr
+    )
 
 
 def adaptive_weight(loss_a: torch.Tensor, loss_b: torch.Tensor, param: torch.Tensor, eps: float, max_value: float) -> torch.Tensor:
@@ -73,9 +91,9 @@ def adaptive_weight(loss_a: torch.Tensor, loss_b: torch.Tensor, param: torch.Ten
 class StageForward(nn.Module):
     """The differentiable path of one stage (the module DDP wraps)."""
 
-    def __init__(self, model: RPiAE, stage: int, tau: float) -> None:
+    def __init__(self, model: RPiAE, stage: int, tau: float, sample_posterior: bool = False) -> None:
         super().__init__()
-        self.model, self.stage, self.tau = model, stage, tau
+        self.model, self.stage, self.tau, self.sample_posterior = model, stage, tau, sample_posterior
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         m = self.model
@@ -88,7 +106,8 @@ class StageForward(nn.Module):
         if self.stage == 2:
             noised = RPiAE.add_token_noise(tokens, self.tau) if self.tau > 0 else tokens
             post = m.vb_feature_encoder(noised)
-            tokens_hat = m.vb_feature_decoder(post.sample())
+            z = post.sample() if self.sample_posterior else post.mean  # (B, Cz, 16, 16)
+            tokens_hat = m.vb_feature_decoder(z)
             return {
                 "tokens": tokens,
                 "tokens_hat": tokens_hat,
@@ -124,11 +143,10 @@ class Trainer:
         self.skipped_files = 0
 
         self.model = model.to(self.device)
-        names = set(trainable_names(model, self.stage))
+        names = set(trainable_names(model, cfg))
         for n, p in model.named_parameters():
             p.requires_grad_(n in names)
         self.params = {n: p for n, p in model.named_parameters() if n in names}
-        self.set_modes()
 
         # the pivot replica: a frozen copy of E as it is now (stage I only), always eval
         self.pivot = None
@@ -143,8 +161,9 @@ class Trainer:
         use_gan = self.disc is not None and cfg.gan_weight > 0 and self.stage in (1, 3)
         if not use_gan:
             self.disc = None
+        self.set_modes()
 
-        self.fwd = StageForward(model, self.stage, cfg.noise_tau)
+        self.fwd = StageForward(model, self.stage, cfg.noise_tau, cfg.sample_posterior)
         if world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.fwd = DDP(self.fwd, device_ids=ids, broadcast_buffers=False)
@@ -154,10 +173,11 @@ class Trainer:
         )
         self.lr_factor = lr_lambda(cfg, self.steps_per_epoch)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
-        self.disc_opt = None
-        if self.disc is not None:  # its lr follows the same schedule, by global step
+        self.disc_opt = self.disc_sched = None
+        if self.disc is not None:  # its own schedule, stepped on its own updates
             head_params = [p for p in self.disc.heads.parameters()]
             self.disc_opt = torch.optim.AdamW(head_params, lr=cfg.disc_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+            self.disc_sched = torch.optim.lr_scheduler.LambdaLR(self.disc_opt, disc_lr_lambda(cfg, self.steps_per_epoch))
 
         self.last_enc_param = model.encoder.encoder.encoder.layer[-1].layer_scale2.lambda1
         self.last_dec_param = model.decoder.decoder_pred.weight
@@ -171,11 +191,14 @@ class Trainer:
 
     # -- modes -------------------------------------------------------------------------------
     def set_modes(self) -> None:
-        """Trainable parts in train mode, frozen parts in eval mode."""
+        """Trainable parts in train mode, frozen parts in eval mode; the discriminator in eval
+        mode (no spectral-norm power iteration) until its own step."""
         m = self.model
         m.eval()
         for prefix in STAGE_PARTS[self.stage]:
             getattr(m, prefix.rstrip(".")).train()
+        if self.disc is not None:
+            self.disc.eval()
 
     @property
     def epoch_float(self) -> float:
@@ -225,8 +248,9 @@ class Trainer:
             logs.update(pivot=piv.item(), w_piv=float(w_piv))
 
         if self.gan_active():
+            fake = quantize_fake(recon) if cfg.gen_fake_quantize else recon
             with self.autocast:
-                logits = self.disc(quantize_fake(recon) * 2 - 1)
+                logits = self.disc(fake * 2 - 1)
             g = -logits.float().mean()
             w_gan = adaptive_weight(rec, g, self.last_dec_param, cfg.gan_eps, cfg.gan_max)
             loss = loss + cfg.gan_weight * w_gan * g
@@ -254,30 +278,46 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v / n
         self.opt.step()
 
-        if self.disc_active():
-            for group in self.disc_opt.param_groups:
-                group["lr"] = self.cfg.disc_lr * self.lr_factor(self.step)
-            self.disc_opt.zero_grad(set_to_none=True)
-            d_sum = 0.0
-            for x, recon in fakes:
-                with self.autocast:
-                    real = self.disc(x * 2 - 1)
-                    fake = self.disc(quantize_fake(recon) * 2 - 1)
-                d_loss = hinge_d_loss(real.float(), fake.float())
-                (d_loss / n).backward()
-                d_sum += d_loss.item() / n
-            if self.world > 1:  # the heads are small: average their gradients by hand
-                for p in self.disc.heads.parameters():
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad /= self.world
-            self.disc_opt.step()
-            sums["d_loss"] = d_sum
         self.sched.step()
         self.update_ema()
+        if self.disc_active():
+            sums.update(self.disc_step(fakes))
         self.step += 1
         sums["lr"] = self.opt.param_groups[0]["lr"]
         return sums
+
+    def disc_step(self, fakes: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """One discriminator update (hinge loss) on the micro-batches of this step.
+
+        Fakes, by default, come from a fresh forward of the *updated* model in eval mode (no
+        token noise), clamped and rounded to 8 bits, as the authors' step makes them.
+        """
+        n = len(fakes)
+        if self.cfg.disc_fresh_fakes:
+            fakes = [(x, self.reconstruct(x, use_ema=False, batch=len(x))) for x, _ in fakes]
+        self.disc.train()
+        self.disc_opt.zero_grad(set_to_none=True)
+        lr = self.disc_opt.param_groups[0]["lr"]
+        d_sum = 0.0
+        for x, recon in fakes:
+            fake = torch.round(recon.clamp(0, 1) * 255) / 255
+            with self.autocast:
+                real_logits = self.disc(x * 2 - 1)
+                fake_logits = self.disc(fake.to(x.device) * 2 - 1)
+            d_loss = hinge_d_loss(real_logits.float(), fake_logits.float())
+            (d_loss / n).backward()
+            d_sum += d_loss.item() / n
+        # The authors call the discriminator outside DDP, so each rank keeps its own heads;
+        # here the (small) head gradients are averaged so that all ranks train one discriminator.
+        if self.world > 1:
+            for p in self.disc.heads.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+        self.disc_opt.step()
+        self.disc_sched.step()
+        self.set_modes()
+        return {"d_loss": d_sum, "d_lr": lr}
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -288,19 +328,18 @@ class Trainer:
     # -- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, use_ema: bool = True, batch: int = 8) -> torch.Tensor:
-        """The stage's inference path (stage I: D(E(x)); later: the full autoencoder), no noise."""
+        """The stage's inference path (stage I: D(E(x)); later: the full autoencoder), no
+        noise, in eval mode; on the images' device. The training modes are restored after."""
         m = self.ema if use_ema else self.model
-        was_training = m.training
-        m.eval()  # also refreshes E's cached pos-embed after EMA updates
+        m.eval()  # also refreshes E's cached pos-embed after the weights changed
         outs = []
         for i in range(0, len(images), batch):
             x = images[i : i + batch].to(self.device)
             with self.autocast:
                 y = m.decode_tokens(m.tokens(x)) if self.stage == 1 else m(x)
-            outs.append(y.float().cpu())
-        if was_training:
-            self.set_modes()
-        return torch.cat(outs)
+            outs.append(y.float().to(images.device))
+        self.set_modes()
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def validate(self, images: torch.Tensor) -> dict[str, float]:
         recon = self.reconstruct(images)
@@ -343,6 +382,7 @@ class Trainer:
         if self.disc is not None:
             state["disc"] = self.disc.state_dict()
             state["disc_opt"] = self.disc_opt.state_dict()
+            state["disc_sched"] = self.disc_sched.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -359,6 +399,7 @@ class Trainer:
                 raise ValueError("the checkpoint has no discriminator state but this run uses a GAN")
             self.disc.load_state_dict(state["disc"])
             self.disc_opt.load_state_dict(state["disc_opt"])
+            self.disc_sched.load_state_dict(state["disc_sched"])
         self.step = int(state["step"])
         self.skipped_files = int(state.get("skipped_files", 0))
         rng = state["rng"]

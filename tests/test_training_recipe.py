@@ -1,0 +1,272 @@
+"""The training recipe as the authors' code runs it (360CVGroup/RPiAE, src/train_stage1_rpiae_*.py,
+src/disc/*, the stage 1/2/3 yaml configs): one test per difference from earlier behaviour.
+
+The reference computations here are written from the authors' code, independently of ours.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rpiae.training.config import load_train_config
+from rpiae.training.discriminator import BatchNormLocal, DinoFeatures, diff_augment
+from rpiae.training.trainer import DECODER_POS_EMBED, Trainer, trainable_names
+from tests.conftest import make_tiny
+from tests.test_training import make_cfg, make_trainer, small_disc
+
+
+@pytest.fixture(scope="module")
+def batch(photos) -> torch.Tensor:
+    return torch.from_numpy(photos[:2]).clone()
+
+
+# 1. stage II trains the bridge on the posterior mean -------------------------------------------
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_stage2_loss_uses_the_posterior_mean(sample, batch, tmp_path):
+    trainer = make_trainer(2, tmp_path, sample_posterior=sample)
+    m, x = trainer.model, batch[:2]
+    torch.manual_seed(5)
+    _, logs, _ = trainer.compute_losses(x)
+
+    torch.manual_seed(5)
+    with torch.no_grad():
+        tokens = m.tokens(x)
+        sigma = 0.8 * torch.rand(2, 1, 1)
+        noised = tokens + sigma * torch.randn(tokens.shape)
+        post = m.vb_feature_encoder(noised)
+        z = post.mean + post.std * torch.randn(post.mean.shape) if sample else post.mean
+        tokens_hat = m.vb_feature_decoder(z)
+        feat = F.mse_loss(tokens_hat, tokens).item()
+        kl = (post.mean**2 + post.var - 1 - post.logvar).mean().item()
+        l1 = (m.decode_tokens(tokens_hat) - x).abs().mean().item()
+    assert logs["feat"] == pytest.approx(feat, rel=1e-5)
+    assert logs["kl"] == pytest.approx(kl, rel=1e-5)
+    assert logs["l1"] == pytest.approx(l1, rel=1e-5)
+    assert logs["loss"] == pytest.approx(feat + 1e-3 * kl + 0.05 * l1, rel=1e-5)
+
+
+# 2. the generator's learning rate: the yaml's cosine, floor at epoch 16 -----------------------------
+
+
+def yaml_cosine(step: int, spe: int, warmup_epochs=1, decay_end_epoch=16, base=2e-4, final=2e-5) -> float:
+    """utils/optim_utils.build_scheduler, type cosine, warmup_from_zero: true."""
+    warm, end = int(warmup_epochs * spe), int(decay_end_epoch * spe)
+    if step < warm:
+        return base * (step + 1) / warm
+    if step >= end:
+        return final
+    p = (step - warm) / max(end - warm, 1)
+    return final + (base - final) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+@pytest.mark.parametrize("stage,epochs", [(1, 16), (2, 32), (3, 16)])
+def test_lr_schedule_matches_the_authors_configs(stage, epochs, tmp_path):
+    spe = 10
+    cfg = load_train_config(stage)
+    assert (cfg.epochs, cfg.warmup_epochs, cfg.decay_epochs, cfg.lr, cfg.min_lr) == (epochs, 1.0, 16.0, 2e-4, 2e-5)
+    trainer = Trainer(make_tiny(), cfg, tmp_path, steps_per_epoch=spe)
+    seen = []
+    for step in range(epochs * spe + 1):  # one past the end: where the floor is
+        seen.append(trainer.opt.param_groups[0]["lr"])
+        trainer.opt.step()
+        trainer.sched.step()
+    for step, lr in enumerate(seen):
+        assert lr == pytest.approx(yaml_cosine(step, spe), rel=1e-9), step
+    assert seen[0] == pytest.approx(2e-5)  # warm-up from 0: 1/10 of the base after the first step
+    assert seen[16 * spe] == pytest.approx(2e-5)  # the floor at epoch 16 ...
+    assert seen[-1] == pytest.approx(2e-5)  # ... and flat after it (stage II's second half)
+    assert seen[8 * spe] > 1e-4
+
+
+# 3. and 10. the discriminator step: fresh fakes from the updated model, no noise, 8 bits -----------
+
+
+def record_disc_inputs(trainer):
+    calls = []
+    forward = trainer.disc.forward
+
+    def recording(x):
+        calls.append((x.detach().clone(), trainer.disc.training))
+        return forward(x)
+
+    trainer.disc.forward = recording
+    return calls
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_disc_fakes_come_from_the_updated_model_without_noise(stage, batch, tmp_path):
+    trainer = make_trainer(stage, tmp_path, lpips=False)
+    x = batch[:2]
+    calls = record_disc_inputs(trainer)
+    trainer.train_step([x])
+    # generator step (disc in eval mode), then real and fake of the discriminator step (train mode)
+    assert [training for _, training in calls] == [False, True, True]
+    gen_fake, real, fake = (c for c, _ in calls)
+    assert torch.equal(real, x * 2 - 1)
+
+    m = trainer.model
+    m.eval()
+    with torch.no_grad():  # the *updated* weights, eval mode: no token noise
+        recon = m.decode_tokens(m.tokens(x)) if stage == 1 else m(x)
+    expected = torch.round(recon.clamp(0, 1) * 255) / 255 * 2 - 1
+    assert torch.allclose(fake, expected, atol=1e-6)
+    levels = (fake + 1) * 127.5
+    assert torch.allclose(levels, levels.round(), atol=1e-3) and fake.min() >= -1 and fake.max() <= 1  # 8 bits
+    # 9. the generator step's fake is the raw reconstruction, not clamped or rounded
+    assert not torch.allclose(gen_fake, expected, atol=1e-3)
+    gen_levels = (gen_fake + 1) * 127.5
+    assert (gen_levels - gen_levels.round()).abs().max() > 0.01
+
+    # the switch restores the older behaviour: the generator step's own reconstruction
+    old = make_trainer(stage, tmp_path, lpips=False, disc_fresh_fakes=False)
+    calls = record_disc_inputs(old)
+    old.train_step([x])
+    gen_fake, _, fake = (c for c, _ in calls)
+    assert torch.allclose(fake, torch.round(((gen_fake + 1) / 2).clamp(0, 1) * 255) / 255 * 2 - 1, atol=1e-6)
+
+
+def test_spectral_norm_power_iteration_only_in_the_disc_step(batch, tmp_path):
+    # the GAN term is on, discriminator updates not yet: its buffers must not move
+    trainer = make_trainer(1, tmp_path, lpips=False, gan_start_epoch=0.0, disc_start_epoch=1.0)
+    before = {k: v.clone() for k, v in trainer.disc.heads.state_dict().items()}
+    logs = trainer.train_step([batch[:1]])
+    assert "w_gan" in logs and "d_loss" not in logs
+    for k, v in trainer.disc.heads.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# 4. the discriminator's own learning-rate schedule ---------------------------------------------------
+
+
+def test_disc_lr_schedule(batch, tmp_path):
+    spe = 10
+    cfg = make_cfg(1, lr=2e-4, min_lr=2e-5, warmup_epochs=1.0, disc_lr=2e-4, disc_min_lr=2e-5, disc_warmup_epochs=1.0,
+                   disc_decay_epochs=16.0, gan_start_epoch=0.0, disc_start_epoch=0.2)
+    trainer = Trainer(make_tiny(), cfg, tmp_path, disc=small_disc(), steps_per_epoch=spe)
+    x = batch[:1]
+    for _ in range(2):  # epoch 0.0 and 0.1: no discriminator update, its schedule does not move
+        assert "d_loss" not in trainer.train_step([x])
+    assert trainer.disc_sched.last_epoch == 0
+    logs = trainer.train_step([x])  # the first update runs at 1/10 of the base: warm-up from 0
+    assert logs["d_lr"] == pytest.approx(2e-5)
+    assert trainer.opt.param_groups[0]["lr"] == pytest.approx(yaml_cosine(3, spe))  # the generator's own
+    # the authors' stage: updates from epoch 6 to 16 = 100 updates at 10 steps per epoch
+    used = [logs["d_lr"]]
+    for _ in range(99):
+        used.append(trainer.disc_opt.param_groups[0]["lr"])
+        trainer.disc_opt.step()
+        trainer.disc_sched.step()
+    for i, lr in enumerate(used):
+        assert lr == pytest.approx(yaml_cosine(i, spe), rel=1e-9), i
+    assert trainer.disc_opt.param_groups[0]["lr"] == pytest.approx(8.22e-5, rel=1e-3)  # where it ends, far above the floor
+
+
+# 5. heads normalise each sample on its own ---------------------------------------------------------------
+
+
+def test_disc_heads_normalise_per_sample():
+    torch.manual_seed(0)
+    bn = BatchNormLocal(8)
+    assert (bn.virtual_bs, bn.eps) == (1, 1e-6)
+    a, b = torch.randn(1, 8, 50), torch.randn(3, 8, 50) * 5 + 2
+    together = bn(torch.cat([a, b]))
+    assert torch.allclose(together[:1], bn(a), atol=1e-6)  # no statistics shared across the batch
+    ref = (a - a.mean(dim=(0, 2), keepdim=True)) / torch.sqrt(a.var(dim=(0, 2), keepdim=True, unbiased=False) + 1e-6)
+    assert torch.allclose(bn(a), ref, atol=1e-5)
+    assert bn(a.half()).dtype == torch.float32  # statistics in fp32
+
+    disc = small_disc()
+    disc.diffaug = False
+    disc.eval()
+    img = torch.rand(3, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(disc(img)[:1], disc(img[:1]), atol=1e-5)
+
+
+# 6. the feature taps, the token count, the MLP's GELU, DiffAug's order ---------------------------------
+
+
+def test_disc_feature_taps():
+    torch.manual_seed(0)
+    net = DinoFeatures(dim=32, depth=12, heads=2, patch=8)
+    x = torch.rand(2, 3, 256, 256) * 2 - 1
+    with torch.no_grad():
+        feats = net(x)
+        # written out: bilinear to 224, normalise, patchify, CLS, pos-embed, 12 blocks with tanh GELU
+        h = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False)
+        h = ((h + 1) / 2 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        h = net.patch_embed.proj(h).flatten(2).transpose(1, 2)
+        h = torch.cat([net.cls_token.expand(2, -1, -1), h], 1) + net.pos_embed
+        taps = {}
+        for i, blk in enumerate(net.blocks):
+            b, n, c = h.shape
+            qkv = blk.attn.qkv(blk.norm1(h)).view(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+            att = ((qkv[0] @ qkv[1].transpose(-2, -1)) / math.sqrt(c // 2)).softmax(-1) @ qkv[2]
+            h = h + blk.attn.proj(att.transpose(1, 2).reshape(b, n, c))
+            y = blk.mlp.fc1(blk.norm2(h))
+            y = 0.5 * y * (1 + torch.tanh(math.sqrt(2 / math.pi) * (y + 0.044715 * y**3)))
+            h = h + blk.mlp.fc2(y)
+            taps[i] = h
+    expected = [h] + [taps[i] for i in (2, 5, 8, 11)]  # the last block's output (not normed) first
+    assert len(feats) == 5
+    for f, e in zip(feats, expected):
+        assert f.shape == (2, 32, 784)  # (B, C, N): 28x28 tokens, CLS dropped
+        assert torch.allclose(f, e[:, 1:].transpose(1, 2), atol=1e-5)
+
+
+def styleganT_diffaug(x: torch.Tensor) -> torch.Tensor:
+    """StyleGAN-T's DiffAug.aug(prob=1, cutout=0), transcribed (translation, then colour)."""
+    torch.rand(3)
+    B, dev = x.shape[0], x.device
+    rand01 = torch.rand(7, B, 1, 1, device=dev)
+    raw_h, raw_w = x.shape[-2:]
+    dh, dw = round(raw_h * 0.125), round(raw_w * 0.125)
+    th = rand01[0].mul(dh + dh + 1).floor().long() - dh
+    tw = rand01[1].mul(dw + dw + 1).floor().long() - dw
+    gb, gh, gw = torch.meshgrid(torch.arange(B), torch.arange(raw_h), torch.arange(raw_w), indexing="ij")
+    gh = (gh + th).add_(1).clamp_(0, raw_h + 1)
+    gw = (gw + tw).add_(1).clamp_(0, raw_w + 1)
+    x = F.pad(x, [1, 1, 1, 1, 0, 0, 0, 0]).permute(0, 2, 3, 1).contiguous()[gb, gh, gw].permute(0, 3, 1, 2)
+    x = x.add(rand01[2].unsqueeze(-1).sub(0.5))
+    m = x.mean(dim=1, keepdim=True)
+    x = x.sub(m).mul(rand01[3].unsqueeze(-1).mul(2)).add_(m)
+    m = x.mean(dim=(1, 2, 3), keepdim=True)
+    return x.sub(m).mul(rand01[4].unsqueeze(-1).add(0.5)).add_(m)
+
+
+def test_diffaug_is_translation_then_colour():
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+    torch.manual_seed(3)
+    ours = diff_augment(x)
+    torch.manual_seed(3)
+    ref = styleganT_diffaug(x)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    # translation first: the zero fill goes through the colour jitter, so no border is exactly 0
+    torch.manual_seed(0)
+    y = diff_augment(torch.ones(8, 3, 64, 64))
+    assert float((y == 0).float().mean()) == 0.0
+    assert ours.dtype == torch.float32 and diff_augment(x.half()).dtype == torch.float32
+
+
+# 7. D's pos-embed trains in stages I and III ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage,trains", [(1, True), (2, False), (3, True)])
+def test_decoder_pos_embed_trainable_per_stage(stage, trains, batch, tmp_path):
+    trainer = make_trainer(stage, tmp_path, gan=False, lpips=False)
+    assert (DECODER_POS_EMBED in trainable_names(trainer.model, trainer.cfg)) == trains
+    pos = trainer.model.decoder.decoder_pos_embed
+    assert pos.requires_grad == trains
+    before = pos.detach().clone()
+    trainer.train_step([batch[:1]])
+    assert (not torch.equal(before, pos.detach())) == trains
+    # the paper's fixed sin-cos table, on request
+    fixed = make_trainer(stage, tmp_path, gan=False, lpips=False, train_decoder_pos_embed=False)
+    assert not fixed.model.decoder.decoder_pos_embed.requires_grad
+    assert "encoder.encoder.embeddings.mask_token" not in trainable_names(fixed.model, fixed.cfg)
