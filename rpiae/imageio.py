@@ -1,17 +1,23 @@
 """Image I/O policy, shared by every backend (the graphs take exactly 256x256 float RGB).
 
-How a file becomes the model input, applied identically before any backend runs:
+How a file becomes the model input is a named crop policy, applied identically before any
+backend runs. Unreadable, corrupt or truncated files raise `ImageError` naming the file.
 
-1. Decoded with Pillow, EXIF orientation applied. Unreadable, corrupt or truncated files
-   raise `ImageError` naming the file.
-2. Colour: grayscale (L, 1) is replicated to RGB; images with alpha (RGBA, LA, palette
-   with transparency) are composited over white; CMYK/YCbCr/palette are converted to RGB.
-3. Bit depth: 8-bit values are divided by 255, 16-bit (I;16, I) by 65535, float (F) is
-   clipped to [0, 1]. Values stay in float32 from here on (no 8-bit round trip).
-4. Geometry: the short side is resized to 256 (bicubic, antialiased), then the centre
-   256x256 is cropped. A 256x256 image is used untouched. (The model itself then resizes
-   to 224 for the encoder: that step is part of the graph.)
+`adm` (the default): what the RPiAE authors do for training, evaluation and DiT training,
+i.e. torchvision's ImageFolder loader and ADM's `center_crop_arr` (guided-diffusion):
 
+1. `Image.open(f).convert("RGB")`: no EXIF rotation; alpha is dropped; grayscale replicated.
+2. While the short side is >= 2 x 256, halve the image with `Image.BOX`.
+3. Resize with `Image.BICUBIC` so that the short side is 256 (`round(side * 256 / short)`).
+4. Take the centre 256x256 (top-left `(h - 256) // 2, (w - 256) // 2`); then `/ 255`.
+
+A 256x256 RGB image passes through untouched. These are the authors' exact uint8 pixels.
+
+`torch-aa`: decoded with Pillow, EXIF orientation applied; grayscale replicated; alpha
+composited over white; 8-bit / 255, 16-bit / 65535, float clipped, kept in float32; the short
+side resized to 256 by torch's antialiased bicubic, then the centre 256x256.
+
+(The model itself then resizes to 224 for the encoder: that step is part of the graph.)
 Outputs are clamped to [0, 1] and quantised to 8-bit PNG (the model does not clamp).
 """
 
@@ -28,6 +34,8 @@ from PIL import Image, ImageOps
 from rpiae.fileio import atomic_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm", ".pgm")
+CROPS = ("adm", "torch-aa")  # the crop policies; the first is the default
+DEFAULT_CROP = CROPS[0]
 
 
 class ImageError(ValueError):
@@ -65,31 +73,53 @@ def fit_square(x: torch.Tensor, size: int) -> torch.Tensor:
     return x[:, top : top + size, left : left + size].clamp(0.0, 1.0)
 
 
-def load_image(path: str | Path, size: int = 256) -> np.ndarray:
+def adm_center_crop(img: Image.Image, size: int = 256) -> Image.Image:
+    """ADM's `center_crop_arr`: BOX halving while the short side >= 2 * size, BICUBIC to a
+    short side of `size`, centre crop. Returns a PIL image of size x size."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.asarray(img)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return Image.fromarray(arr[top : top + size, left : left + size])
+
+
+def crop_image(img: Image.Image, size: int = 256, crop: str = DEFAULT_CROP) -> np.ndarray:
+    """A PIL image as opened from a file -> float32 (3, size, size) in [0, 1], per `crop`."""
+    if crop == "adm":
+        arr = np.asarray(adm_center_crop(img.convert("RGB"), size), dtype=np.float32) / 255.0
+        return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    if crop == "torch-aa":
+        arr = to_rgb_float(ImageOps.exif_transpose(img))
+        if arr.shape[0] < 1 or arr.shape[1] < 1:
+            raise ValueError("empty image")
+        return fit_square(torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), size).numpy()
+    raise ValueError(f"unknown crop policy {crop!r}; choose one of: {', '.join(CROPS)}")
+
+
+def load_image(path: str | Path, size: int = 256, crop: str = DEFAULT_CROP) -> np.ndarray:
     """One image file -> float32 (3, size, size) in [0, 1]."""
+    if crop not in CROPS:
+        raise ValueError(f"unknown crop policy {crop!r}; choose one of: {', '.join(CROPS)}")
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such image file")
     try:
         with Image.open(path) as img:
             img.load()
-            img = ImageOps.exif_transpose(img)
-            arr = to_rgb_float(img)
-    except ImageError:
-        raise
+            if min(img.size) < 1:
+                raise ValueError("empty image")
+            return crop_image(img, size, crop)
     except Exception as e:
         raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ImageError(f"{path}: empty image")
-    x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-    return fit_square(x, size).numpy()
 
 
-def load_images(paths: Sequence[str | Path], size: int = 256) -> np.ndarray:
+def load_images(paths: Sequence[str | Path], size: int = 256, crop: str = DEFAULT_CROP) -> np.ndarray:
     """Several files -> (N, 3, size, size). Fails on the first bad file, naming it."""
     if not paths:
         raise ImageError("no input images given")
-    return np.stack([load_image(p, size) for p in paths])
+    return np.stack([load_image(p, size, crop) for p in paths])
 
 
 def find_images(folder: str | Path) -> list[Path]:

@@ -49,6 +49,7 @@ class TrainConfig:
     resize_max: int = 384
     crop: int = 256
     hflip: bool = False
+    color_jitter: float = 0.0  # brightness/contrast/saturation factors in [1 - s, 1 + s]; 0 = off
 
     # token noise sigma = tau * U(0, 1) on E's tokens (stages I and II)
     noise_tau: float = 0.8

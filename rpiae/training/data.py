@@ -6,7 +6,6 @@ run resumed mid-epoch sees exactly the crops it would have seen.
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 
@@ -49,6 +48,17 @@ def resize_short(x: torch.Tensor, size: int) -> torch.Tensor:
     return x.clamp(0.0, 1.0)
 
 
+def jitter_colour(x: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
+    """Brightness, contrast and saturation of (3, H, W) in [0, 1], in that order, each scaled
+    by a factor drawn from [1 - strength, 1 + strength]."""
+    f = 1.0 + strength * (2.0 * torch.rand(3, generator=g) - 1.0)
+    x = x * f[0]  # brightness
+    x = (x - x.mean()) * f[1] + x.mean()  # contrast (around the mean intensity)
+    gray = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+    x = (x - gray) * f[2] + gray  # saturation
+    return x.clamp(0.0, 1.0)
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images under a folder -> float (3, crop, crop) in [0, 1].
 
@@ -65,12 +75,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         hflip: bool = False,
         seed: int = 0,
         epoch_size: int = 0,
+        color_jitter: float = 0.0,
     ) -> None:
         self.files = list_images(folder)
         if not self.files:
             raise ImageError(f"{folder}: no images (jpg/png/webp) found")
         self.crop, self.resize_min, self.resize_max = crop, resize_min, resize_max
         self.hflip, self.seed, self.epoch = hflip, seed, 0
+        self.color_jitter = color_jitter
         self.epoch_size = epoch_size or len(self.files)
         self.bad: set[str] = set()
 
@@ -110,6 +122,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         x = x[:, top : top + self.crop, left : left + self.crop]
         if self.hflip and bool(torch.rand((), generator=g) < 0.5):
             x = x.flip(-1)
+        if self.color_jitter > 0:
+            x = jitter_colour(x, self.color_jitter, g)
         return x.contiguous(), newly_bad
 
 
@@ -155,15 +169,3 @@ def load_eval_images(folder: str | Path, limit: int = 0, size: int = 256) -> tup
     if not images:
         raise ImageError(f"{folder}: no readable held-out images")
     return torch.stack(images), paths, skipped
-
-
-def psnr_ssim(recon: torch.Tensor, target: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-image PSNR (dB) and SSIM of float images (N, 3, H, W); outputs are clamped to [0, 1]."""
-    from skimage.metrics import structural_similarity
-
-    psnrs, ssims = [], []
-    for r, t in zip(recon.detach().float().clamp(0, 1).cpu().numpy(), target.float().cpu().numpy()):
-        mse = float(np.mean((r.astype(np.float64) - t) ** 2))
-        psnrs.append(math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse))
-        ssims.append(float(structural_similarity(r, t, channel_axis=0, data_range=1.0)))
-    return psnrs, ssims

@@ -101,7 +101,7 @@ def run_training(
     # -- data (checked before anything is built)
     try:
         dataset = ImageFolderDataset(
-            data, cfg.crop, cfg.resize_min, cfg.resize_max, cfg.hflip, cfg.seed, cfg.epoch_size
+            data, cfg.crop, cfg.resize_min, cfg.resize_max, cfg.hflip, cfg.seed, cfg.epoch_size, cfg.color_jitter
         )
         val_images = load_eval_images(val_data, cfg.val_images)[0] if val_data is not None else None
     except ImageError as e:
