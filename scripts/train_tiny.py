@@ -46,7 +46,7 @@ TINY_CONFIG = {
     "resize_max": 768,
     "hflip": True,
     "color_jitter": 0.1,
-    "num_workers": 0,
+    "num_workers": 1,  # decoding and resizing in a second process
     "log_every": 20,
     "sample_every": 1000,
     "save_every": 250,
@@ -135,7 +135,8 @@ def photos(work: Path) -> tuple[dict[str, Image.Image], dict[str, str]]:
 
 
 def prepare(work: Path) -> tuple[Path, Path, dict[str, str]]:
-    """Training photos (short side at most 1024) and the held-out centre crops, as PNG."""
+    """Training photos (short side at most 768, the largest training scale) and the held-out
+    centre crops, as PNG."""
     from rpiae.imageio import adm_center_crop
 
     train, val = work / "data" / "train", work / "data" / "val"
@@ -150,8 +151,8 @@ def prepare(work: Path) -> tuple[Path, Path, dict[str, str]]:
         if name in HELD_OUT:
             adm_center_crop(img.convert("RGB"), 256).save(val / f"{name}.png")
         elif name not in EXCLUDED:
-            if min(img.size) > 1024:
-                s = 1024 / min(img.size)
+            if min(img.size) > TINY_CONFIG["resize_max"]:
+                s = TINY_CONFIG["resize_max"] / min(img.size)
                 img = img.resize((round(img.width * s), round(img.height * s)), Image.BICUBIC, reducing_gap=3.0)
             img.save(train / f"{name}.png")
     (work / "tiny.json").write_text(json.dumps(TINY_CONFIG, indent=2) + "\n")
