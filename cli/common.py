@@ -80,8 +80,27 @@ batch_size_option = click.option(
 )
 
 
+latent_stats_option = click.option(
+    "--latent-stats", type=click.Path(path_type=str), default=None,
+    help="Normalise latents per element with these statistics (latents_stats.safetensors of `rpiae extract`, "
+    "or the RPiAE authors' {'mean','var'} .pt): encode gives (z - mean) / sqrt(var + 1e-5), decode undoes it. "
+    "With a bundle, only the statistics it was exported with.",
+)
+crop_option = click.option(
+    "--crop", type=click.Choice(["adm", "torch-aa"]), default="adm", show_default=True,
+    help="Image preprocessing: adm = the RPiAE authors' (PIL RGB, ADM center_crop_arr to 256); "
+    "torch-aa = EXIF rotation, alpha over white, 16-bit aware, torch antialiased bicubic, centre crop.",
+)
+workers_option = click.option(
+    "--workers", type=click.IntRange(0), default=4, show_default=True,
+    help="DataLoader processes that read, decode and crop images (0: in the main process).",
+)
+
+
 def runtime_options(fn: Callable) -> Callable:
-    """--model/--backend/--precision/--device/--batch-size, shared by encode and decode."""
-    for option in reversed((model_option, backend_option, precision_option, device_option, batch_size_option)):
+    """--model/--backend/--precision/--device/--batch-size/--latent-stats, shared by encode, decode
+    and extract."""
+    options = (model_option, backend_option, precision_option, device_option, batch_size_option, latent_stats_option)
+    for option in reversed(options):
         fn = option(fn)
     return fn

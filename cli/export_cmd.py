@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from rpiae.cli.common import CheckFailed, device_option, echo_json, friendly_errors, parse_int_list
+from rpiae.cli.common import CheckFailed, device_option, echo_json, friendly_errors, latent_stats_option, parse_int_list
 
 
 @click.command()
@@ -35,11 +35,12 @@ from rpiae.cli.common import CheckFailed, device_option, echo_json, friendly_err
               help="TensorRT timing cache file (read if present, updated after the build).")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="TensorRT builder optimisation level.")
+@latent_stats_option
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
 @friendly_errors
 def export(checkpoint, target, precision, calib, calib_count, int8_high_precision, batch, device, cache_dir,
-           workspace_gb, timing_cache, opt_level, out, overwrite):
+           workspace_gb, timing_cache, opt_level, latent_stats, out, overwrite):
     """Export the encode/decode graphs into a self-describing bundle, checked against PyTorch.
 
     Writes OUT/manifest.json, OUT/model.safetensors and OUT/{encode,decode}.<precision>.onnx;
@@ -63,13 +64,16 @@ def export(checkpoint, target, precision, calib, calib_count, int8_high_precisio
         check_target(device)  # fail before the (long) ONNX export, not after it
     reuse = target != "onnx" and Bundle.is_bundle(out) and not overwrite
     if reuse:
+        from rpiae.engines import check_bundle_latent_stats
+
         bundle = Bundle.open(out)
+        check_bundle_latent_stats(bundle, latent_stats)
         missing = [p for p in precisions if p not in bundle.precisions()]
         if missing:
             raise click.ClickException(f"{out} has no {', '.join(missing)} graphs; re-export with --overwrite")
     else:
         bundle = export_bundle(checkpoint, out, precisions=precisions, calib=calib, calib_count=calib_count,
-                               int8_high_precision=int8_high_precision, overwrite=overwrite)
+                               int8_high_precision=int8_high_precision, overwrite=overwrite, latent_stats=latent_stats)
     if target == "trt":
         from rpiae.engines.tensorrt import build_bundle_engines
 

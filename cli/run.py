@@ -1,75 +1,160 @@
-"""`rpiae encode` and `rpiae decode`."""
+"""`rpiae encode`, `rpiae decode` and `rpiae extract`: thin commands over `rpiae.data`."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
 import numpy as np
-from tqdm.auto import tqdm
 
-from rpiae.cli.common import friendly_errors, runtime_options
+from rpiae.cli.common import crop_option, friendly_errors, runtime_options, workers_option
 from rpiae.fileio import atomic_file
 
+STREAM_BATCH = 32  # images per backend call when --batch-size is not given
 
-def _open(model, backend, precision, device, batch_size):
+
+def _open(model, backend, precision, device, batch_size, latent_stats):
     from rpiae.engines import load_backend
 
-    return load_backend(model, backend=backend, precision=precision, device=device, max_batch=batch_size)
+    return load_backend(model, backend=backend, precision=precision, device=device, max_batch=batch_size,
+                        latent_stats=latent_stats)
+
+
+def _model_info(model, latent_stats) -> dict:
+    from rpiae.engines import model_info
+    from rpiae.fileio import sha256_file
+
+    info = model_info(model)
+    if latent_stats is not None:
+        info["latent_stats"] = {"path": str(latent_stats), "sha256": sha256_file(latent_stats)}
+    return info
 
 
 @click.command()
 @runtime_options
+@crop_option
+@workers_option
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
               help="Where to write the latents: one float32 .npy array of shape (N, 64, 16, 16), in input order.")
 @friendly_errors
-def encode(model, backend, precision, device, batch_size, images, output):
-    """Encode IMAGES (files or folders of images) into latents.
+def encode(model, backend, precision, device, batch_size, latent_stats, crop, workers, images, output):
+    """Encode IMAGES (files, or folders searched recursively) into one .npy of latents.
 
-    Every image goes through the same input policy (rpiae.imageio): EXIF rotation,
-    gray/alpha/16-bit handling, short side to 256 and centre crop. All images are read
-    before anything is computed; one bad image is named and nothing is written.
+    Images stream through the backend batch by batch; the array is written into a temporary
+    file and renamed when complete. One bad image is named and nothing is written. For whole
+    datasets (shards, labels, statistics, resume, many GPUs) use `rpiae extract`.
     """
-    from rpiae.imageio import find_images, load_images
+    from tqdm.auto import tqdm
 
-    files: list[Path] = []
-    for p in images:
-        files.extend(find_images(p) if p.is_dir() else [p])
+    from rpiae.data.sources import files_source, image_loader
+
     if output.suffix != ".npy":
         raise click.BadParameter("the output must be a .npy file", param_hint="--output")
-    x = load_images(files)
-    with _open(model, backend, precision, device, batch_size) as be:
-        z = be.encode(x)
-    with atomic_file(output) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, z.astype(np.float32))
-    click.echo(f"encoded {len(files)} image(s) with {backend}/{precision} -> {output} {tuple(z.shape)}")
+    source = files_source(images)
+    n, step = len(source), batch_size or STREAM_BATCH
+    batches = [list(range(i, min(i + step, n))) for i in range(0, n, step)]
+    with _open(model, backend, precision, device, batch_size, latent_stats) as be, atomic_file(output) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, *be.config.latent_shape))
+        with tqdm(total=n, unit="img", desc="encode", disable=n < 64) as bar:
+            for ids, x, errors in image_loader(source, batches, crop, be.config.image_size, min(workers, len(batches))):
+                bad = next((e for e in errors if e), None)
+                if bad:
+                    raise click.ClickException(f"{bad}; nothing was written")
+                z = be.encode(x)
+                out[ids[0] : ids[-1] + 1] = z.detach().float().cpu().numpy() if hasattr(z, "detach") else z
+                bar.update(len(ids))
+        out.flush()
+        del out
+    click.echo(f"encoded {n} image(s) with {backend}/{precision} ({crop} crop) -> {output} ({n}, "
+               f"{', '.join(map(str, be.config.latent_shape))})")
 
 
 @click.command()
 @runtime_options
 @click.argument("latents", type=click.Path(path_type=Path))
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
-              help="Folder for the decoded images: one 8-bit PNG per latent, 000000.png, 000001.png, ...")
+              help="Folder for the decoded images: one 8-bit PNG per latent, named by sample number (000000.png, ...).")
+@click.option("--npz", type=click.Path(path_type=Path), default=None,
+              help="Also pack the PNGs into FILE.npz for the ADM evaluation suite (uint8 arr_0, (N, 256, 256, 3)).")
+@click.option("--key", default=None, help="Array to read from a .npz (default arr_0) or .safetensors (default latents).")
+@click.option("--overwrite", is_flag=True, help="Decode again even where the PNG already exists (default: a re-run skips them).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
-def decode(model, backend, precision, device, batch_size, latents, output):
-    """Decode LATENTS (a .npy array of shape (N, 64, 16, 16)) into PNG images.
+def decode(model, backend, precision, device, batch_size, latent_stats, latents, output, npz, key, overwrite, quiet):
+    """Decode LATENTS into PNG images, batch by batch.
 
-    The latents are checked (shape, float dtype, no NaN/Inf) before anything is decoded;
-    all images are decoded before any file is written; each PNG is written atomically.
+    LATENTS: a .npy (memory-mapped), a .npz (arr_0 or --key), a .safetensors (`latents` or
+    --key) or an `rpiae extract` directory; shape (N, 64, 16, 16). Memory does not grow
+    with N; each PNG is written atomically and a re-run resumes where it stopped.
     """
-    from rpiae.imageio import save_image
+    from rpiae.data.decode import decode_latents
+    from rpiae.data.latents import LatentFile
 
-    if not latents.is_file():
-        raise click.ClickException(f"{latents}: no such file")
-    try:
-        z = np.load(latents, allow_pickle=False)
-    except Exception as e:  # numpy raises several types for corrupt files
-        raise click.ClickException(f"{latents}: not a readable .npy array ({type(e).__name__})") from None
-    with _open(model, backend, precision, device, batch_size) as be:
-        y = be.decode(z)
-    output.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(tqdm(y, desc="write", unit="img", leave=False, disable=len(y) < 16)):
-        save_image(img, output / f"{i:06d}.png")
-    click.echo(f"decoded {len(y)} latent(s) with {backend}/{precision} -> {output}/")
+    src = LatentFile(latents, key)
+    with _open(model, backend, precision, device, batch_size, latent_stats) as be:
+        s = decode_latents(src, output, be, batch_size or STREAM_BATCH, npz=npz, overwrite=overwrite, progress=not quiet)
+    kept = f", {s['kept']} already there" if s["kept"] else ""
+    packed = f", packed into {npz}" if npz else ""
+    click.echo(f"decoded {s['decoded']} latent(s) with {backend}/{precision}{kept} -> {output}/{packed} in {s['seconds']:.1f} s")
+
+
+def _distributed() -> tuple[int, int, int, object]:
+    """(rank, world, local rank, barrier) under torchrun (a gloo group for coordination); (0, 1, 0, None) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0, None
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), dist.barrier
+
+
+@click.command()
+@runtime_options
+@crop_option
+@workers_option
+@click.argument("data", type=str)
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Output directory: shard-*.safetensors, latents_stats.safetensors, normalization_stats.pt, manifest.json.")
+@click.option("--shard-size", type=click.IntRange(1), default=10000, show_default=True, help="Latents per shard file.")
+@click.option("--flip", is_flag=True, help="Also store the latents of the horizontally flipped images (latents_flip); they enter the statistics.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="Storage type of the latents.")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images (listed in the manifest) instead of stopping at the first.")
+@click.option("--no-labels", is_flag=True, help="Read an ImageFolder tree as plain images, recursively (labels -1).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@friendly_errors
+def extract(model, backend, precision, device, batch_size, latent_stats, crop, workers, data, out, shard_size, flip,
+            dtype, skip_bad, no_labels, quiet):
+    """Encode a whole dataset into latent shards, with exact statistics, resumably.
+
+    DATA: a folder of images, an ImageFolder tree (class sub-folders -> integer labels by
+    sorted name), a .txt list (`path` or `path label` per line), or WebDataset .tar shards
+    (a path, glob or brace pattern such as 'train-{000..099}.tar'; label from `cls`).
+
+    Re-running the same command keeps every finished shard and computes the rest. Under
+    `torchrun --nproc-per-node N -m rpiae.cli extract ...` the ranks split the shards (one
+    GPU each with --device cuda) and produce the same files as one process.
+    """
+    from rpiae.data.extract import ExtractOptions
+    from rpiae.data.extract import extract as run
+    from rpiae.data.sources import open_source
+
+    rank, world, local_rank, barrier = _distributed()
+    if world > 1 and device == "cuda":
+        device = f"cuda:{local_rank}"
+    opts = ExtractOptions(shard_size=shard_size, batch_size=batch_size or STREAM_BATCH, flip=flip, dtype=dtype,
+                          workers=workers, skip_bad=skip_bad, crop=crop)
+    source = open_source(data, no_labels=no_labels)
+    info = _model_info(model, latent_stats)
+    with _open(model, backend, precision, device, batch_size, latent_stats) as be:
+        s = run(source, out, be, info, opts, rank=rank, world=world, barrier=barrier, progress=not quiet)
+    if rank == 0:
+        rate = f"; {s['images'] / s['seconds']:.1f} img/s" if s["images"] and s["seconds"] else ""
+        skipped = f", {s['skipped']} skipped (listed in the manifest)" if s["skipped"] else ""
+        click.echo(
+            f"extracted {s['rows']} latent(s) of {s['samples']} image(s) into {s['shards']} shard(s) -> {out} "
+            f"(rank 0: {s['shards_computed']} computed, {s['shards_kept']} already done{rate}{skipped})"
+        )

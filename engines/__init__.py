@@ -16,12 +16,17 @@ BACKENDS = ("torch", "ort", "trt", "aoti")
 
 def _factories():
     # imported lazily: each runtime is optional
-    def torch_backend(source, precision, device, **kw):
+    def torch_backend(source, precision, device, latent_stats=None, **kw):
         from rpiae.engines.torch_backend import TorchBackend
         from rpiae.model import RPiAE
 
         path = source.weights_path() if not isinstance(source, Path) else source
-        return TorchBackend(RPiAE.from_checkpoint(path), precision=precision, device=device, **kw)
+        model = RPiAE.from_checkpoint(path)
+        if latent_stats is not None and isinstance(source, Path):
+            from rpiae.checkpoints import read_latent_stats
+
+            model.set_latent_stats(*read_latent_stats(latent_stats))
+        return TorchBackend(model, precision=precision, device=device, **kw)
 
     def ort_backend(bundle, precision, device, **kw):
         from rpiae.engines.ort_backend import ORTBackend
@@ -53,17 +58,59 @@ def resolve_model(model: str | Path | None) -> Path:
     return p
 
 
+def model_info(model: str | Path | None) -> dict:
+    """What a job ran: {"path", "sha256", "config"} of a checkpoint or bundle (for a bundle, the
+    sha256 of its manifest, which lists every file's sha256)."""
+    from rpiae.checkpoints import read_config
+    from rpiae.export.bundle import MANIFEST, Bundle
+    from rpiae.fileio import sha256_file
+
+    path = resolve_model(model)
+    if Bundle.is_bundle(path):
+        return {"path": str(path), "sha256": sha256_file(path / MANIFEST), "config": Bundle.open(path).config.to_dict()}
+    cfg = read_config(path)
+    return {"path": str(path), "sha256": sha256_file(path), "config": cfg.to_dict() if cfg else None}
+
+
+def check_bundle_latent_stats(bundle, latent_stats: str | Path | None) -> None:
+    """A bundle's graphs carry the latent statistics they were exported with: `latent_stats`
+    may only name those (same sha256), never add or replace them."""
+    from rpiae.fileio import sha256_file
+
+    if latent_stats is None:
+        return
+    baked = bundle.manifest.get("latent_stats")
+    digest = sha256_file(latent_stats)
+    if baked is None:
+        raise BackendUnavailable(
+            f"bundle {bundle.root} was exported without latent statistics; export it with --latent-stats {latent_stats}"
+        )
+    if baked["sha256"] != digest:
+        raise BackendUnavailable(
+            f"bundle {bundle.root} was exported with other latent statistics ({baked['file']}); "
+            f"export it again with --latent-stats {latent_stats}"
+        )
+
+
 def load_backend(
-    model: str | Path | None = None, backend: str = "torch", precision: str = "fp32", device: str = "cpu", **kwargs
+    model: str | Path | None = None, backend: str = "torch", precision: str = "fp32", device: str = "cpu",
+    latent_stats: str | Path | None = None, **kwargs
 ) -> Backend:
-    """Open `model` (checkpoint or bundle) with `backend`. Errors are one-line exceptions."""
+    """Open `model` (checkpoint or bundle) with `backend`. Errors are one-line exceptions.
+
+    `latent_stats` (a statistics file of `rpiae extract`, or the RPiAE authors' `.pt`) makes a
+    checkpoint's latent normalised; a bundle already carries its statistics in its graphs."""
     from rpiae.export.bundle import Bundle
 
+    if latent_stats is not None and not Path(latent_stats).is_file():
+        raise FileNotFoundError(f"{latent_stats}: no such latent statistics file")
     if backend not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     path = resolve_model(model)
     if Bundle.is_bundle(path):
         source = Bundle.open(path)
+        check_bundle_latent_stats(source, latent_stats)
+        latent_stats = None
     elif path.is_dir():
         raise BackendUnavailable(f"{path}: a directory without manifest.json is not an export bundle")
     elif backend != "torch":
@@ -73,6 +120,8 @@ def load_backend(
         )
     else:
         source = path
+    if latent_stats is not None:
+        kwargs["latent_stats"] = latent_stats
     return open_backend(source, backend, precision, device, **kwargs)
 
 
@@ -81,4 +130,6 @@ def open_backend(source, backend: str, precision: str = "fp32", device: str = "c
     return _factories()[backend](source, precision, device, **kwargs)
 
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailable", "InputError", "load_backend", "open_backend", "resolve_model"]
+__all__ = [
+    "BACKENDS", "Backend", "BackendUnavailable", "InputError", "load_backend", "model_info", "open_backend", "resolve_model",
+]

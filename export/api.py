@@ -54,10 +54,13 @@ def export_bundle(
     parity_images: np.ndarray | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    latent_stats: str | Path | None = None,
 ) -> Bundle:
     """Export the encode/decode graphs of a checkpoint in each precision into a bundle.
 
     FP32 is always included (the variants are derived from it). INT8 needs `calib`.
+    `latent_stats` (from `rpiae extract`, or the RPiAE authors' `.pt`) bakes latent
+    normalisation into both graphs and the bundle's weights.
     Parity against PyTorch is measured and recorded in the manifest. The ONNX export and the
     INT8 pass each run in a child process (`rpiae.isolation`), from the bundle's own weights:
     their memory peaks do not add up.
@@ -74,6 +77,10 @@ def export_bundle(
         model = RPiAE.from_checkpoint(path)
         source = {"path": str(path), "sha256": sha256_file(path)}
     model = model.float().eval()
+    if latent_stats is not None:
+        from rpiae.checkpoints import read_latent_stats
+
+        model.set_latent_stats(*read_latent_stats(latent_stats))
     calib_x = calibration_images(calib, calib_count) if "int8" in precisions else None
     if calib_x is not None:  # refuse now, not after minutes of FP32 export
         for graph in GRAPHS:
@@ -83,6 +90,9 @@ def export_bundle(
     bar = tqdm(steps, desc="export", unit="step", disable=not progress)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         bundle = Bundle.new(tmp, model.config, source, OPSET)
+        if latent_stats is not None:
+            bundle.manifest["latent_stats"] = {"file": Path(latent_stats).name, "sha256": sha256_file(latent_stats),
+                                               "eps": model.config.latent_norm_eps}
         for kind, graph, precision in bar:
             bar.set_postfix_str(f"{graph or kind} {precision or ''}".strip())
             if kind == "weights":

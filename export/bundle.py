@@ -56,15 +56,16 @@ def io_conventions(config: RPiAEConfig) -> dict[str, Any]:
             "input": {"name": "images", "shape": ["batch", 3, s, s], "dtype": "float32", "layout": "NCHW",
                       "colour": "RGB", "range": [0.0, 1.0]},
             "output": {"name": "latent", "shape": ["batch", c, g, g], "dtype": "float32",
-                       "meaning": "posterior mean, unscaled"},
+                       "meaning": "posterior mean, normalised per element: (z - latent_mean) / sqrt(latent_var + eps)"
+                       if config.latent_norm else "posterior mean, unscaled"},
         },
         "decode": {
             "input": {"name": "latent", "shape": ["batch", c, g, g], "dtype": "float32"},
             "output": {"name": "image", "shape": ["batch", 3, s, s], "dtype": "float32", "layout": "NCHW",
                        "colour": "RGB", "range": "nominally [0, 1], not clamped: clamp and quantise in post-processing"},
         },
-        "image_policy": "see rpiae.imageio: EXIF-rotated, gray->RGB, alpha over white, 8/16-bit scaled to [0,1], "
-                        "short side resized to 256 (bicubic, antialiased), centre crop 256x256",
+        "image_policy": "see rpiae.imageio: by default the RPiAE authors' preprocessing (PIL convert('RGB'), ADM "
+                        "center_crop_arr: BOX halving, BICUBIC short side to 256, centre crop 256x256, / 255)",
     }
 
 

@@ -168,8 +168,9 @@ def save_model(model, path: str | Path, dtype: torch.dtype | None = None, metada
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"the project's checkpoints are .safetensors files, got {path.name}")
+    keep = {"latent_mean", "latent_var"}  # dataset statistics stay float32 whatever `dtype`
     tensors = {
-        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() and k not in keep else v).contiguous().cpu()
         for k, v in model.state_dict().items()
     }
     meta = {"format": FORMAT_TAG, "config": model.config.to_json(), "rpiae_version": __version__}
@@ -177,6 +178,19 @@ def save_model(model, path: str | Path, dtype: torch.dtype | None = None, metada
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
+
+
+def read_latent_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-element latent statistics (mean, var) as float32, from `rpiae extract`'s
+    `latents_stats.safetensors` or a `{"mean": ..., "var": ...}` torch file in the RPiAE
+    authors' `normalization_stat_path` format."""
+    obj, _ = read_file(path)
+    if not isinstance(obj, Mapping) or not all(isinstance(obj.get(k), torch.Tensor) for k in ("mean", "var")):
+        raise CheckpointError(f"{path}: not a latent statistics file (expected tensors 'mean' and 'var')")
+    mean, var = obj["mean"].float(), obj["var"].float()
+    if mean.shape != var.shape or mean.dim() != 3:
+        raise CheckpointError(f"{path}: mean {tuple(mean.shape)} and var {tuple(var.shape)} must both be (C, H, W)")
+    return mean, var
 
 
 def read_config(path: str | Path) -> RPiAEConfig | None:

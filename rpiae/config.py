@@ -53,6 +53,12 @@ class RPiAEConfig:
     # training-time token noise sigma = tau * U(0, 1); never applied at inference
     noise_tau: float = 0.8
 
+    # optional latent normalisation with per-element dataset statistics (the model then has
+    # `latent_mean`/`latent_var` buffers of shape latent_shape): encode returns
+    # (z - mean) / sqrt(var + eps) and decode first applies z * sqrt(var + eps) + mean
+    latent_norm: bool = False
+    latent_norm_eps: float = 1e-5
+
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:

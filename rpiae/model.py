@@ -8,10 +8,13 @@
       -> decoder D (ViT-XL pixel decoder)         image   (B, 3, 256, 256), un-normalised
 
 `state_dict()` has exactly the release's 770 keys, so the authors' checkpoint loads strictly.
+A model with latent statistics (`set_latent_stats`, `config.latent_norm`) has two more,
+`latent_mean` and `latent_var`, and its latent is the normalised one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -31,6 +34,9 @@ class RPiAE(nn.Module):
         self.decoder = PixelDecoder(config)
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+        if config.latent_norm:
+            self.register_buffer("latent_mean", torch.zeros(config.latent_shape))
+            self.register_buffer("latent_var", torch.ones(config.latent_shape))
         self.eval()
 
     # -- construction -------------------------------------------------------------------
@@ -68,8 +74,12 @@ class RPiAE(nn.Module):
         return self.vb_feature_encoder(self.encoder(images))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> posterior mean (B, 64, 16, 16)."""
-        return self.posterior(images).mean
+        """(B, 3, H, W) in [0, 1] -> posterior mean (B, 64, 16, 16), normalised if the model
+        carries latent statistics."""
+        z = self.posterior(images).mean
+        if self.config.latent_norm:
+            z = (z - self.latent_mean) / torch.sqrt(self.latent_var + self.config.latent_norm_eps)
+        return z
 
     def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Pixel decoder on tokens (B, N, C) -> image (B, 3, 256, 256), un-normalised."""
@@ -77,7 +87,26 @@ class RPiAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, 64, 16, 16) -> (B, 3, 256, 256); not clamped (post-processing clamps)."""
+        if self.config.latent_norm:
+            z = z * torch.sqrt(self.latent_var + self.config.latent_norm_eps) + self.latent_mean
         return self.decode_tokens(self.vb_feature_decoder(z))
+
+    def set_latent_stats(self, mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-5) -> "RPiAE":
+        """Carry per-element latent statistics (each of shape latent_shape) from now on: encode
+        returns (z - mean) / sqrt(var + eps), decode undoes it. Returns self."""
+        shape = self.config.latent_shape
+        for name, t in (("mean", mean), ("var", var)):
+            if tuple(t.shape) != shape:
+                raise ValueError(
+                    f"latent statistics: {name} has shape {tuple(t.shape)}, the model's latent is {shape}"
+                )
+        if not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()) or bool((var < 0).any()):
+            raise ValueError("latent statistics: mean/var must be finite and var >= 0")
+        self.config = dataclasses.replace(self.config, latent_norm=True, latent_norm_eps=float(eps))
+        ref = next(self.parameters())
+        self.register_buffer("latent_mean", mean.detach().to(ref.device, torch.float32).clone())
+        self.register_buffer("latent_var", var.detach().to(ref.device, torch.float32).clone())
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(images))

@@ -1,0 +1,267 @@
+"""`rpiae extract`: stream a dataset through a backend into latent shards, resumably.
+
+Sample i of the source belongs to shard i // shard_size. Shard k is computed in batches
+that never cross its boundary, written atomically as `shard-%05d.safetensors`, and then
+recorded in `parts/shard-%05d.json` (its sha256, what it was made from, skipped files) with
+its exact statistics in `parts/shard-%05d.stats.safetensors`. A shard counts as done when
+its record exists, describes the same model/backend/preprocessing/samples, and the files
+still hash as recorded. So a re-run after a kill (SIGKILL included) recomputes only the
+missing shards and ends with byte-identical files, and ranks (`torchrun`) split the shards
+by `k % world` and produce the same files as one process. When every shard is done, rank 0
+merges the statistics in shard order and writes `latents_stats.safetensors`,
+`normalization_stats.pt` and `manifest.json`.
+
+Images are read, decoded and cropped in DataLoader worker processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from rpiae.data.latents import AUTHORS_STATS_FILE, STATS_FILE, Moments, shard_name, to_storage, write_shard, write_stats
+from rpiae.data.sources import Source, image_loader
+from rpiae.fileio import atomic_file, sha256_file
+from rpiae.imageio import CROPS, DEFAULT_CROP
+
+MANIFEST = "manifest.json"
+FORMAT = "rpiae-latents"
+PARTS = "parts"
+
+
+class ExtractError(RuntimeError):
+    """A sample or setting that stops the run (one line; finished shards stay valid)."""
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    shard_size: int = 10000
+    batch_size: int = 64
+    flip: bool = False
+    dtype: str = "fp32"  # how latents are stored: fp32 | fp16 | bf16
+    workers: int = 4
+    skip_bad: bool = False
+    crop: str = DEFAULT_CROP
+    size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1 or self.batch_size < 1 or self.workers < 0:
+            raise ValueError("shard size and batch size must be >= 1, workers >= 0")
+        if self.dtype not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"unknown latent dtype {self.dtype!r} (fp32, fp16, bf16)")
+        if self.crop not in CROPS:
+            raise ValueError(f"unknown crop policy {self.crop!r} ({', '.join(CROPS)})")
+
+
+def _json_dump(obj: object, path: Path) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+class ShardPlan:
+    """Which samples each shard holds and what identifies a finished shard."""
+
+    def __init__(self, source: Source, out: Path, opts: ExtractOptions, model: dict, backend: dict) -> None:
+        self.source, self.out, self.opts = source, out, opts
+        self.n = len(source)
+        self.num_shards = math.ceil(self.n / opts.shard_size)
+        settings = {
+            "model_sha256": model["sha256"], "latent_stats": model.get("latent_stats"), "backend": backend.get("backend"), "precision": backend.get("precision"),
+            "crop": opts.crop, "size": opts.size, "dtype": opts.dtype, "flip": opts.flip, "shard_size": opts.shard_size,
+            "skip_bad": opts.skip_bad,
+        }
+        self.settings = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        self._checked: dict[int, dict] = {}  # records verified (or written) by this process
+
+    def samples(self, k: int) -> range:
+        s = self.opts.shard_size
+        return range(k * s, min((k + 1) * s, self.n))
+
+    def key(self, k: int) -> str:
+        r = self.samples(k)
+        return hashlib.sha256(f"{self.settings}:{self.source.fingerprint(r.start, r.stop)}".encode()).hexdigest()
+
+    def record_path(self, k: int) -> Path:
+        return self.out / PARTS / f"shard-{k:05d}.json"
+
+    def stats_path(self, k: int) -> Path:
+        return self.out / PARTS / f"shard-{k:05d}.stats.safetensors"
+
+    def record(self, k: int) -> dict | None:
+        """The shard's record if the shard is done and intact, else None."""
+        if k in self._checked:
+            return self._checked[k]
+        p = self.record_path(k)
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if rec.get("key") != self.key(k):
+            return None
+        for name, digest in rec["sha256"].items():
+            f = self.out / name
+            if not f.is_file() or sha256_file(f) != digest:
+                return None
+        self._checked[k] = rec
+        return rec
+
+
+def _encode(backend, images: torch.Tensor) -> np.ndarray:
+    z = backend.encode(images)
+    return z.detach().float().cpu().numpy() if isinstance(z, torch.Tensor) else np.asarray(z, np.float32)
+
+
+def _batches(plan: ShardPlan, shards: list[int]) -> list[list[int]]:
+    b = plan.opts.batch_size
+    out = []
+    for k in shards:
+        r = plan.samples(k)
+        out.extend(list(range(i, min(i + b, r.stop))) for i in range(r.start, r.stop, b))
+    return out
+
+
+def extract(
+    source: Source,
+    out: str | Path,
+    backend,
+    model: dict,
+    opts: ExtractOptions = ExtractOptions(),
+    rank: int = 0,
+    world: int = 1,
+    barrier: Callable[[], None] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run (or resume) an extraction; returns a summary. `backend` is any object with
+    `encode(images) -> latents` and `describe()` (an `rpiae.engines` backend); `model` is
+    {"path", "sha256", "config"} of what it runs. With several ranks, `barrier` waits for all."""
+    out = Path(out)
+    (out / PARTS).mkdir(parents=True, exist_ok=True)
+    info = backend.describe()
+    plan = ShardPlan(source, out, opts, model, info)
+    mine = [k for k in range(plan.num_shards) if k % world == rank]
+    todo = [k for k in mine if plan.record(k) is None]
+    kept = len(mine) - len(todo)
+    total = sum(len(plan.samples(k)) for k in todo)
+    t0 = time.time()
+    if todo:
+        _run_shards(plan, backend, todo, total, progress and rank == 0)
+    if barrier is not None:
+        barrier()
+    summary = {"shards_computed": len(todo), "shards_kept": kept, "images": total, "seconds": round(time.time() - t0, 2)}
+    if rank == 0:
+        summary.update(_finalize(plan, model, info))
+    return summary
+
+
+def _run_shards(plan: ShardPlan, backend, todo: list[int], total: int, progress: bool) -> None:
+    opts = plan.opts
+    loader = image_loader(plan.source, _batches(plan, todo), opts.crop, opts.size, opts.workers)
+    bar = tqdm(total=total, unit="img", desc="extract", disable=not progress, dynamic_ncols=True, smoothing=0.05)
+    current, parts = None, None
+    try:
+        for ids, images, errors in loader:
+            k = ids[0] // opts.shard_size
+            if k != current:
+                current, parts = k, {"z": [], "zf": [], "index": [], "skipped": []}
+            good = [j for j, e in enumerate(errors) if not e]
+            for j, e in enumerate(errors):
+                if e:
+                    if not opts.skip_bad:
+                        raise ExtractError(f"{e} (finished shards are kept; fix or remove the file, or use --skip-bad)")
+                    parts["skipped"].append({"sample": ids[j], "ref": plan.source.refs[ids[j]], "error": e})
+            if good:
+                x = images[good]
+                parts["z"].append(_encode(backend, x))
+                if opts.flip:
+                    parts["zf"].append(_encode(backend, x.flip(-1)))
+                parts["index"].extend(ids[j] for j in good)
+            bar.update(len(ids))
+            if ids[-1] == plan.samples(k).stop - 1:
+                _write_shard(plan, k, parts)
+    finally:
+        bar.close()
+
+
+def _write_shard(plan: ShardPlan, k: int, parts: dict) -> None:
+    opts = plan.opts
+    index = np.asarray(parts["index"], np.int64)
+    if len(index):
+        z = to_storage(np.concatenate(parts["z"]), opts.dtype)
+        tensors = {"latents": z, "labels": torch.from_numpy(plan.source.labels[index]), "index": torch.from_numpy(index)}
+        stored = [z.float().numpy()]
+        if opts.flip:
+            zf = to_storage(np.concatenate(parts["zf"]), opts.dtype)
+            tensors["latents_flip"] = zf
+            stored.append(zf.float().numpy())
+        moments = Moments.of(np.concatenate(stored))
+    else:  # every sample of the shard was skipped
+        tensors, moments = None, None
+    name = shard_name(k)
+    files = {}
+    if tensors is not None:
+        write_shard(plan.out / name, tensors)
+        files[name] = sha256_file(plan.out / name)
+        stats = plan.stats_path(k)
+        with atomic_file(stats) as tmp:
+            save_file(moments.to_tensors(), str(tmp))
+        files[f"{PARTS}/{stats.name}"] = sha256_file(stats)
+    r = plan.samples(k)
+    record = {"shard": k, "key": plan.key(k), "samples": [r.start, r.stop], "rows": int(len(index)),
+              "sha256": files, "skipped": parts["skipped"]}
+    _json_dump(record, plan.record_path(k))
+    plan._checked[k] = record
+
+
+def _finalize(plan: ShardPlan, model: dict, backend: dict) -> dict:
+    """Merge the statistics in shard order and write the manifest (rank 0, all shards done)."""
+    records = []
+    for k in range(plan.num_shards):
+        rec = plan.record(k)
+        if rec is None:
+            raise ExtractError(f"shard {k} is missing or damaged after the run; run the same command again")
+        records.append(rec)
+    moments = None
+    for k, rec in enumerate(records):
+        if rec["rows"]:
+            m = Moments.from_tensors(load_file(str(plan.stats_path(k))))
+            moments = m if moments is None else moments.merge(m)
+    if moments is None:
+        raise ExtractError("every sample was skipped: no latents, no statistics")
+    stats_files = write_stats(moments, plan.out)
+    # files of an earlier run over a larger dataset are not part of this one
+    for stale in sorted(plan.out.glob("shard-*.safetensors")):
+        k = int(stale.stem.split("-")[1])
+        if k >= plan.num_shards or not records[k]["rows"]:
+            stale.unlink()
+    src = plan.source
+    manifest = {
+        "format": FORMAT,
+        "version": 1,
+        "model": model,
+        "backend": backend,
+        "preprocessing": {"crop": plan.opts.crop, "size": plan.opts.size},
+        "options": asdict(plan.opts),
+        "latent_shape": list(moments.mean.shape),
+        "samples": plan.n,
+        "rows": int(sum(r["rows"] for r in records)),
+        "source": {**src.describe(), "refs": src.refs},
+        "shards": [
+            {"file": shard_name(k), "sha256": r["sha256"][shard_name(k)], "samples": r["samples"], "rows": r["rows"]}
+            for k, r in enumerate(records) if r["rows"]
+        ],
+        "skipped": [s for r in records for s in r["skipped"]],
+        "stats": {"file": STATS_FILE, "sha256": sha256_file(stats_files[0]), "authors_file": AUTHORS_STATS_FILE,
+                  "count": moments.count},
+    }
+    _json_dump(manifest, plan.out / MANIFEST)
+    return {"samples": plan.n, "rows": manifest["rows"], "shards": len(manifest["shards"]), "skipped": len(manifest["skipped"])}

@@ -1,0 +1,281 @@
+"""Image datasets as an ordered, random-access list of samples, for streaming jobs.
+
+`open_source(data)` recognises:
+
+- a folder of images (searched recursively, sorted): labels -1;
+- an ImageFolder tree: a folder with no images of its own whose images sit in sub-folders,
+  one per class; labels are class indices by sorted class name, and the sample order is
+  torchvision's `ImageFolder` order (classes sorted, then `os.walk` sorted);
+  `no_labels=True` reads it as a plain folder, recursively;
+- a `.txt` list: `path` or `path label` per line (paths relative to the list's folder;
+  blank lines and `#` comments skipped);
+- WebDataset `.tar` shards: a path, glob or brace pattern (`data/train-{000..099}.tar`).
+  Samples follow WebDataset's conventions (`webdataset.tariterators`: the key is the file
+  name up to the first dot of its base name, consecutive files with one key form a sample,
+  `__*__` entries skipped); the image is the sample's image-typed member, the label its
+  `cls` member when present. The tars are indexed once by their headers and read by
+  offset, so any sample can be read without streaming through the tar.
+
+Every sample has a stable string `ref` (relative path, or `shard.tar:key`) that the job
+manifests record, and `source.open(i)` returns it as a PIL image.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from rpiae.imageio import IMAGE_SUFFIXES, ImageError, crop_image
+
+KINDS = ("folder", "imagefolder", "list", "webdataset", "files")
+_TAR_IMAGE_EXT = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
+
+
+class SourceError(ValueError):
+    """A dataset that cannot be read (one line, names what is wrong)."""
+
+
+@dataclass
+class Source:
+    kind: str
+    root: str
+    refs: list[str]  # one per sample, in order
+    labels: np.ndarray  # (N,) int64, -1 where the source has none
+    classes: list[str] | None = None
+    # webdataset: ref -> (tar path, offset, size) of the image and of the cls member
+    _tar_index: dict[str, tuple[str, int, int, int, int]] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def path(self, i: int) -> Path:
+        return Path(self.root, self.refs[i])
+
+    def read_bytes(self, i: int) -> bytes:
+        if self.kind != "webdataset":
+            return self.path(i).read_bytes()
+        tar, offset, size, _, _ = self._tar_index[self.refs[i]]
+        with open(tar, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    def open(self, i: int) -> Image.Image:
+        """Sample i as a loaded PIL image; errors name the sample."""
+        try:
+            img = Image.open(io.BytesIO(self.read_bytes(i)))
+            img.load()
+            return img
+        except Exception as e:
+            raise ImageError(f"{self.refs[i]}: cannot read image ({type(e).__name__}: {e})") from None
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "root": self.root, "samples": len(self.refs), "classes": self.classes}
+
+    def fingerprint(self, start: int = 0, stop: int | None = None) -> str:
+        """sha256 of the refs and labels of samples [start, stop): what a shard was made of."""
+        h = hashlib.sha256()
+        for ref, label in zip(self.refs[start:stop], self.labels[start:stop].tolist()):
+            h.update(f"{ref}\t{label}\n".encode())
+        return h.hexdigest()
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _folder(root: Path) -> Source:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p.name))
+    refs = [p.relative_to(root).as_posix() for p in files]
+    return Source("folder", str(root), refs, np.full(len(refs), -1, np.int64))
+
+
+def _imagefolder(root: Path) -> Source:
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    refs, labels = [], []
+    for label, cls in enumerate(classes):
+        for dirpath, _, fnames in sorted(os.walk(root / cls, followlinks=True)):
+            for fname in sorted(fnames):
+                if _is_image(fname):
+                    refs.append((Path(dirpath) / fname).relative_to(root).as_posix())
+                    labels.append(label)
+    return Source("imagefolder", str(root), refs, np.asarray(labels, np.int64), classes)
+
+
+def _list(path: Path) -> Source:
+    refs, labels = [], []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        label = -1
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            line, label = parts[0], int(parts[1])
+        p = Path(line)
+        if not p.is_absolute():
+            p = path.parent / p
+        if not p.is_file():
+            raise SourceError(f"{path}:{n}: no such image file {line}")
+        refs.append(os.path.relpath(p, path.parent))
+        labels.append(label)
+    return Source("list", str(path.parent), refs, np.asarray(labels, np.int64))
+
+
+def expand_tar_pattern(pattern: str) -> list[str]:
+    """Brace expansion (as WebDataset does), then globbing; in order, duplicates removed."""
+    from braceexpand import braceexpand
+
+    out: list[str] = []
+    for item in braceexpand(pattern):
+        matches = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        out.extend(m for m in matches if m not in out)
+    return out
+
+
+def _webdataset(pattern: str) -> Source:
+    try:
+        from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
+    except ImportError:
+        raise SourceError("reading WebDataset shards needs webdataset: pip install webdataset") from None
+    import re
+
+    tars = expand_tar_pattern(pattern)
+    if not tars:
+        raise SourceError(f"{pattern}: matches no .tar files")
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(t)) for t in tars])
+    refs, labels, index = [], [], {}
+    for tar in tars:
+        if not os.path.isfile(tar):
+            raise SourceError(f"{tar}: no such tar file")
+        rel = os.path.relpath(os.path.abspath(tar), root)
+        samples: list[tuple[str, dict]] = []  # consecutive members with one key form a sample
+        try:
+            with tarfile.open(tar, mode="r:") as tf:
+                for info in tf:
+                    name = info.name
+                    if not info.isreg() or ("/" not in name and name.startswith(meta_prefix) and name.endswith(meta_suffix)):
+                        continue
+                    if re.match(r"__[^/]*__($|/)", name):
+                        continue
+                    key, ext = base_plus_ext(name)
+                    if key is None:
+                        continue
+                    if not samples or samples[-1][0] != key:
+                        samples.append((key, {}))
+                    samples[-1][1][ext.lower()] = (info.offset_data, info.size)
+                for key, members in samples:
+                    image = next((ext for ext in members if ext in _TAR_IMAGE_EXT), None)
+                    if image is None:
+                        continue  # a sample without an image (WebDataset would hand it over; we cannot use it)
+                    ref = f"{rel}:{key}"
+                    off, size = members[image]
+                    coff, csize = members.get("cls", (-1, 0))
+                    label = -1
+                    if coff >= 0:
+                        tf.fileobj.seek(coff)
+                        text = tf.fileobj.read(csize).decode("utf-8", "replace").strip()
+                        try:
+                            label = int(text)
+                        except ValueError:
+                            raise SourceError(f"{ref}: cls is not an integer ({text[:20]!r})") from None
+                    refs.append(ref)
+                    labels.append(label)
+                    index[ref] = (os.path.abspath(tar), off, size, coff, csize)
+        except (tarfile.TarError, OSError) as e:
+            raise SourceError(f"{tar}: not a readable tar file ({e})") from None
+    return Source("webdataset", root, refs, np.asarray(labels, np.int64), None, index)
+
+
+def files_source(paths: list[str | Path]) -> Source:
+    """Image files and folders (expanded recursively, sorted) given on a command line, in order."""
+    from rpiae.imageio import find_images
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = find_images(p)
+            if not found:
+                raise SourceError(f"{p}: no images found")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise SourceError(f"{p}: no such image file")
+    if not files:
+        raise SourceError("no input images given")
+    return Source("files", "", [str(f) for f in files], np.full(len(files), -1, np.int64))
+
+
+def open_source(data: str | Path, no_labels: bool = False) -> Source:
+    """A dataset path or tar pattern -> `Source` (see the module docstring)."""
+    text = str(data)
+    if text.endswith(".tar") or (".tar" in text and ("{" in text or glob.has_magic(text))):
+        src = _webdataset(text)
+    else:
+        p = Path(text)
+        if p.is_file() and p.suffix == ".txt":
+            src = _list(p)
+        elif p.is_dir():
+            has_own = any(e.is_file() and _is_image(e.name) for e in os.scandir(p))
+            subdirs = any(e.is_dir() for e in os.scandir(p))
+            src = _imagefolder(p) if (subdirs and not has_own and not no_labels) else _folder(p)
+        elif p.exists():
+            raise SourceError(f"{p}: expected a folder of images, a .txt list or .tar shards")
+        else:
+            raise SourceError(f"{p}: no such folder, list or tar file")
+    if not len(src):
+        raise SourceError(f"{data}: no images found")
+    if no_labels:
+        src.labels = np.full(len(src), -1, np.int64)
+        src.classes = None
+    return src
+
+
+class CropDataset:
+    """`torch.utils.data.Dataset` view of a source for DataLoader workers: item i is
+    (i, float32 (3, size, size) image, error message or ""), so one bad file does not kill a
+    worker and the consumer decides whether to stop or skip."""
+
+    def __init__(self, source: Source, crop: str, size: int = 256) -> None:
+        self.source, self.crop, self.size = source, crop, size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        try:
+            x = crop_image(self.source.open(i), self.size, self.crop)
+            return i, torch.from_numpy(x), ""
+        except Exception as e:
+            msg = str(e) if isinstance(e, ImageError) else f"{self.source.refs[i]}: cannot read image ({type(e).__name__}: {e})"
+            return i, torch.zeros(3, self.size, self.size), " ".join(msg.split())
+
+
+def image_loader(source: Source, batches: list[list[int]], crop: str, size: int = 256, workers: int = 0):
+    """A DataLoader over `batches` (lists of sample numbers) that yields (ids, images (B, 3,
+    size, size) float32, errors) with reading, decoding and cropping in `workers` processes."""
+    import torch
+
+    return torch.utils.data.DataLoader(
+        CropDataset(source, crop, size),
+        batch_sampler=batches,
+        num_workers=workers,
+        collate_fn=_collate,
+        prefetch_factor=4 if workers else None,
+    )
+
+
+def _collate(items):
+    import torch
+
+    return [i for i, _, _ in items], torch.stack([x for _, x, _ in items]), [e for _, _, e in items]
