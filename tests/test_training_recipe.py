@@ -270,3 +270,24 @@ def test_decoder_pos_embed_trainable_per_stage(stage, trains, batch, tmp_path):
     fixed = make_trainer(stage, tmp_path, gan=False, lpips=False, train_decoder_pos_embed=False)
     assert not fixed.model.decoder.decoder_pos_embed.requires_grad
     assert "encoder.encoder.embeddings.mask_token" not in trainable_names(fixed.model, fixed.cfg)
+
+
+# an addition outside the authors' recipe, off by default ----------------------------------------------
+
+
+def test_image_gradient_term(batch, tmp_path):
+    from rpiae.training.trainer import image_gradient_l1
+
+    x = batch[:1]
+    assert load_train_config(3).grad_weight == 0.0
+    seams = x.clone()
+    seams[..., :, 16::16] += 0.1  # a step at every 16-pixel column border
+    g = image_gradient_l1(seams, x).item()
+    # 15 of the 255 horizontal differences per row change by 0.1 (twice each: the step up and back down
+    # lands on the next column), vertical ones not at all
+    expected = 0.5 * (0.1 * 15 * 2 * 256 * 3 / (255 * 256 * 3)) + 0.0
+    assert g == pytest.approx(expected, rel=1e-3)
+    assert image_gradient_l1(x + 0.3, x).item() == pytest.approx(0.0, abs=1e-6)  # a constant offset has no gradient
+    trainer = make_trainer(3, tmp_path, gan=False, lpips=False, grad_weight=2.0)
+    _, logs, _ = trainer.compute_losses(x)
+    assert logs["loss"] == pytest.approx(logs["l1"] + 2.0 * logs["grad"], rel=1e-6)

@@ -57,6 +57,10 @@ class TrainConfig:
     # losses
     l1_weight: float = 1.0
     lpips_weight: float = 1.0
+    # not in the authors' recipe (0 = off): L1 between the image gradients (neighbouring-pixel
+    # differences) of reconstruction and input, stages I and III; a stand-in that penalises
+    # patch seams and blur where no LPIPS weights are available
+    grad_weight: float = 0.0
     pivot_weight: float = 0.75  # stage I: w_piv = 0.75 (warm-up), then 0.75 * grad-norm ratio
     pivot_warmup_steps: int = 1000
     pivot_max: float = 1e5

@@ -89,6 +89,13 @@ def adaptive_weight(loss_a: torch.Tensor, loss_b: torch.Tensor, param: torch.Ten
     return (ga.norm() / (gb.norm() + eps)).clamp(0.0, max_value).detach()
 
 
+def image_gradient_l1(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean |d recon - d target| over horizontal and vertical neighbouring-pixel differences."""
+    dx = (recon[..., :, 1:] - recon[..., :, :-1]) - (target[..., :, 1:] - target[..., :, :-1])
+    dy = (recon[..., 1:, :] - recon[..., :-1, :]) - (target[..., 1:, :] - target[..., :-1, :])
+    return 0.5 * (dx.abs().mean() + dy.abs().mean())
+
+
 class StageForward(nn.Module):
     """The differentiable path of one stage (the module DDP wraps)."""
 
@@ -230,6 +237,10 @@ class Trainer:
             return loss, logs, recon
 
         rec = cfg.l1_weight * l1
+        if cfg.grad_weight > 0:
+            g = image_gradient_l1(recon, x)
+            rec = rec + cfg.grad_weight * g
+            logs["grad"] = g.item()
         if self.lpips is not None and cfg.lpips_weight > 0:
             with self.autocast:
                 lp = lpips_loss(self.lpips, recon, x).float()
