@@ -59,7 +59,8 @@ def echo_json(obj: Any) -> None:
 
 model_option = click.option(
     "--model", "-m", "model", type=click.Path(path_type=str), default=None,
-    help="Export bundle directory or checkpoint file (.safetensors of ours, or the authors' .pt). "
+    help="Export bundle directory, checkpoint file (.safetensors of ours, or the authors' .pt), or a Hugging Face "
+    "Hub model (hf://owner/name[@revision], e.g. hf://qihoo360/RPiAE; cached, HF_HUB_OFFLINE=1 for the cache only). "
     "Default: the project's shipped small checkpoint.",
 )
 backend_option = click.option(

@@ -11,6 +11,7 @@ import click
 from rpiae import __version__
 from rpiae.cli.bench_cmd import bench
 from rpiae.cli.export_cmd import export, info, samples, verify
+from rpiae.cli.hub_cmd import push
 from rpiae.cli.run import decode, encode, extract
 from rpiae.cli.train import train
 from rpiae.cli.triton_cmd import triton
@@ -25,7 +26,7 @@ def main() -> None:
     """
 
 
-for command in (export, encode, decode, extract, verify, info, samples, bench, triton):
+for command in (export, encode, decode, extract, verify, info, samples, bench, triton, push):
     main.add_command(command)
 main.add_command(train)
 

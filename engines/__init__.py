@@ -47,12 +47,15 @@ def _factories():
 
 
 def resolve_model(model: str | Path | None) -> Path:
-    """A checkpoint file or bundle directory; None means the project's shipped checkpoint."""
+    """A checkpoint file, bundle directory or Hub model (`hf://owner/name[@rev]`, downloaded
+    or read from the cache); None means the project's shipped checkpoint."""
+    from rpiae.hub import resolve
+
     if model is None:
         from rpiae.assets import default_checkpoint
 
         return default_checkpoint()
-    p = Path(model)
+    p = resolve(model)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such checkpoint or bundle")
     return p
@@ -61,7 +64,7 @@ def resolve_model(model: str | Path | None) -> Path:
 def model_info(model: str | Path | None) -> dict:
     """What a job ran: {"path", "sha256", "config"} of a checkpoint or bundle (for a bundle, the
     sha256 of its manifest, which lists every file's sha256)."""
-    from rpiae.checkpoints import read_config
+    from rpiae.checkpoints import checkpoint_sha256, read_config
     from rpiae.export.bundle import MANIFEST, Bundle
     from rpiae.fileio import sha256_file
 
@@ -69,7 +72,7 @@ def model_info(model: str | Path | None) -> dict:
     if Bundle.is_bundle(path):
         return {"path": str(path), "sha256": sha256_file(path / MANIFEST), "config": Bundle.open(path).config.to_dict()}
     cfg = read_config(path)
-    return {"path": str(path), "sha256": sha256_file(path), "config": cfg.to_dict() if cfg else None}
+    return {"path": str(path), "sha256": checkpoint_sha256(path), "config": cfg.to_dict() if cfg else None}
 
 
 def check_bundle_latent_stats(bundle, latent_stats: str | Path | None) -> None:
@@ -101,6 +104,7 @@ def load_backend(
     `latent_stats` (a statistics file of `rpiae extract`, or the RPiAE authors' `.pt`) makes a
     checkpoint's latent normalised; a bundle already carries its statistics in its graphs."""
     from rpiae.export.bundle import Bundle
+    from rpiae.hub import is_hub_layout
 
     if latent_stats is not None and not Path(latent_stats).is_file():
         raise FileNotFoundError(f"{latent_stats}: no such latent statistics file")
@@ -111,7 +115,7 @@ def load_backend(
         source = Bundle.open(path)
         check_bundle_latent_stats(source, latent_stats)
         latent_stats = None
-    elif path.is_dir():
+    elif path.is_dir() and not is_hub_layout(path):
         raise BackendUnavailable(f"{path}: a directory without manifest.json is not an export bundle")
     elif backend != "torch":
         raise BackendUnavailable(

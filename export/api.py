@@ -17,6 +17,7 @@ from rpiae.export.graphs import GRAPH_MODULES, GRAPHS
 from rpiae.export.onnx_export import OPSET, export_graph_from_checkpoint
 from rpiae.export.parity import compare, reference_outputs
 from rpiae.export.precision import PRECISIONS, check_int8_memory, precision_report, to_fp16, to_int8
+from rpiae.checkpoints import checkpoint_sha256
 from rpiae.fileio import atomic_dir, sha256_file
 from rpiae.imageio import find_images, load_images
 from rpiae.isolation import run_in_child
@@ -75,7 +76,7 @@ def export_bundle(
     else:
         path = resolve_model(checkpoint)
         model = RPiAE.from_checkpoint(path)
-        source = {"path": str(path), "sha256": sha256_file(path)}
+        source = {"path": str(path), "sha256": checkpoint_sha256(path)}
     model = model.float().eval()
     if latent_stats is not None:
         from rpiae.checkpoints import read_latent_stats

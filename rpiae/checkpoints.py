@@ -142,9 +142,46 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> RPiAEConfig:
     )
 
 
+def checkpoint_sha256(path: str | Path) -> str:
+    """sha256 of a checkpoint file; of a Hub-layout folder, of its config and weights together."""
+    from rpiae.fileio import sha256_file
+    from rpiae.hub import HUB_CONFIG, HUB_WEIGHTS
+
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    import hashlib
+
+    return hashlib.sha256((sha256_file(path / HUB_CONFIG) + sha256_file(path / HUB_WEIGHTS)).encode()).hexdigest()
+
+
+def read_hub_layout(folder: str | Path) -> tuple[RPiAEConfig, StateDict]:
+    """A folder in the project's Hub layout (`rpiae push`, `AutoencoderRPiAE.save_pretrained`):
+    the config from `config.json`, the release-layout state dict from the diffusers weights
+    file (keys under `model.`)."""
+    from rpiae.hub import HUB_CONFIG, HUB_WEIGHTS
+
+    folder = Path(folder)
+    cfg = json.loads((folder / HUB_CONFIG).read_text())
+    obj, _ = read_file(folder / HUB_WEIGHTS)
+    sd = {k[len("model.") :]: v for k, v in obj.items() if k.startswith("model.")}
+    if not sd:
+        raise CheckpointError(f"{folder / HUB_WEIGHTS}: no weights under model.* (not an AutoencoderRPiAE file)")
+    return RPiAEConfig.from_dict(cfg["rpiae_config"]), sd
+
+
 def load_model(path: str | Path, config: RPiAEConfig | str | None = None):
+    from rpiae.hub import is_hub_layout
     from rpiae.model import RPiAE
 
+    if Path(path).is_dir():
+        if not is_hub_layout(path):
+            raise CheckpointError(f"{path}: a folder that is neither a bundle nor an AutoencoderRPiAE (Hub) folder")
+        hub_config, sd = read_hub_layout(path)
+        model = RPiAE(hub_config if config is None else config)
+        load_strict(model, sd, f"checkpoint {path}")
+        model.source = str(path)
+        return model.eval()
     obj, meta = read_file(path)
     if isinstance(config, str):
         config = PRESETS.get(config) or RPiAEConfig.from_json(config)
@@ -194,7 +231,12 @@ def read_latent_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def read_config(path: str | Path) -> RPiAEConfig | None:
-    """The config stored in one of the project's safetensors files (None for other files)."""
+    """The config stored in one of the project's safetensors files or Hub-layout folders (None
+    for other files)."""
+    from rpiae.hub import HUB_CONFIG, is_hub_layout
+
+    if is_hub_layout(path):
+        return RPiAEConfig.from_dict(json.loads((Path(path) / HUB_CONFIG).read_text())["rpiae_config"])
     if Path(path).suffix != ".safetensors":
         return None
     with safe_open(str(path), framework="pt") as f:

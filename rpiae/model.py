@@ -50,7 +50,8 @@ class RPiAE(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: RPiAEConfig | str | None = None) -> "RPiAE":
-        """Load the authors' release `.pt` or one of this project's `.safetensors` files.
+        """Load the authors' release `.pt`, one of this project's `.safetensors` files, or a
+        folder in the Hub layout (`rpiae push` / `AutoencoderRPiAE.save_pretrained`).
 
         The project's files carry their config; for the release the config is matched from
         the tensor shapes against the presets (pass `config=` for a custom size).
@@ -58,6 +59,17 @@ class RPiAE(nn.Module):
         from rpiae.checkpoints import load_model
 
         return load_model(path, config)
+
+    @classmethod
+    def from_pretrained(
+        cls, repo_or_path: str | Path = "qihoo360/RPiAE", revision: str | None = None, filename: str | None = None,
+        local_files_only: bool | None = None,
+    ) -> "RPiAE":
+        """Load from the Hugging Face Hub (downloaded once, then from its cache) or a local
+        file/folder. Default: the authors' release (`qihoo360/RPiAE`). Honours HF_HUB_OFFLINE."""
+        from rpiae.hub import resolve
+
+        return cls.from_checkpoint(resolve(repo_or_path, revision, filename, local_files_only))
 
     def save(self, path: str | Path, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> Path:
         """Write the project's format: safetensors with the config in its metadata."""
