@@ -35,11 +35,14 @@ from rpiae.cli.common import CheckFailed, device_option, echo_json, friendly_err
               help="TensorRT timing cache file (read if present, updated after the build).")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="TensorRT builder optimisation level.")
+@click.option("--version-compatible", is_flag=True,
+              help="TensorRT: build engines that later TensorRT runtimes also run (e.g. a Triton server with another "
+              "TensorRT 10.x, or 11); they embed TensorRT's lean runtime and may be slower.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
 @friendly_errors
 def export(checkpoint, target, precision, calib, calib_count, int8_high_precision, batch, device, cache_dir,
-           workspace_gb, timing_cache, opt_level, out, overwrite):
+           workspace_gb, timing_cache, opt_level, version_compatible, out, overwrite):
     """Export the encode/decode graphs into a self-describing bundle, checked against PyTorch.
 
     Writes OUT/manifest.json, OUT/model.safetensors and OUT/{encode,decode}.<precision>.onnx;
@@ -74,7 +77,8 @@ def export(checkpoint, target, precision, calib, calib_count, int8_high_precisio
         from rpiae.engines.tensorrt import build_bundle_engines
 
         build_bundle_engines(bundle, precisions=[p for p in precisions if p != "fp32"] or ["fp32"], profile=profile,
-                             workspace_gb=workspace_gb, timing_cache=timing_cache, opt_level=opt_level)
+                             workspace_gb=workspace_gb, timing_cache=timing_cache, opt_level=opt_level,
+                             version_compatible=version_compatible)
     elif target == "aoti":
         from rpiae.export.aoti import package_bundle
 
