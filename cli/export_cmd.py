@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from rpiae.cli.common import CheckFailed, device_option, echo_json, friendly_errors, parse_int_list
+from rpiae.cli.common import (
+    CheckFailed,
+    allow_fallback_option,
+    device_option,
+    echo_json,
+    fallback_allowed,
+    friendly_errors,
+    parse_int_list,
+)
 
 
 @click.command()
@@ -94,10 +102,10 @@ def export(checkpoint, target, precision, calib, calib_count, int8_high_precisio
 def _print_results(rows) -> None:
     if not rows:
         return
-    click.echo(f"{'backend':8} {'prec':5} {'batch':>5}  {'check':22} {'value':>12} {'bound':>10}  ok")
+    click.echo(f"{'backend':14} {'prec':5} {'batch':>5}  {'check':22} {'value':>12} {'bound':>10}  ok")
     for r in rows:
         for name, c in r["checks"].items():
-            click.echo(f"{r.get('backend', ''):8} {r['precision']:5} {r['metrics']['batch']:>5}  {name:22} "
+            click.echo(f"{r.get('backend', ''):14} {r['precision']:5} {r['metrics']['batch']:>5}  {name:22} "
                        f"{c['value']:>12.6g} {c['bound']:>10.6g}  {'yes' if c['ok'] else 'NO'}")
 
 
@@ -111,13 +119,18 @@ def _print_results(rows) -> None:
 @click.option("--batch", default="1,3,8", show_default=True, help="Comma-separated batch sizes to run.")
 @click.option("--precision", "-p", default=None, help="Comma-separated precisions to check (default: all in the bundle).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the report as JSON here.")
+@click.option("--compare", type=click.Choice(["pytorch", "polygraphy"]), default="pytorch", show_default=True,
+              help="pytorch: parity against eager PyTorch FP32; polygraphy: polygraphy's Comparator runs each graph "
+              "(ort or trt) against the FP32 ONNX graph on ONNX Runtime's CPU provider.")
+@allow_fallback_option
 @friendly_errors
-def verify(model, backend, device, images, batch, precision, json_out):
+def verify(model, backend, device, images, batch, precision, json_out, compare, allow_fallback):
     """Parity report of every graph in a bundle against eager PyTorch FP32.
 
     Tolerances: FP32 latents max|diff| <= 1e-4*max|z|, cosine >= 0.99999, decoded PSNR >= 60 dB;
     FP16 decoded PSNR >= 40 dB; INT8 reconstruction PSNR within 1 dB of FP32's.
-    Exit code 3 when a check fails.
+    With --compare polygraphy (first batch size only): |diff|/max|reference| of the max (fp32,
+    <= 1e-4) or mean (fp16/bf16 <= 1e-3, int8 <= 2e-2). Exit code 3 when a check fails.
     """
     import json
 
@@ -132,8 +145,19 @@ def verify(model, backend, device, images, batch, precision, json_out):
         if not files:
             raise click.ClickException(f"{images}: no images found")
         x = load_images(files[:16])
-    report = verify_bundle(model, backend=backend, images=x, batches=parse_int_list(batch, "--batch"),
-                           precisions=parse_precisions(precision) if precision else None, device=device, progress=True)
+    batches = parse_int_list(batch, "--batch")
+    with fallback_allowed(allow_fallback):
+        if compare == "polygraphy":
+            from rpiae.engines.polygraphy_check import BACKENDS, compare_bundle
+
+            if backend not in BACKENDS:
+                raise click.UsageError(f"--compare polygraphy runs --backend {' or '.join(BACKENDS)}, not {backend}")
+            report = compare_bundle(model, backend=backend, images=x, batch=batches[0], device=device,
+                                    precisions=parse_precisions(precision) if precision else None)
+        else:
+            report = verify_bundle(model, backend=backend, images=x, batches=batches,
+                                   precisions=parse_precisions(precision) if precision else None, device=device,
+                                   progress=True)
     _print_results(report["results"])
     if json_out:
         with atomic_file(json_out) as tmp:

@@ -177,3 +177,14 @@ def test_fallback_reason_picks_the_telling_lines():
     assert reason.startswith("EP Error [ONNXRuntimeError] : 1 : FAIL : TensorRT EP failed to create engine")
     assert O.fallback_reason("", "CUDAExecutionProvider") == "ONNX Runtime logged no reason"
     json.dumps(reason)
+
+
+def test_allow_fallback_flag_sets_the_environment_for_the_command_only(monkeypatch):
+    from rpiae.cli.common import fallback_allowed
+
+    monkeypatch.delenv(O.ALLOW_FALLBACK_ENV, raising=False)
+    with fallback_allowed(True):
+        assert O.fallback_allowed() is True
+    assert O.ALLOW_FALLBACK_ENV not in os.environ and O.fallback_allowed() is False
+    with fallback_allowed(False):
+        assert O.fallback_allowed() is False

@@ -590,6 +590,16 @@ def test_engine_parity_against_pytorch(engine_bundle, sample_photos):
 
 @pytest.mark.gpu
 @requires_trt_gpu
+def test_engines_pass_polygraphys_comparison(engine_bundle, sample_photos):
+    from rpiae.engines.polygraphy_check import compare_bundle
+
+    report = compare_bundle(engine_bundle, backend="trt", images=sample_photos, batch=3, device="cuda")
+    assert [r["precision"] for r in report["results"]] == ["fp32", "fp16", "int8"]
+    assert report["ok"], json.dumps(report["results"], indent=1)
+
+
+@pytest.mark.gpu
+@requires_trt_gpu
 def test_engine_backend_on_gpu_tensors_and_streams(engine_bundle, sample_photos):
     from rpiae.engines import load_backend
 
