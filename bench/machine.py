@@ -90,8 +90,12 @@ def machine_facts(device: str = "cpu", threads: int | None = None) -> dict[str, 
         facts["onnxruntime_providers"] = ort.get_available_providers()
     except ImportError:
         pass
-    if device.startswith("cuda") and torch.cuda.is_available():
-        idx = torch.device(device).index or 0
+    from rpiae.bench.peak import on_cuda
+    from rpiae.engines.base import torch_device
+
+    if on_cuda(device) and torch.cuda.is_available():
+        idx = torch_device(device).index
+        idx = torch.cuda.current_device() if idx is None else idx
         props = torch.cuda.get_device_properties(idx)
         facts["gpu"] = {
             "name": props.name,
