@@ -34,7 +34,7 @@ from rpiae.cli.common import (
 @click.option("--batch", default="1:8:32", show_default=True,
               help="Batch profile MIN:OPT:MAX for TensorRT engines / AOTInductor packages (ONNX graphs are dynamic).")
 @click.option("--device", default="auto", show_default=True,
-              help="aoti target: cpu, cuda (or cuda:N), or auto = cuda when a GPU is visible, else cpu.")
+              help="aoti target: cpu, cuda (or cuda:N), or auto = cuda when a GPU and the CUDA toolkit are here, else cpu.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="aoti: directory for compiler caches and temporary files (default $RPIAE_CACHE_DIR or ~/.cache/rpiae).")
 @click.option("--workspace-gb", type=click.FloatRange(0.1), default=8.0, show_default=True,
@@ -65,12 +65,12 @@ def export(checkpoint, target, precision, calib, calib_count, int8_high_precisio
     precisions = parse_precisions(precision)
     profile = BatchProfile.parse(batch)
     if target == "aoti":
-        from rpiae.export.aoti import check_target
+        from rpiae.export.aoti import auto_device, check_target
 
         if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device, note = auto_device()
+            if note:
+                click.echo(f"note: {note}", err=True)
         check_target(device)  # fail before the (long) ONNX export, not after it
     reuse = target != "onnx" and Bundle.is_bundle(out) and not overwrite
     if reuse:
