@@ -111,8 +111,9 @@ def _print_results(rows) -> None:
 
 @click.command()
 @click.option("--model", "-m", type=click.Path(path_type=Path), required=True, help="Export bundle directory.")
-@click.option("--backend", "-b", type=click.Choice(["ort", "trt", "aoti"]), default="ort", show_default=True,
-              help="Which runtime's graphs to check against PyTorch.")
+@click.option("--backend", "-b", type=click.Choice(["ort", "trt", "aoti", "torch-trt"]), default="ort", show_default=True,
+              help="Which runtime's graphs to check against PyTorch (torch-trt: the PyTorch graphs compiled by "
+              "Torch-TensorRT, fp32/fp16/bf16).")
 @device_option
 @click.option("--images", type=click.Path(path_type=Path), default=None,
               help="Folder of real images to test with (default: the photos bundled with scikit-image/-learn).")

@@ -41,8 +41,8 @@ from typing import Any
 from rpiae.engines.base import BackendUnavailable
 
 TRT_MISSING = (
-    "TensorRT is not installed: pip install tensorrt (from NVIDIA's index, https://pypi.nvidia.com; "
-    "the extra `pip install rpiae[trt]`) on a machine with an NVIDIA GPU"
+    "TensorRT is not installed: pip install tensorrt-cu12 (for a CUDA 12 torch; or pip install -e '.[gpu]'; "
+    "from NVIDIA's index, https://pypi.nvidia.com) on a machine with an NVIDIA GPU"
 )
 CUDA_MISSING = (
     "TensorRT needs an NVIDIA GPU: torch.cuda.is_available() is False "

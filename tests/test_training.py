@@ -533,17 +533,6 @@ def test_ema_is_one_fused_lerp(tmp_path, batch, monkeypatch):
     assert frozen and all(torch.equal(trainer.ema_params[n], before[n]) for n in frozen)
 
 
-@pytest.fixture
-def kernel_flags(monkeypatch):
-    """Restore the process-wide kernel switches a Trainer sets."""
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    yield
-    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
-
-
 def test_deterministic_flag_and_cudnn_autotuning(kernel_flags):
     import os
 
