@@ -10,8 +10,8 @@ import subprocess
 from importlib import metadata as _md
 from typing import Any
 
-LIBRARIES = ("rpiae", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "tensorrt", "nvidia-modelopt",
-             "psutil", "matplotlib")
+LIBRARIES = ("rpiae", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "tensorrt", "tensorrt-cu12", "polygraphy",
+             "torch-tensorrt", "nvidia-modelopt", "psutil", "matplotlib")
 _CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8",
               "amx_tile")
 
