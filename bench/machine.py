@@ -10,8 +10,8 @@ import subprocess
 from importlib import metadata as _md
 from typing import Any
 
-LIBRARIES = ("rpiae", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "tensorrt", "nvidia-modelopt",
-             "psutil", "matplotlib")
+LIBRARIES = ("rpiae", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "tensorrt", "tensorrt-cu12", "polygraphy",
+             "torch-tensorrt", "nvidia-modelopt", "psutil", "matplotlib")
 _CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8",
               "amx_tile")
 
@@ -90,8 +90,12 @@ def machine_facts(device: str = "cpu", threads: int | None = None) -> dict[str, 
         facts["onnxruntime_providers"] = ort.get_available_providers()
     except ImportError:
         pass
-    if device.startswith("cuda") and torch.cuda.is_available():
-        idx = torch.device(device).index or 0
+    from rpiae.bench.peak import on_cuda
+    from rpiae.engines.base import torch_device
+
+    if on_cuda(device) and torch.cuda.is_available():
+        idx = torch_device(device).index
+        idx = torch.cuda.current_device() if idx is None else idx
         props = torch.cuda.get_device_properties(idx)
         facts["gpu"] = {
             "name": props.name,

@@ -8,7 +8,11 @@ before and after the rows, and briefly again right before each row.
 - CPU fp32: `torch.matmul` on (n, n) float32 with the run's thread count.
 - CPU int8: ONNX Runtime `MatMulInteger` (uint8 x int8 -> int32), the kernels ORT's INT8
   graphs use; skipped with the reason where it cannot run.
-- CUDA: fp32 (no TF32), bf16, fp16 and int8 (`torch._int_mm`) matmuls timed with CUDA events.
+- CUDA: fp32 (no TF32), bf16, fp16 and int8 (`torch._int_mm`) matmuls timed with CUDA events,
+  on the run's GPU; the matrices are released (cache emptied) before returning.
+
+`dtypes` limits a measurement to the peaks needed (a row re-measures only the one it is
+compared against: `peak_dtype`).
 """
 
 from __future__ import annotations
@@ -81,15 +85,21 @@ def cpu_int8_peak(threads: int, n: int = 2048, min_time: float = 1.0) -> dict[st
     return {**res, "dtype": "int8", "kernel": f"onnxruntime MatMulInteger u8xs8 {n}x{n}x{n}", "threads": threads}
 
 
-def cuda_peaks(device: str = "cuda", n: int = 8192, min_time: float = 1.0) -> dict[str, dict[str, Any]]:
+CUDA_DTYPES = ("fp32", "bf16", "fp16", "int8")
+
+
+def cuda_peaks(device: str = "cuda", n: int = 8192, min_time: float = 1.0,
+               dtypes: tuple[str, ...] | list[str] | None = None) -> dict[str, dict[str, Any]]:
     import torch
 
-    dev = torch.device(device)
+    from rpiae.engines.base import device_scope, strict_fp32, torch_device
+
+    dev = torch_device(device)
     out: dict[str, dict[str, Any]] = {}
-    prev_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        for key, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16), ("int8", torch.int8)):
+    kinds = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+    with device_scope(dev), strict_fp32():
+        for key in dtypes or CUDA_DTYPES:
+            dtype = kinds[key]
             try:
                 if dtype == torch.int8:
                     a = torch.randint(-127, 128, (n, n), device=dev, dtype=torch.int8)
@@ -120,26 +130,43 @@ def cuda_peaks(device: str = "cuda", n: int = 8192, min_time: float = 1.0) -> di
                 del a, b
             except Exception as e:  # noqa: BLE001 - a dtype this GPU/torch cannot run is reported, not fatal
                 out[key] = {"skipped": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev_tf32
+        a = b = fn = None  # noqa: F841 - drop the last matrices, then give their memory back
+        torch.cuda.empty_cache()  # the matrices must not stay cached in the allocator
     return out
 
 
+def on_cuda(device: str) -> bool:
+    """Whether a benchmark device string runs on a GPU (`cuda[:N]`, or `trt[:N]`: ONNX Runtime's
+    TensorRT provider on GPU N)."""
+    return str(device).split(":")[0] in ("cuda", "trt")
+
+
 def measure_peaks(device: str, threads: int, min_time: float = 1.0, quick: bool = False,
-                  size: int | None = None) -> dict[str, dict[str, Any]]:
+                  size: int | None = None, dtypes: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """dtype -> peak record; entries that could not run carry `skipped` with the reason.
 
-    `size`: the matmul side (default 8192 on CUDA, 2048 on CPU; `quick` halves it).
+    `size`: the matmul side (default 8192 on CUDA, 2048 on CPU; `quick` halves it);
+    `dtypes`: only these (default: every dtype of the device).
     """
-    if device.startswith("cuda"):
-        return cuda_peaks(device, n=size or (4096 if quick else 8192), min_time=min_time)
+    if on_cuda(device):
+        return cuda_peaks(device, n=size or (4096 if quick else 8192), min_time=min_time, dtypes=dtypes)
     n = size or (1024 if quick else 2048)
-    peaks: dict[str, dict[str, Any]] = {"fp32": cpu_fp32_peak(threads, n=n, min_time=min_time)}
-    try:
-        peaks["int8"] = cpu_int8_peak(threads, n=n, min_time=min_time)
-    except Exception as e:  # noqa: BLE001
-        peaks["int8"] = {"skipped": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
+    peaks: dict[str, dict[str, Any]] = {}
+    if dtypes is None or "fp32" in dtypes:
+        peaks["fp32"] = cpu_fp32_peak(threads, n=n, min_time=min_time)
+    if dtypes is None or "int8" in dtypes:
+        try:
+            peaks["int8"] = cpu_int8_peak(threads, n=n, min_time=min_time)
+        except Exception as e:  # noqa: BLE001
+            peaks["int8"] = {"skipped": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
     return peaks
+
+
+def peak_dtype(device: str, precision: str) -> str:
+    """The peak a row of `precision` is compared against (before falling back, see `peak_key`)."""
+    if on_cuda(device):
+        return {"fp32": "fp32", "fp16": "bf16", "bf16": "bf16", "int8": "int8"}.get(precision, "fp32")
+    return "int8" if precision == "int8" else "fp32"
 
 
 def peak_key(device: str, precision: str, peaks: dict[str, dict[str, Any]]) -> str | None:
@@ -149,11 +176,8 @@ def peak_key(device: str, precision: str, peaks: dict[str, dict[str, Any]]) -> s
     fp32 peak; int8 rows against the int8 peak. CUDA: fp32 against fp32, fp16/bf16 against
     the bf16 tensor-core peak (the issue's reference), int8 against the int8 peak.
     """
-    if device.startswith("cuda"):
-        want = {"fp32": "fp32", "fp16": "bf16", "bf16": "bf16", "int8": "int8"}.get(precision, "fp32")
-    else:
-        want = "int8" if precision == "int8" else "fp32"
-    for key in (want, "bf16" if device.startswith("cuda") else "fp32"):
+    want = peak_dtype(device, precision)
+    for key in (want, "bf16" if on_cuda(device) else "fp32"):
         if key in peaks and "gflops" in peaks[key]:
             return key
     return None

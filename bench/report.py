@@ -50,7 +50,9 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     def speedup(p: str):
         return lambda r: r.get("speedup_vs_torch", {}).get(p)
 
-    if not device.startswith("cuda"):
+    from rpiae.bench.peak import on_cuda
+
+    if not on_cuda(device):
         for graph in ("encode", "decode"):
             row = _find(result, graph, "ort", "fp32", 1)
             out.append(_check(f"ORT FP32 {graph} batch 1 >= 1.2x PyTorch eager FP32{scope}", row, speedup("fp32"), 1.2, "x"))

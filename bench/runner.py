@@ -16,12 +16,17 @@ Methodology (recorded in the results' `methodology`):
   p50/p90/p99 over the timed calls; throughput = batch / p50.
 - End-to-end time = host numpy array in -> host numpy array out (`time.perf_counter`),
   i.e. including host<->device copies on a GPU. On CUDA, compute time is measured apart:
-  inputs already on the device, CUDA events recorded on the backend's execution stream
-  (its `stream` attribute where it has one, else torch's current stream).
+  inputs already on the device (torch tensors; ONNX Runtime binds them, no host copy), CUDA
+  events recorded on the backend's execution stream (its `stream` attribute where it has
+  one, else torch's current stream of the run's GPU). Every CUDA call names the run's GPU
+  (`cuda:N` measures GPU N). The parent process never initialises CUDA on a GPU run: machine
+  facts and matmul peaks are taken in child processes (a GPU in exclusive-process mode then
+  still gives every row its context).
 - Reference: PyTorch eager FP32 (and BF16 on CUDA) rows are always measured, so every row
   has its speed-up over eager at the same batch in the same run.
 - Hardware limit: matmul peaks measured before and after the rows (and briefly inside
-  each child before it opens the backend: `local_peak_gflops`). Fraction of peak =
+  each child before it opens the backend, for the row's own dtype only: `local_peak`).
+  Fraction of peak =
   `RPiAEConfig.flops()[graph] * batch / p50` over the best of the run's peaks.
 """
 
@@ -40,7 +45,7 @@ from typing import Any, Callable
 FORMAT = "rpiae-bench"
 FORMAT_VERSION = 1
 GRAPHS = ("encode", "decode")
-BENCH_BACKENDS = ("torch", "torch-compile", "ort", "trt", "aoti")
+BENCH_BACKENDS = ("torch", "torch-compile", "ort", "trt", "aoti", "torch-trt")
 BENCH_PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 TORCH_PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -86,7 +91,9 @@ class BenchSettings:
             raise ValueError("need warmup >= 0 and 1 <= min_iters <= max_iters")
 
     def reference_precisions(self) -> list[str]:
-        return ["fp32", "bf16"] if self.device.startswith("cuda") else ["fp32"]
+        from rpiae.bench.peak import on_cuda
+
+        return ["fp32", "bf16"] if on_cuda(self.device) else ["fp32"]
 
     def row_specs(self) -> list[dict[str, Any]]:
         """Rows in run order: per graph, the eager reference first, then the requested ones."""
@@ -185,13 +192,13 @@ def _peak_rss() -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
-def _open_backend(model: str, backend: str, precision: str, device: str, threads: int):
+def _open_backend(model: str, backend: str, precision: str, device: str, threads: int, **kwargs):
     from rpiae.engines import load_backend
 
     if backend == "torch-compile":
         return load_backend(model, "torch", precision, device, compile=True)
     if backend == "ort":
-        return load_backend(model, "ort", precision, device, threads=threads)
+        return load_backend(model, "ort", precision, device, threads=threads, **kwargs)
     return load_backend(model, backend, precision, device)
 
 
@@ -201,6 +208,8 @@ def graph_weight_bytes(model: str, backend: str, precision: str, graph: str) -> 
     from rpiae.export.graphs import GRAPH_MODULES
 
     path = Path(model)
+    if backend == "torch-trt":  # the weights live inside Torch-TensorRT's engines
+        return {"weight_bytes": None, "weight_source": None}
     if backend in ("torch", "torch-compile"):
         from safetensors import safe_open
 
@@ -227,18 +236,25 @@ def graph_weight_bytes(model: str, backend: str, precision: str, graph: str) -> 
     return {"weight_bytes": None, "weight_source": None}
 
 
-def _cuda_compute_times(backend, x_dev, n: int, warm: int) -> list[float]:
+def _device_input(x, dev):
+    """The benchmark input as a tensor on the run's GPU."""
+    import torch
+
+    return torch.from_numpy(x).to(dev)
+
+
+def _cuda_compute_times(backend, x_dev, n: int, warm: int, dev) -> list[float]:
     import torch
 
     stream = getattr(backend, "stream", None)
     if isinstance(stream, int):
-        stream = torch.cuda.ExternalStream(stream)
-    elif not isinstance(stream, torch.cuda.Stream):
-        stream = torch.cuda.current_stream()
+        stream = torch.cuda.ExternalStream(stream, device=dev)
+    elif stream is None:
+        stream = torch.cuda.current_stream(dev)
     fn = backend.encode if x_dev.shape[1] == 3 else backend.decode
     for _ in range(warm):
         fn(x_dev)
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(dev)
     out = []
     for _ in range(n):
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -275,26 +291,36 @@ def measure_row(spec: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any
 
 
 def _measure_row(row: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    from rpiae.engines.base import device_scope, torch_device
+
+    dev = torch_device(settings["device"])
+    with device_scope(dev):  # torch's current GPU is the run's: streams, caches and memory stats are its
+        return _measure_row_on(row, settings, dev)
+
+
+def _measure_row_on(row: dict[str, Any], settings: dict[str, Any], dev) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from rpiae.bench.peak import measure_peaks, peak_key
+    from rpiae.bench.peak import measure_peaks, on_cuda, peak_dtype, peak_key
 
     threads = int(settings["threads"])
     torch.set_num_threads(threads)
     device = settings["device"]
     graph, batch, precision = row["graph"], row["batch"], row["precision"]
-    cuda = device.startswith("cuda")
+    cuda = on_cuda(device)
     if settings["row_peak_time"] > 0:
-        # the same matmul as the run's peak, right before this row: the share of the machine
-        # this row had (other processes on a shared machine move it by a factor, not by ±20 %)
-        local = measure_peaks(device, threads, min_time=settings["row_peak_time"], size=settings.get("peak_size"))
+        # the same matmul as the run's peak, right before this row and for this row's dtype only:
+        # the share of the machine this row had (other processes on a shared machine move it by a
+        # factor, not by ±20 %)
+        local = measure_peaks(device, threads, min_time=settings["row_peak_time"], size=settings.get("peak_size"),
+                              dtypes=[peak_dtype(device, precision)])
         key = peak_key(device, precision, local)
         row["local_peak"] = {"dtype": key, "gflops": local[key]["gflops"]} if key else None
     if cuda:
         torch.cuda.empty_cache()  # the local peak's matrices must not count against the row
-        torch.cuda.reset_peak_memory_stats()
-        free0, total = torch.cuda.mem_get_info()
+        torch.cuda.reset_peak_memory_stats(dev)
+        free0, total = torch.cuda.mem_get_info(dev)
     isolated = settings["isolate"]
     row["rss_baseline_bytes"] = _rss() if isolated else None
     t0 = time.perf_counter()
@@ -318,12 +344,12 @@ def _measure_row(row: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any
         row["backend_info"] = {k: (v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v))
                                for k, v in backend.describe().items()}
         if cuda:
-            x_dev = torch.from_numpy(x).to(device)
+            x_dev = _device_input(x, dev)
             n = max(settings["min_iters"], min(len(times), 200))
-            ctimes = _cuda_compute_times(backend, x_dev, n, warm=max(settings["warmup"], 1))
+            ctimes = _cuda_compute_times(backend, x_dev, n, warm=max(settings["warmup"], 1), dev=dev)
             row["compute"] = {**stats(ctimes, batch), "method": "CUDA events on the execution stream, device-resident input"}
-            row["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-            free1, _ = torch.cuda.mem_get_info()
+            row["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(dev)
+            free1, _ = torch.cuda.mem_get_info(dev)
             row["cuda_device_used_delta_bytes"] = int(free0 - free1)
             row["cuda_total_bytes"] = int(total)
     finally:
@@ -392,30 +418,23 @@ def _profile_graph(spec: dict[str, Any], settings: dict[str, Any]) -> dict[str, 
     runs = 2
     totals: dict[str, float] = {}
     if spec["backend"] == "ort":
-        import onnxruntime as ort
-
-        from rpiae.export.bundle import Bundle
-
-        bundle = Bundle.open(settings["model"])
-        cfg = bundle.config
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        opts.enable_profiling = True
+        # the row's own backend on the run's device (providers, device id, I/O binding), profiling on
         with tempfile.TemporaryDirectory() as tmp:
-            opts.profile_file_prefix = str(Path(tmp) / "ort")
-            sess = ort.InferenceSession(str(bundle.graph_path(graph, precision)), sess_options=opts,
-                                        providers=["CPUExecutionProvider"])
-            x = _input(cfg, graph, batch)
-            for _ in range(runs):
-                sess.run(None, {sess.get_inputs()[0].name: x})
-            events = json.loads(Path(sess.end_profiling()).read_text())
+            backend = _open_backend(settings["model"], "ort", precision, settings["device"], threads, profile_dir=tmp)
+            try:
+                x = _input(backend.config, graph, batch)
+                fn = backend.encode if graph == "encode" else backend.decode
+                for _ in range(runs):
+                    fn(x)
+                events = json.loads(Path(backend.end_profiling(graph)).read_text())
+                providers = backend.describe()["providers"]
+            finally:
+                backend.close()
         for ev in events:
             if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
                 op = ev.get("args", {}).get("op_name", "?")
                 totals[op] = totals.get(op, 0.0) + ev.get("dur", 0) / 1e6
-        tool = "onnxruntime profiler (kernel time by op type)"
+        tool = f"onnxruntime profiler (kernel time by op type; {', '.join(providers)})"
     elif spec["backend"] in ("torch", "torch-compile"):
         from torch.profiler import ProfilerActivity, profile
 
@@ -423,7 +442,9 @@ def _profile_graph(spec: dict[str, Any], settings: dict[str, Any]) -> dict[str, 
         x = _input(backend.config, graph, batch)
         fn = backend.encode if graph == "encode" else backend.decode
         fn(x)
-        cuda = settings["device"].startswith("cuda")
+        from rpiae.bench.peak import on_cuda
+
+        cuda = on_cuda(settings["device"])
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts) as prof:
             for _ in range(runs):
@@ -458,6 +479,8 @@ def _static_skip(spec: dict[str, Any], is_bundle: bool, bundle_precisions: list[
     b, p = spec["backend"], spec["precision"]
     if b in ("torch", "torch-compile") and p not in TORCH_PRECISIONS:
         return f"{b} runs {', '.join(TORCH_PRECISIONS)} (autocast), not {p}; {p} is an exported-graph precision"
+    if b == "torch-trt" and p not in TORCH_PRECISIONS:
+        return f"torch-trt compiles {', '.join(TORCH_PRECISIONS)}, not {p}; the bundle's {p} engines run with trt"
     if b in ("ort", "trt", "aoti") and not is_bundle:
         return f"backend {b!r} runs an export bundle; --model is a checkpoint (run `rpiae export` first)"
     if b == "ort" and p not in bundle_precisions:
@@ -537,15 +560,11 @@ def run_benchmark(settings: BenchSettings, out: str | Path | None = None,
 
 def _run(settings: BenchSettings, sdict: dict[str, Any], model_path: Path, is_bundle: bool, bundle: Any, config: Any,
          bundle_precisions: list[str], say: Callable[[str], None]) -> dict[str, Any]:
-    from rpiae.bench.machine import load_average, machine_facts
-    from rpiae.bench.peak import measure_peaks
+    from rpiae.bench.machine import load_average
 
     started = _dt.datetime.now(_dt.timezone.utc)
-    with _child_env(settings.threads):
-        facts = machine_facts(settings.device, settings.threads)
-        say(f"measuring the {settings.device} matmul peak")
-        peaks_before = measure_peaks(settings.device, settings.threads, min_time=settings.peak_time,
-                                       size=settings.peak_size)
+    say(f"measuring the {settings.device} matmul peak")
+    facts, peaks_before = _facts_and_peaks(settings, with_facts=True)
     rows: list[dict[str, Any]] = []
     unavailable: dict[tuple[str, str], str] = {}
     specs = settings.row_specs()
@@ -581,10 +600,8 @@ def _run(settings: BenchSettings, sdict: dict[str, Any], model_path: Path, is_bu
                 profiles.append(run_in_child(profile_graph, spec, sdict, threads=settings.threads) if settings.isolate
                                 else profile_graph(spec, sdict))
 
-    with _child_env(settings.threads):
-        say(f"measuring the {settings.device} matmul peak again")
-        peaks_after = measure_peaks(settings.device, settings.threads, min_time=settings.peak_time,
-                                       size=settings.peak_size)
+    say(f"measuring the {settings.device} matmul peak again")
+    _, peaks_after = _facts_and_peaks(settings, with_facts=False)
     used = {}
     for key in set(peaks_before) | set(peaks_after):
         vals = [p[key]["gflops"] for p in (peaks_before, peaks_after) if "gflops" in p.get(key, {})]
@@ -619,6 +636,33 @@ def _run(settings: BenchSettings, sdict: dict[str, Any], model_path: Path, is_bu
 
     result["targets"] = evaluate_targets(result)
     return result
+
+
+def machine_and_peaks(device: str, threads: int, peak_time: float, peak_size: int | None,
+                      with_facts: bool) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """(machine facts or None, matmul peaks) of the run's device, measured in this process."""
+    from rpiae.bench.machine import machine_facts
+    from rpiae.bench.peak import measure_peaks
+
+    facts = machine_facts(device, threads) if with_facts else None
+    return facts, measure_peaks(device, threads, min_time=peak_time, size=peak_size)
+
+
+def _facts_and_peaks(settings: BenchSettings, with_facts: bool):
+    """Machine facts and peaks, with the run's threads. On a GPU run with isolated rows they are
+    taken in a child process: the parent never initialises CUDA, so it holds no context and no
+    cached peak matrices while the rows run (a GPU in exclusive-process mode gives one
+    process a context at a time)."""
+    from rpiae.bench.peak import on_cuda
+
+    args = (settings.device, settings.threads, settings.peak_time, settings.peak_size, with_facts)
+    if on_cuda(settings.device) and settings.isolate:
+        from rpiae.isolation import run_in_child as _run
+
+        with _child_env(settings.threads):
+            return tuple(_run(machine_and_peaks, *args, what="the machine facts and peak measurement"))
+    with _child_env(settings.threads):
+        return machine_and_peaks(*args)
 
 
 def write_results(result: dict[str, Any], out: str | Path) -> Path:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from rpiae.cli.common import device_option, friendly_errors, model_option, parse_int_list
+from rpiae.cli.common import allow_fallback_option, device_option, fallback_allowed, friendly_errors, model_option, parse_int_list
 
 
 def _csv(value: str) -> list[str]:
@@ -16,8 +16,8 @@ def _csv(value: str) -> list[str]:
 @click.command()
 @model_option
 @click.option("--backends", default="torch,ort", show_default=True,
-              help="Comma-separated: torch, torch-compile, ort, trt, aoti. Unavailable ones are reported as skipped "
-              "with the reason. PyTorch eager rows are always added as the reference.")
+              help="Comma-separated: torch, torch-compile, ort, trt, aoti, torch-trt. Unavailable ones are reported as "
+              "skipped with the reason. PyTorch eager rows are always added as the reference.")
 @click.option("--precision", "-p", "precisions", default="fp32", show_default=True,
               help="Comma-separated: fp32, fp16, bf16, int8 (combinations a backend cannot run are skipped).")
 @click.option("--batch", "batches", default="1,8", show_default=True, help="Comma-separated batch sizes.")
@@ -50,10 +50,12 @@ def _csv(value: str) -> list[str]:
               help="Render FILES (result JSONs) instead of measuring: markdown table, targets and PNG plots.")
 @click.option("--report-dir", type=click.Path(path_type=Path), default=None,
               help="With --report: where README.md and the PNGs go (default: the first file's folder).")
+@allow_fallback_option
 @click.argument("files", nargs=-1, type=click.Path(path_type=Path))
 @friendly_errors
 def bench(model, backends, precisions, batches, graphs, device, threads, warmup, warmup_time, min_iters, min_time,
-          max_iters, max_time, peak_time, row_peak_time, no_isolate, no_reference, profile, notes, out, report, report_dir, files):
+          max_iters, max_time, peak_time, row_peak_time, no_isolate, no_reference, profile, notes, out, report, report_dir,
+          allow_fallback, files):
     """Measure encode/decode latency and throughput of every backend, or render results.
 
     \b
@@ -92,11 +94,17 @@ def bench(model, backends, precisions, batches, graphs, device, threads, warmup,
         row_peak_time=row_peak_time,
         profile=profile, notes=notes,
     )
-    if out is not None and (out.is_dir() or str(out).endswith("/")):
-        from rpiae.bench.machine import machine_facts, machine_slug
+    directory = out is not None and (out.is_dir() or str(out).endswith("/"))
+    with fallback_allowed(allow_fallback):
+        result = run_benchmark(settings, progress=lambda msg: click.echo(msg, err=True))
+    if directory:  # named after the machine the run measured (its facts come from the run)
+        from rpiae.bench.machine import machine_slug
 
-        out = out / f"{machine_slug(machine_facts(device))}.json"
-    result = run_benchmark(settings, out=out, progress=lambda msg: click.echo(msg, err=True))
+        out = out / f"{machine_slug(result['machine'])}.json"
+    if out is not None:
+        from rpiae.bench.runner import write_results
+
+        write_results(result, out)
     click.echo(render_markdown(result, title=f"{result['model']['name']} on {device}"))
     if out is not None:
         click.echo(f"wrote {out}", err=True)

@@ -6,9 +6,12 @@ Exit codes: 0 success; 1 error (bad input, missing file, unavailable backend);
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import sys
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import click
@@ -64,8 +67,9 @@ model_option = click.option(
     "Default: the project's shipped small checkpoint.",
 )
 backend_option = click.option(
-    "--backend", "-b", type=click.Choice(["torch", "ort", "trt", "aoti"]), default="torch", show_default=True,
-    help="Runtime: eager PyTorch, ONNX Runtime, TensorRT engines, or AOTInductor packages (the last three need a bundle).",
+    "--backend", "-b", type=click.Choice(["torch", "ort", "trt", "aoti", "torch-trt"]), default="torch", show_default=True,
+    help="Runtime: eager PyTorch, ONNX Runtime, TensorRT engines, AOTInductor packages (these three need a bundle), "
+    "or torch-trt (the PyTorch graphs compiled by Torch-TensorRT).",
 )
 precision_option = click.option(
     "--precision", "-p", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp32", show_default=True,
@@ -73,8 +77,33 @@ precision_option = click.option(
 )
 device_option = click.option(
     "--device", "-d", default="cpu", show_default=True,
-    help="cpu, cuda (or cuda:N); for --backend ort also trt (ONNX Runtime's TensorRT provider).",
+    help="cpu, cuda (or cuda:N); for --backend ort also trt or trt:N (ONNX Runtime's TensorRT provider on GPU N).",
 )
+allow_fallback_option = click.option(
+    "--allow-fallback", is_flag=True,
+    help="ONNX Runtime: run even when the asked provider fails to initialise and ONNX Runtime falls back to another "
+    "(default: refuse, naming the provider and why). Same as RPIAE_ALLOW_FALLBACK=1, which encode/decode read.",
+)
+
+
+@contextlib.contextmanager
+def fallback_allowed(flag: bool) -> Iterator[None]:
+    """Let ONNX Runtime sessions opened inside the block (in this process and in the
+    benchmark's row processes, which inherit the environment) run after a provider fallback."""
+    from rpiae.engines.ort_backend import ALLOW_FALLBACK_ENV
+
+    if not flag:
+        yield
+        return
+    old = os.environ.get(ALLOW_FALLBACK_ENV)
+    os.environ[ALLOW_FALLBACK_ENV] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ALLOW_FALLBACK_ENV, None)
+        else:
+            os.environ[ALLOW_FALLBACK_ENV] = old
 batch_size_option = click.option(
     "--batch-size", type=click.IntRange(1), default=None,
     help="Largest batch sent to the backend at once (default: the backend's limit, else all).",

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import click
 
-from rpiae.cli.common import CheckFailed, device_option, echo_json, friendly_errors, latent_stats_option, parse_int_list
+from rpiae.cli.common import (
+    CheckFailed,
+    allow_fallback_option,
+    device_option,
+    echo_json,
+    fallback_allowed,
+    friendly_errors,
+    latent_stats_option,
+    parse_int_list,
+)
 
 
 @click.command()
@@ -26,7 +35,7 @@ from rpiae.cli.common import CheckFailed, device_option, echo_json, friendly_err
 @click.option("--batch", default="1:8:32", show_default=True,
               help="Batch profile MIN:OPT:MAX for TensorRT engines / AOTInductor packages (ONNX graphs are dynamic).")
 @click.option("--device", default="auto", show_default=True,
-              help="aoti target: cpu, cuda (or cuda:N), or auto = cuda when a GPU is visible, else cpu.")
+              help="aoti target: cpu, cuda (or cuda:N), or auto = cuda when a GPU and the CUDA toolkit are here, else cpu.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="aoti: directory for compiler caches and temporary files (default $RPIAE_CACHE_DIR or ~/.cache/rpiae).")
 @click.option("--workspace-gb", type=click.FloatRange(0.1), default=8.0, show_default=True,
@@ -35,12 +44,15 @@ from rpiae.cli.common import CheckFailed, device_option, echo_json, friendly_err
               help="TensorRT timing cache file (read if present, updated after the build).")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="TensorRT builder optimisation level.")
+@click.option("--version-compatible", is_flag=True,
+              help="TensorRT: build engines that later TensorRT runtimes also run (e.g. a Triton server with another "
+              "TensorRT 10.x, or 11); they embed TensorRT's lean runtime and may be slower.")
 @latent_stats_option
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
 @friendly_errors
 def export(checkpoint, target, precision, calib, calib_count, int8_high_precision, batch, device, cache_dir,
-           workspace_gb, timing_cache, opt_level, latent_stats, out, overwrite):
+           workspace_gb, timing_cache, opt_level, version_compatible, latent_stats, out, overwrite):
     """Export the encode/decode graphs into a self-describing bundle, checked against PyTorch.
 
     Writes OUT/manifest.json, OUT/model.safetensors and OUT/{encode,decode}.<precision>.onnx;
@@ -55,12 +67,12 @@ def export(checkpoint, target, precision, calib, calib_count, int8_high_precisio
     precisions = parse_precisions(precision)
     profile = BatchProfile.parse(batch)
     if target == "aoti":
-        from rpiae.export.aoti import check_target
+        from rpiae.export.aoti import auto_device, check_target
 
         if device == "auto":
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device, note = auto_device()
+            if note:
+                click.echo(f"note: {note}", err=True)
         check_target(device)  # fail before the (long) ONNX export, not after it
     reuse = target != "onnx" and Bundle.is_bundle(out) and not overwrite
     if reuse:
@@ -78,7 +90,8 @@ def export(checkpoint, target, precision, calib, calib_count, int8_high_precisio
         from rpiae.engines.tensorrt import build_bundle_engines
 
         build_bundle_engines(bundle, precisions=[p for p in precisions if p != "fp32"] or ["fp32"], profile=profile,
-                             workspace_gb=workspace_gb, timing_cache=timing_cache, opt_level=opt_level)
+                             workspace_gb=workspace_gb, timing_cache=timing_cache, opt_level=opt_level,
+                             version_compatible=version_compatible)
     elif target == "aoti":
         from rpiae.export.aoti import package_bundle
 
@@ -94,30 +107,36 @@ def export(checkpoint, target, precision, calib, calib_count, int8_high_precisio
 def _print_results(rows) -> None:
     if not rows:
         return
-    click.echo(f"{'backend':8} {'prec':5} {'batch':>5}  {'check':22} {'value':>12} {'bound':>10}  ok")
+    click.echo(f"{'backend':14} {'prec':5} {'batch':>5}  {'check':22} {'value':>12} {'bound':>10}  ok")
     for r in rows:
         for name, c in r["checks"].items():
-            click.echo(f"{r.get('backend', ''):8} {r['precision']:5} {r['metrics']['batch']:>5}  {name:22} "
+            click.echo(f"{r.get('backend', ''):14} {r['precision']:5} {r['metrics']['batch']:>5}  {name:22} "
                        f"{c['value']:>12.6g} {c['bound']:>10.6g}  {'yes' if c['ok'] else 'NO'}")
 
 
 @click.command()
 @click.option("--model", "-m", type=click.Path(path_type=Path), required=True, help="Export bundle directory.")
-@click.option("--backend", "-b", type=click.Choice(["ort", "trt", "aoti"]), default="ort", show_default=True,
-              help="Which runtime's graphs to check against PyTorch.")
+@click.option("--backend", "-b", type=click.Choice(["ort", "trt", "aoti", "torch-trt"]), default="ort", show_default=True,
+              help="Which runtime's graphs to check against PyTorch (torch-trt: the PyTorch graphs compiled by "
+              "Torch-TensorRT, fp32/fp16/bf16).")
 @device_option
 @click.option("--images", type=click.Path(path_type=Path), default=None,
               help="Folder of real images to test with (default: the photos bundled with scikit-image/-learn).")
 @click.option("--batch", default="1,3,8", show_default=True, help="Comma-separated batch sizes to run.")
 @click.option("--precision", "-p", default=None, help="Comma-separated precisions to check (default: all in the bundle).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the report as JSON here.")
+@click.option("--compare", type=click.Choice(["pytorch", "polygraphy"]), default="pytorch", show_default=True,
+              help="pytorch: parity against eager PyTorch FP32; polygraphy: polygraphy's Comparator runs each graph "
+              "(ort or trt) against the FP32 ONNX graph on ONNX Runtime's CPU provider.")
+@allow_fallback_option
 @friendly_errors
-def verify(model, backend, device, images, batch, precision, json_out):
+def verify(model, backend, device, images, batch, precision, json_out, compare, allow_fallback):
     """Parity report of every graph in a bundle against eager PyTorch FP32.
 
     Tolerances: FP32 latents max|diff| <= 1e-4*max|z|, cosine >= 0.99999, decoded PSNR >= 60 dB;
     FP16 decoded PSNR >= 40 dB; INT8 reconstruction PSNR within 1 dB of FP32's.
-    Exit code 3 when a check fails.
+    With --compare polygraphy (first batch size only): |diff|/max|reference| of the max (fp32,
+    <= 1e-4) or mean (fp16/bf16 <= 1e-3, int8 <= 2e-2). Exit code 3 when a check fails.
     """
     import json
 
@@ -132,8 +151,19 @@ def verify(model, backend, device, images, batch, precision, json_out):
         if not files:
             raise click.ClickException(f"{images}: no images found")
         x = load_images(files[:16])
-    report = verify_bundle(model, backend=backend, images=x, batches=parse_int_list(batch, "--batch"),
-                           precisions=parse_precisions(precision) if precision else None, device=device, progress=True)
+    batches = parse_int_list(batch, "--batch")
+    with fallback_allowed(allow_fallback):
+        if compare == "polygraphy":
+            from rpiae.engines.polygraphy_check import BACKENDS, compare_bundle
+
+            if backend not in BACKENDS:
+                raise click.UsageError(f"--compare polygraphy runs --backend {' or '.join(BACKENDS)}, not {backend}")
+            report = compare_bundle(model, backend=backend, images=x, batch=batches[0], device=device,
+                                    precisions=parse_precisions(precision) if precision else None)
+        else:
+            report = verify_bundle(model, backend=backend, images=x, batches=batches,
+                                   precisions=parse_precisions(precision) if precision else None, device=device,
+                                   progress=True)
     _print_results(report["results"])
     if json_out:
         with atomic_file(json_out) as tmp:

@@ -10,6 +10,7 @@ import click
 
 from rpiae import __version__
 from rpiae.cli.bench_cmd import bench
+from rpiae.cli.doctor import doctor
 from rpiae.cli.export_cmd import export, info, samples, verify
 from rpiae.cli.hub_cmd import push
 from rpiae.cli.run import decode, encode, extract
@@ -26,7 +27,7 @@ def main() -> None:
     """
 
 
-for command in (export, encode, decode, extract, verify, info, samples, bench, triton, push):
+for command in (export, encode, decode, extract, verify, info, samples, bench, triton, push, doctor):
     main.add_command(command)
 main.add_command(train)
 

@@ -44,5 +44,6 @@ def triton(model, precision, platform, instance_kind, instances, max_batch, max_
                f"{summary['instance_kind']} instances; configs checked with Triton's ModelConfig protobuf")
     for name, kind in summary["models"].items():
         click.echo(f"  {name:24} {kind:18} max_batch_size {summary['max_batch_size'][name]}")
-    click.echo(f"serve:  tritonserver --model-repository {out.resolve()}")
+    click.echo(f"serve:  tritonserver --model-repository {out.resolve()}"
+               + "".join(f" {arg}" for arg in summary.get("server_args", [])))
     click.echo(f"query:  python examples/triton_client.py --model {prefix} IMAGE...")

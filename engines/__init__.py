@@ -2,7 +2,8 @@
 
 `load_backend(model, backend, precision, device)` opens a checkpoint or an export bundle
 with the named backend: `torch` (eager PyTorch), `ort` (ONNX Runtime), `trt` (TensorRT),
-`aoti` (AOTInductor packages).
+`aoti` (AOTInductor packages), `torch-trt` (the PyTorch graphs compiled by Torch-TensorRT;
+from a checkpoint or a bundle's weights).
 """
 
 from __future__ import annotations
@@ -11,22 +12,32 @@ from pathlib import Path
 
 from rpiae.engines.base import Backend, BackendUnavailable, InputError
 
-BACKENDS = ("torch", "ort", "trt", "aoti")
+BACKENDS = ("torch", "ort", "trt", "aoti", "torch-trt")
+FROM_WEIGHTS = ("torch", "torch-trt")  # backends that also open a checkpoint
 
 
 def _factories():
     # imported lazily: each runtime is optional
-    def torch_backend(source, precision, device, latent_stats=None, **kw):
-        from rpiae.engines.torch_backend import TorchBackend
+    def weights(source, latent_stats=None):
         from rpiae.model import RPiAE
 
-        path = source.weights_path() if not isinstance(source, Path) else source
-        model = RPiAE.from_checkpoint(path)
+        model = RPiAE.from_checkpoint(source.weights_path() if not isinstance(source, Path) else source)
         if latent_stats is not None and isinstance(source, Path):
             from rpiae.checkpoints import read_latent_stats
 
             model.set_latent_stats(*read_latent_stats(latent_stats))
-        return TorchBackend(model, precision=precision, device=device, **kw)
+        return model
+
+    def torch_backend(source, precision, device, latent_stats=None, **kw):
+        from rpiae.engines.torch_backend import TorchBackend
+
+        return TorchBackend(weights(source, latent_stats), precision=precision, device=device, **kw)
+
+    def torch_trt_backend(source, precision, device, latent_stats=None, **kw):
+        from rpiae.engines.torch_trt_backend import TorchTRTBackend, import_torch_tensorrt
+
+        import_torch_tensorrt()  # before the weights are read: a missing runtime fails first
+        return TorchTRTBackend(weights(source, latent_stats), precision=precision, device=device, **kw)
 
     def ort_backend(bundle, precision, device, **kw):
         from rpiae.engines.ort_backend import ORTBackend
@@ -43,7 +54,8 @@ def _factories():
 
         return AOTIBackend(bundle, precision=precision, device=device, **kw)
 
-    return {"torch": torch_backend, "ort": ort_backend, "trt": trt_backend, "aoti": aoti_backend}
+    return {"torch": torch_backend, "ort": ort_backend, "trt": trt_backend, "aoti": aoti_backend,
+            "torch-trt": torch_trt_backend}
 
 
 def resolve_model(model: str | Path | None) -> Path:
@@ -117,7 +129,7 @@ def load_backend(
         latent_stats = None
     elif path.is_dir() and not is_hub_layout(path):
         raise BackendUnavailable(f"{path}: a directory without manifest.json is not an export bundle")
-    elif backend != "torch":
+    elif backend not in FROM_WEIGHTS:
         raise BackendUnavailable(
             f"backend {backend!r} runs an export bundle, and {path} is a checkpoint: "
             f"run `rpiae export --checkpoint {path} --out BUNDLE` first"

@@ -8,13 +8,18 @@ larger batches are split by the base class, a batch below the package's minimum 
 batch profile) is padded with copies of its last item and the padding is dropped again.
 Packages are unpacked under the rpiae cache directory (`cache_dir=`, `$RPIAE_CACHE_DIR`,
 `~/.cache/rpiae`), not the system temp directory.
+
+Both packages are loaded when the backend is opened: a package that cannot load is a
+`BackendUnavailable` (the benchmark lists the row as skipped, and loading counts as load
+time, not first-call time); only an error of the loaded package on a given input is an
+`InputError`. CUDA packages run in their device's scope with TF32 off (FP32 parity).
 """
 
 from __future__ import annotations
 
 import torch
 
-from rpiae.engines.base import Backend, BackendUnavailable, InputError
+from rpiae.engines.base import Backend, BackendUnavailable, InputError, device_scope, precision_context
 from rpiae.export.bundle import Bundle
 
 
@@ -54,20 +59,19 @@ class AOTIBackend(Backend):
         super().__init__(bundle.config, precision, min(max_batch, top) if max_batch else top)
         # resolve (and hash-check) both packages now: a tampered file fails before any work
         self._paths = {g: bundle.verify_file(name) for g, (name, _) in self.packages.items()}
-        self._runners: dict[str, object] = {}
+        self._runners = {g: self._load(g) for g in self._paths}
+
+    def _load(self, graph: str):
+        from rpiae.export import aoti
+
+        try:
+            return aoti.load_package(self._paths[graph], device_index=self._device_index if self.device.type == "cuda" else -1,
+                                     cache_dir=self.cache_dir)
+        except (RuntimeError, OSError) as e:
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise BackendUnavailable(f"aoti backend: cannot load {self._paths[graph]}: {msg}") from None
 
     def runner(self, graph: str):
-        if graph not in self._runners:
-            from rpiae.export import aoti
-
-            try:
-                self._runners[graph] = aoti.load_package(
-                    self._paths[graph], device_index=self._device_index if self.device.type == "cuda" else -1,
-                    cache_dir=self.cache_dir,
-                )
-            except RuntimeError as e:
-                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                raise BackendUnavailable(f"aoti backend: cannot load {self._paths[graph]}: {msg}") from None
         return self._runners[graph]
 
     @torch.inference_mode()
@@ -78,14 +82,16 @@ class AOTIBackend(Backend):
             raise InputError(f"{graph}: batch {n} exceeds the package's maximum {hi} (compiled profile {lo}..{hi})")
         if n < lo:
             x = torch.cat([x, x[-1:].expand(lo - n, *x.shape[1:])])
-        x = x.to(device=self.device, dtype=torch.float32)
-        if x.stride() != _dense_strides(x.shape):
-            # the package checks strides exactly; numpy's x[None] gives a batch stride of 0
-            x = torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
-        try:
-            y = self.runner(graph)(x)
-        except RuntimeError as e:
-            raise InputError(f"{graph}: the AOTInductor package refused the input: {str(e).strip()}") from None
+        runner = self.runner(graph)
+        with device_scope(self.device), precision_context(self.device, torch.float32):
+            x = x.to(device=self.device, dtype=torch.float32)
+            if x.stride() != _dense_strides(x.shape):
+                # the package checks strides exactly; numpy's x[None] gives a batch stride of 0
+                x = torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+            try:
+                y = runner(x)
+            except RuntimeError as e:
+                raise InputError(f"{graph}: the AOTInductor package refused the input: {str(e).strip()}") from None
         return y[:n]
 
     def describe(self) -> dict:

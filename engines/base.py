@@ -9,11 +9,22 @@ Outputs come back in the caller's array type (numpy in, numpy out; torch in, tor
 the input's device). Inputs are validated here, once, for every backend: wrong shape or
 dtype, NaN/Inf raise `InputError` with a one-line message. Batches larger than the
 backend's limit are split.
+
+The NaN/Inf check reads the input once (a float64 sum on the host, `aminmax` on a torch
+tensor). For tensors on a GPU it runs on the device and its one-element result is read
+only after the graphs have been queued, so the check never stalls the GPU before a call.
+
+Device strings, shared by every backend: `cpu`, `cuda`, `cuda:N`, and `trt`/`trt:N`
+(ONNX Runtime's TensorRT provider, which runs on CUDA device N; a PyTorch reference for it
+runs on that GPU).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
+import math
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
@@ -35,7 +46,90 @@ class BackendUnavailable(RuntimeError):
 _FLOAT_DTYPES = (np.float32, np.float16, np.float64)
 
 
-def _check(x: Array, shape: tuple[int, ...], what: str) -> None:
+def cuda_index(device: str | torch.device | None) -> int | None:
+    """The CUDA device index a device string names: N for `cuda:N`/`trt:N`, -1 for `cuda`/`trt`
+    (torch's current device), None for the CPU."""
+    text = str(device or "cpu")
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda", "trt"):
+        raise BackendUnavailable(f"unknown device {text!r} (cpu, cuda, cuda:N, trt, trt:N)")
+    if kind == "cpu":
+        return None
+    if index and not index.isdigit():
+        raise BackendUnavailable(f"unknown device {text!r} (cpu, cuda, cuda:N, trt, trt:N)")
+    return int(index) if index else -1
+
+
+def torch_device(device: str | torch.device | None) -> torch.device:
+    """The torch device a device string runs PyTorch on (`trt[:N]` -> `cuda[:N]`)."""
+    index = cuda_index(device)
+    if index is None:
+        return torch.device("cpu")
+    return torch.device("cuda", index) if index >= 0 else torch.device("cuda")
+
+
+@contextlib.contextmanager
+def strict_fp32() -> Iterator[None]:
+    """FP32 math for CUDA kernels inside the block: no TF32 in cuDNN convolutions (on by
+    default in PyTorch) nor in cuBLAS matmuls; the previous settings come back afterwards.
+
+    Set through the legacy switches, which every torch 2.x reads; restored through them when
+    they could be read, else (a process that set the newer per-op `fp32_precision` switches,
+    which make the legacy getters raise) through the per-op switches."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    per_op = (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, matmul.fp32_precision)
+    try:
+        legacy = (cudnn.allow_tf32, matmul.allow_tf32, torch.get_float32_matmul_precision())
+    except RuntimeError:
+        legacy = None
+    cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")  # = matmul.allow_tf32 False, and keeps the getters consistent
+    try:
+        yield
+    finally:
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy[2])
+            matmul.allow_tf32 = legacy[1]
+            cudnn.allow_tf32 = legacy[0]
+        else:
+            cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, matmul.fp32_precision = per_op
+
+
+def precision_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """How a PyTorch graph computes at `dtype` on `device`: FP32 without TF32 on CUDA, autocast
+    for fp16/bf16, nothing special for FP32 on the CPU."""
+    if dtype == torch.float32:
+        return strict_fp32() if device.type == "cuda" else contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def device_scope(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make `device` torch's current CUDA device inside the block (streams, allocations and
+    synchronisation then default to it); nothing for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def _finite_numpy(x: np.ndarray) -> bool:
+    # one pass without a temporary: NaN/Inf make the sum non-finite; a float64 sum of finite
+    # values overflows only for float64 inputs near 1e308, which the exact check settles
+    with np.errstate(invalid="ignore", over="ignore"):
+        if math.isfinite(float(np.add.reduce(x, axis=None, dtype=np.float64))):
+            return True
+        return bool(np.isfinite(x).all())
+
+
+def _finite_flag(x: torch.Tensor) -> torch.Tensor:
+    """A one-element bool tensor on x's device: True when x has no NaN/Inf (aminmax is one
+    pass and propagates NaN)."""
+    lo, hi = torch.aminmax(x.detach())
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
+def _check(x: Array, shape: tuple[int, ...], what: str) -> torch.Tensor | None:
+    """Validate `x`; raise InputError. For a tensor on an accelerator the NaN/Inf test is left
+    pending: the returned device flag goes to `_finish` once the work is queued."""
     if isinstance(x, torch.Tensor):
         dtype_ok = x.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
         dtype = str(x.dtype).replace("torch.", "")
@@ -48,8 +142,20 @@ def _check(x: Array, shape: tuple[int, ...], what: str) -> None:
         raise InputError(f"{what}: expected a floating-point array, got dtype {dtype}")
     if x.ndim != 4 or tuple(x.shape[1:]) != shape or x.shape[0] < 1:
         raise InputError(f"{what}: expected shape (N, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
-    finite = torch.isfinite(x).all().item() if isinstance(x, torch.Tensor) else np.isfinite(x).all()
+    if isinstance(x, torch.Tensor):
+        flag = _finite_flag(x)
+        if x.device.type != "cpu":
+            return flag
+        finite = bool(flag)
+    else:
+        finite = _finite_numpy(x)
     if not finite:
+        raise InputError(f"{what}: contains NaN or Inf values")
+    return None
+
+
+def _finish(pending: torch.Tensor | None, what: str) -> None:
+    if pending is not None and not bool(pending):
         raise InputError(f"{what}: contains NaN or Inf values")
 
 
@@ -69,12 +175,16 @@ class Backend(abc.ABC):
     def _run(self, graph: str, x: Array) -> Array: ...
 
     def encode(self, images: Array) -> Array:
-        _check(images, self.config.image_shape, "images")
-        return self._batched("encode", images)
+        pending = _check(images, self.config.image_shape, "images")
+        out = self._batched("encode", images)
+        _finish(pending, "images")
+        return out
 
     def decode(self, latents: Array) -> Array:
-        _check(latents, self.config.latent_shape, "latents")
-        return self._batched("decode", latents)
+        pending = _check(latents, self.config.latent_shape, "latents")
+        out = self._batched("decode", latents)
+        _finish(pending, "latents")
+        return out
 
     def _batched(self, graph: str, x: Array) -> Array:
         is_torch = isinstance(x, torch.Tensor)
@@ -82,9 +192,9 @@ class Backend(abc.ABC):
         step = self.max_batch or len(xs)
         outs = [self._run(graph, xs[i : i + step]) for i in range(0, len(xs), step)]
         if self.native == "torch":
-            out = torch.cat(outs).float()
+            out = (outs[0] if len(outs) == 1 else torch.cat(outs)).float()  # one chunk: no copy
             return out.to(x.device) if is_torch else out.cpu().numpy()
-        out = np.concatenate(outs).astype(np.float32, copy=False)
+        out = (outs[0] if len(outs) == 1 else np.concatenate(outs)).astype(np.float32, copy=False)
         return torch.from_numpy(out).to(x.device) if is_torch else out
 
     def _to_native(self, x: Array) -> Array:

@@ -1,22 +1,125 @@
 """ONNX Runtime backend: runs a bundle's precision-typed ONNX graphs.
 
-CPU by default; `device="cuda"` uses the CUDA execution provider and `device="trt"` ONNX
-Runtime's TensorRT provider when the installed onnxruntime has them. One session per
-graph, created on first use and reused.
+Devices: `cpu`; `cuda[:N]` (CUDA execution provider on GPU N); `trt[:N]` (ONNX Runtime's
+TensorRT provider on GPU N, CUDA then CPU for what TensorRT does not take). Both graphs get
+a session when the backend is opened.
+
+- Provider fallback: ONNX Runtime silently runs on another provider when the asked one fails
+  to initialise (missing cuDNN, a CUDA mismatch). After each session is made, the providers
+  it really uses are compared with the request; a fallback is refused with one line that
+  names the provider and the reason ONNX Runtime logged, unless `allow_fallback` (or
+  `RPIAE_ALLOW_FALLBACK=1`, which `--allow-fallback` sets). `describe()` reports the
+  providers actually used.
+- On CUDA, inputs and outputs are bound to torch tensors (I/O binding): a CUDA tensor goes in
+  and comes out without a host copy. ONNX Runtime computes on the backend's own CUDA stream
+  (`user_compute_stream`), ordered after the caller's stream and before it again, without
+  a host synchronisation (`disable_synchronize_execution_providers`); `stream` exposes it.
+- The TensorRT provider builds its engines for the bundle's batch profile (its TensorRT
+  engines' or AOTInductor packages' min/opt/max, else 1:8:32), with fp16/int8 enabled as the
+  graph's precision says, and caches engines and timing data in `BUNDLE/engines/ort-trt/`
+  (or, for a read-only bundle, under the rpiae cache directory).
 """
 
 from __future__ import annotations
 
-import numpy as np
+import contextlib
+import io
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
-from rpiae.engines.base import Backend, BackendUnavailable
+import numpy as np
+import torch
+
+from rpiae.engines.base import Backend, BackendUnavailable, cuda_index
 from rpiae.export.bundle import Bundle
 
-_PROVIDERS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "trt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "trt": "TensorrtExecutionProvider"}
+ALLOW_FALLBACK_ENV = "RPIAE_ALLOW_FALLBACK"
+TRT_CACHE_DIR = "engines/ort-trt"
+ORT_MISSING = ("onnxruntime is not installed: pip install -e '.[quant]' (CPU, the default install) or "
+               "pip install -e '.[gpu]' (NVIDIA GPUs: onnxruntime-gpu)")
+
+
+class ProviderFallback(BackendUnavailable):
+    """ONNX Runtime ran a session on other providers than the ones asked for."""
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendUnavailable(ORT_MISSING) from None
+    return ort
+
+
+def fallback_allowed(flag: bool | None = None) -> bool:
+    if flag is not None:
+        return flag
+    return os.environ.get(ALLOW_FALLBACK_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+@contextlib.contextmanager
+def captured_output() -> Iterator[list[str]]:
+    """Everything written to stdout/stderr inside the block, native (ONNX Runtime's C++
+    logger writes to file descriptor 2) and Python-level (its fallback notice is a print);
+    the list gets the text when the block ends. Other threads' output in that window is
+    captured too."""
+    out: list[str] = []
+    buf = io.StringIO()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    with tempfile.TemporaryFile() as f:
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+                yield out
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            f.seek(0)
+            out.append(f.read().decode(errors="replace") + buf.getvalue())
+
+
+_LOG_PREFIX = re.compile(r"^\S+ \S+ \[[A-Z]:onnxruntime:[^\]]*\]\s*")
+
+
+def fallback_reason(log: str, provider: str) -> str:
+    """The most telling line(s) of ONNX Runtime's output about why `provider` did not load."""
+    lines = [_LOG_PREFIX.sub("", line).strip() for line in log.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("****")]  # drop banners
+    telling = [line for line in lines if provider in line or "EP Error" in line]
+    errors = [line for line in lines if re.search(r"error|fail|cannot|could not|not found", line, re.I)]
+    picked = list(dict.fromkeys(telling + errors))[:2]
+    return " | ".join(picked) if picked else "ONNX Runtime logged no reason"
+
+
+def bundle_profile(bundle: Bundle):
+    """The batch profile engines of this bundle were built for (TensorRT engines first, then
+    AOTInductor packages), else the default 1:8:32."""
+    from rpiae.export.profile import BatchProfile
+
+    for entry in bundle.files.values():
+        p = entry.get("profile") if entry.get("kind") == "trt-engine" else None
+        if p and {"min", "opt", "max"} <= set(p):
+            return BatchProfile(int(p["min"]), int(p["opt"]), int(p["max"]))
+    for entry in bundle.files.values():
+        b = entry.get("batch") if entry.get("kind") == "aoti-package" else None
+        if b and {"min", "max"} <= set(b):
+            return BatchProfile(int(b["min"]), min(max(8, int(b["min"])), int(b["max"])), int(b["max"]))
+    return BatchProfile()
+
+
+def _shape(batch: int, item: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in (batch, *item))
 
 
 class ORTBackend(Backend):
@@ -25,46 +128,224 @@ class ORTBackend(Backend):
 
     def __init__(
         self, bundle: Bundle, precision: str = "fp32", device: str = "cpu", threads: int | None = None,
-        max_batch: int | None = None,
+        max_batch: int | None = None, allow_fallback: bool | None = None, io_binding: bool | None = None,
+        profile_dir: str | Path | None = None, profile=None,
     ) -> None:
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         super().__init__(bundle.config, precision, max_batch)
-        kind = device.split(":")[0]
-        if kind not in _PROVIDERS:
-            raise BackendUnavailable(f"ort backend: unknown device {device!r} (cpu, cuda, trt)")
-        wanted = _PROVIDERS[kind][0]
-        if wanted not in ort.get_available_providers():
+        self.kind = str(device).split(":")[0]
+        if self.kind not in PROVIDERS:
+            raise BackendUnavailable(f"ort backend: unknown device {device!r} (cpu, cuda, cuda:N, trt, trt:N)")
+        index = cuda_index(device)
+        available = ort.get_available_providers()
+        wanted = PROVIDERS[self.kind]
+        if wanted not in available:
             raise BackendUnavailable(
-                f"ort backend: this onnxruntime has no {wanted} (has: {', '.join(ort.get_available_providers())}); "
-                "install onnxruntime-gpu for CUDA/TensorRT"
+                f"ort backend: this onnxruntime has no {wanted} (has: {', '.join(available)}); "
+                + ("both onnxruntime and onnxruntime-gpu are installed, which hides the CUDA providers: "
+                   "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
+                   if _both_ort_packages() else "install onnxruntime-gpu for CUDA/TensorRT (pip install -e '.[gpu]')")
             )
         self.bundle = bundle
-        self.device = device
-        self.providers = _PROVIDERS[kind]
+        self.device = str(device)
         self.threads = threads
-        self._sessions: dict[str, object] = {}
+        self.allow_fallback = fallback_allowed(allow_fallback)
+        self.device_id = 0
+        self._torch_device = torch.device("cpu")
+        self.stream = None  # the CUDA stream ONNX Runtime computes on (a torch.cuda.Stream), on GPUs
+        if self.kind != "cpu":
+            if index is not None and index >= 0:
+                self.device_id = index
+            elif torch.cuda.is_available():
+                self.device_id = torch.cuda.current_device()
+            if torch.cuda.is_available():
+                self._torch_device = torch.device("cuda", self.device_id)
+                self.stream = torch.cuda.Stream(self._torch_device)
+        # I/O binding: torch tensors in and out; on by default wherever torch shares the GPU
+        self.io_binding = (self._torch_device.type == "cuda") if io_binding is None else bool(io_binding)
+        if self.io_binding:
+            self.native = "torch"
+        self.profile = profile or bundle_profile(bundle)
+        self.trt_cache = self._trt_cache_dir() if self.kind == "trt" else None
+        self.providers_requested = self._provider_list()
+        self._profile_dir = Path(profile_dir) if profile_dir is not None else None
+        self._run_options = ort.RunOptions()
+        if self.stream is not None and self.io_binding:
+            # ordering with torch's streams is by events (below); no host wait at the end of a run
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         # resolve (and hash-check) both graphs now: a missing precision fails before any work
         self._paths = {g: bundle.graph_path(g, precision) for g in ("encode", "decode")}
+        self.fallback: dict[str, Any] | None = None
+        self._sessions = {g: self._create_session(g) for g in self._paths}
+        self.providers = list(self._sessions["encode"].get_providers())
+
+    # -- sessions ------------------------------------------------------------------------------
+    def _provider_list(self) -> list[tuple[str, dict[str, Any]]]:
+        cuda: dict[str, Any] = {"device_id": self.device_id}
+        if self.stream is not None:
+            cuda["user_compute_stream"] = str(self.stream.cuda_stream)
+        if self.kind == "cpu":
+            return [("CPUExecutionProvider", {})]
+        if self.kind == "cuda":
+            return [("CUDAExecutionProvider", cuda), ("CPUExecutionProvider", {})]
+        return [("TensorrtExecutionProvider", self._trt_options(cuda)), ("CUDAExecutionProvider", cuda),
+                ("CPUExecutionProvider", {})]
+
+    def _trt_options(self, cuda: dict[str, Any]) -> dict[str, Any]:
+        io_names = self.bundle.manifest.get("io", {})
+        shapes: dict[str, list[str]] = {"min": [], "opt": [], "max": []}
+        for graph, item in (("encode", self.config.image_shape), ("decode", self.config.latent_shape)):
+            name = io_names.get(graph, {}).get("input", {}).get("name", "images" if graph == "encode" else "latent")
+            for key in shapes:
+                shapes[key].append(f"{name}:{_shape(getattr(self.profile, key), item)}")
+        high = "fp16"
+        name = self.bundle.find("encode", self.precision, "onnx")
+        if self.precision == "int8" and name is not None:
+            high = (self.bundle.files[name].get("calibration") or {}).get("high_precision", "fp16")
+        return {
+            **cuda,
+            # precision lives in the graph: fp16 casts, int8 Q/DQ (plus fp16 for its unquantised layers)
+            "trt_fp16_enable": self.precision == "fp16" or (self.precision == "int8" and high == "fp16"),
+            "trt_int8_enable": self.precision == "int8",
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(self.trt_cache),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(self.trt_cache),
+            # one profile per input; a session has one graph, so only its own input's entry applies
+            "trt_profile_min_shapes": ",".join(shapes["min"]),
+            "trt_profile_opt_shapes": ",".join(shapes["opt"]),
+            "trt_profile_max_shapes": ",".join(shapes["max"]),
+        }
+
+    def _trt_cache_dir(self) -> Path:
+        inside = self.bundle.root / TRT_CACHE_DIR
+        try:
+            inside.mkdir(parents=True, exist_ok=True)
+            if os.access(inside, os.W_OK):
+                return inside
+        except OSError:
+            pass
+        from rpiae.export.aoti import default_cache_dir
+
+        key = self.bundle.files.get(self.bundle.find("encode", "fp32") or "", {}).get("sha256", "bundle")[:16]
+        outside = default_cache_dir() / "ort-trt" / key
+        outside.mkdir(parents=True, exist_ok=True)
+        return outside
+
+    def _open(self, graph: str, providers: list[tuple[str, dict[str, Any]]]):
+        """(session, what ONNX Runtime printed while making it)."""
+        ort = import_onnxruntime()
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        # provider set-up problems are warnings; they are captured and shown only when they matter
+        opts.log_severity_level = 2 if self.kind != "cpu" else 3
+        if self._profile_dir is not None:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(self._profile_dir / f"ort-{graph}")
+        error = None
+        with captured_output() as log:
+            try:
+                sess = ort.InferenceSession(str(self._paths[graph]), sess_options=opts, providers=providers)
+            except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own RuntimeError subclasses
+                sess, error = None, e
+        if sess is None:
+            msg = " ".join(str(error).split())[:400] or type(error).__name__
+            raise BackendUnavailable(f"ort backend: ONNX Runtime could not open {self._paths[graph].name} on {self.device}: {msg}")
+        return sess, log[0] if log else ""
+
+    def _create_session(self, graph: str):
+        if self.kind == "trt":
+            from rpiae.engines.tensorrt import import_tensorrt
+
+            with contextlib.suppress(BackendUnavailable):  # loads libnvinfer from the tensorrt wheel for the provider
+                import_tensorrt()
+        sess, text = self._open(graph, self.providers_requested)
+        used = list(sess.get_providers())
+        missing = [name for name, _ in self.providers_requested if name != "CPUExecutionProvider" and name not in used]
+        if missing:
+            reason = fallback_reason(text, missing[0])
+            msg = (f"ort backend: {missing[0]} failed to initialise for {self._paths[graph].name} and ONNX Runtime "
+                   f"fell back to {', '.join(used)}: {reason}")
+            if not self.allow_fallback:
+                raise ProviderFallback(msg + " (pass --allow-fallback, or set RPIAE_ALLOW_FALLBACK=1, to run anyway)")
+            print(f"warning: {msg}", file=sys.stderr)
+            self.fallback = {"requested": [n for n, _ in self.providers_requested], "used": used, "reason": reason}
+            # ONNX Runtime's own retry drops the provider options (device_id, stream): make the
+            # session again with the providers that work, options included
+            sess, _ = self._open(graph, [(n, o) for n, o in self.providers_requested if n in used])
+            if not {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(used):
+                self.io_binding, self.native, self.stream = False, "numpy", None  # a CPU session reads host memory
+        else:
+            errors = [line for line in text.splitlines() if re.search(r"\[[EF]:onnxruntime", line)]
+            if errors:
+                sys.stderr.write("\n".join(errors) + "\n")
+        return sess
 
     def session(self, graph: str):
-        if graph not in self._sessions:
-            import onnxruntime as ort
-
-            opts = ort.SessionOptions()
-            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            if self.threads:
-                opts.intra_op_num_threads = self.threads
-            opts.log_severity_level = 3
-            self._sessions[graph] = ort.InferenceSession(str(self._paths[graph]), sess_options=opts, providers=self.providers)
         return self._sessions[graph]
 
-    def _run(self, graph: str, x: np.ndarray) -> np.ndarray:
-        sess = self.session(graph)
-        return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    # -- running -------------------------------------------------------------------------------
+    def _run(self, graph: str, x):
+        sess = self._sessions[graph]
+        if not self.io_binding:
+            return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+        return self._run_bound(sess, graph, x)
+
+    def _run_bound(self, sess, graph: str, x: torch.Tensor) -> torch.Tensor:
+        dev = self._torch_device
+        out_shape = self.config.latent_shape if graph == "encode" else self.config.image_shape
+        if dev.type == "cuda":
+            current = torch.cuda.current_stream(dev)
+            with torch.cuda.device(dev):
+                x = x.to(dev, dtype=torch.float32, non_blocking=True).contiguous()
+                out = torch.empty((x.shape[0], *out_shape), dtype=torch.float32, device=dev)
+            self.stream.wait_stream(current)  # the input is ready before ONNX Runtime reads it
+        else:
+            x = x.to(dtype=torch.float32).contiguous()
+            out = torch.empty((x.shape[0], *out_shape), dtype=torch.float32)
+        kind, index = ("cuda", dev.index) if dev.type == "cuda" else ("cpu", 0)
+        binding = sess.io_binding()
+        binding.bind_input(sess.get_inputs()[0].name, kind, index, np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_output(sess.get_outputs()[0].name, kind, index, np.float32, tuple(out.shape), out.data_ptr())
+        sess.run_with_iobinding(binding, self._run_options)
+        if dev.type == "cuda":
+            current.wait_stream(self.stream)  # later work on the caller's stream sees the output
+            x.record_stream(self.stream)  # and the allocator keeps both buffers until ONNX Runtime is done
+            out.record_stream(self.stream)
+        return out
+
+    def end_profiling(self, graph: str) -> str:
+        """Stop ONNX Runtime's profiler of one graph's session; the path of its JSON trace."""
+        return self._sessions[graph].end_profiling()
 
     def describe(self) -> dict:
-        return {**super().describe(), "device": self.device, "providers": self.providers}
+        info = {**super().describe(), "device": self.device, "providers": self.providers,
+                "providers_requested": [n for n, _ in self.providers_requested], "io_binding": self.io_binding}
+        if self.kind != "cpu":
+            info["device_id"] = self.device_id
+        if self.fallback:
+            info["fallback"] = self.fallback
+        if self.trt_cache is not None:
+            info["trt_cache"] = str(self.trt_cache)
+            info["profile"] = str(self.profile)
+        return info
 
     def close(self) -> None:
         self._sessions.clear()
+
+
+def _both_ort_packages() -> bool:
+    """Both `onnxruntime` and `onnxruntime-gpu` installed: they share one `onnxruntime` module
+    and whichever was installed last decides which providers it has."""
+    from importlib import metadata
+
+    found = set()
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(dist)
+            found.add(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return len(found) == 2

@@ -4,17 +4,24 @@ them, and run them.
 Everything TensorRT-specific lives here, written against the documented TensorRT 10 API
 and only the parts of it that TensorRT 11 kept (tests/test_tensorrt.py checks every
 attribute used here against the TensorRT API stubs and against the list of APIs that 11
-removed). Precision lives in the ONNX graph (fp16 casts, int8 Q/DQ), so a build is the same
-for every precision: parse, strongly typed network (a flag on TensorRT 10, always on 11),
-one optimisation profile over the batch axis, build, then inspect which precision each
-layer runs in and refuse an "fp16"/"int8" engine that runs mostly in fp32.
+removed). Engines are built through polygraphy's loaders (`NetworkFromOnnxPath`,
+`CreateConfig`, `EngineFromNetwork`, `SaveEngine`), which track TensorRT's API changes.
+Precision lives in the ONNX graph (fp16 casts, int8 Q/DQ), so a build is the same for every
+precision: parse, strongly typed network (a flag on TensorRT 10, always on 11), TF32 off
+(TensorRT enables it by default; FP32 layers must stay IEEE FP32 for the FP32 parity
+bound), one optimisation profile over the batch axis, build, then inspect which precision
+each layer runs in and refuse an "fp16"/"int8" engine that runs mostly in fp32. A timing
+cache that TensorRT refuses (another GPU or TensorRT version) is an error, not silently
+ignored. `version_compatible` builds engines that newer TensorRT runtimes also run
+(TensorRT's VERSION_COMPATIBLE flag, lean runtime embedded; recorded in the manifest).
 
     BUNDLE/engines/{encode,decode}.<precision>.plan   + manifest entries (kind "trt-engine")
 
 An engine is tied to the TensorRT version and the GPU's compute capability it was built
-with; both are recorded next to it, and loading it elsewhere fails with a message that
-says how to rebuild. `import tensorrt` happens lazily: without TensorRT the error is one
-line saying what to install.
+with (a version-compatible one to that version or later, within TensorRT's supported
+pairs); both are recorded next to it, and loading it elsewhere fails with a message that
+says how to rebuild. `import tensorrt` (and polygraphy) happen lazily: without them the
+error is one line saying what to install.
 
 The pure functions (`check_engine_compat`, `layer_precision_summary`,
 `check_layer_precisions`, `tensor_dtype`) need neither TensorRT nor a GPU.
@@ -22,8 +29,11 @@ The pure functions (`check_engine_compat`, `layer_precision_summary`,
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -31,14 +41,18 @@ from typing import Any
 from rpiae.engines.base import BackendUnavailable
 
 TRT_MISSING = (
-    "TensorRT is not installed: pip install tensorrt (from NVIDIA's index, https://pypi.nvidia.com; "
-    "the extra `pip install rpiae[trt]`) on a machine with an NVIDIA GPU"
+    "TensorRT is not installed: pip install tensorrt-cu12 (for a CUDA 12 torch; or pip install -e '.[gpu]'; "
+    "from NVIDIA's index, https://pypi.nvidia.com) on a machine with an NVIDIA GPU"
 )
 CUDA_MISSING = (
     "TensorRT needs an NVIDIA GPU: torch.cuda.is_available() is False "
     "(install a CUDA build of torch 2.13 on a machine with an NVIDIA GPU and driver)"
 )
+POLYGRAPHY_MISSING = "polygraphy is not installed: pip install -e '.[trt]' (it builds the TensorRT engines)"
 ENGINE_KIND = "trt-engine"
+# TensorRT's version-compatible engines also run on these newer major versions (Support Matrix,
+# "Engine Portability"); within a major version, on the same or a later release
+VERSION_COMPATIBLE_MAJORS = {8: (8, 10), 10: (10, 11), 11: (11,)}
 # an fp16/int8 engine in which more than this share of the float compute layers runs in fp32
 # is refused: the known silent failure of a "reduced precision" engine that is not
 # (RPIAE_TRT_MAX_FP32_SHARE overrides it, e.g. 1.0 to keep an engine the check refuses)
@@ -78,11 +92,28 @@ _LOGGERS: dict[int, Any] = {}
 
 
 def trt_logger(trt):
-    """One TensorRT logger per process (TensorRT warns when builders and runtimes get different ones)."""
+    """One TensorRT logger per process (TensorRT warns when builders and runtimes get different
+    ones): polygraphy's, which its loaders use for builds, when polygraphy is installed."""
     if id(trt) not in _LOGGERS:
-        logger = trt.Logger(trt.Logger.WARNING)
+        try:
+            from polygraphy.backend.trt import get_trt_logger
+
+            logger = get_trt_logger()
+        except ImportError:
+            logger = trt.Logger(trt.Logger.WARNING)
         _LOGGERS[id(trt)] = logger
     return _LOGGERS[id(trt)]
+
+
+def import_polygraphy():
+    """(polygraphy.backend.trt, its logger, its exception type), or BackendUnavailable."""
+    try:
+        from polygraphy.backend import trt as poly
+        from polygraphy.exception import PolygraphyException
+        from polygraphy.logger import G_LOGGER
+    except ImportError:
+        raise BackendUnavailable(POLYGRAPHY_MISSING) from None
+    return poly, G_LOGGER, PolygraphyException
 
 
 def tensorrt_available() -> bool:
@@ -129,7 +160,24 @@ def current_environment(device=None) -> dict[str, str]:
 def rebuild_command(bundle_root: str | Path, entry: dict[str, Any]) -> str:
     profile = entry.get("profile") or {}
     batch = f"{profile['min']}:{profile['opt']}:{profile['max']}" if {"min", "opt", "max"} <= set(profile) else "1:8:32"
-    return f"rpiae export --target trt --precision {entry.get('precision', 'fp16')} --batch {batch} --out {bundle_root}"
+    vc = " --version-compatible" if entry.get("version_compatible") else ""
+    return f"rpiae export --target trt --precision {entry.get('precision', 'fp16')} --batch {batch}{vc} --out {bundle_root}"
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in str(version).split(".") if p.isdigit())
+
+
+def runtime_runs(built: str, here: str, version_compatible: bool = False) -> bool:
+    """Whether a TensorRT runtime of version `here` runs an engine built with `built`: the same
+    version, or for a version-compatible engine the same or a later release within the
+    major versions TensorRT supports for it."""
+    if built == here:
+        return True
+    if not version_compatible or not _release(built) or not _release(here):
+        return False
+    allowed = VERSION_COMPATIBLE_MAJORS.get(_release(built)[0], ())
+    return _release(here)[0] in allowed and _release(here) >= _release(built)
 
 
 def check_engine_compat(entry: dict[str, Any], env: dict[str, str], bundle_root: str | Path = "BUNDLE",
@@ -138,13 +186,15 @@ def check_engine_compat(entry: dict[str, Any], env: dict[str, str], bundle_root:
 
     `entry` is the engine's manifest entry, `env` what `current_environment()` returns.
     TensorRT plans are not portable across TensorRT versions nor GPU architectures; a
-    different GPU model of the same compute capability is accepted.
+    different GPU model of the same compute capability is accepted, and a version-compatible
+    engine runs on later TensorRT releases (`runtime_runs`).
     """
     problems = []
     built_trt, here_trt = str(entry.get("tensorrt", "?")), str(env.get("tensorrt", "?"))
     built_cc, here_cc = str(entry.get("compute_capability", "?")), str(env.get("compute_capability", "?"))
-    if built_trt != here_trt:
-        problems.append(f"TensorRT {built_trt} (here: {here_trt})")
+    if not runtime_runs(built_trt, here_trt, bool(entry.get("version_compatible"))):
+        problems.append(f"TensorRT {built_trt}{' (version-compatible)' if entry.get('version_compatible') else ''} "
+                        f"(here: {here_trt})")
     if built_cc != here_cc:
         problems.append(f"compute capability {built_cc} on {entry.get('gpu', '?')} "
                         f"(here: {here_cc} on {env.get('gpu', '?')})")
@@ -295,61 +345,66 @@ def _progress_monitor(trt, desc: str):
 
 
 def build_engine(onnx_path: str | Path, profile, workspace_gb: float = 8.0, timing_cache: Path | None = None,
-                 opt_level: int = 3, progress: bool = True, desc: str = "engine") -> tuple[bytes, dict[str, Any]]:
-    """Parse + build one precision-typed ONNX graph. Returns (plan bytes, layer summary + build info)."""
+                 opt_level: int = 3, progress: bool = True, desc: str = "engine", version_compatible: bool = False,
+                 out: Path | None = None) -> tuple[Any, dict[str, Any]]:
+    """Parse + build one precision-typed ONNX graph with polygraphy's loaders; save the plan to
+    `out` when given. Returns (engine, layer summary + build info)."""
     trt = import_tensorrt()
     require_cuda()
-    logger = trt_logger(trt)
-    builder = trt.Builder(logger)
-    flags = 0
-    if trt_major(trt.__version__) < 11:  # always strongly typed on 11, where the flag is ignored
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # external data is read from beside the file
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineBuildError(f"TensorRT could not parse {onnx_path}: {errors or 'unknown error'}")
-    if network.num_inputs != 1:
-        raise EngineBuildError(f"{onnx_path}: expected one input, the graph has {network.num_inputs}")
-    tensor = network.get_input(0)
-    item_shape = tuple(tensor.shape)[1:]
-    if any(d < 0 for d in item_shape):
-        raise EngineBuildError(f"{onnx_path}: only the batch axis may be dynamic, input shape is {tuple(tensor.shape)}")
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    config.builder_optimization_level = int(opt_level)
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the inspector then shows layer precisions
-    monitor = _progress_monitor(trt, desc) if progress else None
-    if monitor is not None:
-        config.progress_monitor = monitor
-    opt_profile = builder.create_optimization_profile()
-    opt_profile.set_shape(tensor.name, (profile.min, *item_shape), (profile.opt, *item_shape), (profile.max, *item_shape))
-    config.add_optimization_profile(opt_profile)
-    cache = None
-    if timing_cache is not None:
-        data = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
-        cache = config.create_timing_cache(data)
-        config.set_timing_cache(cache, False)
-
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise EngineBuildError(f"TensorRT failed to build {onnx_path} (see the TensorRT messages above)")
-    plan_bytes = bytes(memoryview(plan))
+    poly, log, PolygraphyError = import_polygraphy()
+    said = io.StringIO()  # polygraphy prints its (and TensorRT's) messages to stdout
+    try:
+        with contextlib.redirect_stdout(said), log.verbosity(log.WARNING):
+            # strongly typed: a network flag on TensorRT 10, always on (the flag gone) on 11
+            builder, network, parser = poly.NetworkFromOnnxPath(str(onnx_path),
+                                                                strongly_typed=trt_major(trt.__version__) < 11)()
+            if network.num_inputs != 1:
+                raise EngineBuildError(f"{onnx_path}: expected one input, the graph has {network.num_inputs}")
+            tensor = network.get_input(0)
+            item_shape = tuple(tensor.shape)[1:]
+            if any(d < 0 for d in item_shape):
+                raise EngineBuildError(f"{onnx_path}: only the batch axis may be dynamic, input shape is {tuple(tensor.shape)}")
+            shapes = poly.Profile().add(tensor.name, min=(profile.min, *item_shape), opt=(profile.opt, *item_shape),
+                                        max=(profile.max, *item_shape))
+            config = poly.CreateConfig(
+                tf32=False,  # TensorRT turns TF32 on by default; polygraphy clears it when asked for False
+                profiles=[shapes],
+                memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_gb * (1 << 30))},
+                builder_optimization_level=int(opt_level),
+                profiling_verbosity=trt.ProfilingVerbosity.DETAILED,  # the inspector then shows layer precisions
+                progress_monitor=_progress_monitor(trt, desc) if progress else None,
+                version_compatible=True if version_compatible else None,
+            )(builder, network)
+            if timing_cache is not None and Path(timing_cache).is_file():
+                cache = config.create_timing_cache(Path(timing_cache).read_bytes())
+                if not config.set_timing_cache(cache, False):
+                    raise EngineBuildError(
+                        f"TensorRT refused the timing cache {timing_cache} (written by another TensorRT version or GPU); "
+                        "pass another --timing-cache file or delete this one"
+                    )
+            engine = poly.EngineFromNetwork((builder, network, parser), config=config)()
+            if out is not None:
+                poly.SaveEngine(engine, str(out))()
+    except PolygraphyError as e:
+        errors = [line[4:] for line in said.getvalue().splitlines() if line.startswith("[E] ")]
+        raise EngineBuildError(f"TensorRT could not parse or build {onnx_path}: "
+                               f"{'; '.join(errors) or ' '.join(str(e).split())}") from None
+    finally:
+        warnings = [line for line in said.getvalue().splitlines() if line.startswith(("[W] ", "[E] "))]
+        if warnings:
+            print("\n".join(warnings), file=sys.stderr)
     if timing_cache is not None:
         from rpiae.fileio import atomic_file
 
         cache = config.get_timing_cache()  # the builder's updated cache
         with atomic_file(timing_cache) as tmp:
             tmp.write_bytes(bytes(memoryview(cache.serialize())))
-
-    runtime = trt.Runtime(logger)
-    engine = runtime.deserialize_cuda_engine(plan_bytes)
     inspector = engine.create_engine_inspector()
     summary = layer_precision_summary(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
-    info = {"tensorrt": trt.__version__, "strongly_typed": True, "builder_optimization_level": int(opt_level),
-            "workspace_gb": float(workspace_gb), "input": tensor.name, "layer_precisions": summary}
-    return plan_bytes, info
+    info = {"tensorrt": trt.__version__, "strongly_typed": True, "tf32": False, "version_compatible": bool(version_compatible),
+            "builder_optimization_level": int(opt_level), "workspace_gb": float(workspace_gb), "input": tensor.name,
+            "built_with": "polygraphy", "layer_precisions": summary}
+    return engine, info
 
 
 def engine_name(graph: str, precision: str) -> str:
@@ -358,7 +413,7 @@ def engine_name(graph: str, precision: str) -> str:
 
 def build_bundle_engines(bundle, precisions: list[str], profile, workspace_gb: float = 8.0,
                          timing_cache: Path | None = None, opt_level: int = 3, progress: bool = True,
-                         max_fp32_share: float = MAX_FP32_SHARE) -> dict[str, Any]:
+                         max_fp32_share: float = MAX_FP32_SHARE, version_compatible: bool = False) -> dict[str, Any]:
     """Build a TensorRT engine for each graph of each precision into `bundle` (in place).
 
     Each engine is checked (layer precisions) before its plan is written (atomically) and
@@ -371,6 +426,7 @@ def build_bundle_engines(bundle, precisions: list[str], profile, workspace_gb: f
     from rpiae.fileio import atomic_file
 
     import_tensorrt()
+    import_polygraphy()
     env = current_environment()
     have = bundle.precisions("onnx")
     missing = [p for p in precisions if p not in have]
@@ -383,15 +439,21 @@ def build_bundle_engines(bundle, precisions: list[str], profile, workspace_gb: f
         onnx_file = bundle.find(graph, precision, "onnx")
         onnx_path = bundle.graph_path(graph, precision)  # sha256-checked
         label = f"{graph}.{precision}"
-        plan, info = build_engine(onnx_path, profile, workspace_gb=workspace_gb, timing_cache=timing_cache,
-                                  opt_level=opt_level, progress=progress, desc=label)
         onnx_entry = bundle.files[onnx_file]
         high = (onnx_entry.get("calibration") or {}).get("high_precision", "fp16")
         limit = 1.0 if precision == "int8" and high == "fp32" else max_fp32_share
-        check_layer_precisions(info["layer_precisions"], precision, f"TensorRT {label}", limit)
         name = engine_name(graph, precision)
-        with atomic_file(bundle.root / name) as tmp:
-            tmp.write_bytes(plan)
+        # the plan is saved to a temporary file and renamed only after its layer precisions pass
+        try:
+            with atomic_file(bundle.root / name) as tmp:
+                _, info = build_engine(onnx_path, profile, workspace_gb=workspace_gb, timing_cache=timing_cache,
+                                       opt_level=opt_level, progress=progress, desc=label,
+                                       version_compatible=version_compatible, out=tmp)
+                check_layer_precisions(info["layer_precisions"], precision, f"TensorRT {label}", limit)
+        except BaseException:
+            with contextlib.suppress(OSError):  # a refused first engine leaves no empty engines/ behind
+                (bundle.root / name).parent.rmdir()
+            raise
         bundle.remove_file(name)
         entry = bundle.add_file(
             name, kind=ENGINE_KIND, graph=graph, precision=precision, profile=profile.to_dict(),
@@ -402,6 +464,7 @@ def build_bundle_engines(bundle, precisions: list[str], profile, workspace_gb: f
         built[f"trt:{label}"] = {
             "file": name, "graph": graph, "precision": precision, "profile": str(profile), "tensorrt": env["tensorrt"],
             "gpu": env["gpu"], "compute_capability": env["compute_capability"], "bytes": entry["bytes"],
+            "version_compatible": bool(version_compatible),
             "layer_precisions": {"by_precision": lp["by_precision"], "fp32_share": lp["fp32_share"]},
         }
         bundle.manifest.setdefault("engines", {}).update({f"trt:{label}": built[f"trt:{label}"]})
@@ -411,10 +474,15 @@ def build_bundle_engines(bundle, precisions: list[str], profile, workspace_gb: f
 
 # -- running ---------------------------------------------------------------------------------
 class EngineRunner:
-    """One deserialized engine on one GPU: one execution context per CUDA stream, I/O in
-    torch CUDA tensors, batches padded up to the profile's minimum."""
+    """One deserialized engine on one GPU with one execution context, I/O in torch CUDA tensors,
+    batches padded up to the profile's minimum.
 
-    def __init__(self, plan: bytes, device) -> None:
+    The context (and its activation memory) is shared by every stream that calls it: work on
+    a new stream first waits for the context's previous enqueue on another stream (a CUDA
+    event), so two streams never use its memory at once, and no context is made per stream.
+    `close()` frees the context, the engine and the runtime."""
+
+    def __init__(self, plan: bytes, device, version_compatible: bool = False) -> None:
         import torch
 
         trt = import_tensorrt()
@@ -426,6 +494,10 @@ class EngineRunner:
         with torch.cuda.device(self.device):
             torch.cuda.current_stream(self.device)  # torch owns (and initialises) the CUDA context
             self._runtime = trt.Runtime(trt_logger(trt))  # must outlive the engine
+            if version_compatible:
+                # a version-compatible plan carries TensorRT's lean runtime (host code); the bundle's
+                # sha256 check vouches for it
+                self._runtime.engine_host_code_allowed = True
             engine = self._runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise BackendUnavailable("TensorRT could not deserialize the engine (see the TensorRT messages above); "
@@ -441,17 +513,15 @@ class EngineRunner:
         self.output_dtype = self._dtypes[engine.get_tensor_dtype(self.output_name)]
         lo, opt, hi = (tuple(d) for d in engine.get_tensor_profile_shape(self.input_name, 0))
         self.min_batch, self.opt_batch, self.max_batch = int(lo[0]), int(opt[0]), int(hi[0])
-        self._contexts: dict[int, tuple[Any, threading.Lock]] = {}
-        self._guard = threading.Lock()
-
-    def _context(self, stream_handle: int):
-        with self._guard:
-            if stream_handle not in self._contexts:
-                context = self.engine.create_execution_context()
-                if context is None:
-                    raise BackendUnavailable("TensorRT could not create an execution context (out of GPU memory?)")
-                self._contexts[stream_handle] = (context, threading.Lock())
-            return self._contexts[stream_handle]
+        context = engine.create_execution_context()
+        if context is None:
+            raise BackendUnavailable("TensorRT could not create an execution context (out of GPU memory?)")
+        self._context = context
+        self._lock = threading.Lock()
+        with torch.cuda.device(self.device):
+            self._done = torch.cuda.Event()  # recorded after each enqueue, on that enqueue's stream
+        self._last_stream: int | None = None
+        self._side = None
 
     def __call__(self, x):
         """Run one batch (a torch tensor, at most `max_batch` items) on the current stream."""
@@ -460,6 +530,8 @@ class EngineRunner:
         n = int(x.shape[0])
         if n > self.max_batch:
             raise ValueError(f"batch {n} exceeds the engine profile's maximum {self.max_batch}")
+        if self._context is None:
+            raise BackendUnavailable("this TensorRT engine was closed")
         with torch.cuda.device(self.device):
             x = x.to(self.device, dtype=self.input_dtype, non_blocking=True)
             if n < self.min_batch:  # pad to the profile's minimum, drop the padding afterwards
@@ -469,8 +541,10 @@ class EngineRunner:
             if current.cuda_stream == 0:  # TensorRT adds syncs on the legacy default stream: use a side stream
                 stream = self._side_stream()
                 stream.wait_stream(current)
-            context, lock = self._context(stream.cuda_stream)
-            with lock:
+            context = self._context
+            with self._lock:
+                if self._last_stream is not None and self._last_stream != stream.cuda_stream:
+                    stream.wait_event(self._done)  # the context's memory is free once that enqueue is done
                 if not context.set_input_shape(self.input_name, tuple(x.shape)):
                     raise ValueError(f"TensorRT rejected input shape {tuple(x.shape)} for {self.input_name}")
                 out = torch.empty(tuple(context.get_tensor_shape(self.output_name)), dtype=self.output_dtype,
@@ -479,6 +553,8 @@ class EngineRunner:
                 context.set_tensor_address(self.output_name, out.data_ptr())
                 if not context.execute_async_v3(stream.cuda_stream):
                     raise RuntimeError("TensorRT execution failed (see the TensorRT messages above)")
+                self._done.record(stream)
+                self._last_stream = stream.cuda_stream
             if stream is not current:
                 current.wait_stream(stream)  # later work on the caller's stream sees the output
                 x.record_stream(stream)  # and the allocator keeps the buffers until the engine is done
@@ -490,13 +566,17 @@ class EngineRunner:
     def _side_stream(self):
         import torch
 
-        with self._guard:
-            if getattr(self, "_side", None) is None:
+        with self._lock:
+            if self._side is None:
                 self._side = torch.cuda.Stream(self.device)
             return self._side
 
     def close(self) -> None:
-        self._contexts.clear()
+        """Free the context, then the engine, then the runtime (TensorRT's required order), once
+        the last enqueue has finished."""
+        if self._context is not None and self._last_stream is not None:
+            self._done.synchronize()
+        self._context = None
         self.engine = None
         self._runtime = None
 

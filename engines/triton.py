@@ -6,7 +6,10 @@
       <prefix>/config.pbtxt         1/   ensemble: images -> encode -> latent -> decode -> image
 
 `tensorrt_plan` serves the bundle's TensorRT engines (GPU instances; the server's TensorRT
-must be the version the engines were built with, on the same compute capability);
+must be the version the engines were built with, on the same compute capability; engines
+built with `--version-compatible` also run on a later TensorRT, with the server started with
+`--backend-config=tensorrt,version-compatible=true`, Triton's TensorRT-backend option for
+them, which the summary lists under `server_args`);
 `onnxruntime_onnx` serves the bundle's ONNX graph of the same precision, on CPU or GPU
 instances, for users without TensorRT. Dynamic batching stays within the engine profile
 (max_batch_size = the profile's maximum). Every config.pbtxt is parsed with Triton's own
@@ -26,6 +29,8 @@ PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}
 MODEL_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx"}
 GRAPHS = ("encode", "decode")
 _PREFERENCE = ("fp16", "int8", "bf16", "fp32")
+# Triton's TensorRT backend loads version-compatible plans only with this server option
+VERSION_COMPATIBLE_ARG = "--backend-config=tensorrt,version-compatible=true"
 _ONNX_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16", 3: "TYPE_INT8", 6: "TYPE_INT32", 7: "TYPE_INT64"}
 
 
@@ -203,6 +208,7 @@ def write_model_repository(
     files: dict[str, list[tuple[Path, str]]] = {}
     io: dict[str, dict[str, tuple[str, str, list[int]]]] = {}
     limits = []
+    server_args: list[str] = []
     for graph in GRAPHS:
         onnx_path = bundle.graph_path(graph, precision if platform == "onnxruntime" else _engine_onnx_precision(bundle, graph, precision))
         io[graph] = _io_types(onnx_path)
@@ -218,9 +224,16 @@ def write_model_repository(
             if batch_max > prof["max"]:
                 raise ValueError(f"--max-batch {batch_max} exceeds the engine profile's maximum {prof['max']} ({name})")
             preferred = [prof["opt"], batch_max]
-            comment.append(f"TensorRT {entry['tensorrt']} engine for compute capability {entry['compute_capability']} "
-                           f"({entry['gpu']}), profile {prof['min']}:{prof['opt']}:{prof['max']}: serve it with a "
-                           f"Triton whose TensorRT is {entry['tensorrt']}, on a GPU of that compute capability")
+            if entry.get("version_compatible"):
+                comment.append(f"version-compatible TensorRT {entry['tensorrt']} engine for compute capability "
+                               f"{entry['compute_capability']} ({entry['gpu']}), profile {prof['min']}:{prof['opt']}:"
+                               f"{prof['max']}: serve it with a Triton whose TensorRT is {entry['tensorrt']} or later, "
+                               f"started with {VERSION_COMPATIBLE_ARG}, on a GPU of that compute capability")
+                server_args = [VERSION_COMPATIBLE_ARG]
+            else:
+                comment.append(f"TensorRT {entry['tensorrt']} engine for compute capability {entry['compute_capability']} "
+                               f"({entry['gpu']}), profile {prof['min']}:{prof['opt']}:{prof['max']}: serve it with a "
+                               f"Triton whose TensorRT is {entry['tensorrt']}, on a GPU of that compute capability")
             files[graph] = [(bundle.verify_file(name), MODEL_FILES[triton_platform])]
         else:
             batch_max = max_batch or 32
@@ -255,7 +268,7 @@ def write_model_repository(
     return {"repository": str(out), "platform": triton_platform, "precision": precision,
             "models": {**{names[g]: triton_platform for g in GRAPHS}, prefix: "ensemble"},
             "instance_kind": kind, "max_batch_size": {m: parse_config(t).max_batch_size for m, t in configs.items()},
-            "inputs": {prefix: image_in[0]}, "outputs": {prefix: [latent[0], image_out[0]]}}
+            "inputs": {prefix: image_in[0]}, "outputs": {prefix: [latent[0], image_out[0]]}, "server_args": server_args}
 
 
 def _engine_onnx_precision(bundle: Bundle, graph: str, precision: str) -> str:

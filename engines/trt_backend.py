@@ -41,7 +41,9 @@ class TRTBackend(Backend):
                 )
             T.check_engine_compat(bundle.files[name], env, bundle.root, name)
             names[graph] = name
-        self._runners = {g: T.EngineRunner(bundle.verify_file(n).read_bytes(), self.device) for g, n in names.items()}
+        self._runners = {g: T.EngineRunner(bundle.verify_file(n).read_bytes(), self.device,
+                                           version_compatible=bool(bundle.files[n].get("version_compatible")))
+                         for g, n in names.items()}
         limit = min(r.max_batch for r in self._runners.values())
         self.max_batch = min(max_batch, limit) if max_batch else limit
 
@@ -50,8 +52,9 @@ class TRTBackend(Backend):
 
     def describe(self) -> dict:
         r = self._runners["encode"]
-        return {**super().describe(), "device": str(self.device),
-                "profile": f"{r.min_batch}:{r.opt_batch}:{r.max_batch}"}
+        entry = self.bundle.files[self.bundle.find("encode", self.precision, T.ENGINE_KIND)]
+        return {**super().describe(), "device": str(self.device), "profile": f"{r.min_batch}:{r.opt_batch}:{r.max_batch}",
+                "tensorrt": entry.get("tensorrt"), "version_compatible": bool(entry.get("version_compatible"))}
 
     def close(self) -> None:
         for r in self._runners.values():

@@ -30,7 +30,12 @@ Decisions:
   `inductor/` (TORCHINDUCTOR_CACHE_DIR), `triton/` (TRITON_CACHE_DIR), `tmp/` (TMPDIR,
   also where a loaded package is unpacked).
 - FP32 only: the packages run the FP32 weights (reduced precision lives in the ONNX/TensorRT
-  path).
+  path). CUDA packages are compiled with TF32 off (Inductor bakes the matmul precision into
+  its kernels), so they keep the FP32 parity bound.
+- CUDA packages need the CUDA toolkit (headers and nvcc), found the way torch finds it:
+  `CUDA_HOME`/`CUDA_PATH`, `nvcc` on PATH, `/usr/local/cuda`. `check_target` refuses a CUDA
+  target without one before anything is exported, and `--device auto` picks CUDA only when
+  a GPU and the toolkit are both there.
 """
 
 from __future__ import annotations
@@ -70,6 +75,7 @@ CPU_LEVELS: dict[str, dict[str, Any]] = {
     },
 }
 DEFAULT_CPU_LEVEL = "x86-64-v3"
+DEFAULT_CUDA_HOME = "/usr/local/cuda"  # torch's last guess on Linux (torch.utils.cpp_extension)
 
 
 # -- where compilers and loaders may write ------------------------------------------------------
@@ -172,6 +178,36 @@ def cuda_target(index: int | None = None) -> dict[str, Any]:
             "cuda": torch.version.cuda}
 
 
+def cuda_toolkit() -> tuple[Path | None, str]:
+    """(CUDA toolkit root, how it was found) the way torch's C++ extension builder looks for
+    it, or (None, why not). A root without include/cuda_runtime.h does not count."""
+    import shutil
+
+    env = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if env:
+        root, how = Path(env), f"CUDA_HOME/CUDA_PATH={env}"
+    elif shutil.which("nvcc"):
+        root, how = Path(shutil.which("nvcc")).resolve().parents[1], f"nvcc at {shutil.which('nvcc')}"
+    elif Path(DEFAULT_CUDA_HOME).exists():
+        root, how = Path(DEFAULT_CUDA_HOME), DEFAULT_CUDA_HOME
+    else:
+        return None, f"CUDA_HOME is not set, nvcc is not on PATH and {DEFAULT_CUDA_HOME} does not exist"
+    if not (root / "include" / "cuda_runtime.h").is_file():
+        return None, f"{how}, but {root / 'include' / 'cuda_runtime.h'} does not exist"
+    return root, how
+
+
+def auto_device() -> tuple[str, str | None]:
+    """`--device auto`: (cuda, None) when a GPU and the CUDA toolkit are both here, else (cpu,
+    the reason CUDA was not chosen, or None on a machine without a GPU)."""
+    if not torch.cuda.is_available():
+        return "cpu", None
+    root, why = cuda_toolkit()
+    if root is None:
+        return "cpu", f"a GPU is visible but compiling CUDA packages needs the CUDA toolkit ({why}): compiling for the CPU"
+    return "cuda", None
+
+
 def _device_type(device: str) -> tuple[str, int]:
     kind, _, idx = str(device).partition(":")
     if kind not in ("cpu", "cuda"):
@@ -264,7 +300,9 @@ def compile_graph(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.stem}.partial.pt2")
-    with workdir(cache_dir), torch.no_grad(), warnings.catch_warnings():
+    from rpiae.engines.base import precision_context
+
+    with workdir(cache_dir), torch.no_grad(), warnings.catch_warnings(), precision_context(dev, torch.float32):
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal
         t0 = time.perf_counter()
         ep = export_program(module, example, profile)
@@ -298,6 +336,12 @@ def _target(kind: str, index: int, cpu_level: str) -> dict[str, Any]:
         raise BackendUnavailable(
             "--device cuda needs a CUDA GPU and a CUDA build of torch (torch.cuda.is_available() is False here); "
             "use --device cpu"
+        )
+    root, why = cuda_toolkit()
+    if root is None:
+        raise BackendUnavailable(
+            f"--device cuda compiles with the CUDA toolkit (nvcc and headers), which is not here: {why}; install it "
+            "(or set CUDA_HOME to it), or use --device cpu"
         )
     t = cuda_target(None if index < 0 else index)
     return {"device": "cuda", **t, "tag": f"cuda-{t['sm']}"}
@@ -383,6 +427,7 @@ def package_bundle(
 
 
 __all__ = [
-    "CPU_LEVELS", "DEFAULT_CPU_LEVEL", "KIND", "check_runnable", "check_target", "compile_graph", "cpu_flags", "default_cache_dir",
+    "CPU_LEVELS", "DEFAULT_CPU_LEVEL", "KIND", "auto_device", "check_runnable", "check_target", "compile_graph", "cpu_flags",
+    "cuda_toolkit", "default_cache_dir",
     "enable_runtime_input_checks", "find_packages", "load_package", "package_bundle", "workdir",
 ]

@@ -185,7 +185,8 @@ def verify_bundle(
         ref = reference_outputs(reference, x)
         with open_backend(bundle, backend, precision, device) as cand:
             row = compare(cand, x, ref, precision)
-        row.update(backend=backend, device=device)
+            providers = cand.describe().get("providers")  # what actually ran (ONNX Runtime)
+        row.update(backend=backend, device=device, **({"providers": providers} if providers else {}))
         results.append(row)
     return {"bundle": str(bundle.root), "results": results, "ok": all(r["ok"] for r in results)}
 

@@ -6,8 +6,10 @@ TensorRT and ONNX Runtime:
 - only the batch axis is symbolic, on every input and output;
 - no antialiased Resize (does not export faithfully); no dynamic-quantisation ops
   (`DynamicQuantizeLinear` and friends: TensorRT rejects them);
-- Q/DQ zero-points all 0 (symmetric; TensorRT rejects non-zero); int8 weights stored in
-  the graph lie in [-127, 127] (TensorRT's weight range);
+- Q/DQ zero-points all 0 (symmetric; TensorRT rejects non-zero) and signed int8: a
+  QuantizeLinear needs an explicit int8 zero-point (without one ONNX quantises to uint8,
+  which TensorRT's explicit quantisation does not take), and no uint8 tensor is dequantised;
+  int8 weights stored in the graph lie in [-127, 127] (TensorRT's weight range);
 - FP16/INT8: graph inputs and outputs stay float32; LayerNormalization and Softmax compute
   in float32;
 - the model config travels in the metadata.
@@ -65,14 +67,24 @@ def check_graph(path: str | Path | onnx.ModelProto, precision: str | None = None
             problems.append(f"{node.name}: antialiased Resize")
         if node.op_type in DYNAMIC_QUANT_OPS:
             problems.append(f"{node.name}: dynamic-quantisation op {node.op_type}")
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2 and node.input[2]:
+        has_zp = node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2 and bool(node.input[2])
+        if node.op_type == "QuantizeLinear" and not has_zp:
+            problems.append(f"{node.name}: QuantizeLinear without a zero-point quantises to uint8 "
+                            "(TensorRT takes signed int8: give it an int8 zero-point of 0)")
+        if has_zp:
             zp = inits.get(node.input[2])
-            arr = numpy_helper.to_array(zp) if zp is not None else (
-                numpy_helper.to_array(consts[node.input[2]]) if node.input[2] in consts else None)
+            zp = zp if zp is not None else consts.get(node.input[2])
+            arr = numpy_helper.to_array(zp) if zp is not None else None
             if arr is None:
                 problems.append(f"{node.name}: zero-point is not a constant")
-            elif np.any(arr.astype(np.int64) != 0):
-                problems.append(f"{node.name}: non-zero zero-point")
+            else:
+                if zp.data_type != onnx.TensorProto.INT8:
+                    problems.append(f"{node.name}: zero-point of type {onnx.TensorProto.DataType.Name(zp.data_type)}, "
+                                    "not INT8 (TensorRT's explicit quantisation is signed int8)")
+                if np.any(arr.astype(np.int64) != 0):
+                    problems.append(f"{node.name}: non-zero zero-point")
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits and inits[node.input[0]].data_type == onnx.TensorProto.UINT8:
+            problems.append(f"{node.name}: dequantises a UINT8 tensor (TensorRT takes signed int8)")
         if node.op_type == "DequantizeLinear" and node.input[0] in inits:
             w = inits[node.input[0]]
             external = w.data_location == onnx.TensorProto.EXTERNAL  # not loaded here

@@ -79,3 +79,14 @@ def bundle_all(tmp_path_factory, trained_or_tiny_ckpt, sample_photos):
 
     out = tmp_path_factory.mktemp("bundles") / "all"
     return export_bundle(trained_or_tiny_ckpt, out, precisions="fp32,fp16,int8", calib=sample_photos, progress=False)
+
+
+@pytest.fixture
+def kernel_flags(monkeypatch):
+    """Restore the process-wide kernel switches a Trainer sets (deterministic algorithms, cuDNN)."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]

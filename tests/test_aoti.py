@@ -147,6 +147,25 @@ def test_refused_on_a_machine_it_cannot_run_on(packaged, monkeypatch):
             aoti.check_runnable(cuda_entry, "cuda")
 
 
+def test_a_package_that_cannot_load_is_unavailable_not_bad_input(packaged, monkeypatch, tmp_path):
+    """A load failure (missing library, corrupt archive) is the backend being unavailable,
+    raised when it is opened; the benchmark then lists the row as skipped, not as an error."""
+    from rpiae.bench.runner import BenchSettings, measure_row
+
+    bundle, cache = packaged
+
+    def broken(path, device_index=-1, cache_dir=None):
+        raise RuntimeError("Error in dlopen: libaoti_custom.so: cannot open shared object file")
+
+    monkeypatch.setattr(aoti, "load_package", broken)
+    with pytest.raises(BackendUnavailable, match="cannot load .*libaoti_custom.so"):
+        AOTIBackend(bundle, cache_dir=str(cache))
+    settings = dict(vars(BenchSettings(model=str(bundle.root), threads=1, isolate=False, row_peak_time=0)))
+    spec = {"graph": "encode", "backend": "aoti", "precision": "fp32", "batch": 1, "reference": False}
+    row = measure_row(spec, settings)
+    assert row["status"] == "skipped" and "libaoti_custom.so" in row["reason"], row
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_target_refused_without_gpu(packaged):
     bundle, _ = packaged

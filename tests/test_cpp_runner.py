@@ -146,3 +146,66 @@ def test_runner_errors_are_one_line(runner_exe, packaged, tmp_path):
     res = _run(runner_exe["exe"], enc)
     assert res.returncode == 2 and "usage" in res.stderr
     assert not (tmp_path / "o.ppm").exists()
+
+
+# -- the TensorRT path, compiled against stand-in TensorRT/CUDA headers (tests/cpp_stubs) -------
+STUBS = Path(__file__).resolve().parent / "cpp_stubs"
+
+
+@pytest.fixture(scope="module")
+def stub_trt_runner(tmp_path_factory):
+    """rpiae_run's TensorRT half built against headers that count device allocations."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        pytest.skip("a C++ compiler is not installed")
+    exe = tmp_path_factory.mktemp("stub-trt") / "rpiae_run_stub"
+    res = subprocess.run([cxx, "-std=c++17", "-O0", "-DRPIAE_WITH_TENSORRT", f"-I{STUBS}", str(CPP / "rpiae_run.cpp"),
+                          "-o", str(exe)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return exe
+
+
+@pytest.mark.parametrize("fail", [None, "enqueue", "memcpy_d2h"])
+def test_tensorrt_path_frees_device_memory_on_every_exit(stub_trt_runner, tmp_path, fail):
+    from PIL import Image
+
+    enc, dec, img = tmp_path / "enc.plan", tmp_path / "dec.plan", tmp_path / "in.ppm"
+    enc.write_text("encode")
+    dec.write_text("decode")
+    Image.new("RGB", (256, 256), (10, 20, 30)).save(img)
+    env = {k: v for k, v in os.environ.items() if k != "RPIAE_FAKE_FAIL"}
+    if fail:
+        env["RPIAE_FAKE_FAIL"] = fail
+    res = subprocess.run([str(stub_trt_runner), str(enc), str(dec), str(img), str(tmp_path / "out.ppm")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    if fail is None:
+        assert res.returncode == 0, res.stderr
+        assert (tmp_path / "out.ppm").is_file()
+    else:
+        errors = [line for line in res.stderr.splitlines() if line.startswith("rpiae_run: error:")]
+        assert res.returncode == 1 and len(errors) == 1, res.stderr
+        assert not (tmp_path / "out.ppm").exists()
+    # every device buffer is freed, also when a CUDA call fails half-way through a run
+    assert "never freed 0" in res.stderr, res.stderr
+
+
+def test_configure_without_cuda_toolkit_on_a_cuda_torch_reports_instead_of_aborting(tmp_path):
+    """A CUDA build of torch whose CMake config aborts (FATAL_ERROR, even under QUIET) when the
+    CUDA toolkit is missing: the configure step says so for the .pt2 path instead of dying in
+    torch's config. The torch prefix here mimics a CUDA wheel's Caffe2Config.cmake."""
+    if not shutil.which("cmake") or not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("cmake or a C++ compiler is not installed")
+    prefix = tmp_path / "cuda-torch"
+    (prefix / "Torch").mkdir(parents=True)
+    (prefix / "Caffe2").mkdir()
+    (prefix / "Torch" / "TorchConfig.cmake").write_text(
+        'include("${CMAKE_CURRENT_LIST_DIR}/../Caffe2/Caffe2Config.cmake")\nset(Torch_FOUND TRUE)\n')
+    (prefix / "Caffe2" / "Caffe2Config.cmake").write_text(
+        "set(CAFFE2_USE_CUDA ON)\nmessage(FATAL_ERROR \"Your installed Caffe2 version uses CUDA but I cannot find the "
+        "CUDA libraries. Please set the proper CUDA prefixes and / or install CUDA.\")\n")
+    res = subprocess.run(["cmake", "-S", str(CPP), "-B", str(tmp_path / "build"), f"-DCMAKE_PREFIX_PATH={prefix}",
+                          "-DRPIAE_WITH_TENSORRT=OFF", "-DCMAKE_DISABLE_FIND_PACKAGE_CUDAToolkit=ON"],
+                         capture_output=True, text=True, timeout=300)
+    out = res.stdout + res.stderr
+    assert "AOTInductor .pt2 support: NO - this torch is a CUDA build" in out and "CUDA toolkit" in out, out
+    assert "Your installed Caffe2 version uses CUDA" not in out, out

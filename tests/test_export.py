@@ -88,6 +88,33 @@ def test_graph_checks_catch_bad_graphs(bundle_all, tmp_path):
     assert "int8 weight -128" in problems
 
 
+def test_graph_checks_want_signed_int8_quantisation():
+    """TensorRT's explicit quantisation is signed int8: a QuantizeLinear without a zero-point
+    (ONNX then quantises to uint8) or with a uint8 one, and a dequantised uint8 weight, fail."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def graph(q_inputs, inits):
+        nodes = [helper.make_node("QuantizeLinear", q_inputs, ["q"], name="q"),
+                 helper.make_node("DequantizeLinear", ["q", "s"], ["y"], name="dq"),
+                 helper.make_node("DequantizeLinear", ["w", "s"], ["wf"], name="dq_w"),
+                 helper.make_node("Add", ["y", "wf"], ["out"], name="add")]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 4])],
+                              initializer=[numpy_helper.from_array(np.float32(0.1), "s"), *inits])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+    w8 = numpy_helper.from_array(np.ones(4, np.int8), "w")
+    zp = [p for p in check_graph(graph(["x", "s", "z"], [numpy_helper.from_array(np.int8(0), "z"), w8]), "int8")
+          if "zero-point" in p or "UINT8" in p]
+    assert zp == []  # the good graph: int8 zero-point of 0, int8 weights
+    missing = check_graph(graph(["x", "s"], [w8]), "int8")
+    assert any("q: QuantizeLinear without a zero-point quantises to uint8" in p for p in missing)
+    unsigned = check_graph(graph(["x", "s", "z"], [numpy_helper.from_array(np.uint8(0), "z"),
+                                                 numpy_helper.from_array(np.ones(4, np.uint8), "w")]), "int8")
+    assert any("q: zero-point of type UINT8, not INT8" in p for p in unsigned)
+    assert any("dq_w: dequantises a UINT8 tensor" in p for p in unsigned)
+
+
 @pytest.mark.parametrize("graph", ["encode", "decode"])
 def test_int8_weights_are_stored_as_int8_with_one_qdq_pair_per_consumer(bundle_all, graph):
     """Weights are int8 initializers behind a DequantizeLinear (no fp32 copy in the file), and every
@@ -347,3 +374,8 @@ def test_int8_calibrates_on_every_image_and_refuses_to_start_without_the_memory(
     with pytest.raises(QuantizationError, match=r"INT8 quantisation of decode.fp32.onnx needs about .* GB of free memory"):
         to_int8(src, tmp_path / "x.onnx", np.zeros((1, 64, 16, 16), np.float32))
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_manifest_parity_rows_record_the_providers_that_ran(bundle_all):
+    rows = bundle_all.manifest["parity"]
+    assert rows and all(r["providers"] == ["CPUExecutionProvider"] for r in rows)

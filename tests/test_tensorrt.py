@@ -179,6 +179,25 @@ def test_engine_compat_refuses_other_environments(env, words):
     assert isinstance(e.value, BackendUnavailable)  # the CLI shows it as one line
 
 
+@pytest.mark.parametrize("here,ok", [
+    ("10.13.0.35", True), ("10.14.1.48", True), ("11.1.0.4", True),  # the same or a later 10.x, or 11
+    ("10.12.0.36", False), ("12.0.0.1", False),  # older, or two majors on
+])
+def test_version_compatible_engines_run_on_later_tensorrt(here, ok):
+    entry = engine_entry(version_compatible=True)
+    env = {**BUILT_ENV, "tensorrt": here}
+    if ok:
+        T.check_engine_compat(entry, env)
+    else:
+        with pytest.raises(T.EngineMismatch, match=r"TensorRT 10.13.0.35 \(version-compatible\).*--version-compatible"):
+            T.check_engine_compat(entry, env)
+    with pytest.raises(T.EngineMismatch):  # still tied to the compute capability it was built for
+        T.check_engine_compat(entry, {**env, "compute_capability": "8.9"})
+    if here != BUILT_ENV["tensorrt"]:  # and an ordinary engine only runs where it was built
+        with pytest.raises(T.EngineMismatch):
+            T.check_engine_compat(engine_entry(), env)
+
+
 def fake_bundle(root: Path, model=None, engines=("fp16",), env=BUILT_ENV) -> Bundle:
     """A bundle with placeholder ONNX files and engine entries (what a GPU machine's export
     would record), for everything that must be decided before TensorRT is touched."""
@@ -238,7 +257,7 @@ def test_backend_splits_batches_to_the_profile(tmp_path, fake_gpu, monkeypatch):
     calls = []
 
     class FakeRunner:  # stands in for the deserialized engine
-        def __init__(self, plan, device):
+        def __init__(self, plan, device, version_compatible=False):
             self.graph = plan.decode().split()[-1]
             self.min_batch, self.opt_batch, self.max_batch = 1, 2, 4
 
@@ -352,8 +371,8 @@ TRT11_REMOVED = {
 # which TensorRT class each variable of engines/tensorrt.py holds
 VAR_TYPES = {
     "logger": "Logger", "builder": "Builder", "network": "INetworkDefinition", "parser": "OnnxParser",
-    "tensor": "ITensor", "config": "IBuilderConfig", "opt_profile": "IOptimizationProfile", "cache": "ITimingCache",
-    "plan": "IHostMemory", "runtime": "Runtime", "_runtime": "Runtime", "engine": "ICudaEngine",
+    "tensor": "ITensor", "config": "IBuilderConfig", "cache": "ITimingCache",
+    "plan": "IHostMemory", "_runtime": "Runtime", "engine": "ICudaEngine",
     "inspector": "EngineInspector", "context": "IExecutionContext",
 }
 
@@ -458,9 +477,9 @@ def api_problems(used: set[str], trt_api) -> tuple[list[str], list[str]]:
 
 def test_every_tensorrt_api_used_exists_and_survives_tensorrt11(trt_api):
     used = tensorrt_uses()
-    assert {"Builder", "OnnxParser", "IBuilderConfig.set_memory_pool_limit", "IExecutionContext.execute_async_v3",
-            "IExecutionContext.set_input_shape", "IExecutionContext.set_tensor_address",
-            "EngineInspector.get_engine_information", "LayerInformationFormat.JSON"} <= used, used
+    assert {"IExecutionContext.execute_async_v3", "IExecutionContext.set_input_shape", "IExecutionContext.set_tensor_address",
+            "EngineInspector.get_engine_information", "LayerInformationFormat.JSON", "MemoryPoolType.WORKSPACE",
+            "IBuilderConfig.set_timing_cache", "Runtime.engine_host_code_allowed", "INetworkDefinition.get_input"} <= used, used
     missing, removed = api_problems(used, trt_api)
     assert not missing, f"not in the TensorRT {STUBS_VERSION} API: {missing}"
     assert not removed, f"removed in TensorRT 11: {removed}"
@@ -506,18 +525,6 @@ def test_progress_monitor_overrides_real_methods(trt_api):
     assert monitors
     defined = {f.name for f in monitors[0].body if isinstance(f, ast.FunctionDef)} - {"__init__"}
     assert defined == {"phase_start", "step_complete", "phase_finish"} <= trt_api["IProgressMonitor"]
-
-
-def test_strongly_typed_flag_only_on_tensorrt10():
-    tree = ast.parse(TRT_MODULE.read_text())
-    parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
-    hits = [n for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "STRONGLY_TYPED"]
-    assert hits
-    for n in hits:
-        p = n
-        while p in parents and not isinstance(p, ast.If):
-            p = parents[p]
-        assert isinstance(p, ast.If) and "< 11" in ast.unparse(p.test)
 
 
 def test_tensorrt_is_imported_lazily_and_only_in_one_module():
@@ -583,6 +590,16 @@ def test_engine_parity_against_pytorch(engine_bundle, sample_photos):
 
 @pytest.mark.gpu
 @requires_trt_gpu
+def test_engines_pass_polygraphys_comparison(engine_bundle, sample_photos):
+    from rpiae.engines.polygraphy_check import compare_bundle
+
+    report = compare_bundle(engine_bundle, backend="trt", images=sample_photos, batch=3, device="cuda")
+    assert [r["precision"] for r in report["results"]] == ["fp32", "fp16", "int8"]
+    assert report["ok"], json.dumps(report["results"], indent=1)
+
+
+@pytest.mark.gpu
+@requires_trt_gpu
 def test_engine_backend_on_gpu_tensors_and_streams(engine_bundle, sample_photos):
     from rpiae.engines import load_backend
 
@@ -617,46 +634,77 @@ def test_cli_trt_end_to_end(tmp_path, engine_bundle, photos):
     assert r.exit_code == 0, r.output
 
 
+@pytest.mark.gpu
+@requires_trt_gpu
+def test_version_compatible_engine_on_gpu(tmp_path, bundle_all, sample_photos):
+    from rpiae.export import verify_bundle
+
+    root = tmp_path / "bundle"
+    shutil.copytree(bundle_all.root, root)
+    T.build_bundle_engines(Bundle.open(root), ["fp16"], BatchProfile(1, 2, 4), workspace_gb=2.0, progress=False,
+                           version_compatible=True)
+    bundle = Bundle.open(root)
+    assert bundle.files[T.engine_name("encode", "fp16")]["version_compatible"] is True
+    report = verify_bundle(bundle, backend="trt", images=sample_photos, batches=[3], device="cuda")
+    assert report["ok"], json.dumps(report["results"], indent=1)
+
+
 # -- the build and run code paths, against a stand-in `tensorrt` module ----------------------
-# It implements only the calls the module makes (the stubs test above proves each exists in
-# TensorRT), records them, and "runs" an engine on CPU memory: each output item is the mean
-# of its input item. This exercises the Python around TensorRT without a GPU.
+# It implements the calls our module and polygraphy's loaders make (the stubs test above
+# proves ours exist in TensorRT; polygraphy's real code runs on it), records them, and "runs"
+# an engine on CPU memory: each output item is the mean of its input item. This exercises
+# the Python around TensorRT without a GPU.
 class FakeTRT:
+    modules: list = []  # every stand-in made, so that a later one can replace an earlier one
     SHAPES = {"encode": (("images", (3, 256, 256)), ("latent", (64, 16, 16))),
               "decode": (("latent", (64, 16, 16)), ("image", (3, 256, 256)))}
 
-    def __init__(self, version="10.13.0.35", layers=None, parse_ok=True, profile=(1, 4, 8)):
+    def __init__(self, version="10.13.0.35", layers=None, parse_ok=True, profile=(1, 4, 8), cache_matches=True):
         import ctypes
+        import enum
         import types
 
         rec = self.record = {"flags": [], "pool": [], "shapes": [], "parsed": [], "phases": [], "contexts": 0,
-                             "runs": []}
+                             "runs": [], "host_code": [], "waits": []}
         shapes, prof = self.SHAPES, profile
         layers = layers or vit_engine_json()
         m = self.module = types.ModuleType("tensorrt")
         m.__version__ = version
+        FakeTRT.modules.append(m)
 
-        def enum(name, *members):
-            return type(name, (), {k: f"{name}.{k}" for k in members})
+        def enum_(name, *members):  # string-valued, with the __members__ map polygraphy walks
+            values = {k: f"{name}.{k}" for k in members}
+            return type(name, (), {**values, "__members__": values})
 
-        m.NetworkDefinitionCreationFlag = type("F", (), {"STRONGLY_TYPED": 1})
-        m.MemoryPoolType = enum("MemoryPoolType", "WORKSPACE")
-        m.ProfilingVerbosity = enum("ProfilingVerbosity", "DETAILED")
-        m.LayerInformationFormat = enum("LayerInformationFormat", "JSON")
-        m.TensorIOMode = enum("TensorIOMode", "INPUT", "OUTPUT")
-        m.DataType = enum("DataType", "FLOAT", "HALF", "BF16", "INT8", "INT32", "INT64", "BOOL", "UINT8")
+        m.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag",
+                                                       {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1})
+        m.BuilderFlag = enum_("BuilderFlag", "TF32", "FP16", "INT8", "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME")
+        m.MemoryPoolType = enum_("MemoryPoolType", "WORKSPACE")
+        m.ProfilingVerbosity = enum_("ProfilingVerbosity", "DETAILED")
+        m.LayerInformationFormat = enum_("LayerInformationFormat", "JSON")
+        m.TensorIOMode = enum_("TensorIOMode", "INPUT", "OUTPUT")
+        m.DeviceType = enum_("DeviceType", "GPU", "DLA")
+        m.LayerType = enum_("LayerType", "SHAPE", "QUANTIZE", "DEQUANTIZE")
+        m.DataType = enum_("DataType", "FLOAT", "HALF", "BF16", "INT8", "INT32", "INT64", "BOOL", "UINT8")
 
         class Logger:
-            WARNING = "warning"
+            INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = "internal_error", "error", "warning", "info", "verbose"
 
             def __init__(self, severity):
                 assert severity == "warning"
+
+        class ILogger:
+            def __init__(self):
+                pass
 
         class IProgressMonitor:
             def __init__(self):
                 pass
 
         class Tensor:
+            is_shape_tensor = False
+            dtype = "DataType.FLOAT"
+
             def __init__(self, name, shape):
                 self.name, self.shape = name, shape
 
@@ -665,6 +713,9 @@ class FakeTRT:
                 rec["flags"].append(flags)
                 self.graph = None
                 self.num_inputs = 1
+
+            def __iter__(self):  # polygraphy looks for layers with a precision set: none here
+                return iter(())
 
             def get_input(self, i):
                 name, shape = shapes[self.graph][0]
@@ -693,25 +744,47 @@ class FakeTRT:
             builder_optimization_level = None
             profiling_verbosity = None
             progress_monitor = None
+            DLA_core = -1
+            default_device_type = "DeviceType.GPU"
+
+            def __init__(self):
+                self.flags = {"BuilderFlag.TF32"}  # TensorRT's default
+                self.profiles = []
+
+            @property
+            def num_optimization_profiles(self):
+                return len(self.profiles)
+
+            def set_flag(self, flag):
+                self.flags.add(flag)
+
+            def clear_flag(self, flag):
+                self.flags.discard(flag)
+
+            def get_flag(self, flag):
+                return flag in self.flags
 
             def set_memory_pool_limit(self, pool, size):
                 rec["pool"].append((pool, size))
 
             def add_optimization_profile(self, profile):
-                self.profile = profile
+                self.profiles.append(profile)
 
             def create_timing_cache(self, data):
-                return TimingCache(data)
+                return TimingCache(bytes(data))
 
             def set_timing_cache(self, cache, ignore_mismatch):
+                if cache.data.startswith(b"other gpu") and not ignore_mismatch:
+                    return False
                 self.cache = cache
+                return True
 
             def get_timing_cache(self):
                 return self.cache
 
         class Profile:
             def set_shape(self, name, lo, opt, hi):
-                rec["shapes"].append((name, lo, opt, hi))
+                rec["shapes"].append((name, tuple(lo), tuple(opt), tuple(hi)))
 
         class Builder:
             def __init__(self, logger):
@@ -770,9 +843,13 @@ class FakeTRT:
 
         class Engine:
             def __init__(self, plan):
-                self.graph = bytes(plan).decode().split()[-1]
+                self.plan = bytes(plan)
+                self.graph = self.plan.decode().split()[-1]
                 self.io = shapes[self.graph]
                 self.num_io_tensors = 2
+
+            def serialize(self):
+                return self.plan
 
             def get_tensor_name(self, i):
                 return self.io[i][0]
@@ -796,28 +873,68 @@ class FakeTRT:
 
         class Runtime:
             def __init__(self, logger):
-                pass
+                self._host_code = False
+
+            @property
+            def engine_host_code_allowed(self):
+                return self._host_code
+
+            @engine_host_code_allowed.setter
+            def engine_host_code_allowed(self, value):
+                self._host_code = value
+                rec["host_code"].append(value)
 
             def deserialize_cuda_engine(self, plan):
                 return Engine(plan)
 
-        for cls in (Logger, IProgressMonitor, OnnxParser, Builder, Runtime):
+        for cls in (Logger, ILogger, IProgressMonitor, OnnxParser, Builder, Runtime):
             setattr(m, cls.__name__, cls)
+        m.init_libnvinfer_plugins = lambda logger, namespace: True
 
 
 @pytest.fixture
 def fake_trt(monkeypatch, fake_gpu):
     import contextlib
 
+    from polygraphy.backend.trt import util as poly_util
+
     def install(**kw):
         fake = FakeTRT(**kw)
         monkeypatch.setitem(sys.modules, "tensorrt", fake.module)
         monkeypatch.setattr(T, "import_tensorrt", _real_import_tensorrt)  # the real check, on the stand-in
+        monkeypatch.setattr(T, "_LOGGERS", {})
+        # polygraphy imports TensorRT lazily once per module and keeps one logger: point both at the stand-in
+        for name, mod in list(sys.modules.items()):
+            held = getattr(mod, "trt", None)
+            if name.startswith("polygraphy.") and (type(held).__name__ == "LazyModule" or held in FakeTRT.modules):
+                monkeypatch.setattr(mod, "trt", fake.module)
+        monkeypatch.setattr(poly_util, "TRT_LOGGER", None)
+        rec = fake.record
+
+        class Stream:
+            def __init__(self, handle):
+                self.cuda_stream = handle
+
+            def wait_event(self, event):
+                rec["waits"].append((self.cuda_stream, event.recorded_on))
+
+        class Event:
+            def __init__(self):
+                self.recorded_on = None
+
+            def record(self, stream):
+                self.recorded_on = stream.cuda_stream
+
+            def synchronize(self):
+                rec.setdefault("synchronized", 0)
+                rec["synchronized"] += 1
+
         streams = iter(range(1000, 2000))
-        current = {"s": type("S", (), {"cuda_stream": next(streams)})()}
+        current = {"s": Stream(next(streams))}
         monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
         monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: current["s"])
-        fake.new_stream = lambda: current.update(s=type("S", (), {"cuda_stream": next(streams)})())
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        fake.new_stream = lambda: current.update(s=Stream(next(streams)))
         return fake
 
     return install
@@ -835,7 +952,7 @@ def test_build_bundle_engines_with_stand_in_tensorrt(tmp_path, fake_trt, fake_gp
     built = T.build_bundle_engines(bundle, ["fp16"], BatchProfile(1, 4, 8), workspace_gb=1.5, timing_cache=cache,
                                    opt_level=5, progress=True)
     rec = fake.record
-    assert rec["flags"] == [flags, flags]  # strongly typed: the flag on 10, implicit on 11
+    assert rec["flags"] == [flags, flags]  # strongly typed: the network flag on 10, implicit on 11
     assert rec["pool"] == [("MemoryPoolType.WORKSPACE", int(1.5 * 2**30))] * 2
     assert rec["shapes"] == [("images", (1, 3, 256, 256), (4, 3, 256, 256), (8, 3, 256, 256)),
                              ("latent", (1, 64, 16, 16), (4, 64, 16, 16), (8, 64, 16, 16))]
@@ -854,8 +971,60 @@ def test_build_bundle_engines_with_stand_in_tensorrt(tmp_path, fake_trt, fake_gp
         assert e["gpu"] == fake_gpu["gpu"] and e["onnx"] == f"{graph}.fp16.onnx"
         assert e["onnx_sha256"] == b.files[f"{graph}.fp16.onnx"]["sha256"] and e["strongly_typed"] is True
         assert e["layer_precisions"]["by_precision"] == {"fp16": 17, "fp32": 4}
+        assert e["version_compatible"] is False and e["tf32"] is False and e["built_with"] == "polygraphy"
         assert b.manifest["engines"][f"trt:{graph}.fp16"]["layer_precisions"]["fp32_share"] == e["layer_precisions"]["fp32_share"]
     assert b.precisions("trt-engine") == ["fp16"]
+
+
+def test_build_clears_tf32(tmp_path, fake_trt):
+    """TensorRT enables TF32 by default: FP32 layers would round matmul inputs to 10 bits."""
+    fake = fake_trt()
+    T.build_bundle_engines(fake_bundle(tmp_path / "b", engines=()), ["fp32"], BatchProfile(1, 4, 8), progress=False)
+    flags = fake.record["config"].flags
+    assert "BuilderFlag.TF32" not in flags and "BuilderFlag.VERSION_COMPATIBLE" not in flags
+
+
+def test_strongly_typed_flag_only_on_tensorrt10(tmp_path, fake_trt):
+    for version, expected in (("10.0.1.6", 1 << 1), ("11.4.0.106", 0)):
+        fake = fake_trt(version=version)
+        T.build_bundle_engines(fake_bundle(tmp_path / version, engines=()), ["fp16"], BatchProfile(1, 4, 8), progress=False)
+        assert set(fake.record["flags"]) == {expected}, version
+
+
+def test_version_compatible_engines(tmp_path, fake_trt, fake_gpu):
+    from rpiae.engines.trt_backend import TRTBackend
+
+    fake = fake_trt()
+    bundle = fake_bundle(tmp_path / "b", engines=())
+    built = T.build_bundle_engines(bundle, ["fp16"], BatchProfile(1, 4, 8), progress=False, version_compatible=True)
+    assert "BuilderFlag.VERSION_COMPATIBLE" in fake.record["config"].flags
+    b = Bundle.open(bundle.root)
+    entry = b.files[T.engine_name("encode", "fp16")]
+    assert entry["version_compatible"] is True and built["trt:encode.fp16"]["version_compatible"] is True
+    assert T.rebuild_command(b.root, entry).endswith("--version-compatible --out " + str(b.root))
+    # a TensorRT runtime may only run the lean runtime inside such a plan when told to
+    fake.record["host_code"].clear()  # (polygraphy allows it when it deserializes after the build)
+    with TRTBackend(b, precision="fp16") as be:
+        assert be.describe()["version_compatible"] is True
+    assert fake.record["host_code"] == [True, True]
+
+
+def test_refused_timing_cache_is_an_error(tmp_path, fake_trt):
+    fake_trt()
+    bundle = fake_bundle(tmp_path / "b", engines=())
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"other gpu's cache")
+    with pytest.raises(T.EngineBuildError, match=r"refused the timing cache .*timing.cache.*another TensorRT version or GPU"):
+        T.build_bundle_engines(bundle, ["fp16"], BatchProfile(1, 4, 8), timing_cache=cache, progress=False)
+    assert cache.read_bytes() == b"other gpu's cache"  # left as it was
+    assert Bundle.open(bundle.root).precisions("trt-engine") == [] and not (bundle.root / "engines").exists()
+
+
+def test_missing_polygraphy_is_one_line(tmp_path, fake_trt, monkeypatch):
+    fake_trt()
+    monkeypatch.setitem(sys.modules, "polygraphy.backend", None)
+    with pytest.raises(BackendUnavailable, match="polygraphy is not installed"):
+        T.build_bundle_engines(fake_bundle(tmp_path / "b", engines=()), ["fp16"], BatchProfile(1, 4, 8), progress=False)
 
 
 def test_build_refuses_fp32_engine_and_parse_errors(tmp_path, fake_trt):
@@ -879,6 +1048,7 @@ def test_engine_runner_with_stand_in_tensorrt(tmp_path, fake_trt, fake_gpu, prof
     fake = fake_trt(profile=profile)
     bundle = fake_bundle(tmp_path / "b", engines=())
     T.build_bundle_engines(bundle, ["fp16"], BatchProfile(*profile), progress=False)
+    fake.record["host_code"].clear()
     x = np.random.default_rng(0).random((10, 3, 256, 256), dtype=np.float32)
     with TRTBackend(Bundle.open(bundle.root), precision="fp16") as be:
         assert be.max_batch == profile[2]
@@ -889,7 +1059,13 @@ def test_engine_runner_with_stand_in_tensorrt(tmp_path, fake_trt, fake_gpu, prof
         # a batch below the profile's minimum is padded and the padding dropped
         one = be.decode(torch.ones(1, 64, 16, 16))
         assert one.shape == (1, 3, 256, 256) and fake.record["runs"][-1][1] == profile[0]
-        assert fake.record["contexts"] == 2  # one per engine on this stream
+        assert fake.record["contexts"] == 2  # one per engine
+        assert fake.record["waits"] == []  # one stream so far: nothing to wait for
+        first = fake.record["runs"][0][2]
         fake.new_stream()
         be.encode(x[:1])
-        assert fake.record["contexts"] == 3  # a new stream gets its own context
+        # the same context on a new stream: that stream first waits for the context's last enqueue
+        assert fake.record["contexts"] == 2
+        assert fake.record["waits"] == [(first + 1, first)]
+        assert fake.record["host_code"] == []  # not a version-compatible engine: no host code allowed
+    assert fake.record["synchronized"] == 2  # closing waits for each engine's last enqueue

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -450,3 +452,111 @@ def test_shipped_tiny_checkpoint(photos):
     with torch.no_grad():
         psnrs = psnr(model(x).clamp(0, 1), x)
     assert min(psnrs) > 19.0, psnrs
+
+
+# -- GPU-facing details, checked on the CPU ----------------------------------------------------------------
+
+
+def test_resume_on_a_machine_with_fewer_gpus(tmp_path, batch, monkeypatch):
+    """A checkpoint saved on a 4-GPU machine (one CUDA RNG state per GPU, older format) or with
+    this rank's GPU state resumes on a 1-GPU machine: rank 0 restores its own GPU's state only
+    (torch.cuda.set_rng_state_all would index GPUs that do not exist). torch.cuda is a
+    recording stand-in that raises IndexError for a GPU index that does not exist, as torch does."""
+    import torch.cuda.random as cuda_random
+
+    restored = []
+
+    def set_state(state, device="cuda"):
+        index = torch.device(device).index if isinstance(device, (str, torch.device)) else device
+        index = 0 if index is None else index
+        if index >= 1:
+            raise IndexError("list index out of range")
+        restored.append((index, int(state[0])))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+    monkeypatch.setattr(cuda_random, "set_rng_state", set_state)
+    a = make_trainer(2, tmp_path)
+    state = a.state_dict()
+    b = make_trainer(2, tmp_path)
+    b.device = torch.device("cuda", 0)  # rank 0's GPU on the resuming machine
+    old = {**state, "rng": {"torch": state["rng"]["torch"], "cuda": [torch.full((4,), i, dtype=torch.uint8) for i in range(4)]}}
+    b.load_state_dict(old)
+    assert restored == [(0, 0)]
+    new = {**state, "rng": {"torch": state["rng"]["torch"], "cuda_device": torch.full((4,), 7, dtype=torch.uint8)}}
+    b.load_state_dict(new)
+    assert restored[-1] == (0, 7)
+    b.device = torch.device("cpu")  # a CUDA checkpoint resumed on the CPU: nothing to restore
+    b.load_state_dict(old)
+    assert len(restored) == 2
+
+
+def test_one_device_read_per_step(tmp_path, batch, monkeypatch):
+    """Losses stay on the device during a step; the project's code reads them once per
+    optimiser step, however many micro-batches and loss terms (before: one .item() per term
+    per micro-batch). Reads inside torch itself (AdamW's step counters, host tensors) are not
+    the trainer's and are not counted."""
+    import sys
+
+    trainer = make_trainer(1, tmp_path, batch_size=2, grad_accum=2)
+    project = str(Path(__file__).resolve().parents[1])
+    reads = []
+    for name in ("item", "tolist", "__float__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(project) and "site-packages" not in caller:
+                reads.append((_name, Path(caller).name))
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    logs = trainer.train_step([batch[:1], batch[1:2]])
+    monkeypatch.undo()
+    assert {"l1", "lpips", "pivot", "w_piv", "gan", "w_gan", "loss", "d_loss", "lr", "d_lr"} <= set(logs)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in logs.values())
+    assert reads == [("tolist", "trainer.py")], reads
+
+
+def test_ema_is_one_fused_lerp(tmp_path, batch, monkeypatch):
+    trainer = make_trainer(2, tmp_path, ema_decay=0.9)
+    before = {k: v.clone() for k, v in trainer.ema_params.items()}
+    calls = []
+    real = torch._foreach_lerp_
+    monkeypatch.setattr(torch, "_foreach_lerp_", lambda *a: (calls.append(len(a[0])), real(*a))[1])
+    trainer.train_step([batch[:1]])
+    assert calls == [len(trainer.params)]
+    for name, p in trainer.params.items():
+        assert torch.equal(trainer.ema_params[name], before[name].lerp(p.detach(), 0.1)), name
+    frozen = set(trainer.ema_params) - set(trainer.params)
+    assert frozen and all(torch.equal(trainer.ema_params[n], before[n]) for n in frozen)
+
+
+def test_deterministic_flag_and_cudnn_autotuning(kernel_flags):
+    import os
+
+    from rpiae.training.trainer import configure_kernels
+
+    torch.backends.cudnn.benchmark = False
+    configure_kernels(False, torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False and not torch.are_deterministic_algorithms_enabled()
+    configure_kernels(False, torch.device("cuda", 0))  # fixed crop size: cuDNN may autotune
+    assert torch.backends.cudnn.benchmark is True
+    configure_kernels(True, torch.device("cuda", 0))
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.backends.cudnn.deterministic is True and torch.backends.cudnn.benchmark is False
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert parse_override("deterministic=true") == ("deterministic", True)
+    assert TrainConfig().deterministic is False
+
+
+def test_deterministic_run_still_resumes_exactly(tmp_path, batch, kernel_flags):
+    a = make_trainer(2, tmp_path, deterministic=True)
+    assert torch.are_deterministic_algorithms_enabled()
+    a.train_step([batch[:1]])
+    state = copy.deepcopy(a.state_dict())  # a snapshot: the live state dict is the trainer's own tensors
+    logs_a = a.train_step([batch[1:2]])
+    b = make_trainer(2, tmp_path, deterministic=True, seed=3)
+    b.load_state_dict(state)
+    assert b.train_step([batch[1:2]]) == logs_a

@@ -152,7 +152,7 @@ def test_external_data_travels_with_model_onnx(tmp_path, bundle_all, sample_phot
     assert sess.run(None, {"images": sample_photos[:1]})[0].shape == (1, 64, 16, 16)
 
 
-def _with_fake_engines(bundle_all, root: Path, precision="fp16", profile=None) -> Bundle:
+def _with_fake_engines(bundle_all, root: Path, precision="fp16", profile=None, **extra) -> Bundle:
     """The bundle plus engine entries as a GPU machine's `rpiae export --target trt` writes them."""
     shutil.copytree(bundle_all.root, root)
     b = Bundle.open(root)
@@ -163,7 +163,7 @@ def _with_fake_engines(bundle_all, root: Path, precision="fp16", profile=None) -
         b.add_file(name, kind="trt-engine", graph=graph, precision=precision,
                    profile=profile or {"min": 1, "opt": 4, "max": 16}, tensorrt="10.13.0.35",
                    gpu="NVIDIA H100 80GB HBM3", compute_capability="9.0", onnx=f"{graph}.{precision}.onnx",
-                   onnx_sha256=b.files[f"{graph}.{precision}.onnx"]["sha256"])
+                   onnx_sha256=b.files[f"{graph}.{precision}.onnx"]["sha256"], **extra)
     b.write_manifest()
     return Bundle.open(root)
 
@@ -186,6 +186,24 @@ def test_tensorrt_repository_from_engines(tmp_path, bundle_all):
     # the ONNX variant of the same bundle for users without TensorRT
     s = write_model_repository(b, tmp_path / "ort", precision="fp16", platform="onnxruntime")
     assert s["platform"] == "onnxruntime_onnx"
+
+
+def test_version_compatible_engines_name_the_server_option(tmp_path, bundle_all):
+    from click.testing import CliRunner
+
+    from rpiae.cli.main import main
+
+    plain = write_model_repository(_with_fake_engines(bundle_all, tmp_path / "b0"), tmp_path / "r0")
+    assert plain["server_args"] == []
+    b = _with_fake_engines(bundle_all, tmp_path / "b", version_compatible=True)
+    s = write_model_repository(b, tmp_path / "repo")
+    assert s["server_args"] == ["--backend-config=tensorrt,version-compatible=true"]
+    text = (tmp_path / "repo" / "rpiae_encode" / "config.pbtxt").read_text()
+    assert "version-compatible TensorRT 10.13.0.35" in text and "10.13.0.35 or later" in text
+    r = CliRunner().invoke(main, ["triton", "-m", str(b.root), "-o", str(tmp_path / "repo2")])
+    assert r.exit_code == 0, r.output
+    assert "--backend-config=tensorrt,version-compatible=true" in [line for line in r.output.splitlines()
+                                                                  if line.startswith("serve:")][0]
 
 
 def test_tensorrt_repository_refusals(tmp_path, bundle_all):

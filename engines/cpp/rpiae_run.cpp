@@ -233,6 +233,34 @@ TrtLogger& trt_logger() {
   return logger;
 }
 
+// Device memory owned by one graph: grown when a larger batch needs it, reused otherwise,
+// and freed by the destructor (also when a CUDA call throws half-way through a run).
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { release(); }
+
+  void* reserve(size_t bytes) {
+    if (bytes > bytes_) {
+      release();
+      cuda_check(cudaMalloc(&ptr_, bytes), "cudaMalloc");
+      bytes_ = bytes;
+    }
+    return ptr_;
+  }
+
+ private:
+  void release() {
+    if (ptr_) cudaFree(ptr_);
+    ptr_ = nullptr;
+    bytes_ = 0;
+  }
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
 class TRTGraph : public Graph {
  public:
   explicit TRTGraph(const std::string& path) : path_(path) {
@@ -257,7 +285,10 @@ class TRTGraph : public Graph {
     cuda_check(cudaStreamCreate(&stream_), "cudaStreamCreate");
   }
   ~TRTGraph() override {
-    if (stream_) cudaStreamDestroy(stream_);
+    if (stream_) {
+      cudaStreamSynchronize(stream_);  // nothing may still use the buffers or the context
+      cudaStreamDestroy(stream_);
+    }
   }
 
   Array run(const Array& x) override {
@@ -274,20 +305,19 @@ class TRTGraph : public Graph {
       count *= static_cast<size_t>(od.d[i]);
     }
     y.data.resize(count);
-    void *din = nullptr, *dout = nullptr;
-    cuda_check(cudaMalloc(&din, x.data.size() * sizeof(float)), "cudaMalloc");
-    cuda_check(cudaMalloc(&dout, count * sizeof(float)), "cudaMalloc");
+    void* din = input_buffer_.reserve(x.data.size() * sizeof(float));
+    void* dout = output_buffer_.reserve(count * sizeof(float));
     cuda_check(cudaMemcpyAsync(din, x.data.data(), x.data.size() * sizeof(float), cudaMemcpyHostToDevice, stream_),
                "cudaMemcpyAsync");
     context_->setTensorAddress(input_.c_str(), din);
     context_->setTensorAddress(output_.c_str(), dout);
-    const bool ok = context_->enqueueV3(stream_);
+    if (!context_->enqueueV3(stream_)) {
+      cudaStreamSynchronize(stream_);
+      fail(path_ + ": enqueueV3 failed");
+    }
     cuda_check(cudaMemcpyAsync(y.data.data(), dout, count * sizeof(float), cudaMemcpyDeviceToHost, stream_),
                "cudaMemcpyAsync");
     cuda_check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize");
-    cudaFree(din);
-    cudaFree(dout);
-    if (!ok) fail(path_ + ": enqueueV3 failed");
     return y;
   }
 
@@ -298,6 +328,7 @@ class TRTGraph : public Graph {
   std::unique_ptr<nvinfer1::IRuntime> runtime_;
   std::unique_ptr<nvinfer1::ICudaEngine> engine_;
   std::unique_ptr<nvinfer1::IExecutionContext> context_;
+  DeviceBuffer input_buffer_, output_buffer_;
   cudaStream_t stream_ = nullptr;
 };
 #endif  // RPIAE_WITH_TENSORRT

@@ -103,6 +103,12 @@ class TrainConfig:
 
     # bookkeeping
     seed: int = 0
+    # deterministic CUDA kernels (torch.use_deterministic_algorithms, cuDNN deterministic, a fixed
+    # cuBLAS workspace; no cuDNN autotuning): repeatable GPU runs at some speed cost. The backward
+    # of F.interpolate (stage I pos-embed resize, the discriminator's input resize) has no
+    # deterministic CUDA kernel and stays atomic (PyTorch warns once). CPU runs are repeatable
+    # without it.
+    deterministic: bool = False
     num_workers: int = 4
     log_every: int = 10
     sample_every: int = 1000  # steps; 0 = never (a grid is always written at the end)

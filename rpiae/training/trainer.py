@@ -9,6 +9,14 @@ One `Trainer` runs one stage; the next stage starts from the previous stage's ra
 (`--resume runs/s1/last` with `--stage 2`), and a stage resumes itself from its own `last`
 checkpoint (model, EMA, optimisers, schedulers, step, RNG). Every difference from the
 paper's description is a config switch; see `docs/TRAINING.md`.
+
+What a resume repeats exactly: on the CPU, every step (the same losses and weights as the
+uninterrupted run, bit for bit). On CUDA, the data order, augmentation and RNG streams; the
+arithmetic is bit-exact only with `deterministic=true` (deterministic cuDNN/cuBLAS/SDPA
+kernels, no cuDNN autotuning; slower), and even then not for the backward of
+`F.interpolate` (no deterministic CUDA kernel; PyTorch warns). The checkpoint keeps the RNG
+state of the GPU that rank 0 computes on, so a run resumes on a machine with fewer (or
+more) GPUs. Losses stay on the device during a step and are read once per optimiser step.
 """
 
 from __future__ import annotations
@@ -129,6 +137,20 @@ class StageForward(nn.Module):
         return {"recon": m.decode_tokens(dec_tokens)}
 
 
+def configure_kernels(deterministic: bool, device: torch.device) -> None:
+    """Process-wide kernel choices for training on `device`: deterministic algorithms when
+    asked (cuBLAS needs its workspace size fixed before its first call, hence the environment
+    variable), else cuDNN autotuning on CUDA (the crop size is fixed, so cuDNN's search for the
+    fastest convolution runs once per shape)."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # interpolate's backward has no such kernel
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 class Trainer:
     def __init__(
         self,
@@ -145,6 +167,7 @@ class Trainer:
         self.cfg, self.stage = cfg, cfg.stage
         self.out_dir = Path(out_dir)
         self.device = torch.device(device)
+        configure_kernels(cfg.deterministic, self.device)
         self.rank, self.world = rank, world
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.step = 0
@@ -163,6 +186,8 @@ class Trainer:
 
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
         self.ema_params = dict(self.ema.named_parameters())
+        # the EMA update walks these two lists in one fused call (same order)
+        self._ema_pairs = ([self.ema_params[n] for n in self.params], list(self.params.values()))
 
         self.lpips = lpips.to(self.device) if lpips is not None else None
         self.disc = disc.to(self.device) if disc is not None else None
@@ -221,19 +246,24 @@ class Trainer:
     # -- losses ----------------------------------------------------------------------------------
     def compute_losses(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
         """Total loss of one micro-batch, its parts (floats) and the reconstruction."""
+        loss, logs, recon = self._losses(x)
+        return loss, host_floats(logs), recon
+
+    def _losses(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """Total loss, its parts (detached tensors, left on the device: no host sync) and the
+        reconstruction of one micro-batch."""
         cfg, logs = self.cfg, {}
         with self.autocast:
             out = self.fwd(x)
         recon = out["recon"].float()
         l1 = (recon - x).abs().mean()
-        logs["l1"] = l1.item()
+        logs["l1"] = l1.detach()
 
         if self.stage == 2:
             feat = F.mse_loss(out["tokens_hat"].float(), out["tokens"].float())
             kl = out["kl"].float().mean()
             loss = cfg.feature_weight * feat + cfg.kl_weight * kl + cfg.l1_weight * l1
-            logs.update(feat=feat.item(), kl=kl.item())
-            logs["loss"] = loss.item()
+            logs.update(feat=feat.detach(), kl=kl.detach(), loss=loss.detach())
             return loss, logs, recon
 
         rec = cfg.l1_weight * l1
@@ -245,7 +275,7 @@ class Trainer:
             with self.autocast:
                 lp = lpips_loss(self.lpips, recon, x).float()
             rec = rec + cfg.lpips_weight * lp
-            logs["lpips"] = lp.item()
+            logs["lpips"] = lp.detach()
         loss = rec
 
         if self.stage == 1:
@@ -257,7 +287,7 @@ class Trainer:
             else:
                 w_piv = cfg.pivot_weight * adaptive_weight(rec, piv, self.last_enc_param, cfg.pivot_eps, cfg.pivot_max)
             loss = loss + w_piv * piv
-            logs.update(pivot=piv.item(), w_piv=float(w_piv))
+            logs.update(pivot=piv.detach(), w_piv=w_piv.detach())
 
         if self.gan_active():
             fake = quantize_fake(recon) if cfg.gen_fake_quantize else recon
@@ -266,8 +296,8 @@ class Trainer:
             g = -logits.float().mean()
             w_gan = adaptive_weight(rec, g, self.last_dec_param, cfg.gan_eps, cfg.gan_max)
             loss = loss + cfg.gan_weight * w_gan * g
-            logs.update(gan=g.item(), w_gan=float(w_gan))
-        logs["loss"] = loss.item()
+            logs.update(gan=g.detach(), w_gan=w_gan.detach())
+        logs["loss"] = loss.detach()
         return loss, logs, recon
 
     # -- one optimiser step ----------------------------------------------------------------------
@@ -275,7 +305,7 @@ class Trainer:
         """Generator (and discriminator) update on `grad_accum` micro-batches; returns mean logs."""
         self.set_modes()
         n = len(micro_batches)
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         fakes = []
         self.opt.zero_grad(set_to_none=True)
         for i, x in enumerate(micro_batches):
@@ -283,20 +313,23 @@ class Trainer:
             sync = self.world == 1 or i == n - 1
             ctx = self.fwd.no_sync() if not sync else nullcontext()
             with ctx:
-                loss, logs, recon = self.compute_losses(x)
+                loss, logs, recon = self._losses(x)
                 (loss / n).backward()
             fakes.append((x, recon.detach()))
             for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v / n
+                sums[k] = sums[k] + v / n if k in sums else v / n
         self.opt.step()
 
         self.sched.step()
         self.update_ema()
         if self.disc_active():
-            sums.update(self.disc_step(fakes))
+            sums.update(self._disc_step(fakes))
         self.step += 1
-        sums["lr"] = self.opt.param_groups[0]["lr"]
-        return sums
+        out = host_floats(sums)  # the step's one read of the device
+        out["lr"] = self.opt.param_groups[0]["lr"]
+        if "d_loss" in out:
+            out["d_lr"] = self._d_lr
+        return out
 
     def disc_step(self, fakes: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
         """One discriminator update (hinge loss) on the micro-batches of this step.
@@ -304,13 +337,18 @@ class Trainer:
         Fakes, by default, come from a fresh forward of the *updated* model in eval mode (no
         token noise), clamped and rounded to 8 bits, as the authors' step makes them.
         """
+        logs = host_floats(self._disc_step(fakes))
+        return {**logs, "d_lr": self._d_lr}
+
+    def _disc_step(self, fakes: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """`disc_step` with its loss left on the device; its learning rate in `self._d_lr`."""
         n = len(fakes)
         if self.cfg.disc_fresh_fakes:
             fakes = [(x, self.reconstruct(x, use_ema=False, batch=len(x))) for x, _ in fakes]
         self.disc.train()
         self.disc_opt.zero_grad(set_to_none=True)
-        lr = self.disc_opt.param_groups[0]["lr"]
-        d_sum = 0.0
+        self._d_lr = self.disc_opt.param_groups[0]["lr"]
+        d_sum = None
         for x, recon in fakes:
             fake = torch.round(recon.clamp(0, 1) * 255) / 255
             with self.autocast:
@@ -318,7 +356,7 @@ class Trainer:
                 fake_logits = self.disc(fake.to(x.device) * 2 - 1)
             d_loss = hinge_d_loss(real_logits.float(), fake_logits.float())
             (d_loss / n).backward()
-            d_sum += d_loss.item() / n
+            d_sum = d_loss.detach() / n if d_sum is None else d_sum + d_loss.detach() / n
         # The authors call the discriminator outside DDP, so each rank keeps its own heads;
         # here the (small) head gradients are averaged so that all ranks train one discriminator.
         if self.world > 1:
@@ -329,13 +367,14 @@ class Trainer:
         self.disc_opt.step()
         self.disc_sched.step()
         self.set_modes()
-        return {"d_loss": d_sum, "d_lr": lr}
+        return {"d_loss": d_sum}
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        decay = self.cfg.ema_decay
-        for n, p in self.params.items():
-            self.ema_params[n].lerp_(p.detach(), 1.0 - decay)
+        """ema <- ema + (1 - decay) * (param - ema), for every trainable tensor in one fused call."""
+        ema, params = self._ema_pairs
+        if ema:
+            torch._foreach_lerp_(ema, params, 1.0 - self.cfg.ema_decay)
 
     # -- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -381,8 +420,9 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":
+            # the generator of the GPU this rank computes on: independent of how many GPUs there are
+            rng["cuda_device"] = torch.cuda.get_rng_state(self.device)
         state = {
             "config": self.model.config.to_dict(),
             "train_config": self.cfg.to_dict(),
@@ -423,11 +463,24 @@ class Trainer:
         rng = state["rng"]
         if self.rank == 0:
             torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            cuda_state = self._saved_cuda_rng(rng)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state(cuda_state, self.device)
         else:  # other ranks: deterministic, distinct streams
             torch.manual_seed(self.cfg.seed + self.rank + 1000 * self.step)
         self.set_modes()
+
+    def _saved_cuda_rng(self, rng: dict) -> torch.Tensor | None:
+        """The saved CUDA generator state for this rank's GPU, or None (a CPU run or checkpoint).
+        Checkpoints of earlier versions hold one state per GPU of the machine that saved them;
+        the one of this GPU's index is taken when it exists."""
+        if self.device.type != "cuda":
+            return None
+        if rng.get("cuda_device") is not None:
+            return rng["cuda_device"]
+        per_gpu = rng.get("cuda") or []
+        index = self.device.index or 0
+        return per_gpu[index] if index < len(per_gpu) else None
 
     def save_checkpoint(self, name: str = "last") -> Path:
         """`out/<name>/checkpoint.pt`, written atomically (rank 0 only)."""
@@ -439,6 +492,15 @@ class Trainer:
 
 
 # -- helpers for the command line and scripts -------------------------------------------------------
+
+
+def host_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """Tensors (on any device) and floats as Python floats, with one device-to-host read."""
+    names = list(values)
+    tensors = [values[k] for k in names if isinstance(values[k], torch.Tensor)]
+    read = iter(torch.stack([t.detach().float().reshape(()).to(tensors[0].device) for t in tensors]).tolist()
+                if tensors else [])
+    return {k: next(read) if isinstance(values[k], torch.Tensor) else float(values[k]) for k in names}
 
 
 def checkpoint_file(path: str | Path) -> Path:
