@@ -406,3 +406,5 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, photo_dir, train
                    "torch backend runs fp32, fp16, bf16, not int8")
     one_line_error(cli("eval", d, "--model", trained_or_tiny_ckpt, "--grid", tmp_path / "g.jpg"), "give a .png file")
     one_line_error(cli("eval", tmp_path / "nowhere", "--model", trained_or_tiny_ckpt), "no such folder")
+    r = cli("eval", "--help")
+    assert r.exit_code == 0 and "--inception-weights" in r.output and "--require" in r.output
