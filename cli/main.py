@@ -11,6 +11,7 @@ import click
 from rpiae import __version__
 from rpiae.cli.bench_cmd import bench
 from rpiae.cli.doctor import doctor
+from rpiae.cli.eval_cmd import eval_cmd
 from rpiae.cli.export_cmd import export, info, samples, verify
 from rpiae.cli.hub_cmd import push
 from rpiae.cli.run import decode, encode, extract
@@ -27,7 +28,7 @@ def main() -> None:
     """
 
 
-for command in (export, encode, decode, extract, verify, info, samples, bench, triton, push, doctor):
+for command in (export, encode, decode, extract, eval_cmd, verify, info, samples, bench, triton, push, doctor):
     main.add_command(command)
 main.add_command(train)
 

@@ -4,4 +4,5 @@
 - `extract.extract`: images -> latent shards + statistics + manifest, resumable, by rank.
 - `decode.decode_latents`: latents -> PNGs (+ the ADM `.npz`), streaming, resumable.
 - `latents.LatentFile`: `.npy`/`.npz`/`.safetensors`/extract directories, batch by batch.
+- `evaluate.evaluate`: reconstruction quality (PSNR/SSIM/LPIPS/rFID) of several runtimes and precisions.
 """

@@ -1,0 +1,90 @@
+"""`rpiae eval`: reconstruction quality of each runtime and precision (thin command over
+`rpiae.data.evaluate`)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import click
+
+from rpiae.cli.common import batch_size_option, crop_option, device_option, friendly_errors, model_option, workers_option
+
+STREAM_BATCH = 32  # images per backend call when --batch-size is not given
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+
+def _names(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if not items or bad:
+        raise click.BadParameter(f"expected comma-separated names from {', '.join(allowed)}, got {value!r}", param_hint=what)
+    return list(dict.fromkeys(items))
+
+
+@click.command("eval")
+@model_option
+@click.option("--backend", "-b", default="torch", show_default=True,
+              help="Comma-separated runtimes: torch, ort, trt, aoti (all but torch need a bundle).")
+@click.option("--precision", "-p", default="fp32", show_default=True,
+              help="Comma-separated precisions: fp32, fp16, bf16, int8. One row per backend x precision.")
+@device_option
+@batch_size_option
+@crop_option
+@workers_option
+@click.argument("data", type=str)
+@click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate the first N images of DATA only.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
+              help="Write the report as JSON: one row per variant with its deltas against PyTorch FP32.")
+@click.option("--grid", type=click.Path(path_type=Path), default=None,
+              help="Write a PNG: originals, each variant's reconstructions, and the amplified difference of the "
+              "lowest-precision variant.")
+@click.option("--grid-images", type=click.IntRange(1), default=6, show_default=True, help="Images (columns) in --grid.")
+@click.option("--save-reference", type=click.Path(path_type=Path), default=None,
+              help="Also write the cropped originals as FILE.npz for the ADM evaluation suite (uint8 arr_0, (N, 256, 256, 3)).")
+@click.option("--inception-weights", type=click.Path(path_type=Path), default=None,
+              help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth for rFID "
+              "(default: looked for in torch hub's checkpoints folder).")
+@click.option("--lpips-weights", multiple=True, type=click.Path(path_type=Path),
+              help="LPIPS weights, one file or two: torchvision's VGG16 (features.N.*) and the LPIPS heads "
+              "(lin{0..4}.model.1.weight) (default: looked for in torch hub's checkpoints folder).")
+@click.option("--require", default="", help="Comma-separated metrics that must not be skipped: rfid, lpips.")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images (listed in the JSON) instead of stopping at the first.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@friendly_errors
+def eval_cmd(model, backend, precision, device, batch_size, crop, workers, data, limit, json_out, grid, grid_images,
+             save_reference, inception_weights, lpips_weights, require, skip_bad, quiet):
+    """Reconstruction quality (PSNR, SSIM, LPIPS, rFID) of each runtime and precision.
+
+    Every image of DATA (a folder, ImageFolder tree, .txt list or WebDataset .tar shards, read
+    and cropped as `rpiae extract` reads them) is encoded and decoded by every backend x
+    precision, and by PyTorch FP32, the reference each row is compared with. Metrics are
+    streamed: memory does not grow with the number of images. LPIPS and rFID need local
+    weights; without them their column says `skipped: <what to supply>`, unless --require
+    names them. Outputs are written only when the whole run has succeeded.
+    """
+    from rpiae.data.evaluate import OPTIONAL_METRICS, REFERENCE, EvalOptions, evaluate, format_table, load_metric_nets
+    from rpiae.data.sources import open_source
+    from rpiae.engines import BACKENDS, load_backend, model_info
+
+    backends = _names(backend, BACKENDS, "--backend")
+    precisions = _names(precision, PRECISIONS, "--precision")
+    required = _names(require, OPTIONAL_METRICS, "--require") if require.strip() else []
+    opts = EvalOptions(batch_size=batch_size or STREAM_BATCH, workers=workers, crop=crop, limit=limit,
+                       skip_bad=skip_bad, grid_images=grid_images)
+    source = open_source(data)
+    metric_device = "cuda" if device == "trt" else device  # `trt` is ONNX Runtime's provider, torch runs on CUDA
+    nets = load_metric_nets(inception_weights, lpips_weights, required, metric_device)
+    requested = [(b, p) for b in backends for p in precisions]
+    names = [REFERENCE] + [v for v in requested if v != REFERENCE]
+    with contextlib.ExitStack() as stack:
+        variants = []
+        for b, p in names:  # all opened before any image is read: a missing graph fails at once
+            dev = metric_device if b == "torch" else device
+            variants.append(((b, p), stack.enter_context(load_backend(model, b, p, dev, max_batch=batch_size))))
+        report = evaluate(source, variants, nets, opts, model=model_info(model), json_out=json_out, grid=grid,
+                          save_reference=save_reference, requested=requested, progress=not quiet)
+    click.echo(format_table(report))
+    written = [str(p) for p in (json_out, grid, save_reference) if p is not None]
+    click.echo(f"{report['rows'][0]['n']} image(s), {len(names)} variant(s) in {report['seconds']:.1f} s"
+               + (f" -> {', '.join(written)}" if written else ""))
