@@ -21,6 +21,51 @@ def _open(model, backend, precision, device, batch_size, latent_stats):
                         latent_stats=latent_stats)
 
 
+engine_option = click.option(
+    "--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+    help="local: this process (and its loader workers); ray: a Ray cluster with Ray Data (pip install -e '.[ray]').",
+)
+address_option = click.option(
+    "--address", default=None,
+    help="Ray cluster to run on: HEAD:6379, or auto on a node of a running cluster (default RAY_ADDRESS, "
+    "else a local Ray instance started and stopped by the command). With --engine ray.",
+)
+workers_per_gpu_option = click.option(
+    "--workers-per-gpu", type=click.IntRange(1), default=None,
+    help="Backend actors per GPU of the Ray cluster (default 1). With --engine ray; without GPUs, one CPU actor per node.",
+)
+
+
+def engine_options(fn):
+    for option in reversed((engine_option, address_option, workers_per_gpu_option)):
+        fn = option(fn)
+    return fn
+
+
+def _check_engine(engine, address, workers_per_gpu) -> None:
+    """Before any work: Ray options only with the Ray engine, and the Ray engine only with Ray installed."""
+    if engine == "local" and (address is not None or workers_per_gpu is not None):
+        raise click.UsageError("--address and --workers-per-gpu go with --engine ray")
+    if engine == "ray":
+        from rpiae.data.ray_engine import import_ray
+
+        import_ray()
+
+
+def _backend(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats):
+    """The local backend, or a `RayEngine` (device: the --device given, else what the cluster has)."""
+    if engine == "local":
+        return _open(model, backend, precision, device, batch_size, latent_stats)
+    from click.core import ParameterSource
+
+    from rpiae.data.ray_engine import RayEngine
+
+    if click.get_current_context().get_parameter_source("device") == ParameterSource.DEFAULT:
+        device = None
+    return RayEngine(model, backend, precision, device, max_batch=batch_size, latent_stats=latent_stats,
+                     address=address, workers_per_gpu=workers_per_gpu or 1)
+
+
 def _model_info(model, latent_stats) -> dict:
     from rpiae.engines import model_info
     from rpiae.fileio import sha256_file
@@ -81,23 +126,31 @@ def encode(model, backend, precision, device, batch_size, latent_stats, crop, wo
 @click.option("--key", default=None, help="Array to read from a .npz (default arr_0) or .safetensors (default latents).")
 @click.option("--overwrite", is_flag=True, help="Decode again even where the PNG already exists (default: a re-run skips them).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@engine_options
 @friendly_errors
-def decode(model, backend, precision, device, batch_size, latent_stats, latents, output, npz, key, overwrite, quiet):
+def decode(model, backend, precision, device, batch_size, latent_stats, latents, output, npz, key, overwrite, quiet,
+           engine, address, workers_per_gpu):
     """Decode LATENTS into PNG images, batch by batch.
 
     LATENTS: a .npy (memory-mapped), a .npz (arr_0 or --key), a .safetensors (`latents` or
     --key) or an `rpiae extract` directory; shape (N, 64, 16, 16). Memory does not grow
     with N; each PNG is written atomically and a re-run resumes where it stopped.
+
+    With --engine ray, Ray tasks stream the latents and write the PNGs and a pool of actors
+    decodes: LATENTS and the output folder must be at the same path on every node.
     """
     from rpiae.data.decode import decode_latents
     from rpiae.data.latents import LatentFile
 
+    _check_engine(engine, address, workers_per_gpu)
     src = LatentFile(latents, key)
-    with _open(model, backend, precision, device, batch_size, latent_stats) as be:
+    with _backend(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats) as be:
         s = decode_latents(src, output, be, batch_size or STREAM_BATCH, npz=npz, overwrite=overwrite, progress=not quiet)
+        where = f" ({be.summary()})" if engine == "ray" else ""
     kept = f", {s['kept']} already there" if s["kept"] else ""
     packed = f", packed into {npz}" if npz else ""
-    click.echo(f"decoded {s['decoded']} latent(s) with {backend}/{precision}{kept} -> {output}/{packed} in {s['seconds']:.1f} s")
+    click.echo(f"decoded {s['decoded']} latent(s) with {backend}/{precision}{where}{kept} -> {output}/{packed} "
+               f"in {s['seconds']:.1f} s")
 
 
 def _distributed() -> tuple[int, int, int, object]:
@@ -125,9 +178,10 @@ def _distributed() -> tuple[int, int, int, object]:
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (listed in the manifest) instead of stopping at the first.")
 @click.option("--no-labels", is_flag=True, help="Read an ImageFolder tree as plain images, recursively (labels -1).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@engine_options
 @friendly_errors
 def extract(model, backend, precision, device, batch_size, latent_stats, crop, workers, data, out, shard_size, flip,
-            dtype, skip_bad, no_labels, quiet):
+            dtype, skip_bad, no_labels, quiet, engine, address, workers_per_gpu):
     """Encode a whole dataset into latent shards, with exact statistics, resumably.
 
     DATA: a folder of images, an ImageFolder tree (class sub-folders -> integer labels by
@@ -137,24 +191,32 @@ def extract(model, backend, precision, device, batch_size, latent_stats, crop, w
     Re-running the same command keeps every finished shard and computes the rest. Under
     `torchrun --nproc-per-node N -m rpiae.cli extract ...` the ranks split the shards (one
     GPU each with --device cuda) and produce the same files as one process.
+
+    With --engine ray the dataset is read and cropped by Ray tasks and encoded by a pool of
+    actors (one per GPU of the cluster, or per node without GPUs), and this process writes the
+    same files as the local engine; DATA and the model must be at the same path on every node.
     """
     from rpiae.data.extract import ExtractOptions
     from rpiae.data.extract import extract as run
     from rpiae.data.sources import open_source
 
+    _check_engine(engine, address, workers_per_gpu)
     rank, world, local_rank, barrier = _distributed()
+    if world > 1 and engine == "ray":
+        raise click.UsageError("--engine ray runs from one process, not under torchrun")
     if world > 1 and device == "cuda":
         device = f"cuda:{local_rank}"
     opts = ExtractOptions(shard_size=shard_size, batch_size=batch_size or STREAM_BATCH, flip=flip, dtype=dtype,
                           workers=workers, skip_bad=skip_bad, crop=crop)
     source = open_source(data, no_labels=no_labels)
     info = _model_info(model, latent_stats)
-    with _open(model, backend, precision, device, batch_size, latent_stats) as be:
+    with _backend(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats) as be:
         s = run(source, out, be, info, opts, rank=rank, world=world, barrier=barrier, progress=not quiet)
+        where = f"; {be.summary()}" if engine == "ray" else ""
     if rank == 0:
         rate = f"; {s['images'] / s['seconds']:.1f} img/s" if s["images"] and s["seconds"] else ""
         skipped = f", {s['skipped']} skipped (listed in the manifest)" if s["skipped"] else ""
         click.echo(
             f"extracted {s['rows']} latent(s) of {s['samples']} image(s) into {s['shards']} shard(s) -> {out} "
-            f"(rank 0: {s['shards_computed']} computed, {s['shards_kept']} already done{rate}{skipped})"
+            f"(rank 0: {s['shards_computed']} computed, {s['shards_kept']} already done{rate}{skipped}{where})"
         )

@@ -4,7 +4,8 @@ Latents are read batch by batch (`LatentFile`), decoded, and written as they com
 is written atomically, so PNGs already present are complete and a re-run skips them. The
 `.npz` of the ADM evaluation suite (uint8 `arr_0`, shape (N, 256, 256, 3)) is packed from the
 PNGs afterwards, one image at a time, into a temporary file renamed when complete: it holds
-exactly the PNGs' pixels and memory does not grow with N.
+exactly the PNGs' pixels and memory does not grow with N. `rpiae.data.ray_engine` runs the
+same batches on a Ray cluster.
 """
 
 from __future__ import annotations
@@ -26,6 +27,30 @@ def png_names(ids: np.ndarray, width: int) -> list[str]:
     return [f"{int(i):0{width}d}.png" for i in ids]
 
 
+def pending(out_dir: Path, names: list[str], overwrite: bool) -> bool:
+    """Whether a batch still needs decoding: some PNG is missing (or `overwrite`)."""
+    return overwrite or not all((out_dir / n).is_file() for n in names)
+
+
+def write_pngs(out_dir: Path, names: list[str], images: np.ndarray) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, img in zip(names, images):
+        save_image(img, out_dir / name)
+
+
+def sample_ids(latents: LatentFile) -> np.ndarray:
+    """The sample number of every latent, in order (an extract directory's `index`, else the row)."""
+    if latents.kind != "dir":
+        return np.arange(len(latents))
+    from safetensors import safe_open
+
+    out = []
+    for path, _ in latents.parts:
+        with safe_open(str(path), framework="np") as f:
+            out.append(f.get_tensor("index"))
+    return np.concatenate(out)
+
+
 def decode_latents(
     latents: LatentFile,
     out_dir: str | Path,
@@ -35,30 +60,36 @@ def decode_latents(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Decode every latent of `latents` with `backend` (anything with `decode` and `config`)."""
+    """Decode every latent of `latents` with `backend` (anything with `decode` and `config`, or
+    an engine that writes the PNGs itself with `config` and `decode_pngs(latents, out_dir,
+    width, batch_size, overwrite, bar) -> number decoded`, as `rpiae.data.ray_engine.RayEngine`)."""
     out_dir = Path(out_dir)
     latents.check(tuple(backend.config.latent_shape))
     width = max(6, len(str(max(len(latents), _last_index(latents)))))
-    t0, decoded, kept, all_ids = time.time(), 0, 0, []
+    t0 = time.time()
     with tqdm(total=len(latents), unit="img", desc="decode", disable=not progress, dynamic_ncols=True) as bar:
-        for ids, z in latents.batches(batch_size):
-            batch_names = png_names(ids, width)
-            all_ids.append(np.asarray(ids, np.int64))
-            if not overwrite and all((out_dir / n).is_file() for n in batch_names):
-                kept += len(ids)
-            else:
-                images = backend.decode(z)  # checked first: NaN/Inf stop the run before this batch is written
-                out_dir.mkdir(parents=True, exist_ok=True)
-                for name, img in zip(batch_names, images):
-                    save_image(img, out_dir / name)
-                decoded += len(ids)
-            bar.update(len(ids))
-    summary = {"latents": len(latents), "decoded": decoded, "kept": kept, "out": str(out_dir),
+        if hasattr(backend, "decode_pngs"):
+            decoded = backend.decode_pngs(latents, out_dir, width, batch_size, overwrite, bar)
+            bar.update(len(latents) - decoded)
+        else:
+            decoded = _decode_pngs(backend, latents, out_dir, width, batch_size, overwrite, bar)
+    summary = {"latents": len(latents), "decoded": decoded, "kept": len(latents) - decoded, "out": str(out_dir),
                "seconds": round(time.time() - t0, 2)}
     if npz is not None:
-        pack_npz([out_dir / n for n in png_names(np.concatenate(all_ids), width)], npz, progress=progress)
+        pack_npz([out_dir / n for n in png_names(sample_ids(latents), width)], npz, progress=progress)
         summary["npz"] = str(npz)
     return summary
+
+
+def _decode_pngs(backend, latents: LatentFile, out_dir: Path, width: int, batch_size: int, overwrite: bool, bar) -> int:
+    decoded = 0
+    for ids, z in latents.batches(batch_size):
+        names = png_names(ids, width)
+        if pending(out_dir, names, overwrite):
+            write_pngs(out_dir, names, backend.decode(z))  # checked first: NaN/Inf stop the run before this batch is written
+            decoded += len(ids)
+        bar.update(len(ids))
+    return decoded
 
 
 def _last_index(latents: LatentFile) -> int:

@@ -11,7 +11,10 @@ by `k % world` and produce the same files as one process. When every shard is do
 merges the statistics in shard order and writes `latents_stats.safetensors`,
 `normalization_stats.pt` and `manifest.json`.
 
-Images are read, decoded and cropped in DataLoader worker processes.
+The pieces every engine shares: `ShardPlan.batches` (the batches that encode a shard),
+`encode_batch` (one batch through the backend) and `ShardWriter` (encoded batches, in any
+order -> shard files, statistics, records). Here images are read, decoded and cropped in
+DataLoader worker processes; `rpiae.data.ray_engine` does the same on a Ray cluster.
 """
 
 from __future__ import annotations
@@ -97,6 +100,17 @@ class ShardPlan:
     def stats_path(self, k: int) -> Path:
         return self.out / PARTS / f"shard-{k:05d}.stats.safetensors"
 
+    def batches(self, shards: list[int]) -> list[range]:
+        """The batches that encode `shards`: `batch_size` samples from each shard's start, never
+        crossing its end. Latents depend on the batch composition (float rounding of batched
+        kernels), so every engine encodes exactly these batches."""
+        b = self.opts.batch_size
+        out = []
+        for k in shards:
+            r = self.samples(k)
+            out.extend(range(i, min(i + b, r.stop)) for i in range(r.start, r.stop, b))
+        return out
+
     def record(self, k: int) -> dict | None:
         """The shard's record if the shard is done and intact, else None."""
         if k in self._checked:
@@ -121,13 +135,70 @@ def _encode(backend, images: torch.Tensor) -> np.ndarray:
     return z.detach().float().cpu().numpy() if isinstance(z, torch.Tensor) else np.asarray(z, np.float32)
 
 
-def _batches(plan: ShardPlan, shards: list[int]) -> list[list[int]]:
-    b = plan.opts.batch_size
-    out = []
-    for k in shards:
-        r = plan.samples(k)
-        out.extend(list(range(i, min(i + b, r.stop))) for i in range(r.start, r.stop, b))
-    return out
+@dataclass
+class EncodedBatch:
+    """One batch as the shard writer needs it: sample numbers, read errors ("" where the image
+    was read) and the latents of the readable images, in order (None when there are none)."""
+
+    ids: list[int]
+    errors: list[str]
+    z: np.ndarray | None
+    zf: np.ndarray | None = None
+
+
+def encode_batch(backend, ids: list[int], images: torch.Tensor, errors: list[str], flip: bool) -> EncodedBatch:
+    """Encode the readable images of one batch (and their mirror images with `flip`)."""
+    good = [j for j, e in enumerate(errors) if not e]
+    z = zf = None
+    if good:
+        x = images[good]
+        z = _encode(backend, x)
+        if flip:
+            zf = _encode(backend, x.flip(-1))
+    return EncodedBatch(list(ids), list(errors), z, zf)
+
+
+class ShardWriter:
+    """Takes the encoded batches of the shards being computed, in any order, and writes each
+    shard (file, statistics, record) as soon as all its batches are in; the rows of a shard are
+    always in sample order. A batch seen twice (a retried task) is taken once."""
+
+    def __init__(self, plan: ShardPlan, shards: list[int]) -> None:
+        self.plan = plan
+        self.expected = {k: len(plan.batches([k])) for k in shards}
+        self.pending: dict[int, dict[int, EncodedBatch]] = {k: {} for k in shards}
+
+    def add(self, batch: EncodedBatch) -> bool:
+        """Keep `batch`; False when it was already taken. A read error stops the run unless
+        the options skip bad images."""
+        plan = self.plan
+        if not plan.opts.skip_bad:
+            bad = next((e for e in batch.errors if e), None)
+            if bad:
+                raise ExtractError(f"{bad} (finished shards are kept; fix or remove the file, or use --skip-bad)")
+        k = batch.ids[0] // plan.opts.shard_size
+        got = self.pending.get(k)
+        if got is None or batch.ids[0] in got:
+            return False
+        got[batch.ids[0]] = batch
+        if len(got) == self.expected[k]:
+            self._write(k, [got[i] for i in sorted(got)])
+            del self.pending[k]
+        return True
+
+    def _write(self, k: int, batches: list[EncodedBatch]) -> None:
+        parts = {"z": [], "zf": [], "index": [], "skipped": []}
+        for b in batches:
+            for i, e in zip(b.ids, b.errors):
+                if e:
+                    parts["skipped"].append({"sample": i, "ref": self.plan.source.refs[i], "error": e})
+                else:
+                    parts["index"].append(i)
+            if b.z is not None:
+                parts["z"].append(b.z)
+                if b.zf is not None:
+                    parts["zf"].append(b.zf)
+        _write_shard(self.plan, k, parts)
 
 
 def extract(
@@ -142,8 +213,10 @@ def extract(
     progress: bool = True,
 ) -> dict:
     """Run (or resume) an extraction; returns a summary. `backend` is any object with
-    `encode(images) -> latents` and `describe()` (an `rpiae.engines` backend); `model` is
-    {"path", "sha256", "config"} of what it runs. With several ranks, `barrier` waits for all."""
+    `encode(images) -> latents` and `describe()` (an `rpiae.engines` backend), or an engine that
+    computes shards itself with `describe()` and `run_shards(plan, shards, total, progress)`
+    (`rpiae.data.ray_engine.RayEngine`); `model` is {"path", "sha256", "config"} of what it
+    runs. With several ranks, `barrier` waits for all."""
     out = Path(out)
     (out / PARTS).mkdir(parents=True, exist_ok=True)
     info = backend.describe()
@@ -154,7 +227,10 @@ def extract(
     total = sum(len(plan.samples(k)) for k in todo)
     t0 = time.time()
     if todo:
-        _run_shards(plan, backend, todo, total, progress and rank == 0)
+        if hasattr(backend, "run_shards"):
+            backend.run_shards(plan, todo, total, progress and rank == 0)
+        else:
+            _run_shards(plan, backend, todo, total, progress and rank == 0)
     if barrier is not None:
         barrier()
     summary = {"shards_computed": len(todo), "shards_kept": kept, "images": total, "seconds": round(time.time() - t0, 2)}
@@ -165,31 +241,12 @@ def extract(
 
 def _run_shards(plan: ShardPlan, backend, todo: list[int], total: int, progress: bool) -> None:
     opts = plan.opts
-    loader = image_loader(plan.source, _batches(plan, todo), opts.crop, opts.size, opts.workers)
-    bar = tqdm(total=total, unit="img", desc="extract", disable=not progress, dynamic_ncols=True, smoothing=0.05)
-    current, parts = None, None
-    try:
+    loader = image_loader(plan.source, [list(b) for b in plan.batches(todo)], opts.crop, opts.size, opts.workers)
+    writer = ShardWriter(plan, todo)
+    with tqdm(total=total, unit="img", desc="extract", disable=not progress, dynamic_ncols=True, smoothing=0.05) as bar:
         for ids, images, errors in loader:
-            k = ids[0] // opts.shard_size
-            if k != current:
-                current, parts = k, {"z": [], "zf": [], "index": [], "skipped": []}
-            good = [j for j, e in enumerate(errors) if not e]
-            for j, e in enumerate(errors):
-                if e:
-                    if not opts.skip_bad:
-                        raise ExtractError(f"{e} (finished shards are kept; fix or remove the file, or use --skip-bad)")
-                    parts["skipped"].append({"sample": ids[j], "ref": plan.source.refs[ids[j]], "error": e})
-            if good:
-                x = images[good]
-                parts["z"].append(_encode(backend, x))
-                if opts.flip:
-                    parts["zf"].append(_encode(backend, x.flip(-1)))
-                parts["index"].extend(ids[j] for j in good)
+            writer.add(encode_batch(backend, ids, images, errors, opts.flip))
             bar.update(len(ids))
-            if ids[-1] == plan.samples(k).stop - 1:
-                _write_shard(plan, k, parts)
-    finally:
-        bar.close()
 
 
 def _write_shard(plan: ShardPlan, k: int, parts: dict) -> None:
