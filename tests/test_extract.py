@@ -230,6 +230,7 @@ def test_bad_image_stops_with_one_line_then_skip_bad(tmp_path, photo_files, trai
     assert r.exit_code == 0, r.output
     m = json.loads((out / "manifest.json").read_text())
     assert [s["ref"] for s in m["skipped"]] == ["05.jpg"] and m["rows"] == 8
+    assert m["skipped"][0]["error"] == "05.jpg: cannot read image (not a format Pillow can identify)"  # no address in it
     assert load_file(str(out / "shard-00001.safetensors"))["index"].tolist() == [4, 6, 7]
 
 

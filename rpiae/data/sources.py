@@ -73,6 +73,8 @@ class Source:
             img = Image.open(io.BytesIO(self.read_bytes(i)))
             img.load()
             return img
+        except Image.UnidentifiedImageError:  # its message names an in-memory object by address
+            raise ImageError(f"{self.refs[i]}: cannot read image (not a format Pillow can identify)") from None
         except Exception as e:
             raise ImageError(f"{self.refs[i]}: cannot read image ({type(e).__name__}: {e})") from None
 
