@@ -1,4 +1,4 @@
-"""Multi-head self-attention written plainly, in the two parameter layouts RPiAE uses.
+"""Multi-head self-attention written plainly, in the parameter layouts the model's parts use.
 
 Both compute softmax(q k^T / sqrt(d)) v through `F.scaled_dot_product_attention`, which
 exports to ONNX as MatMul/Softmax/MatMul (no fast-path-only kernels), so the same module
@@ -76,4 +76,22 @@ class PackedAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         q, k, v = (_split_heads(t, self.heads) for t in (q, k, v))
+        return self.out_proj(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+
+
+class ProjAttention(nn.Module):
+    """CLIP/SigLIP layout: `q_proj`, `k_proj`, `v_proj`, `out_proj` Linears (SigLIP2)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = _split_heads(self.q_proj(x), self.heads)
+        k = _split_heads(self.k_proj(x), self.heads)
+        v = _split_heads(self.v_proj(x), self.heads)
         return self.out_proj(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
