@@ -184,11 +184,11 @@ def test_recipe_defaults_and_stages():
         load_train_config(1, recipe="sd-vae")
 
 
-def make_trainer(stage: int, tmp_path, gan: bool = True, lpips: bool = True, **kw) -> Trainer:
+def make_trainer(stage: int, tmp_path, gan: bool = True, lpips: bool = True, model: RPiAE | None = None, **kw) -> Trainer:
     base = dict(batch_size=2, epochs=1, warmup_epochs=0.0, lr=1e-3, min_lr=1e-3, ema_decay=0.5, num_workers=0,
                 gan_start_epoch=0.0, disc_start_epoch=0.0, sample_every=0, save_every=0)
     cfg = load_train_config(stage, overrides={**base, **kw}, recipe="ps-vae")
-    return Trainer(make_psvae_tiny(), cfg, tmp_path / f"s{stage}", lpips=small_lpips() if lpips else None,
+    return Trainer(model or make_psvae_tiny(), cfg, tmp_path / f"s{stage}", lpips=small_lpips() if lpips else None,
                    disc=small_disc() if gan else None, steps_per_epoch=100)
 
 
@@ -225,6 +225,16 @@ def test_stage_trains_only_its_parameters(stage, pixel_decoder, batch, tmp_path)
         assert not trainer.pivot.training
         for k, v in trainer.pivot.state_dict().items():
             assert torch.equal(v, pivot_before[k]), f"frozen copy {k} changed"
+
+
+def test_siglip2_psvae_trains_its_encoder_in_stage_2(batch, tmp_path):
+    trainer = make_trainer(2, tmp_path, model=make_psvae_tiny(**siglip2_overrides()))
+    e = trainer.model.encoder.encoder
+    assert trainer.last_enc_param is e.post_layernorm.bias  # E's last parameter, for any encoder type
+    before = snapshot(e)
+    logs = trainer.train_step([batch[:1]])
+    assert all(math.isfinite(v) for v in logs.values()) and "w_gan" in logs
+    assert all(not torch.equal(v, before[k]) for k, v in e.state_dict().items())
 
 
 def _written_out(model: RPiAE, tokens: torch.Tensor, target: torch.Tensor) -> dict:
@@ -386,6 +396,15 @@ def test_bundle_records_the_family_and_passes_the_same_parity_bounds(psvae_bundl
     with load_backend(psvae_bundle.root, backend="ort") as ort:
         z = ort.encode(sample_photos[:2])
         assert z.shape == (2, 96, 16, 16) and ort.decode(z).shape == (2, 3, 256, 256)
+
+
+def test_siglip2_variant_exports_and_verifies(tmp_path, sample_photos):
+    from rpiae.export import export_bundle, verify_bundle
+
+    bundle = export_bundle(make_psvae_tiny(**siglip2_overrides()), tmp_path / "b", precisions="fp32", progress=False)
+    assert bundle.manifest["config"]["encoder_type"] == "siglip2"
+    report = verify_bundle(bundle, backend="ort", images=sample_photos[:2], batches=[2])
+    assert report["ok"], report
 
 
 def test_extract_and_decode_round_trip(tmp_path, psvae_bundle, psvae_ckpt, sample_photos):
