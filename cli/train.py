@@ -38,6 +38,8 @@ from rpiae.cli.common import echo_json, friendly_errors
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="Recipe overrides (JSON, or YAML with PyYAML): shared keys, and stage1/stage2/stage3 sections. Defaults: docs/TRAINING.md.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one recipe field, e.g. --set batch_size=64 (repeatable).")
+@click.option("--model-set", "model_overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override one model config field of a new stage-1 run's preset, e.g. --model-set latent_channels=112 (repeatable).")
 @click.option("--lpips-weights", multiple=True, type=click.Path(path_type=Path),
               help="Local LPIPS weights: torchvision VGG16 (features.N.*) and the LPIPS heads (lin{0..4}.model.1.weight); one file or two.")
 @click.option("--disc-weights", type=click.Path(path_type=Path), default=None, help="Local DINO ViT-S/8 weights for the discriminator's feature network.")
@@ -47,14 +49,19 @@ from rpiae.cli.common import echo_json, friendly_errors
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
 def train(recipe, stage, data, out, val_data, preset, init_encoder, init_decoder, resume, config_path, overrides,
-          lpips_weights, disc_weights, no_lpips, no_gan, device, quiet):
+          model_overrides, lpips_weights, disc_weights, no_lpips, no_gan, device, quiet):
     """Train one stage of RPiAE (or, with --recipe ps-vae, of PS-VAE) on an image folder."""
+    from rpiae.config import RPiAEConfig
     from rpiae.training.config import parse_override
 
     try:
         values = dict(parse_override(item) for item in overrides)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--set") from None
+    try:
+        model_values = dict(parse_override(item, RPiAEConfig, "model config") for item in model_overrides)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--model-set") from None
     from rpiae.training.run import run_training
 
     metrics = run_training(
@@ -62,6 +69,7 @@ def train(recipe, stage, data, out, val_data, preset, init_encoder, init_decoder
         preset=preset, init_encoder=init_encoder, init_decoder=init_decoder, resume=resume,
         config_path=config_path, overrides=values, lpips_weights=lpips_weights, disc_weights=disc_weights,
         no_lpips=no_lpips, no_gan=no_gan, val_data=val_data, progress=not quiet, device=device, recipe=recipe,
+        model_overrides=model_values,
     )
     if metrics:
         echo_json(metrics)

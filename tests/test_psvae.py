@@ -357,6 +357,15 @@ def test_cli_trains_both_stages_and_refuses_the_wrong_family(tmp_path, image_dir
                "--resume", tmp_path / "s1" / "last", "--set", "batch_size=1", "--quiet", "--no-gan")
     assert r.exit_code == 1 and "stage 2 uses LPIPS" in r.output
 
+    # the paper's channel ablation: the latent width is a model config switch of a new run
+    r = _train("--recipe", "ps-vae", "--stage", 1, "--data", image_dir, "--out", tmp_path / "c112", "--preset", "ps-vae-tiny",
+               "--model-set", "latent_channels=112", *fast)
+    assert r.exit_code == 0, r.output
+    cfg = read_training_checkpoint(tmp_path / "c112" / "last")["config"]
+    assert (cfg["latent_channels"], cfg["name"], cfg["family"]) == (112, "ps-vae-tiny-custom", "ps-vae")
+    r = _train("--recipe", "ps-vae", "--stage", 1, "--data", image_dir, "--out", tmp_path / "x", "--model-set", "width=3", *fast)
+    assert r.exit_code == 2 and "unknown model config field 'width'" in r.output
+
 
 # -- the shared export / serving path ----------------------------------------------------------------------
 

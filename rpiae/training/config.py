@@ -189,27 +189,24 @@ PSVAE_STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
 RECIPE_DEFAULTS: dict[str, dict[int, dict[str, Any]]] = {"rpiae": STAGE_DEFAULTS, "ps-vae": PSVAE_STAGE_DEFAULTS}
 
 
-def _field_type(name: str) -> type:
-    t = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[name]
-    return {"int": int, "float": float, "bool": bool}.get(str(t), str)
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """`key=value` from the command line, typed after the field."""
+def parse_override(item: str, config_cls: type = TrainConfig, what: str = "training config") -> tuple[str, Any]:
+    """`key=value` from the command line, typed after the field of `config_cls` (a tuple field
+    takes comma-separated floats)."""
     if "=" not in item:
         raise ValueError(f"expected key=value, got {item!r}")
     key, value = item.split("=", 1)
     key = key.strip().replace("-", "_")
-    if key not in {f.name for f in dataclasses.fields(TrainConfig)}:
-        raise ValueError(f"unknown training config field {key!r}")
-    if key == "betas":
+    types = {f.name: str(f.type) for f in dataclasses.fields(config_cls)}
+    if key not in types:
+        raise ValueError(f"unknown {what} field {key!r}")
+    kind = types[key]
+    if kind.startswith("tuple"):
         return key, tuple(float(v) for v in value.split(","))
-    kind = _field_type(key)
-    if kind is bool:
+    if kind == "bool":
         if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
             raise ValueError(f"{key}: expected a boolean, got {value!r}")
         return key, value.lower() in ("1", "true", "yes")
-    return key, kind(value)
+    return key, {"int": int, "float": float}.get(kind, str)(value)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

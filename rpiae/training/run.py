@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from rpiae.checkpoints import CheckpointError, load_encoder_weights, load_pixel_decoder_weights
-from rpiae.config import PRESETS, RPiAEConfig
+from rpiae.config import PRESETS, RPiAEConfig, get_preset
 from rpiae.imageio import ImageError
 from rpiae.model import RPiAE
 from rpiae.training.config import TrainConfig, load_train_config
@@ -92,9 +92,11 @@ def run_training(
     progress: bool = True,
     device: str | None = None,
     recipe: str = "rpiae",
+    model_overrides: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     """Train one stage of `recipe` ("rpiae": stages 1-3, "ps-vae": stages 1-2) on a model of
-    the family of the same name."""
+    the family of the same name. `model_overrides` changes model config fields of the preset
+    a new run starts from (its name becomes "<preset>-custom" unless one is given)."""
     cfg = prepare_config(stage, config_path, overrides, lpips_weights, disc_weights, no_lpips, no_gan, recipe)
     if stage > 1 and resume is None:
         raise TrainingError(f"stage {stage} starts from stage {stage - 1}: give --resume runs/s{stage - 1}/last")
@@ -137,6 +139,8 @@ def run_training(
         model = RPiAE(RPiAEConfig.from_dict(ckpt["config"]))
         if preset is not None and preset != model.config.name:
             warnings.warn(f"--preset {preset} ignored: the checkpoint's model is {model.config.name!r}", stacklevel=2)
+        if model_overrides:
+            warnings.warn("model config overrides ignored: the checkpoint carries its model config", stacklevel=2)
         if ckpt["stage"] > stage:
             raise TrainingError(f"{resume} is a stage {ckpt['stage']} checkpoint; it cannot start stage {stage}")
         if ckpt["stage"] == stage:
@@ -145,10 +149,14 @@ def run_training(
             model.load_state_dict(ckpt["ema" if cfg.start_from_ema else "model"])
         del ckpt
     else:
+        name = preset or DEFAULT_PRESETS[recipe]
         try:
-            model = RPiAE.from_preset(preset or DEFAULT_PRESETS[recipe])
-        except ValueError as e:
+            config = get_preset(name)
+            if model_overrides:
+                config = RPiAEConfig.from_dict({**config.to_dict(), "name": f"{name}-custom", **model_overrides})
+        except (ValueError, TypeError) as e:
             raise TrainingError(str(e)) from None
+        model = RPiAE(config)
     if model.config.family != recipe:
         what = f"{resume}" if resume is not None else f"preset {model.config.name!r}"
         raise TrainingError(
