@@ -447,3 +447,32 @@ def test_extract_and_decode_round_trip(tmp_path, psvae_bundle, psvae_ckpt, sampl
         y = model.decode(torch.from_numpy(z[:1]))[0].clamp(0, 1)
     expected = (y.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     assert np.abs(np.asarray(Image.open(pngs[0])).astype(int) - expected).max() <= 1
+
+
+@pytest.mark.slow
+def test_cpp_runner_runs_the_psvae_packages(tmp_path_factory, tmp_path, psvae_ckpt, sample_photos):
+    """The C++ runner takes the latent shape from the encoder graph (96 channels here)."""
+    from rpiae.cli.main import main
+    from rpiae.export import Bundle, aoti
+    from rpiae.imageio import load_image, save_image
+    from tests.test_cpp_runner import _build, _run
+
+    exe = _build(tmp_path_factory)["exe"]
+    cache = tmp_path_factory.mktemp("psvae-aoti-cache")
+    out = tmp_path / "bundle"
+    res = CliRunner().invoke(main, ["export", "--checkpoint", psvae_ckpt, "--target", "aoti", "--device", "cpu",
+                                    "--batch", "1:1:2", "--out", str(out)], env={"RPIAE_CACHE_DIR": str(cache)})
+    assert res.exit_code == 0, res.output
+    bundle = Bundle.open(out)
+    pk = aoti.find_packages(bundle)
+    enc, dec = (bundle.root / pk[g][0] for g in ("encode", "decode"))
+    ppm = tmp_path / "photo.ppm"
+    Image.open(save_image(sample_photos[0], tmp_path / "photo.png")).convert("RGB").save(ppm)
+    zf = tmp_path / "z.f32"
+    res = _run(exe, enc, dec, ppm, tmp_path / "out.ppm", "--latent", zf, cache=cache)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "latent (1, 96, 16, 16)" in res.stdout
+    z = np.fromfile(zf, np.float32).reshape(1, 96, 16, 16)
+    with torch.no_grad():
+        z_ref = RPiAE.from_checkpoint(psvae_ckpt).encode(torch.from_numpy(load_image(ppm)[None].copy())).numpy()
+    assert np.abs(z - z_ref).max() <= 1e-4 * np.abs(z_ref).max()
