@@ -407,6 +407,16 @@ def test_bundle_records_the_family_and_passes_the_same_parity_bounds(psvae_bundl
         assert z.shape == (2, 96, 16, 16) and ort.decode(z).shape == (2, 3, 256, 256)
 
 
+def test_triton_repository_from_the_bundle(tmp_path, psvae_bundle):
+    from rpiae.engines.triton import parse_config, write_model_repository
+
+    repo = tmp_path / "repo"
+    write_model_repository(psvae_bundle, repo, precision="int8", platform="auto", instance_kind="cpu", max_batch=4)
+    enc = parse_config((repo / "rpiae_encode" / "config.pbtxt").read_text())
+    dec = parse_config((repo / "rpiae_decode" / "config.pbtxt").read_text())
+    assert list(enc.output[0].dims) == [96, 16, 16] == list(dec.input[0].dims)
+
+
 def test_siglip2_variant_exports_and_verifies(tmp_path, sample_photos):
     from rpiae.export import export_bundle, verify_bundle
 
