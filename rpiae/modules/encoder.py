@@ -20,6 +20,17 @@ from rpiae.config import RPiAEConfig
 from rpiae.modules.attention import HFAttention, ProjAttention
 
 
+def vit_init(module: nn.Module, *tokens: torch.Tensor) -> None:
+    """HF ViT init: truncated normal(0.02) for Linear/Conv weights and for `tokens` (learned
+    tokens, position embeddings), zero biases."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    for t in tokens:
+        nn.init.trunc_normal_(t, std=0.02)
+
+
 class PatchEmbeddings(nn.Module):
     def __init__(self, dim: int, patch: int) -> None:
         super().__init__()
@@ -121,14 +132,8 @@ class DinoV2Encoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # HF Dinov2 init: truncated normal(0.02) for weights and tokens, zero biases.
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
         emb = self.embeddings
-        for p in (emb.cls_token, emb.register_tokens, emb.position_embeddings):
-            nn.init.trunc_normal_(p, std=0.02)
+        vit_init(self, emb.cls_token, emb.register_tokens, emb.position_embeddings)
 
     def forward(self, pixels: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(pixels, pos_embed)  # (B, 1+R+N, C)
@@ -198,11 +203,7 @@ class Siglip2Encoder(nn.Module):
         self.embeddings = Siglip2Embeddings(cfg)
         self.encoder = Siglip2Layers(cfg)
         self.post_layernorm = nn.LayerNorm(cfg.encoder_hidden_size, eps=cfg.encoder_ln_eps)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        nn.init.trunc_normal_(self.embeddings.position_embedding.weight, std=0.02)
+        vit_init(self, self.embeddings.position_embedding.weight)
 
     def forward(self, pixels: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(pixels, pos_embed)  # (B, N, C)
