@@ -53,7 +53,7 @@ def test_presets_say_their_family_and_older_configs_load_unchanged():
         cfg = PRESETS[name]
         assert cfg.family == "ps-vae" and cfg.latent_shape == (96, 16, 16) and cfg.image_shape == (3, 256, 256)
     assert PRESETS["rpiae-b"].family == PRESETS["tiny"].family == "rpiae"
-    # a config written before the family fields existed is an RPiAE config, equal to the preset
+    # a config without the family fields (as older files carry it) is an RPiAE config, equal to the preset
     old = {k: v for k, v in PRESETS["tiny"].to_dict().items()
            if k not in ("family", "encoder_type", "bridge_encoder_depth", "bridge_encoder_mlp_size")}
     assert RPiAEConfig.from_dict(old) == PRESETS["tiny"]
@@ -278,7 +278,8 @@ def test_svae_loss_is_the_written_out_objective_and_pixel_losses_stop_at_the_dec
 
     # the semantic autoencoder's gradient is the semantic terms' alone; D's the pixel terms'
     w = model.vb_feature_encoder.to_moments.weight
-    torch.testing.assert_close(grads["vb_feature_encoder.to_moments.weight"], torch.autograd.grad(semantic, w, retain_graph=True)[0])
+    semantic_grad = torch.autograd.grad(semantic, w, retain_graph=True)[0]
+    torch.testing.assert_close(grads["vb_feature_encoder.to_moments.weight"], semantic_grad)
     d = model.decoder.decoder_pred.weight
     torch.testing.assert_close(grads["decoder.decoder_pred.weight"], torch.autograd.grad(l1 + lp, d)[0])
 
@@ -333,7 +334,8 @@ def _train(*args):
 def test_cli_trains_both_stages_and_refuses_the_wrong_family(tmp_path, image_dir):
     fast = ("--set", "batch_size=1", "--set", "max_steps=1", "--set", "num_workers=0", "--set", "resize_min=256",
             "--set", "resize_max=256", "--quiet", "--no-lpips", "--no-gan")
-    r = _train("--recipe", "ps-vae", "--stage", 1, "--data", image_dir, "--out", tmp_path / "s1", "--preset", "ps-vae-tiny", *fast)
+    r = _train("--recipe", "ps-vae", "--stage", 1, "--data", image_dir, "--out", tmp_path / "s1",
+               "--preset", "ps-vae-tiny", *fast)
     assert r.exit_code == 0, r.output
     r = _train("--recipe", "ps-vae", "--stage", 2, "--data", image_dir, "--out", tmp_path / "s2",
                "--resume", tmp_path / "s1" / "last", *fast)
