@@ -7,6 +7,8 @@ Formats (each loaded strictly; a mismatch raises `CheckpointError` naming the ke
   scheduler entries are ignored;
 - this project's `.safetensors`: the same 770 keys, the model config in the metadata;
 - DINOv2 ViT/14-reg weights for the encoder, in HF, Meta-original or timm layout;
+- SigLIP2 vision weights for a `siglip2` encoder, in HF `Siglip2VisionModel` (or the vision
+  tower of `Siglip2Model`) layout;
 - RAE's released ViT-XL decoder state dict for the pixel decoder.
 
 Files are never unpickled: `.pt`/`.pth`/`.bin` go through `torch.load(weights_only=True)`.
@@ -277,16 +279,23 @@ def _hf5_to_hf4(m: re.Match) -> str:
     return f".attention.{_HF5_TO_HF4[m.group(1)]}."
 
 
+# SigLIP2's attention-pooling head (used for its image-text loss) is not part of E.
+_UNUSED_SIGLIP2 = ("head.",)
+
+
 def detect_encoder_layout(sd: Mapping[str, torch.Tensor]) -> str:
     if "embeddings.cls_token" in sd:
         return "hf"
+    if "embeddings.patch_embedding.weight" in sd:
+        return "siglip2"
     if "reg_token" in sd and "pos_embed" in sd:
         return "timm"
     if "register_tokens" in sd and "pos_embed" in sd:
         return "meta"
     raise CheckpointError(
         "unrecognised encoder weights: expected DINOv2-with-registers keys in HF "
-        "(embeddings.cls_token), Meta (pos_embed, register_tokens) or timm (pos_embed, reg_token) layout"
+        "(embeddings.cls_token), Meta (pos_embed, register_tokens) or timm (pos_embed, reg_token) layout, "
+        "or SigLIP2 keys in HF layout (embeddings.patch_embedding)"
     )
 
 
@@ -345,9 +354,9 @@ def timm_to_hf(sd: Mapping[str, torch.Tensor]) -> StateDict:
 
 
 def encoder_state_dict(obj: object) -> tuple[StateDict, str]:
-    """Any supported DINOv2 file -> (`DinoV2Encoder` keys, layout name)."""
+    """Any supported DINOv2 or SigLIP2 file -> (`DinoV2Encoder` / `Siglip2Encoder` keys, layout name)."""
     sd = unwrap_state_dict(obj, preferred=("teacher", "model", "state_dict"))
-    for prefix in ("encoder.encoder.", "dinov2.", "backbone."):
+    for prefix in ("encoder.encoder.", "dinov2.", "backbone.", "vision_model."):
         if any(k.startswith(prefix + "embeddings.") for k in sd):
             sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
             break
@@ -356,11 +365,14 @@ def encoder_state_dict(obj: object) -> tuple[StateDict, str]:
         return meta_to_hf(sd), layout
     if layout == "timm":
         return timm_to_hf(sd), layout
+    if layout == "siglip2":
+        return {k: v for k, v in sd.items() if not k.startswith(_UNUSED_SIGLIP2)}, layout
     return {_HF5_NAMES.sub(_hf5_to_hf4, k): v for k, v in sd.items() if k not in _UNUSED_HF}, layout
 
 
 def load_encoder_weights(model, path: str | Path) -> str:
-    """Initialise E from DINOv2 weights (HF, Meta or timm layout); returns the layout found."""
+    """Initialise E from DINOv2 (HF, Meta or timm layout) or SigLIP2 (HF layout) weights, as
+    the model's `encoder_type` needs; returns the layout found."""
     obj, _ = read_file(path)
     sd, layout = encoder_state_dict(obj)
     load_strict(model.encoder.encoder, sd, f"encoder weights {path} ({layout} layout)")

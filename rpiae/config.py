@@ -2,6 +2,12 @@
 
 The config travels with every artefact the project writes (safetensors metadata, ONNX
 metadata, export manifests), so nothing downstream re-declares a size or a normalisation.
+
+Two model families share one model class and one set of modules: RPiAE (arXiv 2603.19206)
+and PS-VAE (arXiv 2512.17909), both a representation encoder, a KL-regularised token
+autoencoder and a pixel decoder. `family` records which one a config is (and so which
+training recipe it belongs to); the structural differences are sizes and the knobs below,
+whose defaults are RPiAE's, so configs written before they existed load unchanged.
 """
 
 from __future__ import annotations
@@ -13,16 +19,25 @@ from typing import Any
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+FAMILIES = ("rpiae", "ps-vae")
+ENCODER_TYPES = ("dinov2", "siglip2")
 
 
 @dataclass(frozen=True)
 class RPiAEConfig:
+    family: str = "rpiae"  # "rpiae" | "ps-vae": what the model is, and the recipe that trains it
+
     # I/O conventions
     image_size: int = 256  # model input and output: float RGB in [0, 1], NCHW
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
-    # encoder E: DINOv2 ViT/14 with register tokens (HF Dinov2WithRegistersModel layout)
+    # encoder E: "dinov2" = DINOv2 ViT/14 with register tokens (HF Dinov2WithRegistersModel
+    # layout); "siglip2" = SigLIP2 ViT (HF Siglip2VisionModel layout, no CLS, no registers)
+    encoder_type: str = "dinov2"
     encoder_input_size: int = 224  # images are resized (bicubic, no antialias) to this
     encoder_patch_size: int = 14
     encoder_hidden_size: int = 768
@@ -30,12 +45,16 @@ class RPiAEConfig:
     encoder_heads: int = 12
     encoder_mlp_size: int = 3072
     encoder_registers: int = 4
-    encoder_pos_grid: int = 37  # pos-embed stored for a 37x37 grid (518 px), + 1 CLS row
+    encoder_pos_grid: int = 37  # pos-embed stored for a 37x37 grid (518 px), + 1 CLS row for DINOv2
     encoder_ln_eps: float = 1e-6
 
-    # Variational Bridge
+    # Variational Bridge (PS-VAE: the semantic encoder/decoder)
     latent_channels: int = 64
     bridge_heads: int = 8
+    # transformer layers the bridge encoder runs after its first attention + MLP block, before
+    # the moments head (0 in RPiAE, whose bridge encoder is that one block)
+    bridge_encoder_depth: int = 0
+    bridge_encoder_mlp_size: int = 3072
     bridge_decoder_depth: int = 6
     bridge_decoder_mlp_size: int = 3072
     bridge_ln_eps: float = 1e-5
@@ -62,6 +81,14 @@ class RPiAEConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; expected one of: {', '.join(FAMILIES)}")
+        if self.encoder_type not in ENCODER_TYPES:
+            raise ValueError(f"unknown encoder_type {self.encoder_type!r}; expected one of: {', '.join(ENCODER_TYPES)}")
+        if self.encoder_type == "siglip2" and self.encoder_registers:
+            raise ValueError("a siglip2 encoder has no register tokens: set encoder_registers=0")
+        if self.bridge_encoder_depth < 0:
+            raise ValueError("bridge_encoder_depth must be >= 0")
         if self.encoder_input_size % self.encoder_patch_size:
             raise ValueError("encoder_input_size must be a multiple of encoder_patch_size")
         if self.decoder_patch_size * self.grid_size != self.image_size:
@@ -85,6 +112,11 @@ class RPiAEConfig:
     @property
     def num_tokens(self) -> int:
         return self.grid_size**2
+
+    @property
+    def encoder_prefix_tokens(self) -> int:
+        """Tokens E computes before its patch tokens: CLS + registers (DINOv2), none (SigLIP2)."""
+        return 1 + self.encoder_registers if self.encoder_type == "dinov2" else 0
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -128,12 +160,17 @@ class RPiAEConfig:
             return 2.0 * (qkvo + attn + ffn)
 
         t, e, d = self.num_tokens, self.encoder_hidden_size, self.decoder_hidden_size
-        te = t + 1 + self.encoder_registers
+        te = t + self.encoder_prefix_tokens
         td = t + 1
         p = self.encoder_patch_size
         encoder = 2.0 * t * 3 * p * p * e + self.encoder_depth * block(te, e, self.encoder_mlp_size)
-        # bridge encoder: skip_proj + attention + 2-layer MLP + moments head
-        bridge_enc = block(t, e, e) + 2.0 * t * e * e + 2.0 * t * e * 2 * self.latent_channels
+        # bridge encoder: skip_proj + attention + 2-layer MLP + further layers + moments head
+        bridge_enc = (
+            block(t, e, e)
+            + 2.0 * t * e * e
+            + self.bridge_encoder_depth * block(t, e, self.bridge_encoder_mlp_size)
+            + 2.0 * t * e * 2 * self.latent_channels
+        )
         bridge_dec = (
             2.0 * t * self.latent_channels * e
             + self.bridge_decoder_depth * block(t, e, self.bridge_decoder_mlp_size)
@@ -176,6 +213,30 @@ PRESETS: dict[str, RPiAEConfig] = {
         decoder_patch_size=16,
     ),
 }
+
+# PS-VAE (arXiv 2512.17909): the same skeleton with a 96-channel latent and a deeper semantic
+# encoder/decoder; the sizes the paper leaves open are ours (docs/TRAINING.md, "PS-VAE").
+_PS_VAE = dict(family="ps-vae", latent_channels=96, bridge_encoder_depth=2, bridge_decoder_depth=3, noise_tau=0.0)
+PRESETS.update({
+    # DINOv2-B/14-reg4 at 224, semantic encoder/decoder of 3 transformer blocks each, ViT-XL pixel decoder
+    "ps-vae": RPiAEConfig(name="ps-vae", **_PS_VAE),
+    # the paper's SigLIP2 variant: SigLIP2-B/16 at 256 (16x16 tokens, no resize), its [-1, 1] input scaling
+    "ps-vae-siglip2": RPiAEConfig(
+        name="ps-vae-siglip2",
+        **_PS_VAE,
+        mean=SIGLIP_MEAN,
+        std=SIGLIP_STD,
+        encoder_type="siglip2",
+        encoder_input_size=256,
+        encoder_patch_size=16,
+        encoder_registers=0,
+        encoder_pos_grid=16,
+    ),
+    # the tiny sizes with PS-VAE's structure, for tests
+    "ps-vae-tiny": dataclasses.replace(
+        PRESETS["tiny"], name="ps-vae-tiny", **_PS_VAE, bridge_encoder_mlp_size=768, bridge_decoder_mlp_size=768
+    ),
+})
 
 
 def get_preset(name: str) -> RPiAEConfig:

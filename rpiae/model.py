@@ -10,6 +10,11 @@
 `state_dict()` has exactly the release's 770 keys, so the authors' checkpoint loads strictly.
 A model with latent statistics (`set_latent_stats`, `config.latent_norm`) has two more,
 `latent_mean` and `latent_var`, and its latent is the normalised one.
+
+PS-VAE (arXiv 2512.17909) is the same skeleton and so the same class, configured
+(`config.family == "ps-vae"`, presets `ps-vae`, `ps-vae-siglip2`, `ps-vae-tiny`): E is
+DINOv2 (or SigLIP2), the bridge is its semantic encoder/decoder with a 96-channel latent,
+D its pixel decoder. Every graph, runtime and command reads the sizes from the config.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ class RPiAE(nn.Module):
     # -- construction -------------------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "RPiAE":
-        """A randomly initialised model of a named size (`rpiae-b`, `tiny`)."""
+        """A randomly initialised model of a named size (`rpiae-b`, `tiny`, `ps-vae`, ...)."""
         cfg = get_preset(name)
         if overrides:
             cfg = RPiAEConfig.from_dict({**cfg.to_dict(), **overrides})
@@ -86,7 +91,7 @@ class RPiAE(nn.Module):
         return self.vb_feature_encoder(self.encoder(images))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> posterior mean (B, 64, 16, 16), normalised if the model
+        """(B, 3, H, W) in [0, 1] -> posterior mean (B, Cz, 16, 16), normalised if the model
         carries latent statistics."""
         z = self.posterior(images).mean
         if self.config.latent_norm:
@@ -98,7 +103,7 @@ class RPiAE(nn.Module):
         return self.decoder(tokens) * self.std + self.mean
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, 64, 16, 16) -> (B, 3, 256, 256); not clamped (post-processing clamps)."""
+        """(B, Cz, 16, 16) -> (B, 3, 256, 256); not clamped (post-processing clamps)."""
         if self.config.latent_norm:
             z = z * torch.sqrt(self.latent_var + self.config.latent_norm_eps) + self.latent_mean
         return self.decode_tokens(self.vb_feature_decoder(z))

@@ -1,4 +1,4 @@
-// rpiae_run: encode an image to the RPiAE latent and decode it back, from C++.
+// rpiae_run: encode an image to the model's latent and decode it back, from C++.
 //
 //   rpiae_run ENCODER DECODER INPUT.ppm [OUTPUT.ppm] [--latent FILE] [--raw FILE] [--device cpu|cuda[:N]]
 //
@@ -10,7 +10,7 @@
 // INPUT is a binary PPM (P6, 8-bit) of exactly 256x256 pixels: resizing and cropping are the
 // caller's job (rpiae.imageio's policy; `rpiae samples` writes PNGs, any tool converts).
 // OUTPUT (default: reconstruction.ppm) is the decoded image clamped to [0, 1] and rounded to
-// 8 bits. --latent writes the (1, 64, 16, 16) latent and --raw the unclamped decoded
+// 8 bits. --latent writes the (1, C, 16, 16) latent and --raw the unclamped decoded
 // (1, 3, 256, 256) image, both as little-endian float32 in NCHW order, for comparisons.
 //
 // Exit codes: 0 success, 1 runtime failure (unreadable file, package refused), 2 usage.
@@ -413,7 +413,10 @@ int main(int argc, char** argv) {
     auto encoder = open_graph(pos[0], "encode", device);
     auto decoder = open_graph(pos[1], "decode", device);
     Array latent = encoder->run(image);
-    check_shape(latent, {1, 64, 16, 16}, "encoder output");
+    // the latent's channels and grid are the model's (its config's latent_shape): whatever
+    // the encoder graph gives, which the decoder graph checks as its input
+    if (latent.shape.size() != 4 || latent.shape[0] != 1)
+      fail("encoder output: expected a (1, C, H, W) latent, got " + shape_str(latent.shape));
     Array decoded = decoder->run(latent);
     check_shape(decoded, {1, 3, kImage, kImage}, "decoder output");
     write_ppm(out_path, decoded);

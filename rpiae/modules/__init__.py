@@ -1,7 +1,7 @@
-"""Building blocks of RPiAE, named after the parts of the paper."""
+"""Building blocks of RPiAE and PS-VAE, named after the parts of the RPiAE paper."""
 
 from rpiae.modules.bridge import DiagonalGaussian, VBDecoder, VBEncoder
-from rpiae.modules.encoder import DinoV2Encoder, RepresentationEncoder
+from rpiae.modules.encoder import DinoV2Encoder, RepresentationEncoder, Siglip2Encoder
 from rpiae.modules.pixel_decoder import PixelDecoder
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "DinoV2Encoder",
     "PixelDecoder",
     "RepresentationEncoder",
+    "Siglip2Encoder",
     "VBDecoder",
     "VBEncoder",
 ]

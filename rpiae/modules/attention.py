@@ -1,4 +1,4 @@
-"""Multi-head self-attention written plainly, in the two parameter layouts RPiAE uses.
+"""Multi-head self-attention written plainly, in the parameter layouts the model's parts use.
 
 Both compute softmax(q k^T / sqrt(d)) v through `F.scaled_dot_product_attention`, which
 exports to ONNX as MatMul/Softmax/MatMul (no fast-path-only kernels), so the same module
@@ -22,6 +22,12 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)  # (B, N, C)
 
 
+def multi_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v per head: (B, N, C) each -> (B, N, C)."""
+    q, k, v = (_split_heads(t, heads) for t in (q, k, v))
+    return _merge_heads(F.scaled_dot_product_attention(q, k, v))
+
+
 class SelfAttentionQKV(nn.Module):
     """HF layout: separate `query`, `key`, `value` Linears (DINOv2 and ViT-MAE)."""
 
@@ -33,10 +39,7 @@ class SelfAttentionQKV(nn.Module):
         self.value = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = _split_heads(self.query(x), self.heads)
-        k = _split_heads(self.key(x), self.heads)
-        v = _split_heads(self.value(x), self.heads)
-        return _merge_heads(F.scaled_dot_product_attention(q, k, v))
+        return multi_head(self.query(x), self.key(x), self.value(x), self.heads)
 
 
 class AttentionOutput(nn.Module):
@@ -75,5 +78,19 @@ class PackedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (_split_heads(t, self.heads) for t in (q, k, v))
-        return self.out_proj(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        return self.out_proj(multi_head(q, k, v, self.heads))
+
+
+class ProjAttention(nn.Module):
+    """CLIP/SigLIP layout: `q_proj`, `k_proj`, `v_proj`, `out_proj` Linears (SigLIP2)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(multi_head(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))

@@ -1,8 +1,13 @@
-"""Encoder E: DINOv2 ViT/14 with register tokens, in HF `Dinov2WithRegistersModel` layout.
+"""Encoder E: a pretrained ViT whose patch tokens the rest of the model works on.
 
-`DinoV2Encoder` holds exactly the parameters of the release under `encoder.encoder.`;
-`RepresentationEncoder` wraps it with the release's input pipeline (resize to 224,
-ImageNet normalisation) and output convention (drop CLS + register tokens).
+- `DinoV2Encoder`: DINOv2 ViT/14 with register tokens, in HF `Dinov2WithRegistersModel`
+  layout; exactly the parameters of the RPiAE release under `encoder.encoder.`.
+- `Siglip2Encoder`: SigLIP2 ViT, in HF `Siglip2VisionModel` layout without the pooling head
+  (PS-VAE's second encoder); no CLS or register tokens.
+
+`RepresentationEncoder` wraps the one `config.encoder_type` names with the input pipeline
+(resize to the encoder's input size, normalisation) and the output convention (patch tokens
+only: CLS and registers dropped).
 """
 
 from __future__ import annotations
@@ -12,7 +17,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from rpiae.config import RPiAEConfig
-from rpiae.modules.attention import HFAttention
+from rpiae.modules.attention import HFAttention, ProjAttention
+
+
+def vit_init(module: nn.Module, *tokens: torch.Tensor) -> None:
+    """HF ViT init: truncated normal(0.02) for Linear/Conv weights and for `tokens` (learned
+    tokens, position embeddings), zero biases."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    for t in tokens:
+        nn.init.trunc_normal_(t, std=0.02)
 
 
 class PatchEmbeddings(nn.Module):
@@ -66,13 +82,14 @@ class LayerScale(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, gelu: str = "none") -> None:
         super().__init__()
+        self.gelu = gelu  # "none" (exact, DINOv2) or "tanh" (SigLIP2's gelu_pytorch_tanh)
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.gelu))
 
 
 class Block(nn.Module):
@@ -115,18 +132,85 @@ class DinoV2Encoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # HF Dinov2 init: truncated normal(0.02) for weights and tokens, zero biases.
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
         emb = self.embeddings
-        for p in (emb.cls_token, emb.register_tokens, emb.position_embeddings):
-            nn.init.trunc_normal_(p, std=0.02)
+        vit_init(self, emb.cls_token, emb.register_tokens, emb.position_embeddings)
 
     def forward(self, pixels: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(pixels, pos_embed)  # (B, 1+R+N, C)
         return self.layernorm(self.encoder(x))
+
+
+class Siglip2Embeddings(nn.Module):
+    """Patch embedding as a Linear on flattened (row, column, channel) patches, plus a learned
+    position embedding stored for a `encoder_pos_grid` square grid (HF `Siglip2VisionEmbeddings`)."""
+
+    def __init__(self, cfg: RPiAEConfig) -> None:
+        super().__init__()
+        dim, self.patch = cfg.encoder_hidden_size, cfg.encoder_patch_size
+        self.patch_embedding = nn.Linear(3 * self.patch**2, dim)
+        self.position_embedding = nn.Embedding(cfg.encoder_pos_grid**2, dim)
+
+    def resized_position_embeddings(self, grid: int) -> torch.Tensor:
+        """Pos-embed for a grid x grid token map, as HF does it: bilinear, antialiased, fp32."""
+        pos = self.position_embedding.weight  # (G*G, C)
+        stored = int(pos.shape[0] ** 0.5)
+        if stored == grid:
+            return pos.unsqueeze(0)
+        pos = pos.reshape(1, stored, stored, -1).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos.float(), size=(grid, grid), mode="bilinear", align_corners=False, antialias=True)
+        return pos.to(self.position_embedding.weight.dtype).permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
+
+    def forward(self, pixels: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = pixels.shape
+        p = self.patch
+        x = pixels.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)  # (B, h, w, p, p, 3)
+        x = x.reshape(b, (h // p) * (w // p), p * p * c)  # (B, N, p*p*3), SigLIP2's patch order
+        return self.patch_embedding(x) + pos_embed  # (B, N, C)
+
+
+class Siglip2Layer(nn.Module):
+    """Pre-norm ViT block (no LayerScale), tanh-approximated GELU."""
+
+    def __init__(self, cfg: RPiAEConfig) -> None:
+        super().__init__()
+        dim, eps = cfg.encoder_hidden_size, cfg.encoder_ln_eps
+        self.layer_norm1 = nn.LayerNorm(dim, eps=eps)
+        self.self_attn = ProjAttention(dim, cfg.encoder_heads)
+        self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = MLP(dim, cfg.encoder_mlp_size, gelu="tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Siglip2Layers(nn.Module):
+    def __init__(self, cfg: RPiAEConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Siglip2Layer(cfg) for _ in range(cfg.encoder_depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class Siglip2Encoder(nn.Module):
+    """SigLIP2 vision tower up to `post_layernorm` (the attention-pooling head is not used)."""
+
+    def __init__(self, cfg: RPiAEConfig) -> None:
+        super().__init__()
+        self.embeddings = Siglip2Embeddings(cfg)
+        self.encoder = Siglip2Layers(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.encoder_hidden_size, eps=cfg.encoder_ln_eps)
+        vit_init(self, self.embeddings.position_embedding.weight)
+
+    def forward(self, pixels: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings(pixels, pos_embed)  # (B, N, C)
+        return self.post_layernorm(self.encoder(x))
+
+
+BACKBONES = {"dinov2": DinoV2Encoder, "siglip2": Siglip2Encoder}
 
 
 class RepresentationEncoder(nn.Module):
@@ -135,10 +219,10 @@ class RepresentationEncoder(nn.Module):
     def __init__(self, cfg: RPiAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = DinoV2Encoder(cfg)
+        self.encoder = BACKBONES[cfg.encoder_type](cfg)
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
-        # The 37x37 -> 16x16 pos-embed resize (antialiased bicubic) does not export, so it is
+        # The stored -> 16x16 pos-embed resize (antialiased) does not export, so it is
         # computed once and kept; it is recomputed whenever the weights can have changed
         # (after loading, when switching to eval). In training mode it is computed live.
         self.register_buffer("pos_embed", torch.empty(0), persistent=False)
@@ -167,5 +251,5 @@ class RepresentationEncoder(nn.Module):
             pos = self.encoder.embeddings.resized_position_embeddings(self.cfg.grid_size)
         else:
             pos = self.pos_embed
-        tokens = self.encoder(x, pos)  # (B, 1+R+N, C)
-        return tokens[:, 1 + self.cfg.encoder_registers :]  # (B, N, C)
+        tokens = self.encoder(x, pos)  # (B, prefix + N, C), prefix = CLS + registers or none
+        return tokens[:, self.cfg.encoder_prefix_tokens :]  # (B, N, C)

@@ -1,12 +1,17 @@
-"""The training recipe as one dataclass.
+"""The training recipes as one dataclass.
 
-Defaults follow the authors' training code (360CVGroup/RPiAE: `src/train_stage1_rpiae_s1.py`,
-`src/train_stage1_rpiae_s23.py` and the stage 1/2/3 yaml configs), which produced the
-released weights; where the paper (arXiv 2603.19206) describes something else, a named
-field switches to the paper's version. The table is in `docs/TRAINING.md`.
+Two recipes, one per model family:
 
-A config file (JSON, or YAML when PyYAML is installed) overrides any field. Top-level keys
-apply to every stage; a `stage1` / `stage2` / `stage3` section applies to that stage only:
+- `rpiae` (stages 1-3): defaults follow the RPiAE authors' training code (360CVGroup/RPiAE:
+  `src/train_stage1_rpiae_s1.py`, `src/train_stage1_rpiae_s23.py` and the stage 1/2/3 yaml
+  configs), which produced the released weights; where the paper (arXiv 2603.19206)
+  describes something else, a named field switches to the paper's version.
+- `ps-vae` (stages 1-2): S-VAE, then PS-VAE (arXiv 2512.17909). No code is public; the
+  values the paper leaves open are this project's choices, each a field.
+
+The tables are in `docs/TRAINING.md`. A config file (JSON, or YAML when PyYAML is
+installed) overrides any field. Top-level keys apply to every stage; a `stage1` / `stage2` /
+`stage3` section applies to that stage only:
 
     {"batch_size": 64, "stage2": {"epochs": 8}}
 """
@@ -20,9 +25,14 @@ from pathlib import Path
 from typing import Any
 
 
+# the stages of each recipe; a recipe trains the model family of the same name
+RECIPES: dict[str, tuple[int, ...]] = {"rpiae": (1, 2, 3), "ps-vae": (1, 2)}
+
+
 @dataclass
 class TrainConfig:
     stage: int = 1
+    recipe: str = "rpiae"
 
     # schedule (an "epoch" is `epoch_size` samples; 0 = one pass over the data folder)
     epochs: int = 16
@@ -84,8 +94,13 @@ class TrainConfig:
     # generator step: the discriminator sees the raw reconstruction (the authors); True clamps
     # and rounds it to 8 bits first (straight-through)
     gen_fake_quantize: bool = False
-    feature_weight: float = 1.0  # stage II: MSE(VB-dec(z), clean tokens)
+    feature_weight: float = 1.0  # stage II: MSE(VB-dec(z), clean tokens); PS-VAE: of its target tokens
+    # PS-VAE: weight of 1 - cosine(VB-dec(z), target) per token, averaged (0 = off; RPiAE has none)
+    feature_cos_weight: float = 0.0
     kl_weight: float = 1e-3
+    # PS-VAE stage 1 (S-VAE) also trains D, on the semantic decoder's output with its gradient
+    # stopped (pixel losses never reach the semantic autoencoder); False leaves D untouched
+    svae_pixel_decoder: bool = True
     # stage II decodes the posterior mean (the authors' training step); True samples it (the paper)
     sample_posterior: bool = False
     # D's sin-cos pos-embed trains in stages I and III (the authors' `decoder.requires_grad_(True)`);
@@ -119,12 +134,23 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
-        if self.stage not in (1, 2, 3):
-            raise ValueError(f"stage must be 1, 2 or 3, got {self.stage}")
+        if self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose one of: {', '.join(RECIPES)}")
+        stages = RECIPES[self.recipe]
+        if self.stage not in stages:
+            raise ValueError(f"the {self.recipe} recipe has stages {', '.join(map(str, stages))}, got {self.stage}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
             raise ValueError("batch_size, grad_accum and epochs must be >= 1")
         if self.resize_min < self.crop or self.resize_max < self.resize_min:
             raise ValueError("need crop <= resize_min <= resize_max")
+
+    @property
+    def decoder_stage(self) -> bool:
+        """Whether this stage trains the pixel decoder D on pixel losses, which is where the
+        LPIPS and GAN terms apply: RPiAE I and III, PS-VAE II (and I, with `svae_pixel_decoder`)."""
+        if self.recipe == "ps-vae":
+            return self.stage == 2 or self.svae_pixel_decoder
+        return self.stage in (1, 3)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -147,28 +173,40 @@ STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
     3: dict(epochs=16, batch_size=256, noise_tau=0.0, l1_weight=1.0, lpips_weight=1.0),
 }
 
+# PS-VAE: stage 1 = S-VAE (E frozen; semantic encoder/decoder on feature reconstruction + KL,
+# D on the detached reconstruction), stage 2 = PS-VAE (everything trains; pixel losses +
+# feature reconstruction of the frozen E's tokens + KL). Values the paper leaves open are
+# ours (docs/TRAINING.md, "PS-VAE"); the fields not named here keep the shared defaults.
+_PSVAE_SHARED: dict[str, Any] = dict(
+    epochs=16, batch_size=256, decay_epochs=0.0, noise_tau=0.0, sample_posterior=True,
+    feature_weight=1.0, feature_cos_weight=1.0, kl_weight=1e-3, l1_weight=1.0, lpips_weight=1.0,
+    train_decoder_pos_embed=False,
+)
+PSVAE_STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
+    1: dict(_PSVAE_SHARED, gan_weight=0.0),
+    2: dict(_PSVAE_SHARED, gan_weight=0.75),
+}
+RECIPE_DEFAULTS: dict[str, dict[int, dict[str, Any]]] = {"rpiae": STAGE_DEFAULTS, "ps-vae": PSVAE_STAGE_DEFAULTS}
 
-def _field_type(name: str) -> type:
-    t = {f.name: f.type for f in dataclasses.fields(TrainConfig)}[name]
-    return {"int": int, "float": float, "bool": bool}.get(str(t), str)
 
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """`key=value` from the command line, typed after the field."""
+def parse_override(item: str, config_cls: type = TrainConfig, what: str = "training config") -> tuple[str, Any]:
+    """`key=value` from the command line, typed after the field of `config_cls` (a tuple field
+    takes comma-separated floats)."""
     if "=" not in item:
         raise ValueError(f"expected key=value, got {item!r}")
     key, value = item.split("=", 1)
     key = key.strip().replace("-", "_")
-    if key not in {f.name for f in dataclasses.fields(TrainConfig)}:
-        raise ValueError(f"unknown training config field {key!r}")
-    if key == "betas":
+    types = {f.name: str(f.type) for f in dataclasses.fields(config_cls)}
+    if key not in types:
+        raise ValueError(f"unknown {what} field {key!r}")
+    kind = types[key]
+    if kind.startswith("tuple"):
         return key, tuple(float(v) for v in value.split(","))
-    kind = _field_type(key)
-    if kind is bool:
+    if kind == "bool":
         if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
             raise ValueError(f"{key}: expected a boolean, got {value!r}")
         return key, value.lower() in ("1", "true", "yes")
-    return key, kind(value)
+    return key, {"int": int, "float": float}.get(kind, str)(value)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -190,15 +228,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def load_train_config(
-    stage: int, path: str | Path | None = None, overrides: dict[str, Any] | None = None
+    stage: int, path: str | Path | None = None, overrides: dict[str, Any] | None = None, recipe: str = "rpiae"
 ) -> TrainConfig:
-    """Defaults for `stage` <- file (shared keys, then its `stageN` section) <- overrides."""
-    values: dict[str, Any] = dict(STAGE_DEFAULTS[stage])
+    """The recipe's defaults for `stage` <- file (shared keys, then its `stageN` section) <- overrides."""
+    values: dict[str, Any] = dict(RECIPE_DEFAULTS.get(recipe, {}).get(stage, {}))  # TrainConfig checks both
     if path is not None:
         data = read_config_file(path)
         sections = {f"stage{i}" for i in (1, 2, 3)}
         values.update({k: v for k, v in data.items() if k not in sections})
         values.update(data.get(f"stage{stage}") or {})
     values.update(overrides or {})
-    values["stage"] = stage
+    values["stage"], values["recipe"] = stage, recipe
     return TrainConfig.from_dict(values)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from rpiae.checkpoints import CheckpointError, load_encoder_weights, load_pixel_decoder_weights
-from rpiae.config import RPiAEConfig
+from rpiae.config import PRESETS, RPiAEConfig, get_preset
 from rpiae.imageio import ImageError
 from rpiae.model import RPiAE
 from rpiae.training.config import TrainConfig, load_train_config
@@ -19,6 +19,10 @@ from rpiae.training.data import ImageFolderDataset, load_eval_images
 from rpiae.training.discriminator import Discriminator, load_dino_features
 from rpiae.training.lpips import load_lpips
 from rpiae.training.trainer import Trainer, fit, read_training_checkpoint, setup_distributed, steps_per_epoch
+
+
+# the model a new stage-1 run builds when no --preset is given
+DEFAULT_PRESETS = {"rpiae": "rpiae-b", "ps-vae": "ps-vae"}
 
 
 class TrainingError(ValueError):
@@ -40,13 +44,14 @@ def prepare_config(
     disc_weights: str | Path | None,
     no_lpips: bool,
     no_gan: bool,
+    recipe: str = "rpiae",
 ) -> TrainConfig:
     """The stage's config, refusing to start without the loss networks it needs."""
     try:
-        cfg = load_train_config(stage, config_path, overrides)
+        cfg = load_train_config(stage, config_path, overrides, recipe)
     except (ValueError, TypeError) as e:
         raise TrainingError(str(e)) from None
-    if stage in (1, 3):
+    if cfg.decoder_stage:
         if no_lpips:
             cfg.lpips_weight = 0.0
         elif cfg.lpips_weight > 0 and not lpips_weights:
@@ -86,8 +91,13 @@ def run_training(
     val_data: str | Path | None = None,
     progress: bool = True,
     device: str | None = None,
+    recipe: str = "rpiae",
+    model_overrides: dict[str, Any] | None = None,
 ) -> dict[str, float]:
-    cfg = prepare_config(stage, config_path, overrides, lpips_weights, disc_weights, no_lpips, no_gan)
+    """Train one stage of `recipe` ("rpiae": stages 1-3, "ps-vae": stages 1-2) on a model of
+    the family of the same name. `model_overrides` changes model config fields of the preset
+    a new run starts from (its name becomes "<preset>-custom" unless one is given)."""
+    cfg = prepare_config(stage, config_path, overrides, lpips_weights, disc_weights, no_lpips, no_gan, recipe)
     if stage > 1 and resume is None:
         raise TrainingError(f"stage {stage} starts from stage {stage - 1}: give --resume runs/s{stage - 1}/last")
     if resume is not None and not Path(resume).exists():
@@ -129,6 +139,8 @@ def run_training(
         model = RPiAE(RPiAEConfig.from_dict(ckpt["config"]))
         if preset is not None and preset != model.config.name:
             warnings.warn(f"--preset {preset} ignored: the checkpoint's model is {model.config.name!r}", stacklevel=2)
+        if model_overrides:
+            warnings.warn("model config overrides ignored: the checkpoint carries its model config", stacklevel=2)
         if ckpt["stage"] > stage:
             raise TrainingError(f"{resume} is a stage {ckpt['stage']} checkpoint; it cannot start stage {stage}")
         if ckpt["stage"] == stage:
@@ -137,10 +149,20 @@ def run_training(
             model.load_state_dict(ckpt["ema" if cfg.start_from_ema else "model"])
         del ckpt
     else:
+        name = preset or DEFAULT_PRESETS[recipe]
         try:
-            model = RPiAE.from_preset(preset or "rpiae-b")
-        except ValueError as e:
+            config = get_preset(name)
+            if model_overrides:
+                config = RPiAEConfig.from_dict({**config.to_dict(), "name": f"{name}-custom", **model_overrides})
+        except (ValueError, TypeError) as e:
             raise TrainingError(str(e)) from None
+        model = RPiAE(config)
+    if model.config.family != recipe:
+        what = f"{resume}" if resume is not None else f"preset {model.config.name!r}"
+        raise TrainingError(
+            f"{what} is a {model.config.family} model; the {recipe} recipe trains {recipe} models "
+            f"(presets: {', '.join(k for k, c in PRESETS.items() if c.family == recipe)})"
+        )
     if state is None:
         try:
             if init_encoder:
@@ -150,13 +172,13 @@ def run_training(
         except CheckpointError as e:
             raise TrainingError(str(e)) from None
         if stage == 1 and not init_encoder and rank == 0:
-            warnings.warn("stage I without --init-encoder: E (and its pivot) start from random weights", stacklevel=2)
+            warnings.warn("stage I without --init-encoder: E (and its frozen copy) start from random weights", stacklevel=2)
 
     # -- loss networks
     try:
-        lpips = load_lpips(lpips_weights) if stage in (1, 3) and cfg.lpips_weight > 0 else None
+        lpips = load_lpips(lpips_weights) if cfg.decoder_stage and cfg.lpips_weight > 0 else None
         disc = None
-        if stage in (1, 3) and cfg.gan_weight > 0:
+        if cfg.decoder_stage and cfg.gan_weight > 0:
             disc = Discriminator(
                 cfg.disc_width, cfg.disc_depth, cfg.disc_heads, cfg.disc_patch, cfg.disc_diffaug,
                 cfg.disc_norm_group, cfg.disc_norm_eps,

@@ -5,6 +5,14 @@
   the posterior mean (`sample_posterior` samples it, as the paper describes).
 - Stage III: D only, on VB-dec(posterior mean), with L1 + LPIPS + GAN (a fresh discriminator).
 
+The PS-VAE recipe (`recipe="ps-vae"`, arXiv 2512.17909) runs on the same machinery:
+
+- Stage 1, S-VAE: E frozen; the semantic encoder/decoder (the bridge) on MSE + cosine
+  feature reconstruction of E's tokens + KL, with z sampled from the posterior; D learns on
+  the semantic decoder's output with its gradient stopped (L1 + LPIPS).
+- Stage 2, PS-VAE: everything trains. L1 + LPIPS + GAN on D(sem-dec(z)), with z sampled
+  from sem-enc(E(x)), + feature reconstruction of a frozen copy of E's tokens + KL.
+
 One `Trainer` runs one stage; the next stage starts from the previous stage's raw weights
 (`--resume runs/s1/last` with `--stage 2`), and a stage resumes itself from its own `last`
 checkpoint (model, EMA, optimisers, schedulers, step, RNG). Every difference from the
@@ -50,14 +58,28 @@ STAGE_PARTS = {
     2: ("vb_feature_encoder.", "vb_feature_decoder."),
     3: ("decoder.",),
 }
+PSVAE_STAGE_PARTS = {
+    1: ("vb_feature_encoder.", "vb_feature_decoder.", "decoder."),  # D only with `svae_pixel_decoder`
+    2: ("encoder.", "vb_feature_encoder.", "vb_feature_decoder.", "decoder."),
+}
+# the stage that fine-tunes E against a frozen copy of itself (RPiAE's pivot, PS-VAE's semantic target)
+FROZEN_COPY_STAGE = {"rpiae": 1, "ps-vae": 2}
 MASK_TOKEN = "encoder.encoder.embeddings.mask_token"  # unused by the model, never trained
 DECODER_POS_EMBED = "decoder.decoder_pos_embed"
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
+def stage_parts(cfg: TrainConfig) -> tuple[str, ...]:
+    """State-dict prefixes of the parts this stage trains."""
+    if cfg.recipe == "rpiae":
+        return STAGE_PARTS[cfg.stage]
+    parts = PSVAE_STAGE_PARTS[cfg.stage]
+    return parts if cfg.decoder_stage else tuple(p for p in parts if p != "decoder.")
+
+
 def trainable_names(model: nn.Module, cfg: TrainConfig) -> list[str]:
     fixed = {MASK_TOKEN} | (set() if cfg.train_decoder_pos_embed else {DECODER_POS_EMBED})
-    return [n for n, _ in model.named_parameters() if n.startswith(STAGE_PARTS[cfg.stage]) and n not in fixed]
+    return [n for n, _ in model.named_parameters() if n.startswith(stage_parts(cfg)) and n not in fixed]
 
 
 def cosine_schedule(warmup_steps: float, decay_steps: float, floor: float):
@@ -107,11 +129,17 @@ def image_gradient_l1(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 class StageForward(nn.Module):
     """The differentiable path of one stage (the module DDP wraps)."""
 
-    def __init__(self, model: RPiAE, stage: int, tau: float, sample_posterior: bool = False) -> None:
+    def __init__(
+        self, model: RPiAE, stage: int, tau: float, sample_posterior: bool = False, recipe: str = "rpiae",
+        train_decoder: bool = True,
+    ) -> None:
         super().__init__()
         self.model, self.stage, self.tau, self.sample_posterior = model, stage, tau, sample_posterior
+        self.recipe, self.train_decoder = recipe, train_decoder
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.recipe == "ps-vae":
+            return self.semantic_pixel(x)
         m = self.model
         if self.stage == 1:
             tokens = m.tokens(x)  # (B, N, C), E trainable
@@ -135,6 +163,28 @@ class StageForward(nn.Module):
             if self.tau > 0:
                 dec_tokens = RPiAE.add_token_noise(dec_tokens, self.tau)
         return {"recon": m.decode_tokens(dec_tokens)}
+
+    def semantic_pixel(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """PS-VAE: E's tokens through the semantic autoencoder, then D. Stage 1 stops D's
+        gradient at the semantic decoder's output; stage 2 lets it reach E."""
+        m = self.model
+        if self.stage == 1:
+            with torch.no_grad():
+                tokens = m.tokens(x)  # (B, N, C), E frozen
+        else:
+            tokens = m.tokens(x)  # E trainable
+        noised = RPiAE.add_token_noise(tokens, self.tau) if self.tau > 0 else tokens
+        post = m.vb_feature_encoder(noised)
+        z = post.sample() if self.sample_posterior else post.mean  # (B, Cz, 16, 16)
+        tokens_hat = m.vb_feature_decoder(z)  # (B, N, C)
+        if self.stage == 2:
+            recon = m.decode_tokens(tokens_hat)
+        elif self.train_decoder:
+            recon = m.decode_tokens(tokens_hat.detach())
+        else:
+            with torch.no_grad():
+                recon = m.decode_tokens(tokens_hat)  # logged only
+        return {"tokens": tokens, "tokens_hat": tokens_hat, "kl": post.kl(), "recon": recon}
 
 
 def configure_kernels(deterministic: bool, device: torch.device) -> None:
@@ -179,9 +229,10 @@ class Trainer:
             p.requires_grad_(n in names)
         self.params = {n: p for n, p in model.named_parameters() if n in names}
 
-        # the pivot replica: a frozen copy of E as it is now (stage I only), always eval
+        # a frozen copy of E as it is now, always eval: RPiAE stage I's pivot, PS-VAE stage 2's
+        # semantic target
         self.pivot = None
-        if self.stage == 1:
+        if self.stage == FROZEN_COPY_STAGE[cfg.recipe]:
             self.pivot = copy.deepcopy(model.encoder).requires_grad_(False).eval()
 
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -191,12 +242,12 @@ class Trainer:
 
         self.lpips = lpips.to(self.device) if lpips is not None else None
         self.disc = disc.to(self.device) if disc is not None else None
-        use_gan = self.disc is not None and cfg.gan_weight > 0 and self.stage in (1, 3)
+        use_gan = self.disc is not None and cfg.gan_weight > 0 and cfg.decoder_stage
         if not use_gan:
             self.disc = None
         self.set_modes()
 
-        self.fwd = StageForward(model, self.stage, cfg.noise_tau, cfg.sample_posterior)
+        self.fwd = StageForward(model, self.stage, cfg.noise_tau, cfg.sample_posterior, cfg.recipe, cfg.decoder_stage)
         if world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.fwd = DDP(self.fwd, device_ids=ids, broadcast_buffers=False)
@@ -212,7 +263,9 @@ class Trainer:
             self.disc_opt = torch.optim.AdamW(head_params, lr=cfg.disc_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
             self.disc_sched = torch.optim.lr_scheduler.LambdaLR(self.disc_opt, disc_lr_lambda(cfg, self.steps_per_epoch))
 
-        self.last_enc_param = model.encoder.encoder.encoder.layer[-1].layer_scale2.lambda1
+        # where the adaptive weights compare gradient norms: E's last parameter (DINOv2: the last
+        # block's layer_scale2) for the pivot, D's last layer for the GAN term
+        self.last_enc_param = list(model.encoder.parameters())[-1]
         self.last_dec_param = model.decoder.decoder_pred.weight
 
     @property
@@ -228,7 +281,7 @@ class Trainer:
         mode (no spectral-norm power iteration) until its own step."""
         m = self.model
         m.eval()
-        for prefix in STAGE_PARTS[self.stage]:
+        for prefix in stage_parts(self.cfg):
             getattr(m, prefix.rstrip(".")).train()
         if self.disc is not None:
             self.disc.eval()
@@ -259,6 +312,14 @@ class Trainer:
         l1 = (recon - x).abs().mean()
         logs["l1"] = l1.detach()
 
+        if cfg.recipe == "ps-vae":
+            loss = self._semantic_loss(x, out, logs)
+            if cfg.decoder_stage:
+                rec = self._reconstruction_loss(recon, x, l1, logs)
+                loss = loss + rec + self._gan_term(rec, recon, logs)
+            logs["loss"] = loss.detach()
+            return loss, logs, recon
+
         if self.stage == 2:
             feat = F.mse_loss(out["tokens_hat"].float(), out["tokens"].float())
             kl = out["kl"].float().mean()
@@ -266,16 +327,7 @@ class Trainer:
             logs.update(feat=feat.detach(), kl=kl.detach(), loss=loss.detach())
             return loss, logs, recon
 
-        rec = cfg.l1_weight * l1
-        if cfg.grad_weight > 0:
-            g = image_gradient_l1(recon, x)
-            rec = rec + cfg.grad_weight * g
-            logs["grad"] = g.item()
-        if self.lpips is not None and cfg.lpips_weight > 0:
-            with self.autocast:
-                lp = lpips_loss(self.lpips, recon, x).float()
-            rec = rec + cfg.lpips_weight * lp
-            logs["lpips"] = lp.detach()
+        rec = self._reconstruction_loss(recon, x, l1, logs)
         loss = rec
 
         if self.stage == 1:
@@ -289,16 +341,57 @@ class Trainer:
             loss = loss + w_piv * piv
             logs.update(pivot=piv.detach(), w_piv=w_piv.detach())
 
-        if self.gan_active():
-            fake = quantize_fake(recon) if cfg.gen_fake_quantize else recon
-            with self.autocast:
-                logits = self.disc(fake * 2 - 1)
-            g = -logits.float().mean()
-            w_gan = adaptive_weight(rec, g, self.last_dec_param, cfg.gan_eps, cfg.gan_max)
-            loss = loss + cfg.gan_weight * w_gan * g
-            logs.update(gan=g.detach(), w_gan=w_gan.detach())
+        loss = loss + self._gan_term(rec, recon, logs)
         logs["loss"] = loss.detach()
         return loss, logs, recon
+
+    def _reconstruction_loss(
+        self, recon: torch.Tensor, x: torch.Tensor, l1: torch.Tensor, logs: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """l1_weight * L1 (given) + grad_weight * image-gradient L1 + lpips_weight * LPIPS."""
+        cfg = self.cfg
+        rec = cfg.l1_weight * l1
+        if cfg.grad_weight > 0:
+            g = image_gradient_l1(recon, x)
+            rec = rec + cfg.grad_weight * g
+            logs["grad"] = g.item()
+        if self.lpips is not None and cfg.lpips_weight > 0:
+            with self.autocast:
+                lp = lpips_loss(self.lpips, recon, x).float()
+            rec = rec + cfg.lpips_weight * lp
+            logs["lpips"] = lp.detach()
+        return rec
+
+    def _gan_term(self, rec: torch.Tensor, recon: torch.Tensor, logs: dict[str, torch.Tensor]) -> torch.Tensor | float:
+        """gan_weight * w_gan * G once the GAN term is active (else 0), w_gan the ratio of the
+        reconstruction and GAN gradient norms at D's last layer."""
+        if not self.gan_active():
+            return 0.0
+        cfg = self.cfg
+        fake = quantize_fake(recon) if cfg.gen_fake_quantize else recon
+        with self.autocast:
+            logits = self.disc(fake * 2 - 1)
+        g = -logits.float().mean()
+        w_gan = adaptive_weight(rec, g, self.last_dec_param, cfg.gan_eps, cfg.gan_max)
+        logs.update(gan=g.detach(), w_gan=w_gan.detach())
+        return cfg.gan_weight * w_gan * g
+
+    def _semantic_loss(self, x: torch.Tensor, out: dict[str, torch.Tensor], logs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """PS-VAE: feature_weight * MSE + feature_cos_weight * (1 - cosine) between the semantic
+        decoder's tokens and the target tokens, + kl_weight * KL. The target is E's tokens in
+        stage 1 (E frozen) and the frozen copy's in stage 2 (E trains)."""
+        cfg = self.cfg
+        if self.pivot is not None:
+            with torch.no_grad(), self.autocast:
+                target = self.pivot(x)
+        else:
+            target = out["tokens"]
+        tokens_hat, target = out["tokens_hat"].float(), target.float()  # (B, N, C)
+        feat = F.mse_loss(tokens_hat, target)
+        cos = 1.0 - F.cosine_similarity(tokens_hat, target, dim=-1).mean()
+        kl = out["kl"].float().mean()
+        logs.update(feat=feat.detach(), feat_cos=cos.detach(), kl=kl.detach())
+        return cfg.feature_weight * feat + cfg.feature_cos_weight * cos + cfg.kl_weight * kl
 
     # -- one optimiser step ----------------------------------------------------------------------
     def train_step(self, micro_batches: Sequence[torch.Tensor]) -> dict[str, float]:
@@ -379,15 +472,16 @@ class Trainer:
     # -- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, use_ema: bool = True, batch: int = 8) -> torch.Tensor:
-        """The stage's inference path (stage I: D(E(x)); later: the full autoencoder), no
-        noise, in eval mode; on the images' device. The training modes are restored after."""
+        """The stage's inference path (RPiAE stage I: D(E(x)); otherwise the full autoencoder),
+        no noise, in eval mode; on the images' device. The training modes are restored after."""
         m = self.ema if use_ema else self.model
         m.eval()  # also refreshes E's cached pos-embed after the weights changed
+        tokens_only = self.cfg.recipe == "rpiae" and self.stage == 1  # no bridge trained yet
         outs = []
         for i in range(0, len(images), batch):
             x = images[i : i + batch].to(self.device)
             with self.autocast:
-                y = m.decode_tokens(m.tokens(x)) if self.stage == 1 else m(x)
+                y = m.decode_tokens(m.tokens(x)) if tokens_only else m(x)
             outs.append(y.float().to(images.device))
         self.set_modes()
         return outs[0] if len(outs) == 1 else torch.cat(outs)
