@@ -127,10 +127,12 @@ def model_card(repo_id: str, config: dict, eval_report: dict | None = None, bund
                latents: dict | None = None) -> str:
     """README.md for a Hub repository: what the model is, how to load it, and what was measured
     (`rpiae eval` rows, the export bundle's parity results), each with where it came from."""
+    what = ("PS-VAE image tokenizer (arXiv 2512.17909), served by rpiae" if config.get("family") == "ps-vae"
+            else "RPiAE image tokenizer (Representation-Pivoted Autoencoder, arXiv 2603.19206)")
     lines = [
         "---", "library_name: rpiae", "tags:", "- image-tokenizer", "- autoencoder", "- rpiae", "- diffusers", "---", "",
         f"# {repo_id.split('/')[-1]}", "",
-        f"RPiAE image tokenizer (Representation-Pivoted Autoencoder, arXiv 2603.19206), preset `{config.get('name')}`: "
+        f"{what}, preset `{config.get('name')}`: "
         f"{config.get('image_size')}x{config.get('image_size')} RGB images <-> latents of shape "
         f"({config.get('latent_channels')}, {config['image_size'] // config['decoder_patch_size']}, "
         f"{config['image_size'] // config['decoder_patch_size']}).", "",

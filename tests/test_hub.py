@@ -182,3 +182,12 @@ def test_push_writes_the_repository_and_uploads_it(model, tmp_path, monkeypatch,
     assert "uploaded me/tiny: https://huggingface.co/me/tiny/commit/1" in r.output
     r = cli("push", "not a repo", "--model", trained_or_tiny_ckpt, "--dry-run", "--out", tmp_path / "x")
     assert r.exit_code == 1 and "hf://owner/name" in r.output
+
+
+def test_model_card_names_the_family():
+    from rpiae.config import get_preset
+    from rpiae.hub import model_card
+
+    assert "PS-VAE image tokenizer" in model_card("me/p", get_preset("ps-vae-tiny").to_dict())
+    assert "RPiAE image tokenizer" in model_card("me/r", get_preset("tiny").to_dict())
+    assert "(96, 16, 16)" in model_card("me/p", get_preset("ps-vae").to_dict())
