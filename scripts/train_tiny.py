@@ -53,9 +53,9 @@ TINY_CONFIG = {
     "val_every": 500,
     "stage1": {"epoch_size": 2000},  # 16 epochs = 4000 steps
     "stage2": {"epoch_size": 500},  # 32 epochs = 2000 steps (the second half at the floor)
-    # 16 epochs = 8000 steps; without LPIPS nothing else penalises the decoder's patch seams,
+    # 16 epochs = 7000 steps; without LPIPS nothing else penalises the decoder's patch seams,
     # so the image-gradient term (docs/TRAINING.md) stands in for it in the last stage
-    "stage3": {"epoch_size": 4000, "grad_weight": 1.0},
+    "stage3": {"epoch_size": 3500, "grad_weight": 1.0},
 }
 
 # Whole photos kept out of training, from every source.
