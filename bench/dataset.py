@@ -81,6 +81,9 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
             "peak_rss_main_mib": round(main_peak / 2**20, 1), "stdout": out.strip()}
 
 
+SHARD = 50  # latents per shard in the memory rows
+
+
 def rpiae_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "rpiae.cli", *map(str, args)]
 
@@ -91,12 +94,14 @@ def memory_rows(work: Path, model: str, sizes: list[int], batch: int, workers: i
         data = work / f"jpeg{n}"
         if not data.exists():
             make_jpegs(data, n)
+        # shards of 50, so that both sizes write full shards: what one shard holds while it is
+        # assembled is bounded by --shard-size, whatever N is, and is not what this row asks
         ext = run_measured(rpiae_cmd("extract", data, "--out", work / f"lat{n}", "--model", model, "--batch-size", batch,
-                                     "--workers", workers, "--shard-size", 250, "--quiet"))
+                                     "--workers", workers, "--shard-size", SHARD, "--quiet"))
         dec = run_measured(rpiae_cmd("decode", work / f"lat{n}", "-o", work / f"png{n}", "--npz", work / f"s{n}.npz",
                                      "--model", model, "--batch-size", batch, "--quiet"))
         for job, r in (("extract", ext), ("decode --npz", dec)):
-            rows.append({"job": job, "images": n, **{k: v for k, v in r.items() if k != "stdout"}})
+            rows.append({"job": job, "images": n, "shard_size": SHARD, **{k: v for k, v in r.items() if k != "stdout"}})
     return rows
 
 

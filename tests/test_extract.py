@@ -192,6 +192,11 @@ def test_moments_merge_is_exact_in_any_split():
         assert m.count == 103
         np.testing.assert_allclose(m.mean, x.mean(0), rtol=1e-13)
         np.testing.assert_allclose(m.var, x.var(0), rtol=1e-12)
+    for chunk in (1, 7, 256):  # rows taken `chunk` at a time inside one call
+        m = Moments.of(x, chunk=chunk)
+        assert m.count == 103
+        np.testing.assert_allclose(m.mean, x.mean(0), rtol=1e-13)
+        np.testing.assert_allclose(m.var, x.var(0), rtol=1e-12)
 
 
 def test_extract_list_and_tar_inputs_fp16(tmp_path, photo_files, trained_or_tiny_ckpt):

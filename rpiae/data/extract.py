@@ -32,6 +32,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
+from rpiae.data.heap import release_free_memory
 from rpiae.data.latents import AUTHORS_STATS_FILE, STATS_FILE, Moments, shard_name, to_storage, write_shard, write_stats
 from rpiae.data.sources import Source, image_loader
 from rpiae.fileio import atomic_file, sha256_file
@@ -184,6 +185,7 @@ class ShardWriter:
         if len(got) == self.expected[k]:
             self._write(k, [got[i] for i in sorted(got)])
             del self.pending[k]
+        release_free_memory()  # the batch's images are freed: keep the resident size flat
         return True
 
     def _write(self, k: int, batches: list[EncodedBatch]) -> None:
@@ -255,12 +257,11 @@ def _write_shard(plan: ShardPlan, k: int, parts: dict) -> None:
     if len(index):
         z = to_storage(np.concatenate(parts["z"]), opts.dtype)
         tensors = {"latents": z, "labels": torch.from_numpy(plan.source.labels[index]), "index": torch.from_numpy(index)}
-        stored = [z.float().numpy()]
+        moments = Moments.of(z.float().numpy())  # the statistics of the stored values
         if opts.flip:
             zf = to_storage(np.concatenate(parts["zf"]), opts.dtype)
             tensors["latents_flip"] = zf
-            stored.append(zf.float().numpy())
-        moments = Moments.of(np.concatenate(stored))
+            moments = moments.merge(Moments.of(zf.float().numpy()))
     else:  # every sample of the shard was skipped
         tensors, moments = None, None
     name = shard_name(k)
