@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from rpiae.data.sources import Source, image_loader
 from rpiae.fileio import atomic_file, sha256_file
-from rpiae.imageio import CROPS, DEFAULT_CROP
+from rpiae.imageio import CROPS, DEFAULT_CROP, to_8bit
 from rpiae.metrics import FeatureMoments, fid, psnr, ssim
 
 FORMAT = "rpiae-eval"
@@ -166,11 +166,6 @@ def load_metric_nets(inception_weights: str | Path | None = None, lpips_weights:
 
 
 # -- the evaluation ------------------------------------------------------------------------------
-
-
-def to_8bit(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [0, 1] (N, 3, H, W) -> uint8: clamped and rounded, as a saved PNG holds them."""
-    return (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _chunked(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:

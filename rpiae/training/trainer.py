@@ -46,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from rpiae.fileio import atomic_dir, atomic_file
+from rpiae.imageio import quantize_8bit, to_uint8
 from rpiae.model import RPiAE
 from rpiae.training.config import TrainConfig
 from rpiae.metrics import patch_border_ratio, psnr, ssim
@@ -443,7 +444,7 @@ class Trainer:
         self._d_lr = self.disc_opt.param_groups[0]["lr"]
         d_sum = None
         for x, recon in fakes:
-            fake = torch.round(recon.clamp(0, 1) * 255) / 255
+            fake = quantize_8bit(recon)
             with self.autocast:
                 real_logits = self.disc(x * 2 - 1)
                 fake_logits = self.disc(fake.to(x.device) * 2 - 1)
@@ -489,7 +490,7 @@ class Trainer:
     def validate(self, images: torch.Tensor) -> dict[str, float]:
         """Held-out PSNR/SSIM of the EMA model's 8-bit reconstructions, and how visible D's
         patch grid is in them (`rpiae.metrics.patch_border_ratio`, about 1 for photos)."""
-        recon = (torch.round(self.reconstruct(images).clamp(0, 1) * 255) / 255).numpy()
+        recon = quantize_8bit(self.reconstruct(images)).numpy()
         target = images.numpy()
         return {
             "val_psnr": float(psnr(recon, target).mean()),
@@ -505,7 +506,7 @@ class Trainer:
         top = torch.cat(list(images.clamp(0, 1)), dim=2)
         bottom = torch.cat(list(recon), dim=2)
         grid = torch.cat([top, bottom], dim=1)
-        arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        arr = to_uint8(grid.numpy())
         path = Path(path)
         with atomic_file(path) as tmp:
             Image.fromarray(arr).save(tmp, format="PNG")
