@@ -154,7 +154,7 @@ def peak_key(device: str, precision: str, peaks: dict[str, dict[str, Any]]) -> s
 
     CPU: fp32 rows (and fp16/bf16, which have no faster matmul on these CPUs) against the
     fp32 peak; int8 rows against the int8 peak. CUDA: fp32 against fp32, fp16/bf16 against
-    the bf16 tensor-core peak (the issue's reference), int8 against the int8 peak.
+    the bf16 tensor-core peak (what the GPU targets are stated against), int8 against the int8 peak.
     """
     want = peak_dtype(device, precision)
     for key in (want, "bf16" if on_cuda(device) else "fp32"):
