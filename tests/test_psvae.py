@@ -17,7 +17,9 @@ from rpiae import RPiAE
 from rpiae.checkpoints import CheckpointError, load_encoder_weights
 from rpiae.config import PRESETS, RPiAEConfig
 from rpiae.training.config import load_train_config
-from rpiae.training.trainer import Trainer, read_training_checkpoint, trainable_names
+from rpiae.training.checkpoint import read_training_checkpoint
+from rpiae.training.stages import trainable_names
+from rpiae.training.trainer import Trainer
 from tests.test_training import small_disc, small_lpips, snapshot
 
 PARTS = ("encoder", "vb_feature_encoder", "vb_feature_decoder", "decoder")

@@ -19,7 +19,9 @@ from rpiae.metrics import psnr
 from rpiae.training.data import ImageFolderDataset
 from rpiae.training.discriminator import Discriminator, diff_augment, load_dino_features, quantize_fake
 from rpiae.training.lpips import LPIPS, load_lpips
-from rpiae.training.trainer import STAGE_PARTS, Trainer, read_training_checkpoint, trainable_names
+from rpiae.training.checkpoint import read_training_checkpoint
+from rpiae.training.stages import STAGE_PARTS, trainable_names
+from rpiae.training.trainer import Trainer
 from tests.conftest import make_tiny
 
 SMALL_LPIPS = (4, 8, 8, 8, 8)  # VGG16 structure, narrow: fast on a CPU
