@@ -106,11 +106,36 @@ def _measure_row(row: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any
         return _measure_row_on(row, settings, dev)
 
 
+def _local_peak(settings: dict[str, Any], precision: str, threads: int) -> dict[str, Any] | None:
+    """The same matmul as the run's peak, right before this row and for this row's dtype only:
+    the share of the machine this row had (other processes on a shared machine move it by a
+    factor, not by ±20 %)."""
+    from rpiae.bench.peak import measure_peaks, peak_dtype, peak_key
+
+    device = settings["device"]
+    local = measure_peaks(device, threads, min_time=settings["row_peak_time"], size=settings.get("peak_size"),
+                          dtypes=[peak_dtype(device, precision)])
+    key = peak_key(device, precision, local)
+    return {"dtype": key, "gflops": local[key]["gflops"]} if key else None
+
+
+def _cuda_measures(backend, x, batch: int, n_timed: int, settings: dict[str, Any], dev, free0: int, total: int) -> dict[str, Any]:
+    """GPU compute time (CUDA events, device-resident input) and device memory of a row."""
+    import torch
+
+    n = max(settings["min_iters"], min(n_timed, 200))
+    ctimes = cuda_compute_times(backend, _device_input(x, dev), n, warm=max(settings["warmup"], 1), dev=dev)
+    free1, _ = torch.cuda.mem_get_info(dev)
+    return {"compute": {**stats(ctimes, batch), "method": "CUDA events on the execution stream, device-resident input"},
+            "cuda_peak_allocated_bytes": torch.cuda.max_memory_allocated(dev),
+            "cuda_device_used_delta_bytes": int(free0 - free1), "cuda_total_bytes": int(total)}
+
+
 def _measure_row_on(row: dict[str, Any], settings: dict[str, Any], dev) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from rpiae.bench.peak import measure_peaks, on_cuda, peak_dtype, peak_key
+    from rpiae.bench.peak import on_cuda
 
     threads = int(settings["threads"])
     torch.set_num_threads(threads)
@@ -118,13 +143,7 @@ def _measure_row_on(row: dict[str, Any], settings: dict[str, Any], dev) -> dict[
     graph, batch, precision = row["graph"], row["batch"], row["precision"]
     cuda = on_cuda(device)
     if settings["row_peak_time"] > 0:
-        # the same matmul as the run's peak, right before this row and for this row's dtype only:
-        # the share of the machine this row had (other processes on a shared machine move it by a
-        # factor, not by ±20 %)
-        local = measure_peaks(device, threads, min_time=settings["row_peak_time"], size=settings.get("peak_size"),
-                              dtypes=[peak_dtype(device, precision)])
-        key = peak_key(device, precision, local)
-        row["local_peak"] = {"dtype": key, "gflops": local[key]["gflops"]} if key else None
+        row["local_peak"] = _local_peak(settings, precision, threads)
     if cuda:
         torch.cuda.empty_cache()  # the local peak's matrices must not count against the row
         torch.cuda.reset_peak_memory_stats(dev)
@@ -152,14 +171,7 @@ def _measure_row_on(row: dict[str, Any], settings: dict[str, Any], dev) -> dict[
         row["backend_info"] = {k: (v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v))
                                for k, v in backend.describe().items()}
         if cuda:
-            x_dev = _device_input(x, dev)
-            n = max(settings["min_iters"], min(len(times), 200))
-            ctimes = cuda_compute_times(backend, x_dev, n, warm=max(settings["warmup"], 1), dev=dev)
-            row["compute"] = {**stats(ctimes, batch), "method": "CUDA events on the execution stream, device-resident input"}
-            row["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(dev)
-            free1, _ = torch.cuda.mem_get_info(dev)
-            row["cuda_device_used_delta_bytes"] = int(free0 - free1)
-            row["cuda_total_bytes"] = int(total)
+            row.update(_cuda_measures(backend, x, batch, len(times), settings, dev, free0, total))
     finally:
         backend.close()
     row["rss_peak_bytes"] = _peak_rss() if isolated else None
