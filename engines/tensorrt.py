@@ -17,6 +17,8 @@ from rpiae.export.tensorrt import (  # noqa: F401 - the runtime's names for them
 # TensorRT's version-compatible engines also run on these newer major versions (Support Matrix,
 # "Engine Portability"); within a major version, on the same or a later release
 VERSION_COMPATIBLE_MAJORS = {8: (8, 10), 10: (10, 11), 11: (11,)}
+
+
 class EngineMismatch(BackendUnavailable):
     """An engine built for another TensorRT version or GPU compute capability."""
 

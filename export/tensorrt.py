@@ -164,6 +164,37 @@ def _progress_monitor(trt, desc: str):
     return _Monitor()
 
 
+def _batch_profile(poly, network, profile, onnx_path) -> tuple[Any, Any]:
+    """(the network's one input, the optimisation profile that spans `profile` on its batch axis)."""
+    if network.num_inputs != 1:
+        raise EngineBuildError(f"{onnx_path}: expected one input, the graph has {network.num_inputs}")
+    tensor = network.get_input(0)
+    item_shape = tuple(tensor.shape)[1:]
+    if any(d < 0 for d in item_shape):
+        raise EngineBuildError(f"{onnx_path}: only the batch axis may be dynamic, input shape is {tuple(tensor.shape)}")
+    shapes = poly.Profile().add(tensor.name, min=(profile.min, *item_shape), opt=(profile.opt, *item_shape),
+                                max=(profile.max, *item_shape))
+    return tensor, shapes
+
+
+def _load_timing_cache(config, path: Path) -> None:
+    cache = config.create_timing_cache(path.read_bytes())
+    if not config.set_timing_cache(cache, False):
+        raise EngineBuildError(
+            f"TensorRT refused the timing cache {path} (written by another TensorRT version or GPU); "
+            "pass another --timing-cache file or delete this one"
+        )
+
+
+def _save_timing_cache(config, path: Path) -> None:
+    """The builder's updated cache, written atomically."""
+    from rpiae.fileio import atomic_file
+
+    cache = config.get_timing_cache()
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(bytes(memoryview(cache.serialize())))
+
+
 def build_engine(onnx_path: str | Path, profile, workspace_gb: float = 8.0, timing_cache: Path | None = None,
                  opt_level: int = 3, progress: bool = True, desc: str = "engine", version_compatible: bool = False,
                  out: Path | None = None) -> tuple[Any, dict[str, Any]]:
@@ -178,14 +209,7 @@ def build_engine(onnx_path: str | Path, profile, workspace_gb: float = 8.0, timi
             # strongly typed: a network flag on TensorRT 10, always on (the flag gone) on 11
             builder, network, parser = poly.NetworkFromOnnxPath(str(onnx_path),
                                                                 strongly_typed=trt_major(trt.__version__) < 11)()
-            if network.num_inputs != 1:
-                raise EngineBuildError(f"{onnx_path}: expected one input, the graph has {network.num_inputs}")
-            tensor = network.get_input(0)
-            item_shape = tuple(tensor.shape)[1:]
-            if any(d < 0 for d in item_shape):
-                raise EngineBuildError(f"{onnx_path}: only the batch axis may be dynamic, input shape is {tuple(tensor.shape)}")
-            shapes = poly.Profile().add(tensor.name, min=(profile.min, *item_shape), opt=(profile.opt, *item_shape),
-                                        max=(profile.max, *item_shape))
+            tensor, shapes = _batch_profile(poly, network, profile, onnx_path)
             config = poly.CreateConfig(
                 tf32=False,  # TensorRT turns TF32 on by default; polygraphy clears it when asked for False
                 profiles=[shapes],
@@ -196,12 +220,7 @@ def build_engine(onnx_path: str | Path, profile, workspace_gb: float = 8.0, timi
                 version_compatible=True if version_compatible else None,
             )(builder, network)
             if timing_cache is not None and Path(timing_cache).is_file():
-                cache = config.create_timing_cache(Path(timing_cache).read_bytes())
-                if not config.set_timing_cache(cache, False):
-                    raise EngineBuildError(
-                        f"TensorRT refused the timing cache {timing_cache} (written by another TensorRT version or GPU); "
-                        "pass another --timing-cache file or delete this one"
-                    )
+                _load_timing_cache(config, Path(timing_cache))
             engine = poly.EngineFromNetwork((builder, network, parser), config=config)()
             if out is not None:
                 poly.SaveEngine(engine, str(out))()
@@ -214,11 +233,7 @@ def build_engine(onnx_path: str | Path, profile, workspace_gb: float = 8.0, timi
         if warnings:
             print("\n".join(warnings), file=sys.stderr)
     if timing_cache is not None:
-        from rpiae.fileio import atomic_file
-
-        cache = config.get_timing_cache()  # the builder's updated cache
-        with atomic_file(timing_cache) as tmp:
-            tmp.write_bytes(bytes(memoryview(cache.serialize())))
+        _save_timing_cache(config, Path(timing_cache))
     inspector = engine.create_engine_inspector()
     summary = layer_precision_summary(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
     info = {"tensorrt": trt.__version__, "strongly_typed": True, "tf32": False, "version_compatible": bool(version_compatible),
