@@ -182,7 +182,7 @@ class Manifest:
         files = {name: FileEntry.from_dict(e, where, name) for name, e in _typed(d, "files", dict, where).items()}
         precisions = _typed(d, "precisions", list, where)
         _expect(all(p in PRECISIONS for p in precisions), where, "precisions", f"{precisions} names an unknown precision")
-        parity = d.get("parity") or []  # bundles written before parity was a list have {}
+        parity = d.get("parity") or []  # an empty parity section may be written as {}: no rows
         _expect(isinstance(parity, list), where, "parity", "expected a list of result rows")
         for i, row in enumerate(parity):
             _expect(isinstance(row, dict), where, f"parity[{i}]", "expected an object")

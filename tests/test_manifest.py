@@ -99,7 +99,7 @@ def test_the_schema_is_checked_on_write(copy):
     assert json.loads((copy / MANIFEST).read_text())["parity"] == json.loads(json.dumps(Bundle.open(copy).manifest.parity))
 
 
-def test_a_manifest_written_before_parity_was_a_list_still_opens(copy):
+def test_an_empty_parity_mapping_opens_as_no_rows(copy):
     m = json.loads((copy / MANIFEST).read_text())
     m["parity"] = {}
     (copy / MANIFEST).write_text(json.dumps(m))
