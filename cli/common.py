@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -115,8 +116,9 @@ crop_option = click.option(
     "torch-aa = EXIF rotation, alpha over white, 16-bit aware, torch antialiased bicubic, centre crop.",
 )
 workers_option = click.option(
-    "--workers", type=click.IntRange(0), default=4, show_default=True,
-    help="DataLoader processes that read, decode and crop images (0: in the main process).",
+    "--workers", type=click.IntRange(0), default=min(4, os.cpu_count() or 1), show_default=True,
+    help="DataLoader processes that read, decode and crop images (0: in the main process; default: 4, "
+    "or the number of CPUs if fewer).",
 )
 
 

@@ -53,9 +53,9 @@ TINY_CONFIG = {
     "val_every": 500,
     "stage1": {"epoch_size": 2000},  # 16 epochs = 4000 steps
     "stage2": {"epoch_size": 500},  # 32 epochs = 2000 steps (the second half at the floor)
-    # 16 epochs = 16000 steps; without LPIPS nothing else penalises the decoder's patch seams,
+    # 16 epochs = 7000 steps; without LPIPS nothing else penalises the decoder's patch seams,
     # so the image-gradient term (docs/TRAINING.md) stands in for it in the last stage
-    "stage3": {"epoch_size": 8000, "grad_weight": 1.0},
+    "stage3": {"epoch_size": 3500, "grad_weight": 1.0},
 }
 
 # Whole photos kept out of training, from every source.
@@ -232,6 +232,7 @@ def main() -> None:
     ap.add_argument("--ship", type=Path, default=Path(__file__).resolve().parents[1] / "rpiae" / "assets")
     ap.add_argument("--no-ship", action="store_true", help="evaluate only; do not write rpiae/assets")
     ap.add_argument("--from-run", default="s3", help="run (under WORK/runs) to evaluate and ship")
+    ap.add_argument("--note", default="", help="free text recorded as `note` in the shipped JSON (e.g. an interruption)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -295,6 +296,7 @@ def main() -> None:
         "reconstructions, averaged; measured on the shipped fp16 file loaded back in fp32",
         "held_out": metrics,
         "patch_border_ratio_over_training": border_ratio_over_training(work),
+        **({"note": args.note} if args.note else {}),
         "measured_with": f"python scripts/train_tiny.py --work /tmp/train_tiny --stages '' --from-run {args.from_run} --no-ship",
     }
     print(f"total wall time of this invocation: {time.time() - t0:.0f} s", flush=True)

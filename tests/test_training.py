@@ -448,7 +448,7 @@ def test_shipped_tiny_checkpoint(photos):
     if not DEFAULT_CHECKPOINT.is_file():
         pytest.skip("no shipped checkpoint in this checkout")
     info = json.loads(DEFAULT_CHECKPOINT.with_suffix(".json").read_text())
-    assert info["preset"] == "tiny" and info["held_out_photos"] == ["coffee", "china"]
+    assert info["preset"] == "tiny" and {"coffee", "china"} <= set(info["held_out_photos"])
     model = RPiAE.from_checkpoint(DEFAULT_CHECKPOINT).float()
     assert model.config.name == "tiny"
     # coffee and china (indices 1 and 6 of the fixture) were never trained on
