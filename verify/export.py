@@ -9,6 +9,7 @@ running what it built against PyTorch in the bundle's manifest (`manifest.parity
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,27 +33,21 @@ def _photos() -> np.ndarray:
 def export_bundle(
     checkpoint: str | Path | RPiAE | None,
     out: str | Path,
-    precisions: str | list[str] = ("fp32",),
-    calib: str | Path | np.ndarray | None = None,
-    calib_count: int = 64,
-    int8_high_precision: str = "fp16",
+    *,
     parity_images: np.ndarray | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    latent_stats: str | Path | None = None,
+    **build_options: Any,
 ) -> Bundle:
-    """`rpiae.export.build_bundle` (same arguments) with parity against PyTorch measured on
-    ONNX Runtime's CPU provider and recorded in the manifest. Parity images: `parity_images`,
-    else the first calibration images, else the shipped sample photos."""
+    """`rpiae.export.build_bundle` (same keyword options: precisions, calib, calib_count,
+    int8_high_precision, overwrite, progress, latent_stats) with parity against PyTorch
+    measured on ONNX Runtime's CPU provider and recorded in the manifest. Parity images:
+    `parity_images`, else the first calibration images, else the shipped sample photos."""
 
     def measure(bundle: Bundle, calibration: np.ndarray | None) -> None:
         images = parity_images if parity_images is not None else (
             calibration[:PARITY_IMAGES] if calibration is not None else _photos())
         record_parity(bundle, verify_bundle(bundle, "ort", images=images, batches=[len(images)])["results"])
 
-    return build_bundle(checkpoint, out, precisions=precisions, calib=calib, calib_count=calib_count,
-                        int8_high_precision=int8_high_precision, overwrite=overwrite, progress=progress,
-                        latent_stats=latent_stats, check=measure)
+    return build_bundle(checkpoint, out, check=measure, **build_options)
 
 
 def package_bundle(bundle: Bundle | str | Path, device: str = "cpu", profile: BatchProfile = BatchProfile(),
