@@ -13,7 +13,6 @@ from rpiae.fileio import atomic_file
 
 METRICS = ("psnr", "ssim", "lpips", "rfid")
 REFERENCE = ("torch", "fp32")
-PRECISION_RANK = {"int8": 0, "fp16": 1, "bf16": 1, "fp32": 2}  # lower = fewer bits
 
 
 def _cell(value, digits: int) -> str:
@@ -50,10 +49,16 @@ def format_table(report: dict) -> str:
     return "\n".join(out)
 
 
+def _bits(precision: str) -> int:
+    """The bits a precision's name states (int8: 8, bf16: 16); 32 when it states none."""
+    return int("".join(c for c in precision if c.isdigit()) or 32)
+
+
 def lowest_precision(rows: list):
-    """The variant with the fewest bits (the reference only when it is the only row)."""
+    """The variant with the fewest bits (the reference only when it is the only row; the
+    first of equals)."""
     others = [r for r in rows if r.name != REFERENCE] or rows
-    return min(others, key=lambda r: PRECISION_RANK.get(r.precision, 2))
+    return min(others, key=lambda r: _bits(r.precision))
 
 
 def write_grid(path: str | Path, originals: list[np.ndarray], rows: list, label_width: int = 170) -> Path:
