@@ -7,8 +7,11 @@ import platform
 import re
 import shutil
 import subprocess
-from importlib import metadata as _md
 from typing import Any
+
+from rpiae.devices import torch_device
+from rpiae.host import cpu_info
+from rpiae.host import library_versions as host_library_versions
 
 LIBRARIES = ("rpiae", "torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "tensorrt", "tensorrt-cu12", "polygraphy",
              "torch-tensorrt", "nvidia-modelopt", "psutil", "matplotlib")
@@ -16,30 +19,14 @@ _CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"
               "amx_tile")
 
 
-def _cpuinfo() -> dict[str, Any]:
-    out: dict[str, Any] = {"model": platform.processor() or platform.machine(), "flags": []}
-    try:
-        text = open("/proc/cpuinfo").read()
-    except OSError:
-        return out
-    m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-    if m:
-        out["model"] = m.group(1).strip()
-    m = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
-    if m:
-        flags = set(m.group(1).split())
-        out["flags"] = [f for f in _CPU_FLAGS if f in flags]
-    return out
+def cpu_summary() -> dict[str, Any]:
+    """{"model", "flags": the SIMD/matrix flags of _CPU_FLAGS this CPU has}."""
+    info = cpu_info()
+    return {"model": info["model"], "flags": [f for f in _CPU_FLAGS if f in info["flags"]]}
 
 
 def library_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in LIBRARIES:
-        try:
-            out[dist] = _md.version(dist)
-        except _md.PackageNotFoundError:
-            pass
-    return out
+    return host_library_versions(LIBRARIES)
 
 
 def load_average() -> list[float] | None:
@@ -69,7 +56,7 @@ def machine_facts(device: str = "cpu", threads: int | None = None) -> dict[str, 
     import psutil
     import torch
 
-    cpu = _cpuinfo()
+    cpu = cpu_summary()
     facts: dict[str, Any] = {
         "system": f"{platform.system()} {platform.release()} {platform.machine()}",
         "cpu": {
@@ -91,7 +78,6 @@ def machine_facts(device: str = "cpu", threads: int | None = None) -> dict[str, 
     except ImportError:
         pass
     from rpiae.bench.peak import on_cuda
-    from rpiae.engines.base import torch_device
 
     if on_cuda(device) and torch.cuda.is_available():
         idx = torch_device(device).index

@@ -2,14 +2,16 @@
 
 A large square matmul is the best any dense kernel on this device can do, so "model FLOPs
 per image / measured time / matmul peak" says how much of the hardware a backend uses.
-Shared machines drift (DESIGN §4: ±20 %), so the peak is measured in the run itself —
+Shared machines drift (by ±20 % between runs on this project's machines), so the peak is measured in the run itself —
 before and after the rows, and briefly again right before each row.
 
 - CPU fp32: `torch.matmul` on (n, n) float32 with the run's thread count.
 - CPU int8: ONNX Runtime `MatMulInteger` (uint8 x int8 -> int32), the kernels ORT's INT8
   graphs use; skipped with the reason where it cannot run.
-- CUDA: fp32 (no TF32), bf16, fp16 and int8 (`torch._int_mm`) matmuls timed with CUDA events,
-  on the run's GPU; the matrices are released (cache emptied) before returning.
+- CUDA: fp32 (no TF32), bf16, fp16 and int8 (`torch._int_mm`) matmuls on the run's GPU; the
+  matrices are released (cache emptied) before returning.
+
+Each is timed by `torch.utils.benchmark.Timer.blocked_autorange` (a fixed, warm kernel).
 
 `dtypes` limits a measurement to the peaks needed (a row re-measures only the one it is
 compared against: `peak_dtype`).
@@ -17,26 +19,20 @@ compared against: `peak_dtype`).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 
-def _time_bounded(fn, min_time: float, min_iters: int = 3, max_iters: int = 10_000) -> list[float]:
-    """Seconds per call of `fn` (already warm), at least `min_iters` calls and `min_time` seconds."""
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_iters and (len(times) < min_iters or time.perf_counter() - start < min_time):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
+def _measure(fn, flops: float, min_time: float, threads: int | None = None) -> dict[str, float]:
+    """GFLOP/s of `fn` (`flops` per call), timed by torch.utils.benchmark's `blocked_autorange`:
+    its own warm-up, blocks of calls sized so that the timer's cost (a device synchronisation on a
+    GPU) is negligible, for at least `min_time` seconds; the median and the best per-call time."""
+    import torch
+    from torch.utils.benchmark import Timer
 
-
-def _best_median(times: list[float], flops: float) -> dict[str, float]:
-    times = sorted(times)
-    med = times[len(times) // 2]
-    return {"gflops": flops / med / 1e9, "gflops_best": flops / times[0] / 1e9, "seconds_median": med,
-            "iterations": len(times)}
+    m = Timer("fn()", globals={"fn": fn}, num_threads=threads or torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_time)
+    return {"gflops": flops / m.median / 1e9, "gflops_best": flops / min(m.times) / 1e9, "seconds_median": m.median,
+            "iterations": m.number_per_run * len(m.raw_times)}
 
 
 def cpu_fp32_peak(threads: int, n: int = 2048, min_time: float = 1.0) -> dict[str, Any]:
@@ -46,9 +42,7 @@ def cpu_fp32_peak(threads: int, n: int = 2048, min_time: float = 1.0) -> dict[st
     a = torch.randn(n, n)
     b = torch.randn(n, n)
     out = torch.empty(n, n)
-    for _ in range(2):
-        torch.matmul(a, b, out=out)
-    res = _best_median(_time_bounded(lambda: torch.matmul(a, b, out=out), min_time), 2.0 * n**3)
+    res = _measure(lambda: torch.matmul(a, b, out=out), 2.0 * n**3, min_time, threads)
     return {**res, "dtype": "fp32", "kernel": f"torch.matmul {n}x{n}x{n}", "threads": threads}
 
 
@@ -74,14 +68,12 @@ def cpu_int8_peak(threads: int, n: int = 2048, min_time: float = 1.0) -> dict[st
     import numpy as np
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(_int8_matmul_model(n), sess_options=opts, providers=["CPUExecutionProvider"])
+    from rpiae.engines.ort_backend import session_options
+
+    sess = ort.InferenceSession(_int8_matmul_model(n), sess_options=session_options(threads),
+                                providers=["CPUExecutionProvider"])
     a = np.random.default_rng(1).integers(0, 256, (n, n), dtype=np.uint8)
-    for _ in range(2):
-        sess.run(None, {"a": a})
-    res = _best_median(_time_bounded(lambda: sess.run(None, {"a": a}), min_time), 2.0 * n**3)
+    res = _measure(lambda: sess.run(None, {"a": a}), 2.0 * n**3, min_time, threads)
     return {**res, "dtype": "int8", "kernel": f"onnxruntime MatMulInteger u8xs8 {n}x{n}x{n}", "threads": threads}
 
 
@@ -113,20 +105,8 @@ def cuda_peaks(device: str = "cuda", n: int = 8192, min_time: float = 1.0,
 
                     def fn(a=a, b=b):
                         return a @ b
-                for _ in range(3):
-                    fn()
-                torch.cuda.synchronize(dev)
-                stream = torch.cuda.current_stream(dev)
-                times: list[float] = []
-                t_start = time.perf_counter()
-                while len(times) < 10 or (time.perf_counter() - t_start < min_time and len(times) < 2000):
-                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    e0.record(stream)
-                    fn()
-                    e1.record(stream)
-                    e1.synchronize()
-                    times.append(e0.elapsed_time(e1) / 1e3)
-                out[key] = {**_best_median(times, 2.0 * n**3), "dtype": key, "kernel": f"torch {key} matmul {n}^3 (CUDA events)"}
+                out[key] = {**_measure(fn, 2.0 * n**3, min_time), "dtype": key,
+                            "kernel": f"torch {key} matmul {n}^3 (torch.utils.benchmark, synchronised)"}
                 del a, b
             except Exception as e:  # noqa: BLE001 - a dtype this GPU/torch cannot run is reported, not fatal
                 out[key] = {"skipped": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"}
@@ -174,7 +154,7 @@ def peak_key(device: str, precision: str, peaks: dict[str, dict[str, Any]]) -> s
 
     CPU: fp32 rows (and fp16/bf16, which have no faster matmul on these CPUs) against the
     fp32 peak; int8 rows against the int8 peak. CUDA: fp32 against fp32, fp16/bf16 against
-    the bf16 tensor-core peak (the issue's reference), int8 against the int8 peak.
+    the bf16 tensor-core peak (what the GPU targets are stated against), int8 against the int8 peak.
     """
     want = peak_dtype(device, precision)
     for key in (want, "bf16" if on_cuda(device) else "fp32"):

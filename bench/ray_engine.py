@@ -60,7 +60,7 @@ def same_files(a: Path, b: Path) -> bool:
         (a / f).read_bytes() == (b / f).read_bytes() for f in files)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=800, help="images to extract")
     ap.add_argument("--decode", type=int, default=320, help="latents to decode (the first ones of the extract)")
@@ -72,53 +72,55 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default=None, help="checkpoint or bundle (default: the shipped tiny checkpoint)")
     ap.add_argument("--notes", default="", help="free text stored with the result (e.g. what else ran on the machine)")
     ap.add_argument("--out", type=Path, required=True, help="result JSON")
-    a = ap.parse_args(argv)
+    return ap
 
-    from rpiae.bench.machine import load_average, machine_facts
-    from rpiae.fileio import atomic_file
 
-    model = ["--model", a.model] if a.model else []
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    if a.threads:
-        env["OMP_NUM_THREADS"] = str(a.threads)
-    common = ["--batch-size", str(a.batch_size), "--quiet", *model]
-    runs = []
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    load_start = load_average()
+def _alternate(command: str, args_of, images: int, rate_of, repeats: int, env: dict, runs: list[dict]) -> dict[str, Path]:
+    """`repeats` runs of `command` per engine, alternating local and ray; appends one record per
+    run to `runs` and returns each engine's first output folder. `args_of(engine, rep)`: the
+    command's arguments and output folder; `rate_of(stdout)`: the pipeline's images per second."""
+    outs: dict[str, Path] = {}
+    for rep in range(repeats):
+        for engine in ("local", "ray"):
+            args, out = args_of(engine, rep)
+            wall, stdout = run_cli([command, *args, "--engine", engine], env)
+            runs.append({"command": command, "engine": engine, "repeat": rep, "images": images,
+                         "wall_s": round(wall, 2), "img_per_s_wall": round(images / wall, 2),
+                         "img_per_s_pipeline": rate_of(stdout)})
+            outs.setdefault(engine, out)
+            print(json.dumps(runs[-1]), flush=True)
+    return outs
+
+
+def _measure(a: argparse.Namespace, env: dict) -> tuple[list[dict], dict[str, bool]]:
+    """(every run's record, {command: whether both engines wrote the same files})."""
+    import numpy as np
+
+    from rpiae.data.latents import LatentFile
+
+    common = ["--batch-size", str(a.batch_size), "--quiet", *(["--model", a.model] if a.model else [])]
+    runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="rpiae-bench-ray-") as tmp:
         root = Path(tmp)
         data = make_dataset(root, a.images)
-        outs: dict[str, Path] = {}
-        for rep in range(a.repeats):
-            for engine in ("local", "ray"):
-                out = root / f"extract-{engine}-{rep}"
-                wall, stdout = run_cli(["extract", str(data), "--out", str(out), "--shard-size", str(a.shard_size),
-                                        *common, "--engine", engine], env)
-                rate = float(re.search(r"([\d.]+) img/s", stdout).group(1))
-                runs.append({"command": "extract", "engine": engine, "repeat": rep, "images": a.images,
-                             "wall_s": round(wall, 2), "img_per_s_wall": round(a.images / wall, 2), "img_per_s_pipeline": rate})
-                outs.setdefault(f"extract-{engine}", out)
-                print(json.dumps(runs[-1]), flush=True)
-        identical = {"extract": same_files(outs["extract-local"], outs["extract-ray"])}
-
-        import numpy as np
-
-        from rpiae.data.latents import LatentFile
-
-        z = np.concatenate([b for _, b in LatentFile(outs["extract-local"]).batches(a.decode)])[: a.decode]
+        extracts = _alternate(
+            "extract", lambda e, rep: ([str(data), "--out", str(root / f"extract-{e}-{rep}"), "--shard-size",
+                                        str(a.shard_size), *common], root / f"extract-{e}-{rep}"),
+            a.images, lambda out: float(re.search(r"([\d.]+) img/s", out).group(1)), a.repeats, env, runs)
+        identical = {"extract": same_files(extracts["local"], extracts["ray"])}
+        z = np.concatenate([b for _, b in LatentFile(extracts["local"]).batches(a.decode)])[: a.decode]
         np.save(root / "z.npy", z)
-        for rep in range(a.repeats):
-            for engine in ("local", "ray"):
-                out = root / f"decode-{engine}-{rep}"
-                wall, stdout = run_cli(["decode", str(root / "z.npy"), "-o", str(out), *common, "--engine", engine], env)
-                seconds = float(re.search(r"in ([\d.]+) s", stdout).group(1))
-                runs.append({"command": "decode", "engine": engine, "repeat": rep, "images": a.decode,
-                             "wall_s": round(wall, 2), "img_per_s_wall": round(a.decode / wall, 2),
-                             "img_per_s_pipeline": round(a.decode / seconds, 2)})
-                outs.setdefault(f"decode-{engine}", out)
-                print(json.dumps(runs[-1]), flush=True)
-        identical["decode"] = same_files(outs["decode-local"], outs["decode-ray"])
+        decodes = _alternate(
+            "decode", lambda e, rep: ([str(root / "z.npy"), "-o", str(root / f"decode-{e}-{rep}"), *common],
+                                      root / f"decode-{e}-{rep}"),
+            a.decode, lambda out: round(a.decode / float(re.search(r"in ([\d.]+) s", out).group(1)), 2),
+            a.repeats, env, runs)
+        identical["decode"] = same_files(decodes["local"], decodes["ray"])
+    return runs, identical
 
+
+def _summary(runs: list[dict], identical: dict[str, bool]) -> dict:
+    """Per command, the medians of each engine and the ratios ray / local."""
     summary = {}
     for command in ("extract", "decode"):
         for r in runs:  # the time outside the pipeline: start-up (Ray's included) and shut-down
@@ -135,6 +137,22 @@ def main(argv: list[str] | None = None) -> dict:
             "ray_outside_pipeline_s": med["ray", "outside_pipeline_s"],
             "identical_files": identical[command],
         }
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = _parser().parse_args(argv)
+
+    from rpiae.bench.machine import load_average, machine_facts
+    from rpiae.fileio import atomic_file
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if a.threads:
+        env["OMP_NUM_THREADS"] = str(a.threads)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    load_start = load_average()
+    runs, identical = _measure(a, env)
+    summary = _summary(runs, identical)
     result = {
         "format": "rpiae-bench-ray",
         "command": shlex.join(["python", "-m", "rpiae.bench.ray_engine", *(argv if argv is not None else sys.argv[1:])]),

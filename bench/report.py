@@ -1,91 +1,12 @@
-"""Render benchmark results: a markdown table per machine, the issue's targets, PNG plots."""
+"""Render benchmark results: a markdown table per machine, the targets, PNG plots."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-MiB = 1024.0**2
-
-
-# ---------------------------------------------------------------------------------------------
-# targets (issue 6); the benchmark shows whether they hold, tests never time anything
-
-
-def _find(result: dict[str, Any], graph: str, backend: str, precision: str, batch: int) -> dict[str, Any] | None:
-    for r in result.get("rows", []):
-        if (r.get("graph"), r.get("backend"), r.get("precision"), r.get("batch")) == (graph, backend, precision, batch):
-            return r
-    return None
-
-
-def _check(name: str, row: dict[str, Any] | None, value_fn, bound: float, unit: str, *, at_most: bool = False,
-           note: str = "") -> dict[str, Any]:
-    entry: dict[str, Any] = {"target": name, "bound": bound, "unit": unit, "at_most": at_most, "note": note}
-    if row is None:
-        return {**entry, "status": "not measured", "holds": None, "value": None}
-    if row.get("status") != "ok":
-        return {**entry, "status": f"not measured ({row.get('status')}: {row.get('reason')})", "holds": None,
-                "value": None}
-    value = value_fn(row)
-    if value is None:
-        return {**entry, "status": "not measured", "holds": None, "value": None}
-    holds = value <= bound if at_most else value >= bound
-    if holds:
-        status = "holds"
-    else:
-        short = (value / bound - 1) if at_most else (1 - value / bound)
-        status = f"misses by {short * 100:.0f} %"
-    key = (row["graph"], row["backend"], row["precision"], row["batch"])
-    return {**entry, "status": status, "holds": bool(holds), "value": value, "row": list(key)}
-
-
-def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets for this run's device; each with value, bound and holds/misses."""
-    device = result.get("settings", {}).get("device", "cpu")
-    name = result.get("model", {}).get("name")
-    scope = "" if name == "rpiae-b" else f" [model {name}: the targets are defined for rpiae-b]"
-    out: list[dict[str, Any]] = []
-
-    def speedup(p: str):
-        return lambda r: r.get("speedup_vs_torch", {}).get(p)
-
-    from rpiae.bench.peak import on_cuda
-
-    if not on_cuda(device):
-        for graph in ("encode", "decode"):
-            row = _find(result, graph, "ort", "fp32", 1)
-            out.append(_check(f"ORT FP32 {graph} batch 1 >= 1.2x PyTorch eager FP32{scope}", row, speedup("fp32"), 1.2, "x"))
-            out.append(_check(f"ORT FP32 {graph} batch 1 >= 80 % of the measured FP32 matmul peak{scope}", row,
-                              lambda r: r.get("fraction_of_peak"), 0.8, "fraction"))
-        for graph in ("encode", "decode"):
-            row = _find(result, graph, "ort", "int8", 8)
-            out.append(_check(f"ORT INT8 {graph} batch 8 >= 1.8x PyTorch eager FP32{scope}", row, speedup("fp32"), 1.8, "x"))
-        for r in result.get("rows", []):
-            if r.get("backend") == "ort" and r.get("status") == "ok" and r.get("rss_delta_over_weights") is not None:
-                abs_x = r.get("rss_over_weights")
-                out.append(_check(
-                    f"ORT {r['precision'].upper()} {r['graph']} batch {r['batch']}: peak RSS <= 1.5x graph weight bytes{scope}",
-                    r, lambda r: r.get("rss_delta_over_weights"), 1.5, "x", at_most=True,
-                    note=f"judged on RSS above the process baseline (interpreter + torch + onnxruntime, "
-                         f"{r.get('rss_baseline_bytes', 0) / MiB:.0f} MiB); absolute peak RSS is "
-                         f"{abs_x:.2f}x the weights" if abs_x else ""))
-    else:
-        for graph in ("decode",):
-            fp16 = _find(result, graph, "trt", "fp16", 32)
-            out.append(_check(f"TensorRT FP16 {graph} batch 32 >= 60 % of the measured BF16 matmul peak{scope}", fp16,
-                              lambda r: r.get("fraction_of_peak"), 0.6, "fraction"))
-            out.append(_check(f"TensorRT FP16 {graph} batch 32 >= 2x PyTorch eager BF16{scope}", fp16, speedup("bf16"), 2.0, "x"))
-        for graph in ("encode", "decode"):
-            fp16 = _find(result, graph, "trt", "fp16", 32)
-            int8 = _find(result, graph, "trt", "int8", 32)
-            ok = fp16 is not None and fp16.get("status") == "ok"
-
-            def vs_fp16(r, fp16=fp16, ok=ok):
-                return fp16["timing"]["p50_ms"] / r["timing"]["p50_ms"] if ok else None
-
-            out.append(_check(f"TensorRT INT8 {graph} batch 32 >= 1.3x TensorRT FP16{scope}", int8, vs_fp16, 1.3, "x"))
-    return out
+from rpiae.bench.results import load_results
+from rpiae.bench.targets import MiB, evaluate_targets
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,12 +48,9 @@ def _peaks_line(result: dict[str, Any]) -> str:
     return "; ".join(out) or "not measured"
 
 
-def render_markdown(result: dict[str, Any], title: str | None = None, plot: str | None = None) -> str:
-    s = result.get("settings", {})
-    model = result.get("model", {})
+def _header(result: dict[str, Any], title: str | None) -> list[str]:
+    s, model, load = result.get("settings", {}), result.get("model", {}), result.get("load_average", {})
     flops = model.get("flops_per_image", {})
-    cuda = s.get("device", "cpu").startswith("cuda")
-    load = result.get("load_average", {})
     lines = [f"## {title or 'Benchmark'}", ""]
     lines.append(f"- model: `{model.get('name')}` ({model.get('kind')}); per image: encode "
                  f"{flops.get('encode', 0) / 1e9:.1f} GFLOP, decode {flops.get('decode', 0) / 1e9:.1f} GFLOP "
@@ -146,37 +64,44 @@ def render_markdown(result: dict[str, Any], title: str | None = None, plot: str 
                  f"{'one fresh process per row' if s.get('isolate') else 'all rows in one process (RSS not per row)'}")
     if s.get("notes"):
         lines.append(f"- notes: {s['notes']}")
-    lines.append("")
-    refs = [p for p in ("fp32", "bf16", "fp16") if any(p in r.get("speedup_vs_torch", {}) for r in result.get("rows", []))]
+    return lines + [""]
+
+
+def _row_cells(r: dict[str, Any], refs: list[str], cuda: bool) -> list[str]:
+    t = r["timing"]
+    name = r["backend"] + (" (ref)" if r.get("reference") and r["backend"] == "torch" else "")
+    cells = [r["graph"], name, r["precision"], str(r["batch"]), _f(t.get("p50_ms")), _f(t.get("p90_ms")),
+             _f(t.get("p99_ms")), _f(t.get("throughput_ips"), "{:.2f}")]
+    cells += [_f(r.get("speedup_vs_torch", {}).get(p), "{:.2f}×") for p in refs]
+    frac, lfrac = r.get("fraction_of_peak"), r.get("fraction_of_local_peak")
+    cells += [_f(r.get("gflops"), "{:.0f}"), (f"{frac * 100:.0f} % ({r.get('peak_dtype')})" if frac is not None else "–"),
+              f"{lfrac * 100:.0f} % of {r['local_peak']['gflops']:.0f}" if lfrac is not None else "–"]
+    if cuda:
+        gpu_mem = max(r.get("cuda_peak_allocated_bytes") or 0, r.get("cuda_device_used_delta_bytes") or 0)
+        cells += [_f(r.get("compute", {}).get("p50_ms"), "{:.2f}"), f"{gpu_mem / MiB:.0f}" if gpu_mem else "–"]
+    rss = r.get("rss_peak_bytes")
+    cells += [f"{rss / MiB:.0f} ({r['rss_delta_bytes'] / MiB:+.0f})" if rss and r.get("rss_delta_bytes") is not None else "–",
+              _f(r.get("rss_delta_over_weights"), "{:.2f}×")]
+    return cells
+
+
+def _rows_table(result: dict[str, Any], cuda: bool) -> list[str]:
+    """The rows that ran, the legend, then the skipped rows grouped by reason."""
+    rows = result.get("rows", [])
+    refs = [p for p in ("fp32", "bf16", "fp16") if any(p in r.get("speedup_vs_torch", {}) for r in rows)]
     head = ["graph", "backend", "precision", "batch", "p50 ms", "p90 ms", "p99 ms", "img/s"]
     head += [f"× torch {p}" for p in refs] + ["GFLOP/s", "% of peak", "% of row peak"]
     if cuda:
         head += ["GPU p50 ms", "GPU mem MiB"]
     head += ["peak RSS MiB (Δ)", "RSS Δ / weights"]
-    lines.append("| " + " | ".join(head) + " |")
-    lines.append("|" + "---|" * len(head))
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     skipped: dict[str, list[str]] = {}
-    for r in result.get("rows", []):
+    for r in rows:
         if r.get("status") != "ok":
             skipped.setdefault(f"{r.get('status')}: {r.get('reason')}", []).append(
                 f"{r['graph']} {r['backend']} {r['precision']} b{r['batch']}")
             continue
-        t = r["timing"]
-        name = r["backend"] + (" (ref)" if r.get("reference") and r["backend"] == "torch" else "")
-        cells = [r["graph"], name, r["precision"], str(r["batch"]), _f(t.get("p50_ms")), _f(t.get("p90_ms")),
-                 _f(t.get("p99_ms")), _f(t.get("throughput_ips"), "{:.2f}")]
-        cells += [_f(r.get("speedup_vs_torch", {}).get(p), "{:.2f}×") for p in refs]
-        frac = r.get("fraction_of_peak")
-        lfrac = r.get("fraction_of_local_peak")
-        cells += [_f(r.get("gflops"), "{:.0f}"), (f"{frac * 100:.0f} % ({r.get('peak_dtype')})" if frac is not None else "–"),
-                  f"{lfrac * 100:.0f} % of {r['local_peak']['gflops']:.0f}" if lfrac is not None else "–"]
-        if cuda:
-            gpu_mem = max(r.get("cuda_peak_allocated_bytes") or 0, r.get("cuda_device_used_delta_bytes") or 0)
-            cells += [_f(r.get("compute", {}).get("p50_ms"), "{:.2f}"), f"{gpu_mem / MiB:.0f}" if gpu_mem else "–"]
-        rss = r.get("rss_peak_bytes")
-        cells += [f"{rss / MiB:.0f} ({r['rss_delta_bytes'] / MiB:+.0f})" if rss and r.get("rss_delta_bytes") is not None else "–",
-                  _f(r.get("rss_delta_over_weights"), "{:.2f}×")]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_row_cells(r, refs, cuda)) + " |")
     lines.append("")
     lines.append("× torch P = PyTorch eager P p50 / this row's p50 at the same batch in the same run. "
                  "% of peak = model FLOPs × batch / p50"
@@ -190,55 +115,64 @@ def render_markdown(result: dict[str, Any], title: str | None = None, plot: str 
                     "the backend was opened)." if cuda else ""))
     lines.append("")
     if skipped:
-        lines.append("Skipped rows:")
-        lines.append("")
-        for reason, which in skipped.items():
-            lines.append(f"- {', '.join(which)} — {reason}")
-        lines.append("")
+        lines += ["Skipped rows:", ""] + [f"- {', '.join(which)} — {reason}" for reason, which in skipped.items()] + [""]
+    return lines
+
+
+def _targets_section(result: dict[str, Any]) -> list[str]:
     targets = result.get("targets") or evaluate_targets(result)
-    if targets:
-        lines.append("### Targets")
-        lines.append("")
-        lines.append("| target | measured | status | note |")
-        lines.append("|---|---|---|---|")
-        profiles = {(p["graph"], p["backend"], p["precision"]): p for p in result.get("profiles", []) if p.get("status") == "ok"}
-        for tg in targets:
-            v = tg.get("value")
-            val = "–" if v is None else (f"{v * 100:.0f} %" if tg["unit"] == "fraction" else f"{v:.2f}×")
-            note = tg.get("note", "")
-            if tg.get("holds") is False and tg.get("row") and not tg.get("at_most"):  # a speed target
-                g, b, p, _ = tg["row"]
-                prof = profiles.get((g, b, p))
-                if prof:
-                    top = ", ".join(f"{o['op']} {o['share'] * 100:.0f} %" for o in prof["ops"][:4])
-                    note = (note + "; " if note else "") + f"profile (batch {prof['batch']}): {top}"
-            lines.append(f"| {tg['target']} | {val} | {tg['status']} | {note} |")
-        lines.append("")
-    if result.get("profiles"):
-        lines.append("### Profiles (share of kernel time by op type)")
-        lines.append("")
-        for p in result["profiles"]:
-            if p.get("status") != "ok":
-                lines.append(f"- {p['graph']} {p['backend']} {p['precision']}: {p.get('status')} ({p.get('reason')})")
-                continue
-            top = ", ".join(f"{o['op']} {o['share'] * 100:.1f} %" for o in p["ops"][:6])
-            lines.append(f"- {p['graph']} {p['backend']} {p['precision']} batch {p['batch']}: {top}")
-        lines.append("")
+    if not targets:
+        return []
+    lines = ["### Targets", "", "| target | measured | status | note |", "|---|---|---|---|"]
+    profiles = {(p["graph"], p["backend"], p["precision"]): p for p in result.get("profiles", []) if p.get("status") == "ok"}
+    for tg in targets:
+        v = tg.get("value")
+        val = "–" if v is None else (f"{v * 100:.0f} %" if tg["unit"] == "fraction" else f"{v:.2f}×")
+        note = tg.get("note", "")
+        if tg.get("holds") is False and tg.get("row") and not tg.get("at_most"):  # a speed target
+            g, b, p, _ = tg["row"]
+            prof = profiles.get((g, b, p))
+            if prof:
+                top = ", ".join(f"{o['op']} {o['share'] * 100:.0f} %" for o in prof["ops"][:4])
+                note = (note + "; " if note else "") + f"profile (batch {prof['batch']}): {top}"
+        lines.append(f"| {tg['target']} | {val} | {tg['status']} | {note} |")
+    return lines + [""]
+
+
+def _profiles_section(result: dict[str, Any]) -> list[str]:
+    if not result.get("profiles"):
+        return []
+    lines = ["### Profiles (share of kernel time by op type)", ""]
+    for p in result["profiles"]:
+        if p.get("status") != "ok":
+            lines.append(f"- {p['graph']} {p['backend']} {p['precision']}: {p.get('status')} ({p.get('reason')})")
+            continue
+        top = ", ".join(f"{o['op']} {o['share'] * 100:.1f} %" for o in p["ops"][:6])
+        lines.append(f"- {p['graph']} {p['backend']} {p['precision']} batch {p['batch']}: {top}")
+    return lines + [""]
+
+
+def _accuracy_section(result: dict[str, Any]) -> list[str]:
     acc = result.get("accuracy")
-    if acc:
-        lines.append("### Accuracy of the bundle's graphs (from its manifest: ONNX Runtime vs PyTorch eager FP32)")
-        lines.append("")
-        lines.append("| precision | latent cosine (min) | decoded PSNR vs FP32 dB | recon PSNR drop dB | ok |")
-        lines.append("|---|---|---|---|---|")
-        for a in acc:
-            m = a.get("metrics", {})
-            lines.append(f"| {a.get('precision')} | {_f(m.get('latent_cosine_min'), '{:.5f}')} | "
-                         f"{_f(m.get('decoded_psnr_db'), '{:.1f}')} | {_f(m.get('recon_psnr_drop_db'), '{:.2f}')} | "
-                         f"{a.get('ok')} |")
-        lines.append("")
+    if not acc:
+        return []
+    lines = ["### Accuracy of the bundle's graphs (from its manifest: ONNX Runtime vs PyTorch eager FP32)", "",
+             "| precision | latent cosine (min) | decoded PSNR vs FP32 dB | recon PSNR drop dB | ok |",
+             "|---|---|---|---|---|"]
+    for a in acc:
+        m = a.get("metrics", {})
+        lines.append(f"| {a.get('precision')} | {_f(m.get('latent_cosine_min'), '{:.5f}')} | "
+                     f"{_f(m.get('decoded_psnr_db'), '{:.1f}')} | {_f(m.get('recon_psnr_drop_db'), '{:.2f}')} | "
+                     f"{a.get('ok')} |")
+    return lines + [""]
+
+
+def render_markdown(result: dict[str, Any], title: str | None = None, plot: str | None = None) -> str:
+    cuda = result.get("settings", {}).get("device", "cpu").startswith("cuda")
+    lines = (_header(result, title) + _rows_table(result, cuda) + _targets_section(result) + _profiles_section(result)
+             + _accuracy_section(result))
     if plot:
-        lines.append(f"![latency and throughput vs batch]({plot})")
-        lines.append("")
+        lines += [f"![latency and throughput vs batch]({plot})", ""]
     return "\n".join(lines)
 
 
@@ -301,7 +235,6 @@ def render_report(paths: list[str | Path], out_dir: str | Path | None = None, wr
 
     OUT_DIR/NOTES.md, where present (hand-written analysis of the recorded runs), is appended.
     """
-    from rpiae.bench.runner import load_results
     from rpiae.fileio import atomic_file
 
     if not paths:

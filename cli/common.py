@@ -16,7 +16,10 @@ from typing import Any, Callable
 
 import click
 
+from rpiae.export.spec import PRECISIONS
+
 EXIT_ERROR, EXIT_USAGE, EXIT_CHECK_FAILED = 1, 2, 3
+STREAM_BATCH = 32  # images per backend call when --batch-size is not given
 
 
 class CheckFailed(click.ClickException):
@@ -72,7 +75,7 @@ backend_option = click.option(
     "or torch-trt (the PyTorch graphs compiled by Torch-TensorRT).",
 )
 precision_option = click.option(
-    "--precision", "-p", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp32", show_default=True,
+    "--precision", "-p", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
     help="Which precision variant of the graphs to run (torch: fp32/fp16/bf16 autocast).",
 )
 device_option = click.option(
@@ -91,19 +94,10 @@ def fallback_allowed(flag: bool) -> Iterator[None]:
     """Let ONNX Runtime sessions opened inside the block (in this process and in the
     benchmark's row processes, which inherit the environment) run after a provider fallback."""
     from rpiae.engines.ort_backend import ALLOW_FALLBACK_ENV
+    from rpiae.host import environ
 
-    if not flag:
+    with environ(**({ALLOW_FALLBACK_ENV: "1"} if flag else {})):
         yield
-        return
-    old = os.environ.get(ALLOW_FALLBACK_ENV)
-    os.environ[ALLOW_FALLBACK_ENV] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ALLOW_FALLBACK_ENV, None)
-        else:
-            os.environ[ALLOW_FALLBACK_ENV] = old
 batch_size_option = click.option(
     "--batch-size", type=click.IntRange(1), default=None,
     help="Largest batch sent to the backend at once (default: the backend's limit, else all).",

@@ -99,7 +99,8 @@ def probe_import(what: str, importer) -> dict[str, Any]:
 
 
 def probe_tools() -> dict[str, Any]:
-    from rpiae.export.aoti import CPU_LEVELS, DEFAULT_CPU_LEVEL, cpu_flags, cuda_toolkit
+    from rpiae.export.aoti import CPU_LEVELS, DEFAULT_CPU_LEVEL, cuda_toolkit
+    from rpiae.host import cpu_flags
 
     compiler = next((shutil.which(c) for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
     cmake = shutil.which("cmake")
@@ -119,8 +120,8 @@ def probe() -> dict[str, Any]:
     """Everything `rpiae doctor` reports, as one JSON-able dict."""
     import psutil
 
-    from rpiae.bench.machine import _cpuinfo
-    from rpiae.engines.tensorrt import import_polygraphy, import_tensorrt
+    from rpiae.bench.machine import cpu_summary
+    from rpiae.export.tensorrt import import_polygraphy, import_tensorrt
     from rpiae.engines.torch_trt_backend import import_torch_tensorrt
 
     def polygraphy():
@@ -140,7 +141,7 @@ def probe() -> dict[str, Any]:
         "torch_tensorrt": probe_import("torch-tensorrt", import_torch_tensorrt),
         "tritonclient": {"version": _version("tritonclient")},
         "tools": probe_tools(),
-        "cpu": {**_cpuinfo(), "cores": psutil.cpu_count()},
+        "cpu": {**cpu_summary(), "cores": psutil.cpu_count()},
         "memory": {"available_bytes": int(vm.available), "total_bytes": int(vm.total)},
     }
     report["backends"] = can_run(report)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import click
 
-from rpiae.cli.common import batch_size_option, crop_option, device_option, friendly_errors, model_option, workers_option
+from rpiae.cli.common import (
+    PRECISIONS, STREAM_BATCH, batch_size_option, crop_option, device_option, friendly_errors, model_option, workers_option,
+)
 
-STREAM_BATCH = 32  # images per backend call when --batch-size is not given
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 def _names(value: str, allowed: tuple[str, ...], what: str) -> list[str]:

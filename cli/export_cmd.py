@@ -58,50 +58,76 @@ def export(checkpoint, target, precision, calib, calib_count, int8_high_precisio
     Writes OUT/manifest.json, OUT/model.safetensors and OUT/{encode,decode}.<precision>.onnx;
     with --target trt/aoti also the engines/packages. The bundle is built in a hidden
     temporary directory and renamed when complete. With --target trt/aoti and an existing
-    bundle at --out (same checkpoint), its ONNX graphs are reused.
+    bundle at --out, its ONNX graphs are reused if it was exported from --checkpoint (the
+    manifest's source sha256); otherwise the command refuses (--overwrite re-exports).
     """
-    from rpiae.export import Bundle, export_bundle
-    from rpiae.export.api import parse_precisions
+    from rpiae.export.bundle import Bundle
     from rpiae.export.profile import BatchProfile
+    from rpiae.export.spec import parse_precisions
+    from rpiae.verify import export_bundle
 
     precisions = parse_precisions(precision)
     profile = BatchProfile.parse(batch)
     if target == "aoti":
-        from rpiae.export.aoti import auto_device, check_target
-
-        if device == "auto":
-            device, note = auto_device()
-            if note:
-                click.echo(f"note: {note}", err=True)
-        check_target(device)  # fail before the (long) ONNX export, not after it
-    reuse = target != "onnx" and Bundle.is_bundle(out) and not overwrite
-    if reuse:
-        from rpiae.engines import check_bundle_latent_stats
-
-        bundle = Bundle.open(out)
-        check_bundle_latent_stats(bundle, latent_stats)
-        missing = [p for p in precisions if p not in bundle.precisions()]
-        if missing:
-            raise click.ClickException(f"{out} has no {', '.join(missing)} graphs; re-export with --overwrite")
+        device = _aoti_device(device)
+    if target != "onnx" and Bundle.is_bundle(out) and not overwrite:
+        bundle = _reusable_bundle(out, checkpoint, precisions, latent_stats)
     else:
         bundle = export_bundle(checkpoint, out, precisions=precisions, calib=calib, calib_count=calib_count,
                                int8_high_precision=int8_high_precision, overwrite=overwrite, latent_stats=latent_stats)
     if target == "trt":
-        from rpiae.engines.tensorrt import build_bundle_engines
+        from rpiae.export.tensorrt import build_bundle_engines
 
         build_bundle_engines(bundle, precisions=[p for p in precisions if p != "fp32"] or ["fp32"], profile=profile,
                              workspace_gb=workspace_gb, timing_cache=timing_cache, opt_level=opt_level,
                              version_compatible=version_compatible)
     elif target == "aoti":
-        from rpiae.export.aoti import package_bundle
+        from rpiae.verify import package_bundle
 
         package_bundle(bundle, device=device, profile=profile, cache_dir=cache_dir)
-    failed = [r for r in bundle.manifest.get("parity", []) if not r["ok"]]
+    failed = [r for r in bundle.manifest.parity if not r["ok"]]
+    engines = bundle.manifest.engines
     click.echo(f"bundle {out}: precisions {', '.join(bundle.precisions())}"
-               + (f"; engines: {', '.join(bundle.manifest.get('engines', {}))}" if bundle.manifest.get("engines") else ""))
-    _print_results(bundle.manifest.get("parity", []))
+               + (f"; engines: {', '.join(engines)}" if engines else ""))
+    _print_results(bundle.manifest.parity)
     if failed:
         raise CheckFailed(f"parity failed for {', '.join(r['precision'] for r in failed)} (see the table above)")
+
+
+def _aoti_device(device: str) -> str:
+    """`--device auto` resolved, and the target checked before the (long) ONNX export."""
+    from rpiae.export.aoti import auto_device, check_target
+
+    if device == "auto":
+        device, note = auto_device()
+        if note:
+            click.echo(f"note: {note}", err=True)
+    check_target(device)
+    return device
+
+
+def _reusable_bundle(out: Path, checkpoint, precisions: list[str], latent_stats):
+    """The bundle at `out`, whose graphs `--target trt|aoti` reuses: only if it came from
+    `checkpoint` (its sha256 is the manifest's source), with these latent statistics and
+    every asked precision."""
+    from rpiae.checkpoints import checkpoint_sha256
+    from rpiae.engines import check_bundle_latent_stats
+    from rpiae.export.bundle import Bundle
+    from rpiae.hub import resolve_model
+
+    bundle = Bundle.open(out)
+    path = resolve_model(checkpoint)
+    source = bundle.manifest.source
+    if source.get("sha256") != checkpoint_sha256(path):
+        came_from = (f"{source.get('path')} (sha256 {source['sha256'][:12]}...)" if source.get("sha256")
+                     else "a model in memory (no source hash)")
+        raise click.ClickException(f"{out} was exported from {came_from}, not from {path}: pass that --checkpoint, "
+                                   "or --overwrite to export this one")
+    check_bundle_latent_stats(bundle, latent_stats)
+    missing = [p for p in precisions if p not in bundle.precisions()]
+    if missing:
+        raise click.ClickException(f"{out} has no {', '.join(missing)} graphs; re-export with --overwrite")
+    return bundle
 
 
 def _print_results(rows) -> None:
@@ -140,9 +166,9 @@ def verify(model, backend, device, images, batch, precision, json_out, compare, 
     """
     import json
 
-    from rpiae.export import verify_bundle
-    from rpiae.export.api import parse_precisions
+    from rpiae.export.spec import parse_precisions
     from rpiae.fileio import atomic_file
+    from rpiae.verify import verify_bundle
     from rpiae.imageio import find_images, load_images
 
     x = None
@@ -154,7 +180,7 @@ def verify(model, backend, device, images, batch, precision, json_out, compare, 
     batches = parse_int_list(batch, "--batch")
     with fallback_allowed(allow_fallback):
         if compare == "polygraphy":
-            from rpiae.engines.polygraphy_check import BACKENDS, compare_bundle
+            from rpiae.verify.polygraphy import BACKENDS, compare_bundle
 
             if backend not in BACKENDS:
                 raise click.UsageError(f"--compare polygraphy runs --backend {' or '.join(BACKENDS)}, not {backend}")
@@ -180,14 +206,14 @@ def verify(model, backend, device, images, batch, precision, json_out, compare, 
 def info(target, verify_hashes):
     """Describe a bundle or checkpoint: model config, graphs, shapes, precisions, hashes."""
     from rpiae.checkpoints import describe
-    from rpiae.export import Bundle
+    from rpiae.export.bundle import Bundle
 
     if Bundle.is_bundle(target):
         bundle = Bundle.open(target)
         if verify_hashes:
             bundle.verify_all()
-        echo_json({**bundle.summary(), "config": bundle.manifest["config"], "io": bundle.manifest["io"],
-                   "tools": bundle.manifest.get("tools"), "hashes_verified": bool(verify_hashes)})
+        echo_json({**bundle.summary(), "config": bundle.config.to_dict(), "io": bundle.manifest.io,
+                   "tools": bundle.manifest.tools, "hashes_verified": bool(verify_hashes)})
     elif target.is_file():
         echo_json(describe(target))
     else:

@@ -35,11 +35,11 @@ def push(repo_id, model, latent_stats, per, eval_json, bundle, private, revision
     measured quality (--eval) and the exported graphs' parity (--bundle). Needs the
     `diffusers` extra and a Hub login (`huggingface-cli login`).
     """
-    from rpiae.engines import resolve_model
     from rpiae.export.bundle import Bundle
-    from rpiae.hub import parse_reference, write_hub_folder
-    from rpiae.hub import push as upload
+    from rpiae.hub import parse_reference, resolve_model
     from rpiae.model import RPiAE
+    from rpiae.publish import push as upload
+    from rpiae.publish import write_hub_folder
 
     repo_id, _ = parse_reference(repo_id)
     if dry_run and out is None:

@@ -8,10 +8,10 @@ from pathlib import Path
 import click
 import numpy as np
 
-from rpiae.cli.common import crop_option, friendly_errors, runtime_options, workers_option
+from rpiae.cli.common import STREAM_BATCH, crop_option, friendly_errors, runtime_options, workers_option
+from rpiae.data.extract import LATENT_DTYPES
 from rpiae.fileio import atomic_file
 
-STREAM_BATCH = 32  # images per backend call when --batch-size is not given
 
 
 def _open(model, backend, precision, device, batch_size, latent_stats):
@@ -59,10 +59,11 @@ def _backend(engine, address, workers_per_gpu, model, backend, precision, device
     from click.core import ParameterSource
 
     from rpiae.data.ray_engine import RayEngine
+    from rpiae.engines import load_backend
 
     if click.get_current_context().get_parameter_source("device") == ParameterSource.DEFAULT:
         device = None
-    return RayEngine(model, backend, precision, device, max_batch=batch_size, latent_stats=latent_stats,
+    return RayEngine(load_backend, model, backend, precision, device, max_batch=batch_size, latent_stats=latent_stats,
                      address=address, workers_per_gpu=workers_per_gpu or 1)
 
 
@@ -174,7 +175,7 @@ def _distributed() -> tuple[int, int, int, object]:
               help="Output directory: shard-*.safetensors, latents_stats.safetensors, normalization_stats.pt, manifest.json.")
 @click.option("--shard-size", type=click.IntRange(1), default=10000, show_default=True, help="Latents per shard file.")
 @click.option("--flip", is_flag=True, help="Also store the latents of the horizontally flipped images (latents_flip); they enter the statistics.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True, help="Storage type of the latents.")
+@click.option("--dtype", type=click.Choice(LATENT_DTYPES), default="fp32", show_default=True, help="Storage type of the latents.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (listed in the manifest) instead of stopping at the first.")
 @click.option("--no-labels", is_flag=True, help="Read an ImageFolder tree as plain images, recursively (labels -1).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import click
 
-from rpiae.cli.common import friendly_errors
+from rpiae.cli.common import PRECISIONS, friendly_errors
 
 
 @click.command()
 @click.option("--model", "-m", type=click.Path(path_type=Path), required=True, help="Export bundle directory.")
-@click.option("--precision", "-p", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
+@click.option("--precision", "-p", type=click.Choice(PRECISIONS), default=None,
               help="Which precision to serve (default, among what the bundle has: fp16 first on GPUs, "
               "fp32 first for ONNX Runtime on CPUs).")
 @click.option("--platform", type=click.Choice(["auto", "tensorrt", "onnxruntime"]), default="auto", show_default=True,
@@ -35,7 +35,7 @@ def triton(model, precision, platform, instance_kind, instances, max_batch, max_
     Every config.pbtxt is parsed with Triton's model-config protobuf before anything is
     written; the repository is built in a hidden directory and renamed when complete.
     """
-    from rpiae.engines.triton import write_model_repository
+    from rpiae.export.triton import write_model_repository
 
     summary = write_model_repository(model, out, precision=precision, platform=platform, instance_kind=instance_kind,
                                      instances=instances, max_batch=max_batch, prefix=prefix,

@@ -11,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from rpiae.engines.base import Backend, BackendUnavailable, InputError
+from rpiae.hub import resolve_model
 
 BACKENDS = ("torch", "ort", "trt", "aoti", "torch-trt")
-FROM_WEIGHTS = ("torch", "torch-trt")  # backends that also open a checkpoint
+FROM_WEIGHTS = ("torch", "torch-trt")  # backends that also open a checkpoint; the others run a bundle's files
 
 
 def _factories():
@@ -58,21 +59,6 @@ def _factories():
             "torch-trt": torch_trt_backend}
 
 
-def resolve_model(model: str | Path | None) -> Path:
-    """A checkpoint file, bundle directory or Hub model (`hf://owner/name[@rev]`, downloaded
-    or read from the cache); None means the project's shipped checkpoint."""
-    from rpiae.hub import resolve
-
-    if model is None:
-        from rpiae.assets import default_checkpoint
-
-        return default_checkpoint()
-    p = resolve(model)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such checkpoint or bundle")
-    return p
-
-
 def model_info(model: str | Path | None) -> dict:
     """What a job ran: {"path", "sha256", "config"} of a checkpoint or bundle (for a bundle, the
     sha256 of its manifest, which lists every file's sha256)."""
@@ -94,7 +80,7 @@ def check_bundle_latent_stats(bundle, latent_stats: str | Path | None) -> None:
 
     if latent_stats is None:
         return
-    baked = bundle.manifest.get("latent_stats")
+    baked = bundle.manifest.latent_stats
     digest = sha256_file(latent_stats)
     if baked is None:
         raise BackendUnavailable(

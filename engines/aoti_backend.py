@@ -1,4 +1,4 @@
-"""AOTInductor backend: runs a bundle's `.pt2` packages (rpiae.export.aoti) in-process.
+"""AOTInductor backend: runs a bundle's `.pt2` packages (compiled by rpiae.export.aoti) in-process.
 
 Before loading, each package is checked against this machine (device, torch version, CPU
 level flags or GPU compute capability) and refused with a one-line `BackendUnavailable`
@@ -19,8 +19,93 @@ from __future__ import annotations
 
 import torch
 
+import logging
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from rpiae.cache import compiler_workdir
 from rpiae.engines.base import Backend, BackendUnavailable, InputError, device_scope, precision_context
+from rpiae.export.aoti import CPU_LEVELS, PRECISION, cuda_target, target_device, torch_minor, torch_version
 from rpiae.export.bundle import Bundle
+from rpiae.export.manifest import KIND_AOTI_PACKAGE
+from rpiae.export.spec import GRAPHS
+from rpiae.host import cpu_flags
+
+
+def enable_runtime_input_checks() -> None:
+    """AOTInductor's generated input checks (shape, dtype, stride, batch upper bound) run only
+    when AOTI_RUNTIME_CHECK_INPUTS is set; each model library reads it once, on first run."""
+    os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"
+
+
+def load_package(path: str | Path, device_index: int = -1, cache_dir: str | Path | None = None):
+    """`torch._inductor.aoti_load_package` with input checks on, unpacked under `cache_dir`.
+
+    Does not check the machine: call `check_runnable` on the manifest entry first.
+    """
+    enable_runtime_input_checks()
+    pkg_log = logging.getLogger("torch.export.pt2_archive._package")
+    level = pkg_log.level
+    # torch warns when the package's ISA differs from this CPU's best one; the CPU level is
+    # checked by check_runnable, and a CPU with more than the level needs is not a problem
+    pkg_log.setLevel(logging.ERROR)
+    try:
+        with compiler_workdir(cache_dir):
+            return torch._inductor.aoti_load_package(str(path), device_index=device_index)
+    finally:
+        pkg_log.setLevel(level)
+
+
+def check_runnable(entry: dict[str, Any], device: str = "cpu", name: str = "package") -> None:
+    """Refuse, with one line, a package this machine cannot run. Raises BackendUnavailable."""
+    kind, index = target_device(device)
+    if entry.get("device") != kind:
+        raise BackendUnavailable(f"{name} was compiled for {entry.get('device')}, not {kind}")
+    built = entry.get("torch", "?")
+    if torch_minor(built) != torch_minor(torch_version()):
+        raise BackendUnavailable(
+            f"{name} was compiled with torch {built}, this is torch {torch_version()}: re-run "
+            f"`rpiae export --target aoti --device {kind}` with this torch"
+        )
+    if kind == "cpu":
+        level = entry.get("cpu_level", "?")
+        machines = CPU_LEVELS.get(level, {}).get("machines", ())
+        if platform.machine() not in machines:
+            raise BackendUnavailable(f"{name} was compiled for {level} CPUs, this machine is {platform.machine()}")
+        have = cpu_flags()
+        missing = [f for f in entry.get("cpu_flags", []) if f not in have]
+        if have and missing:
+            raise BackendUnavailable(
+                f"{name} was compiled for {level}; this CPU lacks {', '.join(missing)}: "
+                "re-export on a machine of this CPU level or use the ort/torch backend"
+            )
+        return
+    if not torch.cuda.is_available():
+        raise BackendUnavailable(f"{name} is a CUDA package and torch.cuda.is_available() is False here")
+    here = cuda_target(None if index < 0 else index)
+    if here["capability"] != entry.get("capability"):
+        raise BackendUnavailable(
+            f"{name} was compiled for compute capability {entry.get('capability')} ({entry.get('gpu')}), "
+            f"this GPU is {here['capability']} ({here['gpu']}): re-export on this GPU"
+        )
+
+
+def find_packages(bundle: Bundle, device: str = "cpu", precision: str = PRECISION) -> dict[str, tuple[str, dict[str, Any]]]:
+    """graph -> (file name, manifest entry) of the bundle's packages for `device`'s type."""
+    kind, _ = target_device(device)
+    found: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name, entry in bundle.files.items():
+        if entry.kind == KIND_AOTI_PACKAGE and entry.get("device") == kind and entry.precision == precision:
+            found.setdefault(entry.graph, (name, entry))
+    if set(found) != set(GRAPHS):
+        have = sorted({f"{e.get('device')}/{e.precision}" for e in bundle.files.values() if e.kind == KIND_AOTI_PACKAGE})
+        raise BackendUnavailable(
+            f"bundle {bundle.root} has no {precision} AOTInductor packages for {kind} "
+            f"(has: {', '.join(have) or 'none'}); run `rpiae export --target aoti --device {kind} --out {bundle.root}`"
+        )
+    return found
 
 
 def _dense_strides(shape: torch.Size) -> tuple[int, ...]:
@@ -39,21 +124,19 @@ class AOTIBackend(Backend):
         self, bundle: Bundle, precision: str = "fp32", device: str = "cpu", max_batch: int | None = None,
         cache_dir: str | None = None,
     ) -> None:
-        from rpiae.export import aoti
-
-        if precision != aoti.PRECISION:
+        if precision != PRECISION:
             raise BackendUnavailable(f"aoti backend runs fp32 packages only, not {precision}")
         try:
-            kind, index = aoti._device_type(device)
+            kind, index = target_device(device)
         except ValueError as e:
             raise BackendUnavailable(f"aoti backend: {e}") from None
         self.bundle = bundle
         self.device = torch.device(kind, max(index, 0)) if kind == "cuda" else torch.device("cpu")
         self._device_index = index
         self.cache_dir = cache_dir
-        self.packages = aoti.find_packages(bundle, device, precision)
+        self.packages = find_packages(bundle, device, precision)
         for name, entry in self.packages.values():
-            aoti.check_runnable(entry, device, name=f"{bundle.root / name}")
+            check_runnable(entry, device, name=f"{bundle.root / name}")
         self.ranges = {g: (e["batch"]["min"], e["batch"]["max"]) for g, (_, e) in self.packages.items()}
         top = min(hi for _, hi in self.ranges.values())
         super().__init__(bundle.config, precision, min(max_batch, top) if max_batch else top)
@@ -62,10 +145,8 @@ class AOTIBackend(Backend):
         self._runners = {g: self._load(g) for g in self._paths}
 
     def _load(self, graph: str):
-        from rpiae.export import aoti
-
         try:
-            return aoti.load_package(self._paths[graph], device_index=self._device_index if self.device.type == "cuda" else -1,
+            return load_package(self._paths[graph], device_index=self._device_index if self.device.type == "cuda" else -1,
                                      cache_dir=self.cache_dir)
         except (RuntimeError, OSError) as e:
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__

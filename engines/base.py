@@ -14,23 +14,20 @@ The NaN/Inf check reads the input once (a float64 sum on the host, `aminmax` on 
 tensor). For tensors on a GPU it runs on the device and its one-element result is read
 only after the graphs have been queued, so the check never stalls the GPU before a call.
 
-Device strings, shared by every backend: `cpu`, `cuda`, `cuda:N`, and `trt`/`trt:N`
-(ONNX Runtime's TensorRT provider, which runs on CUDA device N; a PyTorch reference for it
-runs on that GPU).
+Device strings are those of `rpiae.devices` (`cpu`, `cuda[:N]`, `trt[:N]`).
 """
 
 from __future__ import annotations
 
 import abc
-import contextlib
 import math
-from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from rpiae.config import RPiAEConfig
+from rpiae.devices import BackendUnavailable, cuda_index, device_scope, precision_context, strict_fp32, torch_device
 
 Array = Any  # np.ndarray | torch.Tensor
 
@@ -39,76 +36,7 @@ class InputError(ValueError):
     """Input arrays that a graph cannot take."""
 
 
-class BackendUnavailable(RuntimeError):
-    """A backend whose runtime is not installed or cannot run here (message says what to do)."""
-
-
 _FLOAT_DTYPES = (np.float32, np.float16, np.float64)
-
-
-def cuda_index(device: str | torch.device | None) -> int | None:
-    """The CUDA device index a device string names: N for `cuda:N`/`trt:N`, -1 for `cuda`/`trt`
-    (torch's current device), None for the CPU."""
-    text = str(device or "cpu")
-    kind, _, index = text.partition(":")
-    if kind not in ("cpu", "cuda", "trt"):
-        raise BackendUnavailable(f"unknown device {text!r} (cpu, cuda, cuda:N, trt, trt:N)")
-    if kind == "cpu":
-        return None
-    if index and not index.isdigit():
-        raise BackendUnavailable(f"unknown device {text!r} (cpu, cuda, cuda:N, trt, trt:N)")
-    return int(index) if index else -1
-
-
-def torch_device(device: str | torch.device | None) -> torch.device:
-    """The torch device a device string runs PyTorch on (`trt[:N]` -> `cuda[:N]`)."""
-    index = cuda_index(device)
-    if index is None:
-        return torch.device("cpu")
-    return torch.device("cuda", index) if index >= 0 else torch.device("cuda")
-
-
-@contextlib.contextmanager
-def strict_fp32() -> Iterator[None]:
-    """FP32 math for CUDA kernels inside the block: no TF32 in cuDNN convolutions (on by
-    default in PyTorch) nor in cuBLAS matmuls; the previous settings come back afterwards.
-
-    Set through the legacy switches, which every torch 2.x reads; restored through them when
-    they could be read, else (a process that set the newer per-op `fp32_precision` switches,
-    which make the legacy getters raise) through the per-op switches."""
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    per_op = (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, matmul.fp32_precision)
-    try:
-        legacy = (cudnn.allow_tf32, matmul.allow_tf32, torch.get_float32_matmul_precision())
-    except RuntimeError:
-        legacy = None
-    cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")  # = matmul.allow_tf32 False, and keeps the getters consistent
-    try:
-        yield
-    finally:
-        if legacy is not None:
-            torch.set_float32_matmul_precision(legacy[2])
-            matmul.allow_tf32 = legacy[1]
-            cudnn.allow_tf32 = legacy[0]
-        else:
-            cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision, matmul.fp32_precision = per_op
-
-
-def precision_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """How a PyTorch graph computes at `dtype` on `device`: FP32 without TF32 on CUDA, autocast
-    for fp16/bf16, nothing special for FP32 on the CPU."""
-    if dtype == torch.float32:
-        return strict_fp32() if device.type == "cuda" else contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def device_scope(device: torch.device) -> contextlib.AbstractContextManager:
-    """Make `device` torch's current CUDA device inside the block (streams, allocations and
-    synchronisation then default to it); nothing for the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
 
 
 def _finite_numpy(x: np.ndarray) -> bool:
@@ -215,3 +143,7 @@ class Backend(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+__all__ = ["Array", "Backend", "BackendUnavailable", "InputError", "cuda_index", "device_scope", "precision_context",
+           "strict_fp32", "torch_device"]

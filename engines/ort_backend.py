@@ -35,8 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from rpiae.cache import default_cache_dir
 from rpiae.engines.base import Backend, BackendUnavailable, cuda_index
 from rpiae.export.bundle import Bundle
+from rpiae.export.manifest import KIND_AOTI_PACKAGE, KIND_ONNX, KIND_TRT_ENGINE
+from rpiae.export.profile import BatchProfile
+from rpiae.export.spec import GRAPHS, graph_specs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "trt": "TensorrtExecutionProvider"}
 ALLOW_FALLBACK_ENV = "RPIAE_ALLOW_FALLBACK"
@@ -102,20 +106,34 @@ def fallback_reason(log: str, provider: str) -> str:
     return " | ".join(picked) if picked else "ONNX Runtime logged no reason"
 
 
-def bundle_profile(bundle: Bundle):
+def bundle_profile(bundle: Bundle) -> BatchProfile:
     """The batch profile engines of this bundle were built for (TensorRT engines first, then
     AOTInductor packages), else the default 1:8:32."""
-    from rpiae.export.profile import BatchProfile
-
     for entry in bundle.files.values():
-        p = entry.get("profile") if entry.get("kind") == "trt-engine" else None
+        p = entry.get("profile") if entry.kind == KIND_TRT_ENGINE else None
         if p and {"min", "opt", "max"} <= set(p):
             return BatchProfile(int(p["min"]), int(p["opt"]), int(p["max"]))
     for entry in bundle.files.values():
-        b = entry.get("batch") if entry.get("kind") == "aoti-package" else None
+        b = entry.get("batch") if entry.kind == KIND_AOTI_PACKAGE else None
         if b and {"min", "max"} <= set(b):
             return BatchProfile(int(b["min"]), min(max(8, int(b["min"])), int(b["max"])), int(b["max"]))
     return BatchProfile()
+
+
+def session_options(threads: int | None = None, log_level: int = 3, profile_prefix: str | None = None):
+    """ONNX Runtime session options as every session of this project makes them: all graph
+    optimisations, `threads` intra-op threads (None: ONNX Runtime's default), warnings and
+    below muted at `log_level` 3, profiling into `profile_prefix`*.json when given."""
+    ort = import_onnxruntime()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = log_level
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    return opts
 
 
 def _shape(batch: int, item: tuple[int, ...]) -> str:
@@ -133,6 +151,7 @@ class ORTBackend(Backend):
     ) -> None:
         ort = import_onnxruntime()
         super().__init__(bundle.config, precision, max_batch)
+        self.specs = graph_specs(bundle.config)
         self.kind = str(device).split(":")[0]
         if self.kind not in PROVIDERS:
             raise BackendUnavailable(f"ort backend: unknown device {device!r} (cpu, cuda, cuda:N, trt, trt:N)")
@@ -174,7 +193,7 @@ class ORTBackend(Backend):
             # ordering with torch's streams is by events (below); no host wait at the end of a run
             self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         # resolve (and hash-check) both graphs now: a missing precision fails before any work
-        self._paths = {g: bundle.graph_path(g, precision) for g in ("encode", "decode")}
+        self._paths = {g: bundle.graph_path(g, precision) for g in GRAPHS}
         self.fallback: dict[str, Any] | None = None
         self._sessions = {g: self._create_session(g) for g in self._paths}
         self.providers = list(self._sessions["encode"].get_providers())
@@ -192,14 +211,12 @@ class ORTBackend(Backend):
                 ("CPUExecutionProvider", {})]
 
     def _trt_options(self, cuda: dict[str, Any]) -> dict[str, Any]:
-        io_names = self.bundle.manifest.get("io", {})
         shapes: dict[str, list[str]] = {"min": [], "opt": [], "max": []}
-        for graph, item in (("encode", self.config.image_shape), ("decode", self.config.latent_shape)):
-            name = io_names.get(graph, {}).get("input", {}).get("name", "images" if graph == "encode" else "latent")
+        for spec in graph_specs(self.config).values():
             for key in shapes:
-                shapes[key].append(f"{name}:{_shape(getattr(self.profile, key), item)}")
+                shapes[key].append(f"{spec.input_name}:{_shape(getattr(self.profile, key), spec.input_shape)}")
         high = "fp16"
-        name = self.bundle.find("encode", self.precision, "onnx")
+        name = self.bundle.find("encode", self.precision, KIND_ONNX)
         if self.precision == "int8" and name is not None:
             high = (self.bundle.files[name].get("calibration") or {}).get("high_precision", "fp16")
         return {
@@ -225,8 +242,6 @@ class ORTBackend(Backend):
                 return inside
         except OSError:
             pass
-        from rpiae.export.aoti import default_cache_dir
-
         key = self.bundle.files.get(self.bundle.find("encode", "fp32") or "", {}).get("sha256", "bundle")[:16]
         outside = default_cache_dir() / "ort-trt" / key
         outside.mkdir(parents=True, exist_ok=True)
@@ -235,15 +250,9 @@ class ORTBackend(Backend):
     def _open(self, graph: str, providers: list[tuple[str, dict[str, Any]]]):
         """(session, what ONNX Runtime printed while making it)."""
         ort = import_onnxruntime()
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
         # provider set-up problems are warnings; they are captured and shown only when they matter
-        opts.log_severity_level = 2 if self.kind != "cpu" else 3
-        if self._profile_dir is not None:
-            opts.enable_profiling = True
-            opts.profile_file_prefix = str(self._profile_dir / f"ort-{graph}")
+        opts = session_options(self.threads, log_level=2 if self.kind != "cpu" else 3,
+                               profile_prefix=str(self._profile_dir / f"ort-{graph}") if self._profile_dir else None)
         error = None
         with captured_output() as log:
             try:
@@ -257,7 +266,7 @@ class ORTBackend(Backend):
 
     def _create_session(self, graph: str):
         if self.kind == "trt":
-            from rpiae.engines.tensorrt import import_tensorrt
+            from rpiae.export.tensorrt import import_tensorrt
 
             with contextlib.suppress(BackendUnavailable):  # loads libnvinfer from the tensorrt wheel for the provider
                 import_tensorrt()
@@ -295,7 +304,7 @@ class ORTBackend(Backend):
 
     def _run_bound(self, sess, graph: str, x: torch.Tensor) -> torch.Tensor:
         dev = self._torch_device
-        out_shape = self.config.latent_shape if graph == "encode" else self.config.image_shape
+        out_shape = self.specs[graph].output_shape
         if dev.type == "cuda":
             current = torch.cuda.current_stream(dev)
             with torch.cuda.device(dev):

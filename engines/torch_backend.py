@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 from rpiae.engines.base import Backend, BackendUnavailable, device_scope, precision_context, torch_device
+from rpiae.export.spec import TORCH_PRECISIONS
 from rpiae.model import RPiAE
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPES = dict(zip(TORCH_PRECISIONS, (torch.float32, torch.float16, torch.bfloat16)))
 
 
 class TorchBackend(Backend):

@@ -19,10 +19,13 @@ from typing import Any
 import torch
 
 from rpiae.engines.base import Backend, BackendUnavailable, device_scope, strict_fp32
+from rpiae.export.graphs import graph_module
+from rpiae.export.profile import BatchProfile
+from rpiae.export.spec import GRAPHS, TORCH_PRECISIONS, graph_spec
 
 TORCH_TRT_MISSING = ("Torch-TensorRT is not installed: pip install -e '.[torch-trt]' (torch-tensorrt of this torch's "
                      "version, on a machine with an NVIDIA GPU)")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = dict(zip(TORCH_PRECISIONS, (torch.float32, torch.float16, torch.bfloat16)))
 
 
 def import_torch_tensorrt():
@@ -63,7 +66,6 @@ class TorchTRTBackend(Backend):
     def __init__(self, model, precision: str = "fp16", device: str = "cuda", max_batch: int | None = None,
                  profile=None) -> None:
         from rpiae.engines.tensorrt import require_cuda
-        from rpiae.export.profile import BatchProfile
 
         if precision not in DTYPES:
             raise BackendUnavailable(
@@ -77,12 +79,10 @@ class TorchTRTBackend(Backend):
         super().__init__(model.config, precision, min(max_batch, top) if max_batch else top)
         self.dtype = DTYPES[precision]
         self.settings = compile_settings(torch_tensorrt, self.dtype)
-        self._modules = {g: self._compile(torch_tensorrt, model, g) for g in ("encode", "decode")}
+        self._modules = {g: self._compile(torch_tensorrt, model, g) for g in GRAPHS}
 
     def _compile(self, torch_tensorrt, model, graph: str):
-        from rpiae.export.graphs import graph_module
-
-        item = self.config.image_shape if graph == "encode" else self.config.latent_shape
+        item = graph_spec(self.config, graph).input_shape
         p = self.profile
         spec = torch_tensorrt.Input(min_shape=(p.min, *item), opt_shape=(p.opt, *item), max_shape=(p.max, *item),
                                     dtype=torch.float32)

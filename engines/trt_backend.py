@@ -6,7 +6,7 @@ sha256 intact, built with this TensorRT version for this GPU's compute capabilit
 one-line error saying how to rebuild). Arrays may come from the host or the GPU; the
 engines run on `device` (cuda or cuda:N; `cpu` means the default GPU, with numpy/CPU
 results). Batches are split to the engines' profile maximum. The TensorRT calls themselves
-live in `rpiae.engines.tensorrt`.
+live in `rpiae.engines.tensorrt` (building them in `rpiae.export.tensorrt`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from rpiae.engines import tensorrt as T
 from rpiae.engines.base import Backend
 from rpiae.export.bundle import Bundle, BundleError
-
-GRAPHS = ("encode", "decode")
+from rpiae.export.manifest import KIND_TRT_ENGINE
+from rpiae.export.spec import GRAPHS
 
 
 class TRTBackend(Backend):
@@ -32,9 +32,9 @@ class TRTBackend(Backend):
         env = T.current_environment(self.device)
         names = {}
         for graph in GRAPHS:
-            name = bundle.find(graph, precision, T.ENGINE_KIND)
+            name = bundle.find(graph, precision, KIND_TRT_ENGINE)
             if name is None:
-                have = ", ".join(bundle.precisions(T.ENGINE_KIND)) or "none"
+                have = ", ".join(bundle.precisions(KIND_TRT_ENGINE)) or "none"
                 raise BundleError(
                     f"bundle {bundle.root} has no {precision} TensorRT {graph} engine (has: {have}); build it with "
                     f"`rpiae export --target trt --precision {precision} --out {bundle.root}`"
@@ -47,12 +47,16 @@ class TRTBackend(Backend):
         limit = min(r.max_batch for r in self._runners.values())
         self.max_batch = min(max_batch, limit) if max_batch else limit
 
+    def runner(self, graph: str) -> T.EngineRunner:
+        """The deserialized engine of one graph (polygraphy's comparison runs it directly)."""
+        return self._runners[graph]
+
     def _run(self, graph: str, x: torch.Tensor) -> torch.Tensor:
         return self._runners[graph](x)
 
     def describe(self) -> dict:
         r = self._runners["encode"]
-        entry = self.bundle.files[self.bundle.find("encode", self.precision, T.ENGINE_KIND)]
+        entry = self.bundle.files[self.bundle.find("encode", self.precision, KIND_TRT_ENGINE)]
         return {**super().describe(), "device": str(self.device), "profile": f"{r.min_batch}:{r.opt_batch}:{r.max_batch}",
                 "tensorrt": entry.get("tensorrt"), "version_compatible": bool(entry.get("version_compatible"))}
 

@@ -1,6 +1,8 @@
-"""Export: ONNX graphs in FP32/FP16/INT8, bundles with manifests, parity against PyTorch."""
+"""Export: the graphs and their contract (`spec`, `manifest`), ONNX graphs in FP32/FP16/INT8,
+graph checks, bundles, and the builders of TensorRT engines, AOTInductor packages and Triton
+repositories. Nothing here runs a runtime: measuring parity is `rpiae.verify`'s job."""
 
-from rpiae.export.api import export_bundle, verify_bundle
+from rpiae.export.build import build_bundle
 from rpiae.export.bundle import Bundle, BundleError
 
-__all__ = ["Bundle", "BundleError", "export_bundle", "verify_bundle"]
+__all__ = ["Bundle", "BundleError", "build_bundle"]

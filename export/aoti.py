@@ -1,6 +1,6 @@
 """AOTInductor packages: the encode/decode graphs compiled ahead of time into `.pt2` files.
 
-    package_bundle(bundle, device="cpu", profile=BatchProfile(1, 8, 32))
+    compile_packages(bundle, device="cpu", profile=BatchProfile(1, 8, 32))
 
 exports `EncodeGraph` / `DecodeGraph` (rpiae.export.graphs, the same matmul-form resize as
 the ONNX graphs) with `torch.export` and a dynamic batch axis bounded by the profile,
@@ -11,8 +11,8 @@ compiles each with AOTInductor and writes
 with a manifest entry per file (kind "aoti-package": device, CPU level and flags or GPU
 capability, torch version, batch range) and a summary under manifest["engines"]. The same
 facts are embedded in each package's metadata (`rpiae_*` keys), so the C++ runner can
-check them too. A package loads from Python (`rpiae.engines.aoti_backend.AOTIBackend`)
-and from C++ through libtorch (`engines/cpp`).
+check them too. A package loads from Python (`rpiae.engines.aoti_backend`, which also
+checks that this machine can run it) and from C++ through libtorch (`engines/cpp`).
 
 Decisions:
 - CPU packages are compiled for a fixed, documented level, never `-march=native`:
@@ -25,10 +25,8 @@ Decisions:
   runner before the first run). Inductor's own lower bound of 2 on a dynamic axis is
   dropped (`check_lowerbound=False`) so that batch 1 runs; the profile's minimum is checked
   by the Python backend and the C++ runner instead, the maximum by the package itself.
-- Compiler caches and temporary files go under one directory the user controls:
-  `cache_dir=`, else `$RPIAE_CACHE_DIR`, else `$XDG_CACHE_HOME/rpiae` (`~/.cache/rpiae`):
-  `inductor/` (TORCHINDUCTOR_CACHE_DIR), `triton/` (TRITON_CACHE_DIR), `tmp/` (TMPDIR,
-  also where a loaded package is unpacked).
+- Compiler caches and temporary files go under one directory the user controls
+  (`rpiae.cache`).
 - FP32 only: the packages run the FP32 weights (reduced precision lives in the ONNX/TensorRT
   path). CUDA packages are compiled with TF32 off (Inductor bakes the matmul precision into
   its kernels), so they keep the FP32 parity bound.
@@ -40,23 +38,23 @@ Decisions:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import re
-import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rpiae.engines.base import BackendUnavailable
+from rpiae.cache import compiler_workdir
+from rpiae.devices import BackendUnavailable, precision_context
 from rpiae.export.bundle import Bundle
-from rpiae.export.graphs import GRAPHS, example_input, graph_module
+from rpiae.export.graphs import example_input, graph_module
+from rpiae.export.spec import GRAPHS, graph_spec
 from rpiae.export.profile import BatchProfile
+from rpiae.host import cpu_flags
 
 KIND = "aoti-package"
 ENGINE_DIR = "engines/aoti"
@@ -78,96 +76,12 @@ DEFAULT_CPU_LEVEL = "x86-64-v3"
 DEFAULT_CUDA_HOME = "/usr/local/cuda"  # torch's last guess on Linux (torch.utils.cpp_extension)
 
 
-# -- where compilers and loaders may write ------------------------------------------------------
-def default_cache_dir() -> Path:
-    if os.environ.get("RPIAE_CACHE_DIR"):
-        return Path(os.environ["RPIAE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "rpiae"
-
-
-@contextlib.contextmanager
-def workdir(cache_dir: str | Path | None = None) -> Iterator[Path]:
-    """Point Inductor's cache, Triton's cache and every temporary file into `cache_dir`."""
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    root = root.expanduser().resolve()
-    dirs = {"TORCHINDUCTOR_CACHE_DIR": root / "inductor", "TRITON_CACHE_DIR": root / "triton", "TMPDIR": root / "tmp"}
-    for d in dirs.values():
-        d.mkdir(parents=True, exist_ok=True)
-    saved = {k: os.environ.get(k) for k in dirs}
-    saved_tempdir = tempfile.tempdir
-    changed = any(saved[k] != str(v) for k, v in dirs.items())
-    for k, v in dirs.items():
-        os.environ[k] = str(v)
-    tempfile.tempdir = str(dirs["TMPDIR"])
-    if changed:
-        _clear_inductor_caches()
-    try:
-        yield root
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        tempfile.tempdir = saved_tempdir
-        if changed:
-            _clear_inductor_caches()
-
-
-def _clear_inductor_caches() -> None:
-    # in-memory caches that remember the previous cache directory
-    try:
-        from torch._inductor.utils import clear_caches
-
-        clear_caches()
-    except Exception:  # pragma: no cover - best effort across torch versions
-        pass
-
-
-def enable_runtime_input_checks() -> None:
-    """AOTInductor's generated input checks (shape, dtype, stride, batch upper bound) run only
-    when AOTI_RUNTIME_CHECK_INPUTS is set; each model library reads it once, on first run."""
-    os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"
-
-
-def load_package(path: str | Path, device_index: int = -1, cache_dir: str | Path | None = None):
-    """`torch._inductor.aoti_load_package` with input checks on, unpacked under `cache_dir`.
-
-    Does not check the machine: call `check_runnable` on the manifest entry first.
-    """
-    import logging
-
-    enable_runtime_input_checks()
-    pkg_log = logging.getLogger("torch.export.pt2_archive._package")
-    level = pkg_log.level
-    # torch warns when the package's ISA differs from this CPU's best one; the CPU level is
-    # checked by check_runnable, and a CPU with more than the level needs is not a problem
-    pkg_log.setLevel(logging.ERROR)
-    try:
-        with workdir(cache_dir):
-            return torch._inductor.aoti_load_package(str(path), device_index=device_index)
-    finally:
-        pkg_log.setLevel(level)
-
-
 # -- machine facts ---------------------------------------------------------------------------
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def torch_version() -> str:
     return torch.__version__.split("+")[0]
 
 
-def _minor(version: str) -> tuple[int, ...]:
+def torch_minor(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", version)[:2])
 
 
@@ -208,62 +122,12 @@ def auto_device() -> tuple[str, str | None]:
     return "cuda", None
 
 
-def _device_type(device: str) -> tuple[str, int]:
+def target_device(device: str) -> tuple[str, int]:
+    """(cpu|cuda, index) of a package's device string: `cpu` -> 0, `cuda` -> -1 (current), `cuda:N` -> N."""
     kind, _, idx = str(device).partition(":")
     if kind not in ("cpu", "cuda"):
         raise ValueError(f"aoti target device must be cpu or cuda, not {device!r}")
     return kind, int(idx) if idx else (-1 if kind == "cuda" else 0)
-
-
-def check_runnable(entry: dict[str, Any], device: str = "cpu", name: str = "package") -> None:
-    """Refuse, with one line, a package this machine cannot run. Raises BackendUnavailable."""
-    kind, index = _device_type(device)
-    if entry.get("device") != kind:
-        raise BackendUnavailable(f"{name} was compiled for {entry.get('device')}, not {kind}")
-    built = entry.get("torch", "?")
-    if _minor(built) != _minor(torch_version()):
-        raise BackendUnavailable(
-            f"{name} was compiled with torch {built}, this is torch {torch_version()}: re-run "
-            f"`rpiae export --target aoti --device {kind}` with this torch"
-        )
-    if kind == "cpu":
-        level = entry.get("cpu_level", "?")
-        machines = CPU_LEVELS.get(level, {}).get("machines", ())
-        if platform.machine() not in machines:
-            raise BackendUnavailable(f"{name} was compiled for {level} CPUs, this machine is {platform.machine()}")
-        have = cpu_flags()
-        missing = [f for f in entry.get("cpu_flags", []) if f not in have]
-        if have and missing:
-            raise BackendUnavailable(
-                f"{name} was compiled for {level}; this CPU lacks {', '.join(missing)}: "
-                "re-export on a machine of this CPU level or use the ort/torch backend"
-            )
-        return
-    if not torch.cuda.is_available():
-        raise BackendUnavailable(f"{name} is a CUDA package and torch.cuda.is_available() is False here")
-    here = cuda_target(None if index < 0 else index)
-    if here["capability"] != entry.get("capability"):
-        raise BackendUnavailable(
-            f"{name} was compiled for compute capability {entry.get('capability')} ({entry.get('gpu')}), "
-            f"this GPU is {here['capability']} ({here['gpu']}): re-export on this GPU"
-        )
-
-
-# -- locating packages in a bundle ---------------------------------------------------------------
-def find_packages(bundle: Bundle, device: str = "cpu", precision: str = PRECISION) -> dict[str, tuple[str, dict[str, Any]]]:
-    """graph -> (file name, manifest entry) of the bundle's packages for `device`'s type."""
-    kind, _ = _device_type(device)
-    found: dict[str, tuple[str, dict[str, Any]]] = {}
-    for name, entry in bundle.files.items():
-        if entry.get("kind") == KIND and entry.get("device") == kind and entry.get("precision") == precision:
-            found.setdefault(entry["graph"], (name, entry))
-    if set(found) != set(GRAPHS):
-        have = sorted({f"{e.get('device')}/{e.get('precision')}" for e in bundle.files.values() if e.get("kind") == KIND})
-        raise BackendUnavailable(
-            f"bundle {bundle.root} has no {precision} AOTInductor packages for {kind} "
-            f"(has: {', '.join(have) or 'none'}); run `rpiae export --target aoti --device {kind} --out {bundle.root}`"
-        )
-    return found
 
 
 # -- compiling -------------------------------------------------------------------------------
@@ -293,16 +157,14 @@ def compile_graph(
     cpu_level: str = DEFAULT_CPU_LEVEL, metadata: dict[str, str] | None = None, cache_dir: str | Path | None = None,
 ) -> dict[str, float]:
     """Export and compile one graph of `model` into the `.pt2` file `out`. Returns timings."""
-    kind, index = _device_type(device)
+    kind, index = target_device(device)
     dev = torch.device(kind, max(index, 0)) if kind == "cuda" else torch.device("cpu")
     module = graph_module(model.float().eval().to(dev), graph)
     example = example_input(model, graph, batch=max(profile.min, min(2, profile.max))).to(dev)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.stem}.partial.pt2")
-    from rpiae.engines.base import precision_context
-
-    with workdir(cache_dir), torch.no_grad(), warnings.catch_warnings(), precision_context(dev, torch.float32):
+    with compiler_workdir(cache_dir), torch.no_grad(), warnings.catch_warnings(), precision_context(dev, torch.float32):
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)  # torch-internal
         t0 = time.perf_counter()
         ep = export_program(module, example, profile)
@@ -350,84 +212,77 @@ def _target(kind: str, index: int, cpu_level: str) -> dict[str, Any]:
 def check_target(device: str = "cpu", cpu_level: str = DEFAULT_CPU_LEVEL) -> dict[str, Any]:
     """Fail fast (BackendUnavailable/ValueError, one line) when packages for `device` cannot be
     compiled and checked here; call before a long ONNX export. Returns the target facts."""
-    kind, index = _device_type(device)
+    kind, index = target_device(device)
     return _target(kind, index, cpu_level)
 
 
-def package_bundle(
+def package_name(graph: str, tag: str) -> str:
+    return f"{ENGINE_DIR}/{graph}.{PRECISION}.{tag}.pt2"
+
+
+def package_metadata(bundle: Bundle, graph: str, target: dict[str, Any], profile: BatchProfile) -> dict[str, str]:
+    """The `rpiae_*` facts embedded in a package, which the C++ runner checks."""
+    return {
+        "rpiae_graph": graph, "rpiae_model": bundle.config.name, "rpiae_device": target["device"],
+        "rpiae_batch_min": str(profile.min), "rpiae_batch_max": str(profile.max),
+        "rpiae_input_shape": ",".join(map(str, graph_spec(bundle.config, graph).input_shape)),
+        "rpiae_torch": torch_version(),
+        "rpiae_cpu_level": target.get("cpu_level", ""), "rpiae_cpu_flags": " ".join(target.get("cpu_flags", [])),
+        "rpiae_capability": target.get("capability", ""),
+    }
+
+
+def _drop_packages(bundle: Bundle, graph: str, kind: str, keep: str) -> None:
+    """Forget (and delete) the bundle's earlier packages of `graph` for this device type."""
+    for old, e in list(bundle.files.items()):
+        if e.get("kind") == KIND and e.get("graph") == graph and e.get("device") == kind and e.get("precision") == PRECISION:
+            bundle.remove_file(old)
+            if old != keep:
+                (bundle.root / old).unlink(missing_ok=True)
+
+
+def compile_packages(
     bundle: Bundle | str | Path,
     device: str = "cpu",
     profile: BatchProfile = BatchProfile(),
     cpu_level: str = DEFAULT_CPU_LEVEL,
     cache_dir: str | Path | None = None,
     graphs: tuple[str, ...] = GRAPHS,
-    parity: bool = True,
     progress: bool = True,
 ) -> Bundle:
-    """Compile the bundle's encode/decode graphs into AOTInductor packages and record them.
-
-    Replaces earlier packages for the same target; with `parity`, runs the packages against
-    eager PyTorch FP32 (ONNX FP32 tolerances) and appends the rows to manifest["parity"].
-    """
+    """Compile the bundle's graphs into AOTInductor packages and record them in its manifest,
+    replacing earlier packages for the same device type. (`rpiae.verify.package_bundle` also
+    measures their parity.)"""
     from tqdm.auto import tqdm
 
     from rpiae.model import RPiAE
 
     if not isinstance(bundle, Bundle):
         bundle = Bundle.open(bundle)
-    kind, index = _device_type(device)
+    kind, index = target_device(device)
     target = _target(kind, index, cpu_level)
     tag = target.pop("tag")
     model = RPiAE.from_checkpoint(bundle.weights_path())
     base = {"precision": PRECISION, **target, "torch": torch_version(), "batch": profile.to_dict()}
-    timings: dict[str, dict[str, float]] = {}
     names = []
     bar = tqdm(graphs, desc=f"aoti {tag}", unit="graph", disable=not progress)
     for graph in bar:
         bar.set_postfix_str(graph)
-        name = f"{ENGINE_DIR}/{graph}.{PRECISION}.{tag}.pt2"
-        for old, e in list(bundle.files.items()):  # same graph and target: replace
-            if e.get("kind") == KIND and e.get("graph") == graph and e.get("device") == kind and e.get("precision") == PRECISION:
-                bundle.remove_file(old)
-                if old != name:
-                    (bundle.root / old).unlink(missing_ok=True)
-        metadata = {
-            "rpiae_graph": graph, "rpiae_model": bundle.config.name, "rpiae_device": kind,
-            "rpiae_batch_min": str(profile.min), "rpiae_batch_max": str(profile.max),
-            "rpiae_input_shape": ",".join(map(str, bundle.config.image_shape if graph == "encode" else bundle.config.latent_shape)),
-            "rpiae_torch": torch_version(),
-            "rpiae_cpu_level": target.get("cpu_level", ""), "rpiae_cpu_flags": " ".join(target.get("cpu_flags", [])),
-            "rpiae_capability": target.get("capability", ""),
-        }
-        timings[graph] = compile_graph(model, graph, bundle.root / name, device=device, profile=profile,
-                                       cpu_level=cpu_level, metadata=metadata, cache_dir=cache_dir)
-        bundle.add_file(name, kind=KIND, graph=graph, **base, **timings[graph])
+        name = package_name(graph, tag)
+        _drop_packages(bundle, graph, kind, keep=name)
+        timings = compile_graph(model, graph, bundle.root / name, device=device, profile=profile, cpu_level=cpu_level,
+                                metadata=package_metadata(bundle, graph, target, profile), cache_dir=cache_dir)
+        bundle.add_file(name, kind=KIND, graph=graph, **base, **timings)
         names.append(name)
-    bundle.manifest.setdefault("engines", {})[f"aoti-{tag}"] = {
+    bundle.manifest.engines[f"aoti-{tag}"] = {
         "kind": KIND, "files": names, **base,
         "input_checks": "AOTI_RUNTIME_CHECK_INPUTS=1 (shape, dtype, batch <= max); batch >= min checked by the runners",
     }
     bundle.write_manifest()
-    if parity and set(graphs) == set(GRAPHS):
-        from rpiae.export.api import verify_bundle
-
-        try:
-            from rpiae.samples import sample_photos
-
-            images = sample_photos()[1][:4]
-        except (ImportError, RuntimeError):  # scikit-image missing: seeded random images
-            images = example_input(model, "encode", batch=4).numpy()
-        batch = min(max(len(images), profile.min), profile.max)
-        rows = verify_bundle(bundle, backend="aoti", images=images, batches=[batch], precisions=[PRECISION],
-                             device=device)["results"]
-        kept = [r for r in bundle.manifest.get("parity", []) if not (r.get("backend") == "aoti" and r.get("device") == device)]
-        bundle.manifest["parity"] = kept + rows
-        bundle.write_manifest()
     return bundle
 
 
 __all__ = [
-    "CPU_LEVELS", "DEFAULT_CPU_LEVEL", "KIND", "auto_device", "check_runnable", "check_target", "compile_graph", "cpu_flags",
-    "cuda_toolkit", "default_cache_dir",
-    "enable_runtime_input_checks", "find_packages", "load_package", "package_bundle", "workdir",
+    "CPU_LEVELS", "DEFAULT_CPU_LEVEL", "KIND", "PRECISION", "auto_device", "check_target", "compile_graph",
+    "compile_packages", "cuda_target", "cuda_toolkit", "target_device", "torch_minor", "torch_version",
 ]

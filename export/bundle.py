@@ -2,79 +2,55 @@
 
     BUNDLE/
       manifest.json            model config, I/O conventions, files with sha256, precisions,
-                               opset, tool versions, parity results, engines
+                               opset, tool versions, parity results, engines (rpiae.export.manifest)
       model.safetensors        the source weights (fp32), so a bundle alone is enough
       encode.fp32.onnx  decode.fp32.onnx  (and .fp16 / .int8 variants)
       engines/...              TensorRT / AOTInductor artefacts, added by later steps
 
 A bundle is written into a hidden temporary directory and renamed when complete, so an
-interrupted export leaves nothing that looks finished. Opening a bundle checks every
-listed file's size; a file is sha256-verified before first use, so a tampered or truncated
+interrupted export leaves nothing that looks finished. Opening a bundle checks the manifest
+against its schema, every listed file's size, and that the model config is the same in the
+manifest, in the weights' metadata and in every ONNX graph's metadata (the three copies each
+reader may trust); a file is sha256-verified before first use, so a tampered or truncated
 file is refused.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
+import dataclasses
 import json
-import platform
-from importlib import metadata as _md
 from pathlib import Path
 from typing import Any
 
 from rpiae.config import RPiAEConfig
+from rpiae.export.manifest import (
+    FORMAT_VERSION, KIND_ONNX, MANIFEST, WEIGHTS, BundleError, FileEntry, Manifest, ManifestError, onnx_name,
+)
+from rpiae.export.spec import PRECISIONS
 from rpiae.fileio import atomic_file, sha256_file
 
-MANIFEST = "manifest.json"
-FORMAT = "rpiae-bundle"
-FORMAT_VERSION = 1
-WEIGHTS = "model.safetensors"
+__all__ = ["FORMAT_VERSION", "MANIFEST", "WEIGHTS", "Bundle", "BundleError", "ManifestError", "onnx_name"]
 
 
-class BundleError(ValueError):
-    """A bundle that is missing, incomplete, tampered with, or lacks what was asked for."""
-
-
-def onnx_name(graph: str, precision: str) -> str:
-    return f"{graph}.{precision}.onnx"
-
-
-def tool_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in ("rpiae", "torch", "onnx", "onnxruntime", "onnxslim", "onnxscript", "nvidia-modelopt", "tensorrt", "polygraphy"):
-        try:
-            out[dist] = _md.version(dist)
-        except _md.PackageNotFoundError:
-            pass
-    return out
-
-
-def io_conventions(config: RPiAEConfig) -> dict[str, Any]:
-    c, g, s = config.latent_channels, config.grid_size, config.image_size
-    return {
-        "encode": {
-            "input": {"name": "images", "shape": ["batch", 3, s, s], "dtype": "float32", "layout": "NCHW",
-                      "colour": "RGB", "range": [0.0, 1.0]},
-            "output": {"name": "latent", "shape": ["batch", c, g, g], "dtype": "float32",
-                       "meaning": "posterior mean, normalised per element: (z - latent_mean) / sqrt(latent_var + eps)"
-                       if config.latent_norm else "posterior mean, unscaled"},
-        },
-        "decode": {
-            "input": {"name": "latent", "shape": ["batch", c, g, g], "dtype": "float32"},
-            "output": {"name": "image", "shape": ["batch", 3, s, s], "dtype": "float32", "layout": "NCHW",
-                       "colour": "RGB", "range": "nominally [0, 1], not clamped: clamp and quantise in post-processing"},
-        },
-        "image_policy": "see rpiae.imageio: by default the RPiAE authors' preprocessing (PIL convert('RGB'), ADM "
-                        "center_crop_arr: BOX halving, BICUBIC short side to 256, centre crop 256x256, / 255)",
-    }
+def config_differences(a: RPiAEConfig, b: RPiAEConfig) -> list[str]:
+    """`field: a vs b` for each field in which two configs differ (the name is a label, not compared)."""
+    return [f"{f.name}: {getattr(a, f.name)!r} vs {getattr(b, f.name)!r}" for f in dataclasses.fields(a)
+            if f.compare and getattr(a, f.name) != getattr(b, f.name)]
 
 
 class Bundle:
-    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
-        self.root = root
+    def __init__(self, root: Path, manifest: Manifest) -> None:
+        self.root = Path(root)
         self.manifest = manifest
-        self.config = RPiAEConfig.from_dict(manifest["config"])
         self._verified: set[str] = set()
+
+    @property
+    def config(self) -> RPiAEConfig:
+        return self.manifest.config
+
+    @property
+    def files(self) -> dict[str, FileEntry]:
+        return self.manifest.files
 
     # -- opening -------------------------------------------------------------------------------
     @classmethod
@@ -86,34 +62,47 @@ class Bundle:
         if not mpath.is_file():
             raise BundleError(f"{root}: no {MANIFEST} (an incomplete or foreign directory)")
         try:
-            manifest = json.loads(mpath.read_text())
+            data = json.loads(mpath.read_text())
         except json.JSONDecodeError as e:
-            raise BundleError(f"{mpath}: unreadable manifest ({e})") from None
-        if manifest.get("format") != FORMAT:
-            raise BundleError(f"{mpath}: not an rpiae bundle manifest")
-        if manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise BundleError(f"{mpath}: bundle format {manifest['format_version']} is newer than this rpiae")
-        bundle = cls(root, manifest)
-        for name, entry in manifest.get("files", {}).items():
+            raise ManifestError(f"{mpath}: unreadable manifest ({e})") from None
+        bundle = cls(root, Manifest.from_dict(data, where=str(mpath)))
+        for name, entry in bundle.files.items():
             p = root / name
             if not p.is_file():
                 raise BundleError(f"{root}: listed file {name} is missing")
-            if p.stat().st_size != entry["bytes"]:
+            if p.stat().st_size != entry.bytes:
                 raise BundleError(
-                    f"{root}: {name} is {p.stat().st_size} bytes, the manifest says {entry['bytes']} "
+                    f"{root}: {name} is {p.stat().st_size} bytes, the manifest says {entry.bytes} "
                     "(truncated or modified); re-export the bundle"
                 )
+        bundle.check_config_copies()
         return bundle
 
     @staticmethod
     def is_bundle(path: str | Path) -> bool:
         return (Path(path) / MANIFEST).is_file()
 
-    # -- files ---------------------------------------------------------------------------------
-    @property
-    def files(self) -> dict[str, dict[str, Any]]:
-        return self.manifest.setdefault("files", {})
+    def check_config_copies(self) -> None:
+        """Refuse a bundle whose weights or ONNX graphs carry another model config than its manifest."""
+        from rpiae.checkpoints import read_config
+        from rpiae.export.onnx_export import read_metadata
 
+        copies: list[tuple[str, RPiAEConfig | None]] = []
+        if WEIGHTS in self.files:
+            copies.append((WEIGHTS, read_config(self.root / WEIGHTS)))
+        for name, entry in self.files.items():
+            if entry.kind == KIND_ONNX:
+                text = read_metadata(self.root / name).get("rpiae.config")
+                copies.append((name, RPiAEConfig.from_json(text) if text else None))
+        for name, config in copies:
+            if config is None:
+                raise BundleError(f"{self.root}: {name} carries no model config; re-export the bundle")
+            diff = config_differences(self.config, config)
+            if diff:
+                raise BundleError(f"{self.root}: the model config in {name} differs from the manifest's "
+                                  f"({'; '.join(diff[:3])}); re-export the bundle")
+
+    # -- files ---------------------------------------------------------------------------------
     def verify_file(self, name: str) -> Path:
         """Path of a listed file after checking its sha256 (once per process)."""
         if name not in self.files:
@@ -123,8 +112,7 @@ class Bundle:
             entry = self.files[name]
             if not p.is_file():
                 raise BundleError(f"{self.root}: listed file {name} is missing")
-            digest = sha256_file(p)
-            if digest != entry["sha256"]:
+            if sha256_file(p) != entry.sha256:
                 raise BundleError(f"{self.root}: {name} fails its sha256 check (tampered or corrupted); re-export the bundle")
             for dep in entry.get("external_data", []):
                 self.verify_file(dep)
@@ -135,17 +123,17 @@ class Bundle:
         for name in self.files:
             self.verify_file(name)
 
-    def find(self, graph: str, precision: str, kind: str = "onnx") -> str | None:
+    def find(self, graph: str, precision: str, kind: str = KIND_ONNX) -> str | None:
         for name, entry in self.files.items():
-            if entry.get("graph") == graph and entry.get("precision") == precision and entry.get("kind") == kind:
+            if entry.graph == graph and entry.precision == precision and entry.kind == kind:
                 return name
         return None
 
-    def precisions(self, kind: str = "onnx") -> list[str]:
-        found = {e["precision"] for e in self.files.values() if e.get("kind") == kind and "precision" in e}
-        return [p for p in ("fp32", "fp16", "bf16", "int8") if p in found]
+    def precisions(self, kind: str = KIND_ONNX) -> list[str]:
+        found = {e.precision for e in self.files.values() if e.kind == kind}
+        return [p for p in PRECISIONS if p in found]
 
-    def graph_path(self, graph: str, precision: str, kind: str = "onnx") -> Path:
+    def graph_path(self, graph: str, precision: str, kind: str = KIND_ONNX) -> Path:
         name = self.find(graph, precision, kind)
         if name is None:
             have = ", ".join(self.precisions(kind)) or "none"
@@ -161,49 +149,40 @@ class Bundle:
         return self.verify_file(WEIGHTS)
 
     # -- writing -------------------------------------------------------------------------------
-    def add_file(self, name: str, **entry: Any) -> dict[str, Any]:
+    def add_file(self, name: str, kind: str, graph: str | None = None, precision: str | None = None,
+                 **facts: Any) -> FileEntry:
         """Record a file that already sits at its final place inside the bundle."""
         p = self.root / name
-        record = {"sha256": sha256_file(p), "bytes": p.stat().st_size, **entry}
-        self.files[name] = record
+        entry = FileEntry(sha256_file(p), p.stat().st_size, kind, graph, precision, facts)
+        self.files[name] = FileEntry.from_dict(entry.to_dict(), str(self.root / MANIFEST), name)
         self._verified.add(name)
-        return record
+        return self.files[name]
 
     def remove_file(self, name: str) -> None:
         self.files.pop(name, None)
         self._verified.discard(name)
 
     def write_manifest(self) -> None:
+        """Write manifest.json atomically, after checking it against the schema."""
+        data = self.manifest.to_dict()
+        Manifest.from_dict(json.loads(json.dumps(data)), where=str(self.root / MANIFEST))
         with atomic_file(self.root / MANIFEST) as tmp:
-            tmp.write_text(json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
+            tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
     @classmethod
     def new(cls, root: Path, config: RPiAEConfig, source: dict[str, Any], opset: int) -> "Bundle":
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "config": config.to_dict(),
-            "io": io_conventions(config),
-            "source": source,
-            "opset": opset,
-            "precisions": [],
-            "files": {},
-            "tools": tool_versions(),
-            "parity": {},
-            "engines": {},
-        }
-        return cls(Path(root), manifest)
+        return cls(Path(root), Manifest(config=config, source=dict(source), opset=opset))
 
     def summary(self) -> dict[str, Any]:
         m = self.manifest
         return {
             "bundle": str(self.root),
-            "model": m["config"].get("name"),
-            "source": m.get("source"),
+            "model": m.config.name,
+            "source": m.source,
             "precisions": self.precisions(),
-            "opset": m.get("opset"),
-            "files": {k: {kk: v[kk] for kk in ("kind", "graph", "precision", "bytes", "sha256") if kk in v} for k, v in self.files.items()},
-            "engines": m.get("engines", {}),
-            "parity": m.get("parity", {}),
+            "opset": m.opset,
+            "files": {k: {kk: v[kk] for kk in ("kind", "graph", "precision", "bytes", "sha256") if kk in v}
+                      for k, v in self.files.items()},
+            "engines": m.engines,
+            "parity": m.parity,
         }

@@ -39,17 +39,9 @@ def _attr(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def check_graph(path: str | Path | onnx.ModelProto, precision: str | None = None) -> list[str]:
-    model = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path), load_external_data=False)
-    meta = {p.key: p.value for p in model.metadata_props}
-    precision = precision or meta.get("rpiae.precision", "fp32")
-    problems: list[str] = []
-
-    if _opset(model) < MIN_OPSET:
-        problems.append(f"opset {_opset(model)} < {MIN_OPSET}")
-    if "rpiae.config" not in meta:
-        problems.append("no rpiae.config in the model metadata")
-
+def _io_problems(model: onnx.ModelProto) -> list[str]:
+    """Graph inputs and outputs: float32, a symbolic batch axis and fixed other axes."""
+    problems = []
     for value in (*model.graph.input, *model.graph.output):
         dims = value.type.tensor_type.shape.dim
         if not dims or not dims[0].dim_param:
@@ -59,7 +51,27 @@ def check_graph(path: str | Path | onnx.ModelProto, precision: str | None = None
             problems.append(f"{value.name}: a non-batch axis is symbolic")
         if value.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
             problems.append(f"{value.name}: graph I/O is not float32")
+    return problems
 
+
+def _zero_point_problems(node: onnx.NodeProto, zp: onnx.TensorProto | None) -> list[str]:
+    """A Q/DQ node's zero-point must be a constant INT8 zero (TensorRT's signed int8)."""
+    arr = numpy_helper.to_array(zp) if zp is not None else None
+    if arr is None:
+        return [f"{node.name}: zero-point is not a constant"]
+    problems = []
+    if zp.data_type != onnx.TensorProto.INT8:
+        problems.append(f"{node.name}: zero-point of type {onnx.TensorProto.DataType.Name(zp.data_type)}, "
+                        "not INT8 (TensorRT's explicit quantisation is signed int8)")
+    if np.any(arr.astype(np.int64) != 0):
+        problems.append(f"{node.name}: non-zero zero-point")
+    return problems
+
+
+def _node_problems(model: onnx.ModelProto) -> list[str]:
+    """Ops TensorRT or the runtimes refuse or compute differently: antialiased Resize, dynamic
+    quantisation, Q/DQ that is not signed int8 with a zero zero-point, int8 weights of -128."""
+    problems: list[str] = []
     inits = {t.name: t for t in model.graph.initializer}
     consts = {n.output[0]: _attr(n, "value") for n in model.graph.node if n.op_type == "Constant"}
     for node in model.graph.node:
@@ -73,16 +85,7 @@ def check_graph(path: str | Path | onnx.ModelProto, precision: str | None = None
                             "(TensorRT takes signed int8: give it an int8 zero-point of 0)")
         if has_zp:
             zp = inits.get(node.input[2])
-            zp = zp if zp is not None else consts.get(node.input[2])
-            arr = numpy_helper.to_array(zp) if zp is not None else None
-            if arr is None:
-                problems.append(f"{node.name}: zero-point is not a constant")
-            else:
-                if zp.data_type != onnx.TensorProto.INT8:
-                    problems.append(f"{node.name}: zero-point of type {onnx.TensorProto.DataType.Name(zp.data_type)}, "
-                                    "not INT8 (TensorRT's explicit quantisation is signed int8)")
-                if np.any(arr.astype(np.int64) != 0):
-                    problems.append(f"{node.name}: non-zero zero-point")
+            problems += _zero_point_problems(node, zp if zp is not None else consts.get(node.input[2]))
         if node.op_type == "DequantizeLinear" and node.input[0] in inits and inits[node.input[0]].data_type == onnx.TensorProto.UINT8:
             problems.append(f"{node.name}: dequantises a UINT8 tensor (TensorRT takes signed int8)")
         if node.op_type == "DequantizeLinear" and node.input[0] in inits:
@@ -90,7 +93,12 @@ def check_graph(path: str | Path | onnx.ModelProto, precision: str | None = None
             external = w.data_location == onnx.TensorProto.EXTERNAL  # not loaded here
             if w.data_type == onnx.TensorProto.INT8 and not external and int(numpy_helper.to_array(w).min(initial=0)) < -127:
                 problems.append(f"{node.name}: int8 weight -128 (TensorRT takes weights in [-127, 127])")
+    return problems
 
+
+def _precision_problems(model: onnx.ModelProto, precision: str) -> list[str]:
+    """fp16/int8 graphs keep FP32_ONLY_OPS in float32; an int8 graph has QuantizeLinear nodes."""
+    problems = []
     if precision in ("fp16", "int8"):
         inferred = onnx.shape_inference.infer_shapes(model)
         types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.input)}
@@ -101,6 +109,18 @@ def check_graph(path: str | Path | onnx.ModelProto, precision: str | None = None
     if precision == "int8" and not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
         problems.append("int8 graph has no QuantizeLinear nodes")
     return problems
+
+
+def check_graph(path: str | Path | onnx.ModelProto, precision: str | None = None) -> list[str]:
+    model = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    precision = precision or meta.get("rpiae.precision", "fp32")
+    problems: list[str] = []
+    if _opset(model) < MIN_OPSET:
+        problems.append(f"opset {_opset(model)} < {MIN_OPSET}")
+    if "rpiae.config" not in meta:
+        problems.append("no rpiae.config in the model metadata")
+    return problems + _io_problems(model) + _node_problems(model) + _precision_problems(model, precision)
 
 
 class GraphCheckError(ValueError):

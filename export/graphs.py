@@ -3,6 +3,8 @@
     EncodeGraph: images (B, 3, 256, 256) float32 in [0, 1] -> latent (B, 64, 16, 16)
     DecodeGraph: latent (B, 64, 16, 16)                     -> image  (B, 3, 256, 256)
 
+(their names, shapes and dtypes are declared in rpiae.export.spec)
+
 The 256 -> 224 bicubic resize is a fixed linear map per axis. ONNX Runtime's cubic Resize
 differs from PyTorch's when downsampling, so the graph writes it as `R @ x @ R^T` with R
 computed once by PyTorch's own kernel: the same numbers on every runtime.
@@ -14,13 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rpiae.export.spec import GRAPHS, graph_spec
 from rpiae.model import RPiAE
-
-INPUT_NAMES = {"encode": "images", "decode": "latent"}
-OUTPUT_NAMES = {"encode": "latent", "decode": "image"}
-GRAPHS = ("encode", "decode")
-# the model's submodules each graph runs (also their state-dict key prefixes)
-GRAPH_MODULES = {"encode": ("encoder", "vb_feature_encoder"), "decode": ("vb_feature_decoder", "decoder")}
 
 
 def bicubic_matrix(n_in: int, n_out: int) -> torch.Tensor:
@@ -63,8 +60,5 @@ def graph_module(model: RPiAE, graph: str) -> nn.Module:
 
 
 def example_input(model: RPiAE, graph: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    cfg = model.config
-    if graph == "encode":
-        return torch.rand((batch, *cfg.image_shape), generator=g)
-    return torch.randn((batch, *cfg.latent_shape), generator=g)
+    """A seeded input for one graph of `model` (`GraphSpec.sample`)."""
+    return graph_spec(model.config, graph).sample(batch, seed)

@@ -19,7 +19,8 @@ import onnx
 import torch
 
 from rpiae.config import RPiAEConfig
-from rpiae.export.graphs import INPUT_NAMES, OUTPUT_NAMES, example_input, graph_module
+from rpiae.export.graphs import graph_module
+from rpiae.export.spec import BATCH_AXIS, graph_spec
 from rpiae.model import RPiAE
 
 OPSET = 18
@@ -47,12 +48,13 @@ def name_nodes(model: onnx.ModelProto) -> None:
 
 
 def set_metadata(model: onnx.ModelProto, config: RPiAEConfig, graph: str, precision: str, extra: dict | None = None) -> None:
+    spec = graph_spec(config, graph)
     meta = {
         "rpiae.config": config.to_json(),
         "rpiae.graph": graph,
         "rpiae.precision": precision,
-        "rpiae.input": INPUT_NAMES[graph],
-        "rpiae.output": OUTPUT_NAMES[graph],
+        "rpiae.input": spec.input_name,
+        "rpiae.output": spec.output_name,
         **(extra or {}),
     }
     existing = {p.key: p for p in model.metadata_props}
@@ -65,9 +67,51 @@ def set_metadata(model: onnx.ModelProto, config: RPiAEConfig, graph: str, precis
 
 
 def read_metadata(model: onnx.ModelProto | str | Path) -> dict[str, str]:
-    if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
-    return {p.key: p.value for p in model.metadata_props}
+    """The metadata of a model, or of an ONNX file without parsing its graph."""
+    if isinstance(model, onnx.ModelProto):
+        return {p.key: p.value for p in model.metadata_props}
+    return _file_metadata(Path(model))
+
+
+_METADATA_PROPS = onnx.ModelProto.DESCRIPTOR.fields_by_name["metadata_props"].number
+
+
+def _file_metadata(path: Path) -> dict[str, str]:
+    """`metadata_props` read off the top level of a serialised ModelProto: each field is a
+    protobuf key (varint) and, for length-delimited fields such as the graph, a length that is
+    skipped with a seek, so a 2 GB graph is not parsed to read a few kB of metadata. Each
+    metadata entry itself is parsed by onnx (`StringStringEntryProto`)."""
+    out: dict[str, str] = {}
+    with open(path, "rb") as f:
+        while (key := _varint(f)) is not None:
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                _varint(f)
+            elif wire in (1, 5):
+                f.seek(8 if wire == 1 else 4, os.SEEK_CUR)
+            elif wire == 2:
+                size = _varint(f) or 0
+                if number == _METADATA_PROPS:
+                    entry = onnx.StringStringEntryProto.FromString(f.read(size))
+                    out[entry.key] = entry.value
+                else:
+                    f.seek(size, os.SEEK_CUR)
+            else:
+                raise ValueError(f"{path}: not an ONNX model (protobuf wire type {wire})")
+    return out
+
+
+def _varint(f) -> int | None:
+    """One protobuf varint from `f`, or None at the end of the file."""
+    value, shift = 0, 0
+    while byte := f.read(1):
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
+    if shift:
+        raise ValueError(f"{getattr(f, 'name', 'file')}: truncated protobuf varint")
+    return None
 
 
 def save_onnx(model: onnx.ModelProto, path: str | Path) -> None:
@@ -95,15 +139,16 @@ def export_graph(model: RPiAE, graph: str, path: str | Path, opset: int = OPSET)
 
     path = Path(path)
     module = graph_module(model.eval().float().cpu(), graph)
-    x = example_input(model, graph, batch=2)
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    spec = graph_spec(model.config, graph)
+    x = spec.sample(batch=2)
+    batch = torch.export.Dim(BATCH_AXIS, min=1, max=MAX_BATCH)
     raw = path.with_name(path.stem + ".raw.onnx")
     try:
         with warnings.catch_warnings(), _quiet_exporter():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module, (x,), str(raw), dynamo=True, opset_version=opset,
-                input_names=[INPUT_NAMES[graph]], output_names=[OUTPUT_NAMES[graph]],
+                input_names=[spec.input_name], output_names=[spec.output_name],
                 dynamic_shapes=({0: batch},), external_data=True, optimize=True, verbose=False,
             )
         proto = onnx.load(str(raw))
@@ -113,7 +158,7 @@ def export_graph(model: RPiAE, graph: str, path: str | Path, opset: int = OPSET)
     name_nodes(proto)  # before slimming: onnxslim drops the scope metadata
     proto = onnxslim.slim(proto)
     for value in (*proto.graph.input, *proto.graph.output):  # one readable batch-axis name
-        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+        value.type.tensor_type.shape.dim[0].dim_param = BATCH_AXIS
     set_metadata(proto, model.config, graph, "fp32")
     save_onnx(proto, path)
     check_model(path)

@@ -26,10 +26,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from rpiae.export.onnx_export import read_metadata, save_onnx, set_metadata
 from rpiae.config import RPiAEConfig
-
-PRECISIONS = ("fp32", "fp16", "int8")
+from rpiae.export.onnx_export import read_metadata, save_onnx, set_metadata
 
 FP32_OP_TYPES = ["LayerNormalization", "Softmax"]
 # node-name regexes (names are `<module path>/<OpType>_<i>`, see onnx_export.name_nodes)
@@ -181,7 +179,8 @@ def _modelopt_int8(src: str, out: str, calibration: dict[str, np.ndarray], high_
 
 def dedicated_qdq_pairs(model: onnx.ModelProto) -> int:
     """Give every consumer of a quantised activation its own QuantizeLinear -> DequantizeLinear
-    pair, with its own copies of the scale and zero-point; returns how many pairs were added.
+    pair, with its own copies of the scale and zero-point (in place, with onnx-graphsurgeon);
+    returns how many pairs were added.
 
     ModelOpt shares one Q/DQ between the consumers of a tensor (q, k and v projections of
     one LayerNorm output). ONNX Runtime's CPU fusion into an int8 MatMul needs a Q -> DQ
@@ -189,57 +188,39 @@ def dedicated_qdq_pairs(model: onnx.ModelProto) -> int:
     scale initializer, hence the copies. The arithmetic is unchanged (ONNX Runtime's
     quantizer does the same with its `DedicatedQDQPair` option).
     """
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            consumers.setdefault(name, []).append((node, i))
+    import onnx_graphsurgeon as gs
 
-    copies: dict[tuple[str, int], str] = {}
-
-    def own_copy(name: str, k: int) -> str:
-        if name not in inits:
-            return name
-        if (name, k) not in copies:
-            t = onnx.TensorProto()
-            t.CopyFrom(inits[name])
-            t.name = copies[(name, k)] = f"{name}_{k}"
-            graph.initializer.append(t)
-        return copies[(name, k)]
-
-    nodes: list[onnx.NodeProto] = []
-    unused: set[str] = set()  # outputs of DQs whose every use got a new pair
-    graph_outputs = {v.name for v in graph.output}
+    graph = gs.import_onnx(model)
     added = 0
-    for node in graph.node:
-        if node.op_type == "DequantizeLinear" and node.output[0] in unused:
+    for q in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
+        dqs = list(q.outputs[0].outputs)
+        if not dqs or any(n.op != "DequantizeLinear" or n.outputs[0] in graph.outputs for n in dqs):
             continue
-        nodes.append(node)
-        if node.op_type != "QuantizeLinear":
-            continue
-        q = node
-        dqs = [n for n, _ in consumers.get(q.output[0], [])]
-        if not dqs or any(n.op_type != "DequantizeLinear" or n.output[0] in graph_outputs for n in dqs):
-            continue
-        uses = [(dq, user, i) for dq in dqs for user, i in consumers.get(dq.output[0], [])]
-        if len(uses) < 2:
-            continue
-        unused.update(dq.output[0] for dq in dqs if dq.output[0] != uses[0][0].output[0])
-        for k, (dq, user, i) in enumerate(uses[1:], start=1):  # the first use keeps the original pair
-            q2, dq2 = onnx.NodeProto(), onnx.NodeProto()
-            q2.CopyFrom(q)
-            dq2.CopyFrom(dq)
-            q2.name, dq2.name = f"{q.name}_{k}", f"{dq.name}_{k}"
-            q2.output[0], dq2.output[0] = f"{q.output[0]}_{k}", f"{dq.output[0]}_{k}"
-            q2.input[1:] = [own_copy(name, k) for name in q.input[1:]]
-            dq2.input[:] = [q2.output[0], *(own_copy(name, k) for name in dq.input[1:])]
-            user.input[i] = dq2.output[0]
-            nodes += [q2, dq2]
+        # (dq, consumer, input slot) of every use of the dequantised tensor; the first keeps the pair
+        users = [(dq, {id(u): u for u in dq.outputs[0].outputs}.values()) for dq in dqs]  # each consumer once
+        uses = [(dq, user, i) for dq, consumers in users for user in consumers
+                for i, t in enumerate(user.inputs) if t is dq.outputs[0]]
+        for k, (dq, user, i) in enumerate(uses[1:], start=1):
+            user.inputs[i] = _qdq_copy(gs, graph, q, dq, k)
             added += 1
-    del graph.node[:]
-    graph.node.extend(nodes)
+    if added:
+        graph.cleanup().toposort()  # drops the DQs whose every use now has its own pair
+        model.CopyFrom(gs.export_onnx(graph, ir_version=model.ir_version, opset_imports=list(model.opset_import)))
     return added
+
+
+def _qdq_copy(gs, graph, q, dq, k: int):
+    """A copy of the pair q -> dq (suffix `_k`, own scale/zero-point constants); its output tensor."""
+    def own(t):
+        return gs.Constant(f"{t.name}_{k}", t.values.copy()) if isinstance(t, gs.Constant) else t
+
+    q_out = gs.Variable(f"{q.outputs[0].name}_{k}", dtype=q.outputs[0].dtype, shape=q.outputs[0].shape)
+    dq_out = gs.Variable(f"{dq.outputs[0].name}_{k}", dtype=dq.outputs[0].dtype, shape=dq.outputs[0].shape)
+    graph.nodes.append(gs.Node("QuantizeLinear", f"{q.name}_{k}", dict(q.attrs), [q.inputs[0], *map(own, q.inputs[1:])],
+                               [q_out], domain=q.domain))
+    graph.nodes.append(gs.Node("DequantizeLinear", f"{dq.name}_{k}", dict(dq.attrs), [q_out, *map(own, dq.inputs[1:])],
+                               [dq_out], domain=dq.domain))
+    return dq_out
 
 
 def _finish(model: onnx.ModelProto, meta: dict[str, str], precision: str, dst: str | Path, extra: dict | None = None) -> None:

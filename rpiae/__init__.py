@@ -2,7 +2,6 @@
 
 from rpiae.config import PRESETS, RPiAEConfig, get_preset
 from rpiae.model import RPiAE
-
-__version__ = "0.1.0"
+from rpiae.version import __version__
 
 __all__ = ["PRESETS", "RPiAE", "RPiAEConfig", "get_preset", "__version__"]

@@ -26,7 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rpiae.config import PRESETS, RPiAEConfig
-from rpiae.fileio import atomic_file
+from rpiae.fileio import atomic_file, sha256_file
+from rpiae.hub import HUB_CONFIG, HUB_WEIGHTS, is_hub_layout
+from rpiae.version import __version__
 
 FORMAT_TAG = "rpiae"
 StateDict = dict[str, torch.Tensor]
@@ -127,28 +129,8 @@ def model_state_dict(obj: object) -> StateDict:
     return {k: v for k, v in sd.items() if not k.startswith(("teacher_encoder.", "pivot.", "disc."))}
 
 
-def infer_config(sd: Mapping[str, torch.Tensor]) -> RPiAEConfig:
-    """Match a state dict against the presets by shapes (heads cannot be read off weights)."""
-    from rpiae.model import RPiAE
-
-    shapes = {k: tuple(v.shape) for k, v in sd.items()}
-    for cfg in PRESETS.values():
-        with torch.device("meta"):
-            ref = RPiAE(cfg).state_dict()
-        if {k: tuple(v.shape) for k, v in ref.items()} == shapes:
-            return cfg
-    n = len(shapes)
-    raise CheckpointError(
-        f"the checkpoint's {n} tensors match no preset ({', '.join(PRESETS)}); "
-        "it is not an RPiAE checkpoint, or it has a custom size: pass its config explicitly"
-    )
-
-
 def checkpoint_sha256(path: str | Path) -> str:
     """sha256 of a checkpoint file; of a Hub-layout folder, of its config and weights together."""
-    from rpiae.fileio import sha256_file
-    from rpiae.hub import HUB_CONFIG, HUB_WEIGHTS
-
     path = Path(path)
     if not path.is_dir():
         return sha256_file(path)
@@ -161,8 +143,6 @@ def read_hub_layout(folder: str | Path) -> tuple[RPiAEConfig, StateDict]:
     """A folder in the project's Hub layout (`rpiae push`, `AutoencoderRPiAE.save_pretrained`):
     the config from `config.json`, the release-layout state dict from the diffusers weights
     file (keys under `model.`)."""
-    from rpiae.hub import HUB_CONFIG, HUB_WEIGHTS
-
     folder = Path(folder)
     cfg = json.loads((folder / HUB_CONFIG).read_text())
     obj, _ = read_file(folder / HUB_WEIGHTS)
@@ -172,38 +152,28 @@ def read_hub_layout(folder: str | Path) -> tuple[RPiAEConfig, StateDict]:
     return RPiAEConfig.from_dict(cfg["rpiae_config"]), sd
 
 
-def load_model(path: str | Path, config: RPiAEConfig | str | None = None):
-    from rpiae.hub import is_hub_layout
-    from rpiae.model import RPiAE
-
+def read_model_checkpoint(path: str | Path, config: RPiAEConfig | str | None = None) -> tuple[RPiAEConfig | None, StateDict]:
+    """(config, release-layout state dict) of a checkpoint file or Hub-layout folder. The
+    config is `config` (a preset name or JSON allowed), else the one the file carries, else
+    None: the caller matches it against the presets by shapes (`rpiae.model.infer_config`)."""
+    if isinstance(config, str):
+        config = PRESETS.get(config) or RPiAEConfig.from_json(config)
     if Path(path).is_dir():
         if not is_hub_layout(path):
             raise CheckpointError(f"{path}: a folder that is neither a bundle nor an AutoencoderRPiAE (Hub) folder")
         hub_config, sd = read_hub_layout(path)
-        model = RPiAE(hub_config if config is None else config)
-        load_strict(model, sd, f"checkpoint {path}")
-        model.source = str(path)
-        return model.eval()
+        return config or hub_config, sd
     obj, meta = read_file(path)
-    if isinstance(config, str):
-        config = PRESETS.get(config) or RPiAEConfig.from_json(config)
     if meta.get("format") == FORMAT_TAG and config is None:
         config = RPiAEConfig.from_json(meta["config"])
     sd = model_state_dict(obj)
     if config is None and isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping):
         config = RPiAEConfig.from_dict(obj["config"])  # our trainer's checkpoints
-    if config is None:
-        config = infer_config(sd)
-    model = RPiAE(config)
-    load_strict(model, sd, f"checkpoint {path}")
-    model.source = str(path)
-    return model.eval()
+    return config, sd
 
 
 def save_model(model, path: str | Path, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> Path:
     """This project's format: the release's keys in safetensors, config in the metadata."""
-    from rpiae import __version__
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"the project's checkpoints are .safetensors files, got {path.name}")
@@ -235,8 +205,6 @@ def read_latent_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
 def read_config(path: str | Path) -> RPiAEConfig | None:
     """The config stored in one of the project's safetensors files or Hub-layout folders (None
     for other files)."""
-    from rpiae.hub import HUB_CONFIG, is_hub_layout
-
     if is_hub_layout(path):
         return RPiAEConfig.from_dict(json.loads((Path(path) / HUB_CONFIG).read_text())["rpiae_config"])
     if Path(path).suffix != ".safetensors":

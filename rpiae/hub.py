@@ -120,82 +120,15 @@ def resolve(ref: str | Path, revision: str | None = None, filename: str | None =
     return download(repo, revision or rev, filename, local_files_only)
 
 
-# -- publishing ---------------------------------------------------------------------------------
+def resolve_model(model: str | Path | None) -> Path:
+    """A checkpoint file, bundle directory or Hub model (`hf://owner/name[@rev]`, downloaded
+    or read from the cache); None means the project's shipped checkpoint."""
+    if model is None:
+        from rpiae.assets import default_checkpoint
 
+        return default_checkpoint()
+    p = resolve(model)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such checkpoint or bundle")
+    return p
 
-def model_card(repo_id: str, config: dict, eval_report: dict | None = None, bundle_manifest: dict | None = None,
-               latents: dict | None = None) -> str:
-    """README.md for a Hub repository: what the model is, how to load it, and what was measured
-    (`rpiae eval` rows, the export bundle's parity results), each with where it came from."""
-    what = ("PS-VAE image tokenizer (arXiv 2512.17909), served by rpiae" if config.get("family") == "ps-vae"
-            else "RPiAE image tokenizer (Representation-Pivoted Autoencoder, arXiv 2603.19206)")
-    lines = [
-        "---", "library_name: rpiae", "tags:", "- image-tokenizer", "- autoencoder", "- rpiae", "- diffusers", "---", "",
-        f"# {repo_id.split('/')[-1]}", "",
-        f"{what}, preset `{config.get('name')}`: "
-        f"{config.get('image_size')}x{config.get('image_size')} RGB images <-> latents of shape "
-        f"({config.get('latent_channels')}, {config['image_size'] // config['decoder_patch_size']}, "
-        f"{config['image_size'] // config['decoder_patch_size']}).", "",
-        "## Use", "", "```python", "from rpiae import RPiAE",
-        f'model = RPiAE.from_pretrained("{repo_id}")        # images in [0, 1] -> model.encode / model.decode', "",
-        "from rpiae.integrations.diffusers import AutoencoderRPiAE",
-        f'vae = AutoencoderRPiAE.from_pretrained("{repo_id}")  # diffusers API, images in [-1, 1]', "```", "",
-        f"Command line: `rpiae encode --model hf://{repo_id} photo.jpg -o latents.npy`.", "",
-    ]
-    if latents:
-        lines += [f"Latent statistics in the config: {latents}.", ""]
-    rows = (eval_report or {}).get("rows") or []
-    if rows:
-        lines += ["## Reconstruction quality (`rpiae eval`)", "",
-                  f"Data: {eval_report.get('data', 'see the report')}; command: `{eval_report.get('command', 'rpiae eval')}`.", "",
-                  "| backend | precision | images | PSNR (dB) | SSIM | LPIPS | rFID |", "|---|---|---|---|---|---|---|"]
-        for r in rows:
-            cells = [r.get("backend"), r.get("precision"), r.get("n")] + [
-                f"{r[k]:.4g}" if isinstance(r.get(k), (int, float)) else (r.get(k) or "-") for k in ("psnr", "ssim", "lpips", "rfid")
-            ]
-            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-        lines.append("")
-    parity = (bundle_manifest or {}).get("parity") or []
-    if parity:
-        lines += ["## Exported graphs: parity with PyTorch (`rpiae export`)", "",
-                  "| backend | precision | batch | check | value | bound | ok |", "|---|---|---|---|---|---|---|"]
-        for r in parity:
-            for name, c in r.get("checks", {}).items():
-                lines.append(f"| {r.get('backend', '')} | {r['precision']} | {r['metrics']['batch']} | {name} | "
-                             f"{c['value']:.6g} | {c['bound']:.6g} | {'yes' if c['ok'] else 'no'} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def write_hub_folder(model, out: str | Path, repo_id: str, eval_report: dict | None = None,
-                     bundle_manifest: dict | None = None, latent_stats: str | Path | None = None,
-                     per: str = "channel") -> Path:
-    """The repository's files (`AutoencoderRPiAE.save_pretrained` + README.md) in `out`, atomically."""
-    from rpiae.fileio import atomic_dir
-    from rpiae.integrations.diffusers import AutoencoderRPiAE
-
-    vae = AutoencoderRPiAE.from_rpiae(model.float(), latent_stats=latent_stats, per=per)
-    out = Path(out)
-    with atomic_dir(out, overwrite=True) as tmp:
-        vae.save_pretrained(tmp)
-        stats = None
-        if vae.config.latents_mean is not None:
-            stats = f"latents_mean/latents_std per {per}" + (f" from {Path(latent_stats).name}" if latent_stats else "")
-        (tmp / "README.md").write_text(model_card(repo_id, model.config.to_dict(), eval_report, bundle_manifest, stats))
-    return out
-
-
-def push(repo_id: str, folder: str | Path, private: bool = False, revision: str | None = None,
-         commit_message: str = "Upload RPiAE") -> str:
-    """Create the repository if needed and upload `folder` (see `write_hub_folder`); returns its URL."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    api = HfApi()
-    try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, commit_message=commit_message)
-    except (HfHubHTTPError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise HubError(f"{repo_id}: upload failed ({first[:160]}); log in with `huggingface-cli login`") from None
-    return str(getattr(info, "commit_url", info))

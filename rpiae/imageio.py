@@ -61,16 +61,25 @@ def to_rgb_float(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
 
 
-def fit_square(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(3, H, W) -> (3, size, size): short side to `size` (bicubic, antialiased), centre crop."""
+def resize_short(x: torch.Tensor, size: int, antialias: bool | None = None) -> torch.Tensor:
+    """(3, H, W) -> (3, H', W') with the short side `size`: torch's bicubic, antialiased always
+    (True), never (False) or only when shrinking (None); clamped to [0, 1]. A tensor already at
+    that size comes back as it is."""
     _, h, w = x.shape
-    if (h, w) == (size, size):
-        return x
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0]
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return x[:, top : top + size, left : left + size].clamp(0.0, 1.0)
+    if (nh, nw) == (h, w):
+        return x
+    aa = scale < 1 if antialias is None else antialias
+    return F.interpolate(x[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=aa)[0].clamp(0.0, 1.0)
+
+
+def fit_square(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) -> (3, size, size): short side to `size` (bicubic, antialiased), centre crop."""
+    x = resize_short(x, size, antialias=True)  # (3, >= size, >= size)
+    _, h, w = x.shape
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[:, top : top + size, left : left + size]
 
 
 def adm_center_crop(img: Image.Image, size: int = 256) -> Image.Image:
@@ -122,18 +131,28 @@ def load_images(paths: Sequence[str | Path], size: int = 256, crop: str = DEFAUL
     return np.stack([load_image(p, size, crop) for p in paths])
 
 
-def find_images(folder: str | Path) -> list[Path]:
-    """Image files under a folder, recursively, sorted."""
+def find_images(folder: str | Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
+    """Image files (by suffix) under a folder, recursively, sorted."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageError(f"{folder}: not a directory")
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+
+
+def quantize_8bit(x: torch.Tensor) -> torch.Tensor:
+    """Float images -> the float values an 8-bit image holds: clamped to [0, 1], rounded to k/255."""
+    return torch.round(x.clamp(0, 1) * 255) / 255
+
+
+def to_8bit(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] (any layout) -> uint8 tensor on the CPU: clamped and rounded, as a
+    saved PNG holds them."""
+    return (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """Float (3, H, W) model output -> uint8 (H, W, 3): clamp to [0, 1], round."""
-    a = np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)
-    return np.round(a.transpose(1, 2, 0) * 255.0).astype(np.uint8)
+    return to_8bit(torch.from_numpy(np.asarray(image, dtype=np.float32))).numpy().transpose(1, 2, 0)
 
 
 def save_image(image: np.ndarray, path: str | Path) -> Path:
@@ -142,9 +161,3 @@ def save_image(image: np.ndarray, path: str | Path) -> Path:
     with atomic_file(path) as tmp:
         Image.fromarray(to_uint8(image)).save(tmp, format="PNG")
     return path
-
-
-def psnr(a: np.ndarray, b: np.ndarray, peak: float = 1.0) -> float:
-    """PSNR in dB between two float arrays (inf when identical)."""
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(peak**2 / mse)

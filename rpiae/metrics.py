@@ -1,7 +1,7 @@
 """Reconstruction metrics, per image, on float images (N, 3, H, W) in [0, 1].
 
 - `psnr`: the RPiAE authors' definition (`src/eval`): `20 * log10(1 / sqrt(mse))` per image,
-  mse clamped at 1e-10.
+  mse clamped at 1e-10 (scikit-image's PSNR, capped at 100 dB); the one PSNR of the project.
 - `ssim`: theirs too, torchmetrics' `structural_similarity_index_measure` (Gaussian 11x11
   window, sigma 1.5, data range 1), per image.
 - `patch_border_ratio`: how visible a decoder's patch grid is. The mean absolute luminance
@@ -30,11 +30,17 @@ def _as_batch(x) -> np.ndarray:
     return a
 
 
-def psnr(recon, target) -> np.ndarray:
-    """Per-image PSNR in dB, (N,). Inputs are used as given (clamp/quantise beforehand)."""
+def psnr(recon, target, max_db: float = 100.0) -> np.ndarray:
+    """Per-image PSNR in dB, (N,), of images with data range 1: scikit-image's
+    `peak_signal_noise_ratio` on float64, capped at `max_db` (100 dB is the authors' mse clamp
+    at 1e-10). Inputs are used as given (clamp/quantise beforehand)."""
+    from skimage.metrics import peak_signal_noise_ratio
+
     r, t = _as_batch(recon), _as_batch(target)
-    mse = np.maximum(((r - t) ** 2).mean(axis=(1, 2, 3)), 1e-10)
-    return 20.0 * np.log10(1.0 / np.sqrt(mse))
+    if r.shape != t.shape:
+        raise ValueError(f"images of shapes {r.shape} and {t.shape} cannot be compared")
+    with np.errstate(divide="ignore"):  # identical images: inf, then the cap
+        return np.array([min(float(peak_signal_noise_ratio(b, a, data_range=1.0)), max_db) for a, b in zip(r, t)])
 
 
 def ssim(recon, target, dtype: str = "float64") -> np.ndarray:

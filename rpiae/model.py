@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rpiae.config import RPiAEConfig, get_preset
+from rpiae.checkpoints import CheckpointError, load_strict, read_model_checkpoint, save_model
+from rpiae.config import PRESETS, RPiAEConfig, get_preset
+from rpiae.hub import resolve
 from rpiae.modules import DiagonalGaussian, PixelDecoder, RepresentationEncoder, VBDecoder, VBEncoder
 
 
@@ -61,9 +63,11 @@ class RPiAE(nn.Module):
         The project's files carry their config; for the release the config is matched from
         the tensor shapes against the presets (pass `config=` for a custom size).
         """
-        from rpiae.checkpoints import load_model
-
-        return load_model(path, config)
+        config, sd = read_model_checkpoint(path, config)
+        model = cls(config if config is not None else infer_config(sd))
+        load_strict(model, sd, f"checkpoint {path}")
+        model.source = str(path)
+        return model.eval()
 
     @classmethod
     def from_pretrained(
@@ -72,14 +76,10 @@ class RPiAE(nn.Module):
     ) -> "RPiAE":
         """Load from the Hugging Face Hub (downloaded once, then from its cache) or a local
         file/folder. Default: the authors' release (`qihoo360/RPiAE`). Honours HF_HUB_OFFLINE."""
-        from rpiae.hub import resolve
-
         return cls.from_checkpoint(resolve(repo_or_path, revision, filename, local_files_only))
 
     def save(self, path: str | Path, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> Path:
         """Write the project's format: safetensors with the config in its metadata."""
-        from rpiae.checkpoints import save_model
-
         return save_model(self, path, dtype=dtype, metadata=metadata)
 
     # -- the two inference graphs --------------------------------------------------------
@@ -147,3 +147,17 @@ class RPiAE(nn.Module):
         sigma = tau * torch.rand(shape, generator=generator, device=tokens.device, dtype=tokens.dtype)
         noise = torch.randn(tokens.shape, generator=generator, device=tokens.device, dtype=tokens.dtype)
         return tokens + sigma * noise
+
+
+def infer_config(sd: dict[str, torch.Tensor]) -> RPiAEConfig:
+    """Match a state dict against the presets by shapes (heads cannot be read off weights)."""
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    for cfg in PRESETS.values():
+        with torch.device("meta"):
+            ref = RPiAE(cfg).state_dict()
+        if {k: tuple(v.shape) for k, v in ref.items()} == shapes:
+            return cfg
+    raise CheckpointError(
+        f"the checkpoint's {len(shapes)} tensors match no preset ({', '.join(PRESETS)}); "
+        "it is not an RPiAE checkpoint, or it has a custom size: pass its config explicitly"
+    )

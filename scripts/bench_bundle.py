@@ -17,7 +17,7 @@ import torch
 
 from rpiae import RPiAE
 from rpiae.config import PRESETS
-from rpiae.export import export_bundle
+from rpiae.verify import export_bundle
 from rpiae.samples import sample_photos
 
 

@@ -1,5 +1,5 @@
 """AOTInductor packages: manifest, fixed CPU level, parity, run-time input checks, refusal,
-cache directory, CLI. The tiny bundle is compiled once per session (tests/aoti_shared.py)."""
+cache directory, CLI. The tiny bundle is compiled once per session (conftest's `aoti_export`)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from rpiae.engines import load_backend
+from rpiae.engines import aoti_backend, load_backend
 from rpiae.engines.aoti_backend import AOTIBackend
 from rpiae.engines.base import BackendUnavailable, InputError
 from rpiae.export import aoti
 from rpiae.export.profile import BatchProfile
-from tests.aoti_shared import PROFILE, aoti_bundle, aoti_cache_dir
 
 
 @pytest.fixture(scope="module")
-def packaged(tmp_path_factory):
-    return aoti_bundle(tmp_path_factory)
+def packaged(aoti_export):
+    return aoti_export.bundle, aoti_export.cache
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +41,11 @@ def test_manifest_records_packages(packaged):
         assert e["device"] == "cpu" and e["cpu_level"] == "x86-64-v3" and e["isa"] == "avx2"
         assert {"avx2", "fma", "f16c", "bmi2"} <= set(e["cpu_flags"])
         assert e["torch"] == torch.__version__.split("+")[0]
-        assert e["batch"] == PROFILE.to_dict() and e["precision"] == "fp32"
-    engine = bundle.manifest["engines"]["aoti-cpu-x86-64-v3"]
+        assert e["batch"] == {"min": 1, "opt": 2, "max": 8} and e["precision"] == "fp32"
+    engine = bundle.manifest.engines["aoti-cpu-x86-64-v3"]
     assert sorted(engine["files"]) == sorted(n for n, _ in entries.values())
     assert bundle.precisions("aoti-package") == ["fp32"]
-    rows = [r for r in bundle.manifest["parity"] if r.get("backend") == "aoti"]
+    rows = [r for r in bundle.manifest.parity if r.get("backend") == "aoti"]
     assert rows and all(r["ok"] for r in rows)
 
 
@@ -70,10 +69,8 @@ def test_package_metadata_for_cpp(backend):
     assert meta.get("AOTI_CPU_ISA", "AVX2") == "AVX2"
 
 
-def test_export_command_output(packaged):
-    from tests.aoti_shared import _CACHE
-
-    out = _CACHE["export_output"]
+def test_export_command_output(aoti_export):
+    out = aoti_export.output
     assert "engines: aoti-cpu-x86-64-v3" in out
     assert any(line.startswith("aoti") and line.rstrip().endswith("yes") for line in out.splitlines())
 
@@ -130,13 +127,13 @@ def test_run_time_input_checks(backend, photos):
 
 def test_refused_on_a_machine_it_cannot_run_on(packaged, monkeypatch):
     bundle, cache = packaged
-    monkeypatch.setattr(aoti, "cpu_flags", lambda: {"sse4_2", "avx"})
+    monkeypatch.setattr(aoti_backend, "cpu_flags", lambda: {"sse4_2", "avx"})
     with pytest.raises(BackendUnavailable, match="compiled for x86-64-v3; this CPU lacks .*avx2"):
         AOTIBackend(bundle, cache_dir=str(cache))
     monkeypatch.undo()
-    _, entry = aoti.find_packages(bundle)["encode"]
+    _, entry = aoti_backend.find_packages(bundle)["encode"]
     with pytest.raises(BackendUnavailable, match="compiled with torch 2.99.0"):
-        aoti.check_runnable({**entry, "torch": "2.99.0"})
+        aoti_backend.check_runnable({**entry, "torch": "2.99.0"})
     with pytest.raises(BackendUnavailable, match="no fp32 AOTInductor packages for cuda"):
         AOTIBackend(bundle, device="cuda")
     with pytest.raises(BackendUnavailable, match="fp32 packages only"):
@@ -144,7 +141,7 @@ def test_refused_on_a_machine_it_cannot_run_on(packaged, monkeypatch):
     if not torch.cuda.is_available():
         cuda_entry = {**entry, "device": "cuda", "capability": "9.0", "gpu": "NVIDIA H100"}
         with pytest.raises(BackendUnavailable, match="torch.cuda.is_available"):
-            aoti.check_runnable(cuda_entry, "cuda")
+            aoti_backend.check_runnable(cuda_entry, "cuda")
 
 
 def test_a_package_that_cannot_load_is_unavailable_not_bad_input(packaged, monkeypatch, tmp_path):
@@ -157,7 +154,7 @@ def test_a_package_that_cannot_load_is_unavailable_not_bad_input(packaged, monke
     def broken(path, device_index=-1, cache_dir=None):
         raise RuntimeError("Error in dlopen: libaoti_custom.so: cannot open shared object file")
 
-    monkeypatch.setattr(aoti, "load_package", broken)
+    monkeypatch.setattr(aoti_backend, "load_package", broken)
     with pytest.raises(BackendUnavailable, match="cannot load .*libaoti_custom.so"):
         AOTIBackend(bundle, cache_dir=str(cache))
     settings = dict(vars(BenchSettings(model=str(bundle.root), threads=1, isolate=False, row_peak_time=0)))
@@ -167,17 +164,20 @@ def test_a_package_that_cannot_load_is_unavailable_not_bad_input(packaged, monke
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
-def test_cuda_target_refused_without_gpu(packaged):
+def test_cuda_target_refused_without_gpu(packaged, monkeypatch):
     bundle, _ = packaged
-    t = time.perf_counter()
+
+    def compile_graph(*args, **kwargs):
+        raise AssertionError("compiled before the target was checked")
+
+    monkeypatch.setattr(aoti, "compile_graph", compile_graph)  # refused before any compiling
     with pytest.raises(BackendUnavailable, match="--device cuda needs a CUDA GPU"):
-        aoti.package_bundle(bundle, device="cuda", profile=PROFILE)
+        aoti.compile_packages(bundle, device="cuda", profile=BatchProfile(1, 2, 8))
     with pytest.raises(BackendUnavailable, match="--device cuda needs a CUDA GPU"):
         aoti.check_target("cuda")
     assert aoti.check_target("cpu")["cpu_level"] == "x86-64-v3"
     with pytest.raises(ValueError, match="unknown CPU level"):
         aoti.check_target("cpu", cpu_level="native")
-    assert time.perf_counter() - t < 5  # refused before any compiling
 
 
 def test_tampered_package_is_refused(packaged, tmp_path):
@@ -188,7 +188,7 @@ def test_tampered_package_is_refused(packaged, tmp_path):
     bundle, cache = packaged
     copy = tmp_path / "b"
     shutil.copytree(bundle.root, copy)
-    name, _ = aoti.find_packages(bundle)["decode"]
+    name, _ = aoti_backend.find_packages(bundle)["decode"]
     data = bytearray((copy / name).read_bytes())
     data[len(data) // 2] ^= 0xFF
     (copy / name).write_bytes(bytes(data))
@@ -244,15 +244,15 @@ def test_bench_has_aoti_rows(packaged, tmp_path):
     assert all(r["timing"]["p50_ms"] > 0 and r["speedup_vs_torch"]["fp32"] > 0 for r in rows)
 
 
-def test_batch_one_only_profile(tmp_path, tmp_path_factory, tiny_model):
+def test_batch_one_only_profile(tmp_path, aoti_cache, tiny_model):
     """A fixed batch-1 package (static shapes) still compiles, runs and pads nothing."""
     from rpiae.export.aoti import compile_graph
 
     out = tmp_path / "decode.pt2"
-    cache = aoti_cache_dir(tmp_path_factory)  # the session's: precompiled headers are reused
+    cache = aoti_cache
     t = compile_graph(tiny_model, "decode", out, profile=BatchProfile(1, 1, 1), cache_dir=cache)
     assert t["compile_s"] > 0
-    runner = aoti.load_package(out, cache_dir=cache)
+    runner = aoti_backend.load_package(out, cache_dir=cache)
     z = torch.randn(1, 64, 16, 16)
     with torch.inference_mode():
         ref = tiny_model.decode(z)
@@ -262,7 +262,7 @@ def test_batch_one_only_profile(tmp_path, tmp_path_factory, tiny_model):
 
 
 @pytest.mark.slow
-def test_rpiae_b_encode_compiles(tmp_path, tmp_path_factory):
+def test_rpiae_b_encode_compiles(tmp_path, aoti_cache):
     """The paper-size encoder exports and compiles (batch 1..2) and matches eager PyTorch."""
     from rpiae import RPiAE
     from rpiae.export.aoti import compile_graph
@@ -274,11 +274,11 @@ def test_rpiae_b_encode_compiles(tmp_path, tmp_path_factory):
     model = RPiAE.from_preset("rpiae-b").eval()
     out = tmp_path / "encode.pt2"
     t = time.perf_counter()
-    cache = aoti_cache_dir(tmp_path_factory)
+    cache = aoti_cache
     timings = compile_graph(model, "encode", out, profile=BatchProfile(1, 1, 2), cache_dir=cache)
     print(f"rpiae-b encode: export {timings['export_s']} s, compile {timings['compile_s']} s, "
           f"total {time.perf_counter() - t:.1f} s, package {out.stat().st_size / 2**20:.0f} MiB")
-    runner = aoti.load_package(out, cache_dir=cache)
+    runner = aoti_backend.load_package(out, cache_dir=cache)
     x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref = EncodeGraph(model)(x)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from rpiae.bench import peak as P
+from rpiae.bench import row as RW
 from rpiae.bench import runner as R
 from rpiae.config import get_preset
 
@@ -92,8 +93,8 @@ def _settings(model, **over):
 
 def test_a_row_on_cuda_1_measures_gpu_1(monkeypatch, tiny_ckpt):
     cuda = FakeCuda(monkeypatch)
-    monkeypatch.setattr(R, "_open_backend", lambda *a, **k: EchoBackend())
-    monkeypatch.setattr(R, "_device_input", lambda x, dev: torch.from_numpy(x))  # the CPU stands in for the GPU
+    monkeypatch.setattr(RW, "_open_backend", lambda *a, **k: EchoBackend())
+    monkeypatch.setattr(RW, "_device_input", lambda x, dev: torch.from_numpy(x))  # the CPU stands in for the GPU
     spec = {"graph": "encode", "backend": "torch", "precision": "fp32", "batch": 2, "reference": False}
     row = R.measure_row(spec, _settings(tiny_ckpt))
     assert row["status"] == "ok", row
@@ -113,8 +114,8 @@ def test_a_row_remeasures_only_its_own_peak(monkeypatch, tiny_ckpt):
         return {d: {"gflops": 100.0} for d in (dtypes or P.CUDA_DTYPES)}
 
     monkeypatch.setattr(P, "cuda_peaks", fake_cuda_peaks)
-    monkeypatch.setattr(R, "_open_backend", lambda *a, **k: EchoBackend())
-    monkeypatch.setattr(R, "_device_input", lambda x, dev: torch.from_numpy(x))
+    monkeypatch.setattr(RW, "_open_backend", lambda *a, **k: EchoBackend())
+    monkeypatch.setattr(RW, "_device_input", lambda x, dev: torch.from_numpy(x))
     for precision, dtype in (("fp16", "bf16"), ("int8", "int8"), ("fp32", "fp32")):
         spec = {"graph": "decode", "backend": "ort", "precision": precision, "batch": 1, "reference": False}
         row = R.measure_row(spec, _settings(tiny_ckpt, row_peak_time=0.1))
@@ -153,13 +154,13 @@ def test_the_parent_of_a_gpu_run_never_initialises_cuda(monkeypatch, tiny_ckpt):
 
 def test_ort_profile_uses_the_runs_device_and_providers(monkeypatch, bundle_all):
     opened = []
-    real = R._open_backend
+    real = RW._open_backend
 
     def record(model, backend, precision, device, threads, **kwargs):
         opened.append((backend, device, sorted(kwargs)))
         return real(model, backend, precision, "cpu", threads, **kwargs)  # the CPU stands in for the GPU
 
-    monkeypatch.setattr(R, "_open_backend", record)
+    monkeypatch.setattr(RW, "_open_backend", record)
     spec = {"graph": "encode", "backend": "ort", "precision": "fp32", "batch": 1}
     out = R.profile_graph(spec, {"threads": 1, "device": "cuda:1", "model": str(bundle_all.root)})
     assert out["status"] == "ok", out

@@ -10,44 +10,24 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from rpiae.export import aoti
-from tests.aoti_shared import aoti_bundle
+from rpiae.engines.aoti_backend import find_packages
 
-CPP = Path(__file__).resolve().parents[1] / "engines" / "cpp"
-_BUILD: dict[str, object] = {}
-
-
-def _build(tmp_path_factory):
-    if "exe" not in _BUILD:
-        if not shutil.which("cmake") or not (shutil.which("g++") or shutil.which("c++")):
-            pytest.skip("cmake or a C++ compiler is not installed")
-        import torch.utils
-
-        build = tmp_path_factory.mktemp("cpp-build")
-        t = time.perf_counter()
-        cfg = subprocess.run(["cmake", "-S", str(CPP), "-B", str(build), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"],
-                             capture_output=True, text=True)
-        assert cfg.returncode == 0, cfg.stdout + cfg.stderr
-        bld = subprocess.run(["cmake", "--build", str(build), "-j2"], capture_output=True, text=True)
-        assert bld.returncode == 0, bld.stdout[-4000:] + bld.stderr[-4000:]
-        _BUILD.update(exe=build / "rpiae_run", configure=cfg.stdout + cfg.stderr, seconds=time.perf_counter() - t)
-    return _BUILD
+CPP = Path(__file__).resolve().parents[1] / "engines" / "cpp"  # the sources
 
 
 @pytest.fixture(scope="module")
-def runner_exe(tmp_path_factory):
-    return _build(tmp_path_factory)
+def runner_exe(cpp_runner):
+    return cpp_runner
 
 
 @pytest.fixture(scope="module")
-def packaged(tmp_path_factory):
-    return aoti_bundle(tmp_path_factory)
+def packaged(aoti_export):
+    return aoti_export.bundle, aoti_export.cache
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +60,16 @@ def test_configure_reports_backends(runner_exe):
         assert "TensorRT .plan support: NO - " in out and "TENSORRT_ROOT" in out
 
 
-def test_runner_matches_python_backends(runner_exe, packaged, astronaut_ppm, tmp_path):
+def test_runner_matches_python_backends(runner_exe, packaged, astronaut_ppm, tmp_path, monkeypatch):
     from PIL import Image
 
     from rpiae.engines import load_backend
-    from rpiae.export.parity import TOLERANCES
-    from rpiae.imageio import psnr, to_uint8
+    from rpiae.imageio import to_uint8
+    from rpiae.metrics import psnr
+    from rpiae.verify.parity import TOLERANCES
 
     bundle, cache = packaged
-    pk = aoti.find_packages(bundle)
+    pk = find_packages(bundle)
     enc, dec = (bundle.root / pk[g][0] for g in ("encode", "decode"))
     ppm, x = astronaut_ppm
     out, zf, yf = tmp_path / "out.ppm", tmp_path / "z.f32", tmp_path / "y.f32"
@@ -98,13 +79,11 @@ def test_runner_matches_python_backends(runner_exe, packaged, astronaut_ppm, tmp
     z = np.fromfile(zf, np.float32).reshape(1, 64, 16, 16)
     y = np.fromfile(yf, np.float32).reshape(1, 3, 256, 256)
 
-    os.environ["RPIAE_CACHE_DIR"] = str(cache)
-    try:
+    with monkeypatch.context() as env:
+        env.setenv("RPIAE_CACHE_DIR", str(cache))
         with load_backend(bundle.root, "aoti") as be:
             z_aoti = be.encode(x)
             y_aoti = be.decode(z_aoti)
-    finally:
-        os.environ.pop("RPIAE_CACHE_DIR", None)
     with load_backend(bundle.root, "torch") as be:
         z_ref = be.encode(x)
         y_ref = be.decode(z_ref)
@@ -114,7 +93,7 @@ def test_runner_matches_python_backends(runner_exe, packaged, astronaut_ppm, tmp
     # against eager PyTorch at the ONNX FP32 tolerances
     tol = TOLERANCES["fp32"]
     assert np.abs(z - z_ref).max() <= tol["latent_max_abs_rel"] * np.abs(z_ref).max()
-    assert psnr(np.clip(y, 0, 1), np.clip(y_ref, 0, 1)) >= tol["decoded_psnr_db"]
+    assert psnr(np.clip(y, 0, 1), np.clip(y_ref, 0, 1))[0] >= tol["decoded_psnr_db"]
     # the written 8-bit image is the clamped, rounded decoded image
     img = np.asarray(Image.open(out).convert("RGB"))
     assert img.shape == (256, 256, 3)
@@ -126,7 +105,7 @@ def test_runner_errors_are_one_line(runner_exe, packaged, tmp_path):
     from PIL import Image
 
     bundle, cache = packaged
-    pk = aoti.find_packages(bundle)
+    pk = find_packages(bundle)
     enc, dec = (bundle.root / pk[g][0] for g in ("encode", "decode"))
     small = tmp_path / "small.ppm"
     Image.new("RGB", (200, 256)).save(small)

@@ -178,14 +178,16 @@ def test_psnr_ssim_and_rfid_of_each_row_match_independent_computations(photo_dir
         y8 = be.expected(originals)
         y = y8.astype(np.float64) / 255
         p = np.mean([peak_signal_noise_ratio(x[i], y[i], data_range=1.0) for i in range(len(x))])
+        # scikit-image's SSIM map averaged over the whole image, as torchmetrics averages it
+        # (scikit-image's own mean leaves out a 5-pixel border)
         s = np.mean([structural_similarity(x[i], y[i], channel_axis=2, data_range=1.0, gaussian_weights=True, sigma=1.5,
-                                           use_sample_covariance=False) for i in range(len(x))])
+                                           use_sample_covariance=False, full=True)[1].mean() for i in range(len(x))])
         f = direct_fid(net(torch.from_numpy(y8).permute(0, 3, 1, 2)).double().numpy(), real_feats)
         expected[name] = (p, s, f)
         row = rows[name]
         assert row["n"] == len(originals)
         assert row["psnr"] == pytest.approx(p, abs=1e-6)
-        assert row["ssim"] == pytest.approx(s, abs=0.005)  # torchmetrics vs scikit-image: borders differ slightly
+        assert row["ssim"] == pytest.approx(s, abs=1e-3)  # the border pixels' windows are padded differently
         assert row["rfid"] == pytest.approx(f, rel=1e-6)
         assert row["lpips"].startswith("skipped: --lpips-weights")
     ref = expected[("torch", "fp32")]

@@ -410,15 +410,15 @@ def test_decode_refuses_bad_input_in_one_line(tmp_path, trained_or_tiny_ckpt):
 
 def test_export_bakes_latent_stats_into_the_graphs(tmp_path, sample_photos, trained_or_tiny_ckpt):
     from rpiae.engines import load_backend
-    from rpiae.export import export_bundle
+    from rpiae.verify import export_bundle
 
     rng = np.random.default_rng(0)
     stats = tmp_path / "stats.pt"
     torch.save({"mean": torch.from_numpy(rng.normal(0, 0.3, (64, 16, 16))).float(),
                 "var": torch.from_numpy(rng.uniform(0.5, 2, (64, 16, 16))).float()}, stats)
     bundle = export_bundle(trained_or_tiny_ckpt, tmp_path / "b", latent_stats=stats, progress=False)
-    assert bundle.config.latent_norm and bundle.manifest["latent_stats"]["file"] == "stats.pt"
-    assert "normalised" in bundle.manifest["io"]["encode"]["output"]["meaning"]
+    assert bundle.config.latent_norm and bundle.manifest.latent_stats["file"] == "stats.pt"
+    assert "normalised" in bundle.manifest.io["encode"]["output"]["meaning"]
     x = sample_photos[:3]
     with load_backend(trained_or_tiny_ckpt, "torch", latent_stats=stats) as ref, load_backend(bundle.root, "ort") as ort:
         z_ref, z = ref.encode(x), ort.encode(x)

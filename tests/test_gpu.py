@@ -47,7 +47,7 @@ def test_torch_backend_runs_on_the_gpu_it_was_given(tiny_model, sample_photos):
 @pytest.mark.skipif("CUDAExecutionProvider" not in _ort_providers(), reason="onnxruntime has no CUDAExecutionProvider")
 def test_ort_cuda_provider_parity_and_io_binding(bundle_all, sample_photos):
     from rpiae.engines.ort_backend import ORTBackend
-    from rpiae.export import verify_bundle
+    from rpiae.verify import verify_bundle
 
     report = verify_bundle(bundle_all, backend="ort", images=sample_photos, batches=[1, 3], device="cuda")
     assert report["ok"], report["results"]
@@ -68,7 +68,8 @@ def test_ort_cuda_provider_parity_and_io_binding(bundle_all, sample_photos):
 @pytest.mark.skipif("TensorrtExecutionProvider" not in _ort_providers(), reason="onnxruntime has no TensorrtExecutionProvider")
 def test_ort_tensorrt_provider_caches_engines_in_the_bundle(tmp_path, bundle_all, sample_photos):
     from rpiae.engines.ort_backend import TRT_CACHE_DIR
-    from rpiae.export import Bundle, verify_bundle
+    from rpiae.export import Bundle
+    from rpiae.verify import verify_bundle
 
     root = tmp_path / "bundle"
     shutil.copytree(bundle_all.root, root)
@@ -79,8 +80,10 @@ def test_ort_tensorrt_provider_caches_engines_in_the_bundle(tmp_path, bundle_all
 
 
 def test_aoti_cuda_packages(tmp_path, bundle_all, sample_photos):
-    from rpiae.export import Bundle, verify_bundle
-    from rpiae.export.aoti import cuda_toolkit, package_bundle
+    from rpiae.export import Bundle
+    from rpiae.verify import verify_bundle
+    from rpiae.export.aoti import cuda_toolkit
+    from rpiae.verify import package_bundle
     from rpiae.export.profile import BatchProfile
 
     if cuda_toolkit()[0] is None:

@@ -186,7 +186,7 @@ def test_push_writes_the_repository_and_uploads_it(model, tmp_path, monkeypatch,
 
 def test_model_card_names_the_family():
     from rpiae.config import get_preset
-    from rpiae.hub import model_card
+    from rpiae.publish import model_card
 
     assert "PS-VAE image tokenizer" in model_card("me/p", get_preset("ps-vae-tiny").to_dict())
     assert "RPiAE image tokenizer" in model_card("me/r", get_preset("tiny").to_dict())

@@ -30,14 +30,6 @@ def test_any_input_size_is_resized_to_224(tiny_model):
     torch.testing.assert_close(z, z_ref, rtol=0, atol=0)
 
 
-def test_encode_decode_deterministic(tiny_model):
-    x = torch.rand(2, 3, 256, 256)
-    with torch.no_grad():
-        a, b = tiny_model.encode(x), tiny_model.encode(x)
-        assert torch.equal(a, b)
-        assert torch.equal(tiny_model.decode(a), tiny_model.decode(b))
-
-
 def test_batch_independence(tiny_model):
     x = torch.rand(4, 3, 256, 256)
     with torch.no_grad():
@@ -54,7 +46,8 @@ def test_latent_is_posterior_mean_and_logvar_clamped(tiny_model):
         post = tiny_model.vb_feature_encoder(tokens)
     assert moments.shape == (2, 128, 16, 16)
     assert torch.equal(post.mean, moments[:, :64])
-    assert torch.equal(tiny_model.encode(x), post.mean)
+    with torch.no_grad():
+        assert torch.equal(tiny_model.encode(x), moments[:, :64])  # the mean, never a sample
     big = torch.cat([moments[:, :64], torch.full_like(moments[:, 64:], 100.0)], 1)
     from rpiae.modules.bridge import DiagonalGaussian
 

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from rpiae.cli.main import main as cli
-from rpiae.engines import polygraphy_check as PC
+from rpiae.verify import polygraphy as PC
 
 
 def test_graphs_pass_polygraphys_comparison(bundle_all, sample_photos):

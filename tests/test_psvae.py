@@ -17,7 +17,9 @@ from rpiae import RPiAE
 from rpiae.checkpoints import CheckpointError, load_encoder_weights
 from rpiae.config import PRESETS, RPiAEConfig
 from rpiae.training.config import load_train_config
-from rpiae.training.trainer import Trainer, read_training_checkpoint, trainable_names
+from rpiae.training.checkpoint import read_training_checkpoint
+from rpiae.training.stages import trainable_names
+from rpiae.training.trainer import Trainer
 from tests.test_training import small_disc, small_lpips, snapshot
 
 PARTS = ("encoder", "vb_feature_encoder", "vb_feature_decoder", "decoder")
@@ -381,7 +383,7 @@ def psvae_ckpt(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def psvae_bundle(tmp_path_factory, psvae_ckpt, sample_photos):
-    from rpiae.export import export_bundle
+    from rpiae.verify import export_bundle
 
     out = tmp_path_factory.mktemp("psvae-bundles") / "all"
     return export_bundle(psvae_ckpt, out, precisions="fp32,fp16,int8", calib=sample_photos, progress=False)
@@ -389,13 +391,13 @@ def psvae_bundle(tmp_path_factory, psvae_ckpt, sample_photos):
 
 def test_bundle_records_the_family_and_passes_the_same_parity_bounds(psvae_bundle, sample_photos):
     from rpiae.engines import load_backend
-    from rpiae.export import verify_bundle
+    from rpiae.verify import verify_bundle
     from rpiae.export.onnx_export import read_metadata
-    from rpiae.export.parity import TOLERANCES
+    from rpiae.verify.parity import TOLERANCES
 
     m = psvae_bundle.manifest
-    assert m["config"]["family"] == "ps-vae" and m["config"]["name"] == "ps-vae-tiny"
-    assert m["io"]["encode"]["output"]["shape"] == ["batch", 96, 16, 16] == m["io"]["decode"]["input"]["shape"]
+    assert m.config.family == "ps-vae" and m.config.name == "ps-vae-tiny"
+    assert m.io["encode"]["output"]["shape"] == ["batch", 96, 16, 16] == m.io["decode"]["input"]["shape"]
     import onnx
 
     meta = read_metadata(onnx.load(str(psvae_bundle.root / "encode.int8.onnx")))
@@ -410,7 +412,7 @@ def test_bundle_records_the_family_and_passes_the_same_parity_bounds(psvae_bundl
 
 
 def test_triton_repository_from_the_bundle(tmp_path, psvae_bundle):
-    from rpiae.engines.triton import parse_config, write_model_repository
+    from rpiae.export.triton import parse_config, write_model_repository
 
     repo = tmp_path / "repo"
     write_model_repository(psvae_bundle, repo, precision="int8", platform="auto", instance_kind="cpu", max_batch=4)
@@ -420,10 +422,10 @@ def test_triton_repository_from_the_bundle(tmp_path, psvae_bundle):
 
 
 def test_siglip2_variant_exports_and_verifies(tmp_path, sample_photos):
-    from rpiae.export import export_bundle, verify_bundle
+    from rpiae.verify import export_bundle, verify_bundle
 
     bundle = export_bundle(make_psvae_tiny(**siglip2_overrides()), tmp_path / "b", precisions="fp32", progress=False)
-    assert bundle.manifest["config"]["encoder_type"] == "siglip2"
+    assert bundle.manifest.config.to_dict()["encoder_type"] == "siglip2"
     report = verify_bundle(bundle, backend="ort", images=sample_photos[:2], batches=[2])
     assert report["ok"], report
 
@@ -462,21 +464,22 @@ def test_extract_and_decode_round_trip(tmp_path, psvae_bundle, psvae_ckpt, sampl
 
 
 @pytest.mark.slow
-def test_cpp_runner_runs_the_psvae_packages(tmp_path_factory, tmp_path, psvae_ckpt, sample_photos):
+def test_cpp_runner_runs_the_psvae_packages(tmp_path_factory, tmp_path, psvae_ckpt, sample_photos, cpp_runner):
     """The C++ runner takes the latent shape from the encoder graph (96 channels here)."""
     from rpiae.cli.main import main
-    from rpiae.export import Bundle, aoti
+    from rpiae.engines.aoti_backend import find_packages
+    from rpiae.export import Bundle
     from rpiae.imageio import load_image, save_image
-    from tests.test_cpp_runner import _build, _run
+    from tests.test_cpp_runner import _run
 
-    exe = _build(tmp_path_factory)["exe"]
+    exe = cpp_runner["exe"]
     cache = tmp_path_factory.mktemp("psvae-aoti-cache")
     out = tmp_path / "bundle"
     res = CliRunner().invoke(main, ["export", "--checkpoint", psvae_ckpt, "--target", "aoti", "--device", "cpu",
                                     "--batch", "1:1:2", "--out", str(out)], env={"RPIAE_CACHE_DIR": str(cache)})
     assert res.exit_code == 0, res.output
     bundle = Bundle.open(out)
-    pk = aoti.find_packages(bundle)
+    pk = find_packages(bundle)
     enc, dec = (bundle.root / pk[g][0] for g in ("encode", "decode"))
     ppm = tmp_path / "photo.ppm"
     Image.open(save_image(sample_photos[0], tmp_path / "photo.png")).convert("RGB").save(ppm)

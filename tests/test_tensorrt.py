@@ -21,11 +21,15 @@ from rpiae.cli.main import main as cli
 from rpiae.engines import BackendUnavailable
 from rpiae.engines import tensorrt as T
 from rpiae.export import Bundle, BundleError
+from rpiae.export import tensorrt as B
+from rpiae.export import trt_precision as P
 from rpiae.export.bundle import WEIGHTS
+from rpiae.export.manifest import engine_name
 from rpiae.export.profile import BatchProfile
 
 ROOT = Path(__file__).resolve().parents[1]
-TRT_MODULE = ROOT / "engines" / "tensorrt.py"
+# the two modules that talk to TensorRT: building engines, and running them
+TRT_MODULES = (ROOT / "export" / "tensorrt.py", ROOT / "engines" / "tensorrt.py")
 STUBS_VERSION = "10.13.0.35.1"
 BUILT_ENV = {"tensorrt": "10.13.0.35", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
 
@@ -70,70 +74,70 @@ def vit_engine_json(low="Half", fp32_fmt="Float", trt11=False, layers_per_block=
 
 
 def test_layer_precision_of_realistic_tensor_descriptions():
-    assert T.tensor_dtype({"Format/Datatype": "Row major linear FP32"}) == "fp32"
-    assert T.tensor_dtype({"Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}) == "fp16"
-    assert T.tensor_dtype({"Format/Datatype": "Thirty-two wide channel vectorized row major Int8 format."}) == "int8"
-    assert T.tensor_dtype({"Format/Datatype": "Half"}) == "fp16"
-    assert T.tensor_dtype({"Format/Datatype": "Float"}) == "fp32"
-    assert T.tensor_dtype({"Datatype": "BFloat16", "Format": "Row major linear FP32 format (kLINEAR)"}) == "bf16"
-    assert T.tensor_dtype({"Datatype": "Half", "Format": "Row major linear FP32 format (kLINEAR)"}) == "fp16"  # TRT 11
-    assert T.tensor_dtype({"Format/Datatype": "Row major linear Int64"}) is None
-    assert T.tensor_dtype({"Format/Datatype": "Row major linear UInt8"}) is None
-    assert T.tensor_dtype({"Name": "x"}) is None
+    assert P.tensor_dtype({"Format/Datatype": "Row major linear FP32"}) == "fp32"
+    assert P.tensor_dtype({"Format/Datatype": "Channel major FP16 format where channel % 8 == 0"}) == "fp16"
+    assert P.tensor_dtype({"Format/Datatype": "Thirty-two wide channel vectorized row major Int8 format."}) == "int8"
+    assert P.tensor_dtype({"Format/Datatype": "Half"}) == "fp16"
+    assert P.tensor_dtype({"Format/Datatype": "Float"}) == "fp32"
+    assert P.tensor_dtype({"Datatype": "BFloat16", "Format": "Row major linear FP32 format (kLINEAR)"}) == "bf16"
+    assert P.tensor_dtype({"Datatype": "Half", "Format": "Row major linear FP32 format (kLINEAR)"}) == "fp16"  # TRT 11
+    assert P.tensor_dtype({"Format/Datatype": "Row major linear Int64"}) is None
+    assert P.tensor_dtype({"Format/Datatype": "Row major linear UInt8"}) is None
+    assert P.tensor_dtype({"Name": "x"}) is None
     # a Q/DQ boundary counts as int8, a cast as its lowest float type
-    assert T.layer_precision({"Inputs": [{"Format/Datatype": "Float"}], "Outputs": [{"Format/Datatype": "Int8"}]}) == "int8"
-    assert T.layer_precision({"Inputs": [{"Format/Datatype": "Float"}], "Outputs": [{"Format/Datatype": "Half"}]}) == "fp16"
-    assert T.layer_precision({"Inputs": [], "Outputs": [{"Format/Datatype": "Int32"}]}) is None
+    assert P.layer_precision({"Inputs": [{"Format/Datatype": "Float"}], "Outputs": [{"Format/Datatype": "Int8"}]}) == "int8"
+    assert P.layer_precision({"Inputs": [{"Format/Datatype": "Float"}], "Outputs": [{"Format/Datatype": "Half"}]}) == "fp16"
+    assert P.layer_precision({"Inputs": [], "Outputs": [{"Format/Datatype": "Int32"}]}) is None
 
 
 @pytest.mark.parametrize("trt11", [False, True], ids=["trt10-format", "trt11-format"])
 def test_fp16_engine_passes_and_summary_counts_compute_layers(trt11):
-    s = T.layer_precision_summary(vit_engine_json(trt11=trt11))
+    s = P.layer_precision_summary(vit_engine_json(trt11=trt11))
     # reformat, shape and cast layers are not compute layers
     assert s["counted"] == 1 + 4 * (1 + 4)
     assert s["by_precision"] == {"fp16": 17, "fp32": 4}
     assert s["fp32_share"] == round(4 / 21, 4) and s["low_precision_share"] == round(17 / 21, 4)
     assert s["fp32_layers"][0] == "/blocks.0/norm1/LayerNormalization"
     assert s["by_layer_type"]["gemm"] == {"fp16": 16}
-    T.check_layer_precisions(s, "fp16", "encode.fp16")
+    P.check_layer_precisions(s, "fp16", "encode.fp16")
     json.dumps(s)  # goes into the manifest as is
 
 
 def test_engine_silently_in_fp32_fails_the_check():
-    s = T.layer_precision_summary(vit_engine_json(low="Row major linear FP32"))
+    s = P.layer_precision_summary(vit_engine_json(low="Row major linear FP32"))
     assert s["fp32_share"] == 1.0
-    T.check_layer_precisions(s, "fp32")  # fine for an fp32 engine
+    P.check_layer_precisions(s, "fp32")  # fine for an fp32 engine
     for precision in ("fp16", "int8", "bf16"):
-        with pytest.raises(T.EnginePrecisionError, match="runs 100% of its compute layers in fp32|without a single int8"):
-            T.check_layer_precisions(s, precision, "decode." + precision)
+        with pytest.raises(P.EnginePrecisionError, match="runs 100% of its compute layers in fp32|without a single int8"):
+            P.check_layer_precisions(s, precision, "decode." + precision)
 
 
 def test_int8_engine_needs_int8_layers():
-    int8 = T.layer_precision_summary(vit_engine_json(low="Thirty-two wide channel vectorized row major Int8 format."))
+    int8 = P.layer_precision_summary(vit_engine_json(low="Thirty-two wide channel vectorized row major Int8 format."))
     assert int8["by_precision"]["int8"] == 17
-    T.check_layer_precisions(int8, "int8")
-    fp16_only = T.layer_precision_summary(vit_engine_json(low="Half"))
-    with pytest.raises(T.EnginePrecisionError, match="without a single int8 layer"):
-        T.check_layer_precisions(fp16_only, "int8")
+    P.check_layer_precisions(int8, "int8")
+    fp16_only = P.layer_precision_summary(vit_engine_json(low="Half"))
+    with pytest.raises(P.EnginePrecisionError, match="without a single int8 layer"):
+        P.check_layer_precisions(fp16_only, "int8")
     # mostly-fp32 threshold is a parameter (int8 graphs whose other layers are fp32 pass 1.0)
-    mostly32 = T.layer_precision_summary(vit_engine_json(low="Int8", layers_per_block=1, blocks=4))
+    mostly32 = P.layer_precision_summary(vit_engine_json(low="Int8", layers_per_block=1, blocks=4))
     mostly32["fp32_share"] = 0.6
-    with pytest.raises(T.EnginePrecisionError):
-        T.check_layer_precisions(mostly32, "int8")
-    T.check_layer_precisions(mostly32, "int8", max_fp32_share=1.0)
+    with pytest.raises(P.EnginePrecisionError):
+        P.check_layer_precisions(mostly32, "int8")
+    P.check_layer_precisions(mostly32, "int8", max_fp32_share=1.0)
 
 
 def test_layer_information_in_other_shapes():
     layers = json.loads(vit_engine_json())["Layers"]
     # a list of per-layer JSON strings (get_layer_information per index) gives the same summary
     per_layer = [json.dumps(x) for x in layers]
-    assert T.layer_precision_summary(per_layer) == T.layer_precision_summary(vit_engine_json())
-    assert T.layer_precision_summary(layers[1])["by_precision"] == {"fp16": 1}
+    assert P.layer_precision_summary(per_layer) == P.layer_precision_summary(vit_engine_json())
+    assert P.layer_precision_summary(layers[1])["by_precision"] == {"fp16": 1}
     # built without detailed profiling verbosity: names only, cannot be checked
-    with pytest.raises(T.EnginePrecisionError, match="ProfilingVerbosity.DETAILED"):
-        T.layer_precision_summary(json.dumps({"Layers": ["/patch/Conv", "/blocks.0/gemm0"], "Bindings": ["images"]}))
-    with pytest.raises(T.EnginePrecisionError, match="no typed compute layers"):
-        T.check_layer_precisions(T.layer_precision_summary({"Layers": []}), "fp16")
+    with pytest.raises(P.EnginePrecisionError, match="ProfilingVerbosity.DETAILED"):
+        P.layer_precision_summary(json.dumps({"Layers": ["/patch/Conv", "/blocks.0/gemm0"], "Bindings": ["images"]}))
+    with pytest.raises(P.EnginePrecisionError, match="no typed compute layers"):
+        P.check_layer_precisions(P.layer_precision_summary({"Layers": []}), "fp16")
 
 
 # -- profiles -------------------------------------------------------------------------------
@@ -198,27 +202,33 @@ def test_version_compatible_engines_run_on_later_tensorrt(here, ok):
             T.check_engine_compat(engine_entry(), env)
 
 
-def fake_bundle(root: Path, model=None, engines=("fp16",), env=BUILT_ENV) -> Bundle:
-    """A bundle with placeholder ONNX files and engine entries (what a GPU machine's export
-    would record), for everything that must be decided before TensorRT is touched."""
+def fake_bundle(root: Path, model=None, engines=("fp16",), env=BUILT_ENV, source=None) -> Bundle:
+    """A bundle with empty ONNX graphs (only their metadata is real) and engine entries (what a
+    GPU machine's export would record), for everything that must be decided before TensorRT is
+    touched."""
+    import onnx
+
     from rpiae.config import get_preset
+    from rpiae.export.onnx_export import set_metadata
 
     config = model.config if model is not None else get_preset("tiny")
     root.mkdir(parents=True)
-    b = Bundle.new(root, config, {"path": None, "sha256": None}, 18)
+    b = Bundle.new(root, config, source or {"path": None, "sha256": None}, 18)
     if model is not None:
         model.save(root / WEIGHTS)
         b.add_file(WEIGHTS, kind="weights", dtype="float32")
     for graph in ("encode", "decode"):
         for p in ("fp32", "fp16"):
-            (root / f"{graph}.{p}.onnx").write_bytes(b"placeholder " + graph.encode())
+            proto = onnx.helper.make_model(onnx.helper.make_graph([], graph, [], []))
+            set_metadata(proto, config, graph, p)
+            onnx.save(proto, str(root / f"{graph}.{p}.onnx"))
             b.add_file(f"{graph}.{p}.onnx", kind="onnx", graph=graph, precision=p)
         for p in engines:
-            name = T.engine_name(graph, p)
+            name = engine_name(graph, p)
             (root / "engines").mkdir(exist_ok=True)
             (root / name).write_bytes(b"plan " + graph.encode())
             b.add_file(name, **engine_entry(graph=graph, precision=p, **env, onnx=f"{graph}.{p}.onnx"))
-    b.manifest["precisions"] = ["fp32", "fp16"]
+    b.manifest.precisions = ["fp32", "fp16"]
     b.write_manifest()
     return Bundle.open(root)
 
@@ -233,9 +243,10 @@ def no_tensorrt(monkeypatch):
 def fake_gpu(monkeypatch):
     """TensorRT 'present' on a GPU of compute capability 8.9 (no TensorRT call is made)."""
     env = {"tensorrt": "10.13.0.35", "gpu": "NVIDIA L4", "compute_capability": "8.9"}
-    monkeypatch.setattr(T, "import_tensorrt", lambda: object())
-    monkeypatch.setattr(T, "require_cuda", lambda device=None: torch.device("cpu"))
-    monkeypatch.setattr(T, "current_environment", lambda device=None: dict(env))
+    for module in (T, B):  # the runtime's names and the builder's
+        monkeypatch.setattr(module, "import_tensorrt", lambda: object())
+        monkeypatch.setattr(module, "require_cuda", lambda device=None: torch.device("cpu"))
+        monkeypatch.setattr(module, "current_environment", lambda device=None: dict(env))
     return env
 
 
@@ -248,38 +259,6 @@ def test_backend_refuses_engines_built_elsewhere(tmp_path, fake_gpu):
         TRTBackend(bundle, precision="fp16")
     with pytest.raises(BundleError, match=r"no int8 TensorRT encode engine \(has: fp16\).*--target trt --precision int8"):
         TRTBackend(bundle, precision="int8")
-
-
-def test_backend_splits_batches_to_the_profile(tmp_path, fake_gpu, monkeypatch):
-    from rpiae.engines.trt_backend import TRTBackend
-
-    bundle = fake_bundle(tmp_path / "b", env=fake_gpu)
-    calls = []
-
-    class FakeRunner:  # stands in for the deserialized engine
-        def __init__(self, plan, device, version_compatible=False):
-            self.graph = plan.decode().split()[-1]
-            self.min_batch, self.opt_batch, self.max_batch = 1, 2, 4
-
-        def __call__(self, x):
-            calls.append((self.graph, tuple(x.shape), x.dtype))
-            out = (64, 16, 16) if self.graph == "encode" else (3, 256, 256)
-            return torch.full((x.shape[0], *out), 0.5, dtype=torch.float16)
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(T, "EngineRunner", FakeRunner)
-    with TRTBackend(bundle, precision="fp16", max_batch=16) as be:
-        assert be.max_batch == 4  # never above the engine profile
-        z = be.encode(np.random.rand(10, 3, 256, 256).astype(np.float32))
-        assert isinstance(z, np.ndarray) and z.dtype == np.float32 and z.shape == (10, 64, 16, 16)
-        assert [c[1][0] for c in calls] == [4, 4, 2] and all(c[2] == torch.float32 for c in calls)
-        y = be.decode(torch.zeros(3, 64, 16, 16, dtype=torch.float16))
-        assert isinstance(y, torch.Tensor) and y.dtype == torch.float32 and y.shape == (3, 3, 256, 256)
-        assert be.describe()["profile"] == "1:2:4"
-    with TRTBackend(bundle, precision="fp16", max_batch=3) as be:
-        assert be.max_batch == 3
 
 
 # -- missing TensorRT ------------------------------------------------------------------------
@@ -306,7 +285,7 @@ def test_missing_tensorrt_in_backend_and_builder(tmp_path, no_tensorrt):
     with pytest.raises(BackendUnavailable, match="TensorRT is not installed"):
         load_backend(bundle.root, backend="trt", precision="fp16")
     with pytest.raises(BackendUnavailable, match="TensorRT is not installed"):
-        T.build_bundle_engines(bundle, ["fp16"], BatchProfile(1, 8, 32))
+        B.build_bundle_engines(bundle, ["fp16"], BatchProfile(1, 8, 32))
 
 
 # -- CLI --------------------------------------------------------------------------------------
@@ -320,11 +299,15 @@ def _one_line_error(result, *words):
         assert w in errors[0], out
 
 
-def test_cli_without_tensorrt(tmp_path, no_tensorrt, tiny_model, photos):
-    bundle = fake_bundle(tmp_path / "b", model=tiny_model)
+def test_cli_without_tensorrt(tmp_path, no_tensorrt, tiny_model, tiny_ckpt, photos):
+    from rpiae.checkpoints import checkpoint_sha256
+
+    source = {"path": tiny_ckpt, "sha256": checkpoint_sha256(tiny_ckpt)}
+    bundle = fake_bundle(tmp_path / "b", model=tiny_model, source=source)
     runner = CliRunner()
-    # the ONNX graphs are reused; the engine build then needs TensorRT
-    r = runner.invoke(cli, ["export", "--target", "trt", "--precision", "fp16", "--batch", "1:4:8", "--out", str(bundle.root)])
+    # the ONNX graphs of the checkpoint's bundle are reused; the engine build then needs TensorRT
+    r = runner.invoke(cli, ["export", "--target", "trt", "--checkpoint", tiny_ckpt, "--precision", "fp16", "--batch",
+                            "1:4:8", "--out", str(bundle.root)])
     _one_line_error(r, "TensorRT is not installed: pip install tensorrt")
     from rpiae.imageio import save_image
 
@@ -368,7 +351,7 @@ TRT11_REMOVED = {
     "CalibrationAlgoType", "QuantizationFlag", "IAlgorithm", "IAlgorithmContext", "IAlgorithmIOInfo", "IAlgorithmSelector",
     "IAlgorithmVariant", "NetworkDefinitionCreationFlag.EXPLICIT_BATCH",
 }
-# which TensorRT class each variable of engines/tensorrt.py holds
+# which TensorRT class each variable of the two TensorRT modules holds
 VAR_TYPES = {
     "logger": "Logger", "builder": "Builder", "network": "INetworkDefinition", "parser": "OnnxParser",
     "tensor": "ITensor", "config": "IBuilderConfig", "cache": "ITimingCache",
@@ -437,12 +420,11 @@ def _receiver(node: ast.AST) -> str | None:
     return None
 
 
-def tensorrt_uses(path: Path = TRT_MODULE) -> set[str]:
-    """Every TensorRT API the module touches: `trt.X`, `trt.X.Y` and `<var>.attr` on the
+def tensorrt_uses(*paths: Path) -> set[str]:
+    """Every TensorRT API the modules touch: `trt.X`, `trt.X.Y` and `<var>.attr` on the
     variables that hold TensorRT objects (VAR_TYPES)."""
-    tree = ast.parse(path.read_text())
     used = set()
-    for node in ast.walk(tree):
+    for node in (n for path in paths or TRT_MODULES for n in ast.walk(ast.parse(path.read_text()))):
         if not isinstance(node, ast.Attribute):
             continue
         if isinstance(node.value, ast.Name) and node.value.id == "trt":
@@ -503,9 +485,9 @@ def test_api_check_catches_misspelt_and_removed_apis(tmp_path, trt_api):
 def test_every_tensorrt_object_is_tracked():
     """Each value produced by a TensorRT call is held in a variable VAR_TYPES knows, so the
     check above sees every attribute used on it."""
-    tree = ast.parse(TRT_MODULE.read_text())
+    trees = [ast.parse(path.read_text()) for path in TRT_MODULES]
     untracked = []
-    for node in ast.walk(tree):
+    for node in (n for tree in trees for n in ast.walk(tree)):
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Attribute):
             base = _receiver(node.value.func.value)
             if base == "trt" or base in VAR_TYPES:
@@ -514,25 +496,25 @@ def test_every_tensorrt_object_is_tracked():
                     if name not in VAR_TYPES:
                         untracked.append(ast.unparse(node))
     assert not untracked, untracked
-    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {
-        n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    nodes = [n for tree in trees for n in ast.walk(tree)]
+    names = {n.id for n in nodes if isinstance(n, ast.Name)} | {n.attr for n in nodes if isinstance(n, ast.Attribute)}
     assert set(VAR_TYPES) <= names, set(VAR_TYPES) - names  # the map does not rot
 
 
 def test_progress_monitor_overrides_real_methods(trt_api):
-    tree = ast.parse(TRT_MODULE.read_text())
+    tree = ast.parse(TRT_MODULES[0].read_text())
     monitors = [c for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and c.bases and "IProgressMonitor" in ast.unparse(c.bases[0])]
     assert monitors
     defined = {f.name for f in monitors[0].body if isinstance(f, ast.FunctionDef)} - {"__init__"}
     assert defined == {"phase_start", "step_complete", "phase_finish"} <= trt_api["IProgressMonitor"]
 
 
-def test_tensorrt_is_imported_lazily_and_only_in_one_module():
-    tree = ast.parse(TRT_MODULE.read_text())
-    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    assert not any("tensorrt" in ast.unparse(n).split() for n in top)
-    for path in (ROOT / "engines").glob("*.py"):
-        if path.name == "tensorrt.py":
+def test_tensorrt_is_imported_lazily_and_only_in_its_two_modules():
+    for module in TRT_MODULES:
+        top = [n for n in ast.parse(module.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        assert not any("tensorrt" in ast.unparse(n).split() for n in top)
+    for path in [*(ROOT / "engines").glob("*.py"), *(ROOT / "export").glob("*.py")]:
+        if path in TRT_MODULES:
             continue
         for n in ast.walk(ast.parse(path.read_text())):
             if isinstance(n, ast.Import):
@@ -540,7 +522,8 @@ def test_tensorrt_is_imported_lazily_and_only_in_one_module():
             if isinstance(n, ast.ImportFrom):
                 assert (n.module or "").split(".")[0] != "tensorrt", path
     # importing the project never imports TensorRT
-    code = ("import sys, rpiae.engines.tensorrt, rpiae.engines.trt_backend, rpiae.engines.triton, rpiae.cli.triton_cmd;"
+    code = ("import sys, rpiae.engines.tensorrt, rpiae.engines.trt_backend, rpiae.export.tensorrt, rpiae.export.triton, "
+            "rpiae.cli.triton_cmd;"
             "sys.exit('tensorrt' in sys.modules)")
     import subprocess
 
@@ -554,7 +537,7 @@ def engine_bundle(tmp_path_factory, bundle_all):
     root = tmp_path_factory.mktemp("trt") / "bundle"
     shutil.copytree(bundle_all.root, root)
     bundle = Bundle.open(root)
-    T.build_bundle_engines(bundle, ["fp32", "fp16", "int8"], BatchProfile(1, 4, 8), workspace_gb=2.0,
+    B.build_bundle_engines(bundle, ["fp32", "fp16", "int8"], BatchProfile(1, 4, 8), workspace_gb=2.0,
                            timing_cache=root.parent / "timing.cache", opt_level=3, progress=False)
     return Bundle.open(root)
 
@@ -566,7 +549,7 @@ def test_engines_are_recorded_and_typed(engine_bundle):
     assert engine_bundle.precisions("trt-engine") == ["fp32", "fp16", "int8"]
     for precision in ("fp32", "fp16", "int8"):
         for graph in ("encode", "decode"):
-            e = engine_bundle.files[T.engine_name(graph, precision)]
+            e = engine_bundle.files[engine_name(graph, precision)]
             assert e["kind"] == "trt-engine" and e["profile"] == {"min": 1, "opt": 4, "max": 8}
             assert e["tensorrt"] == env["tensorrt"] and e["compute_capability"] == env["compute_capability"]
             assert e["onnx_sha256"] == engine_bundle.files[f"{graph}.{precision}.onnx"]["sha256"]
@@ -575,14 +558,14 @@ def test_engines_are_recorded_and_typed(engine_bundle):
                 assert lp["fp32_share"] <= T.MAX_FP32_SHARE, lp
             if precision == "int8":
                 assert lp["by_precision"].get("int8", 0) > 0, lp
-            assert f"trt:{graph}.{precision}" in engine_bundle.manifest["engines"]
+            assert f"trt:{graph}.{precision}" in engine_bundle.manifest.engines
     assert (engine_bundle.root.parent / "timing.cache").stat().st_size > 0
 
 
 @pytest.mark.gpu
 @requires_trt_gpu
 def test_engine_parity_against_pytorch(engine_bundle, sample_photos):
-    from rpiae.export import verify_bundle
+    from rpiae.verify import verify_bundle
 
     report = verify_bundle(engine_bundle, backend="trt", images=sample_photos, batches=[1, 3, 8, 11], device="cuda")
     assert report["results"] and report["ok"], json.dumps(report["results"], indent=1)
@@ -591,7 +574,7 @@ def test_engine_parity_against_pytorch(engine_bundle, sample_photos):
 @pytest.mark.gpu
 @requires_trt_gpu
 def test_engines_pass_polygraphys_comparison(engine_bundle, sample_photos):
-    from rpiae.engines.polygraphy_check import compare_bundle
+    from rpiae.verify.polygraphy import compare_bundle
 
     report = compare_bundle(engine_bundle, backend="trt", images=sample_photos, batch=3, device="cuda")
     assert [r["precision"] for r in report["results"]] == ["fp32", "fp16", "int8"]
@@ -625,7 +608,7 @@ def test_cli_trt_end_to_end(tmp_path, engine_bundle, photos):
     runner = CliRunner()
     r = runner.invoke(cli, ["export", "--target", "trt", "--precision", "fp16", "--batch", "1:2:4", "--out", str(bundle)])
     assert r.exit_code == 0, r.output
-    assert Bundle.open(bundle).files[T.engine_name("encode", "fp16")]["profile"]["max"] == 4
+    assert Bundle.open(bundle).files[engine_name("encode", "fp16")]["profile"]["max"] == 4
     imgs = [str(save_image(p, tmp_path / f"{i}.png")) for i, p in enumerate(photos[:3])]
     r = runner.invoke(cli, ["encode", "-m", str(bundle), "-b", "trt", "-p", "fp16", "-d", "cuda", *imgs, "-o", str(tmp_path / "z.npy")])
     assert r.exit_code == 0, r.output
@@ -637,14 +620,14 @@ def test_cli_trt_end_to_end(tmp_path, engine_bundle, photos):
 @pytest.mark.gpu
 @requires_trt_gpu
 def test_version_compatible_engine_on_gpu(tmp_path, bundle_all, sample_photos):
-    from rpiae.export import verify_bundle
+    from rpiae.verify import verify_bundle
 
     root = tmp_path / "bundle"
     shutil.copytree(bundle_all.root, root)
-    T.build_bundle_engines(Bundle.open(root), ["fp16"], BatchProfile(1, 2, 4), workspace_gb=2.0, progress=False,
+    B.build_bundle_engines(Bundle.open(root), ["fp16"], BatchProfile(1, 2, 4), workspace_gb=2.0, progress=False,
                            version_compatible=True)
     bundle = Bundle.open(root)
-    assert bundle.files[T.engine_name("encode", "fp16")]["version_compatible"] is True
+    assert bundle.files[engine_name("encode", "fp16")]["version_compatible"] is True
     report = verify_bundle(bundle, backend="trt", images=sample_photos, batches=[3], device="cuda")
     assert report["ok"], json.dumps(report["results"], indent=1)
 
@@ -901,8 +884,9 @@ def fake_trt(monkeypatch, fake_gpu):
     def install(**kw):
         fake = FakeTRT(**kw)
         monkeypatch.setitem(sys.modules, "tensorrt", fake.module)
-        monkeypatch.setattr(T, "import_tensorrt", _real_import_tensorrt)  # the real check, on the stand-in
-        monkeypatch.setattr(T, "_LOGGERS", {})
+        for module in (T, B):
+            monkeypatch.setattr(module, "import_tensorrt", _real_import_tensorrt)  # the real check, on the stand-in
+        monkeypatch.setattr(B, "_LOGGERS", {})
         # polygraphy imports TensorRT lazily once per module and keeps one logger: point both at the stand-in
         for name, mod in list(sys.modules.items()):
             held = getattr(mod, "trt", None)
@@ -949,7 +933,7 @@ def test_build_bundle_engines_with_stand_in_tensorrt(tmp_path, fake_trt, fake_gp
     bundle = fake_bundle(tmp_path / "b", engines=())
     cache = tmp_path / "timing.cache"
     cache.write_bytes(b"old")
-    built = T.build_bundle_engines(bundle, ["fp16"], BatchProfile(1, 4, 8), workspace_gb=1.5, timing_cache=cache,
+    built = B.build_bundle_engines(bundle, ["fp16"], BatchProfile(1, 4, 8), workspace_gb=1.5, timing_cache=cache,
                                    opt_level=5, progress=True)
     rec = fake.record
     assert rec["flags"] == [flags, flags]  # strongly typed: the network flag on 10, implicit on 11
@@ -963,7 +947,7 @@ def test_build_bundle_engines_with_stand_in_tensorrt(tmp_path, fake_trt, fake_gp
     b = Bundle.open(bundle.root)
     b.verify_all()
     for graph in ("encode", "decode"):
-        name = T.engine_name(graph, "fp16")
+        name = engine_name(graph, "fp16")
         assert (b.root / name).read_bytes() == f"PLAN {graph}".encode()
         e = b.files[name]
         assert e["kind"] == "trt-engine" and e["profile"] == {"min": 1, "opt": 4, "max": 8}
@@ -972,14 +956,14 @@ def test_build_bundle_engines_with_stand_in_tensorrt(tmp_path, fake_trt, fake_gp
         assert e["onnx_sha256"] == b.files[f"{graph}.fp16.onnx"]["sha256"] and e["strongly_typed"] is True
         assert e["layer_precisions"]["by_precision"] == {"fp16": 17, "fp32": 4}
         assert e["version_compatible"] is False and e["tf32"] is False and e["built_with"] == "polygraphy"
-        assert b.manifest["engines"][f"trt:{graph}.fp16"]["layer_precisions"]["fp32_share"] == e["layer_precisions"]["fp32_share"]
+        assert b.manifest.engines[f"trt:{graph}.fp16"]["layer_precisions"]["fp32_share"] == e["layer_precisions"]["fp32_share"]
     assert b.precisions("trt-engine") == ["fp16"]
 
 
 def test_build_clears_tf32(tmp_path, fake_trt):
     """TensorRT enables TF32 by default: FP32 layers would round matmul inputs to 10 bits."""
     fake = fake_trt()
-    T.build_bundle_engines(fake_bundle(tmp_path / "b", engines=()), ["fp32"], BatchProfile(1, 4, 8), progress=False)
+    B.build_bundle_engines(fake_bundle(tmp_path / "b", engines=()), ["fp32"], BatchProfile(1, 4, 8), progress=False)
     flags = fake.record["config"].flags
     assert "BuilderFlag.TF32" not in flags and "BuilderFlag.VERSION_COMPATIBLE" not in flags
 
@@ -987,7 +971,7 @@ def test_build_clears_tf32(tmp_path, fake_trt):
 def test_strongly_typed_flag_only_on_tensorrt10(tmp_path, fake_trt):
     for version, expected in (("10.0.1.6", 1 << 1), ("11.4.0.106", 0)):
         fake = fake_trt(version=version)
-        T.build_bundle_engines(fake_bundle(tmp_path / version, engines=()), ["fp16"], BatchProfile(1, 4, 8), progress=False)
+        B.build_bundle_engines(fake_bundle(tmp_path / version, engines=()), ["fp16"], BatchProfile(1, 4, 8), progress=False)
         assert set(fake.record["flags"]) == {expected}, version
 
 
@@ -996,10 +980,10 @@ def test_version_compatible_engines(tmp_path, fake_trt, fake_gpu):
 
     fake = fake_trt()
     bundle = fake_bundle(tmp_path / "b", engines=())
-    built = T.build_bundle_engines(bundle, ["fp16"], BatchProfile(1, 4, 8), progress=False, version_compatible=True)
+    built = B.build_bundle_engines(bundle, ["fp16"], BatchProfile(1, 4, 8), progress=False, version_compatible=True)
     assert "BuilderFlag.VERSION_COMPATIBLE" in fake.record["config"].flags
     b = Bundle.open(bundle.root)
-    entry = b.files[T.engine_name("encode", "fp16")]
+    entry = b.files[engine_name("encode", "fp16")]
     assert entry["version_compatible"] is True and built["trt:encode.fp16"]["version_compatible"] is True
     assert T.rebuild_command(b.root, entry).endswith("--version-compatible --out " + str(b.root))
     # a TensorRT runtime may only run the lean runtime inside such a plan when told to
@@ -1014,8 +998,8 @@ def test_refused_timing_cache_is_an_error(tmp_path, fake_trt):
     bundle = fake_bundle(tmp_path / "b", engines=())
     cache = tmp_path / "timing.cache"
     cache.write_bytes(b"other gpu's cache")
-    with pytest.raises(T.EngineBuildError, match=r"refused the timing cache .*timing.cache.*another TensorRT version or GPU"):
-        T.build_bundle_engines(bundle, ["fp16"], BatchProfile(1, 4, 8), timing_cache=cache, progress=False)
+    with pytest.raises(B.EngineBuildError, match=r"refused the timing cache .*timing.cache.*another TensorRT version or GPU"):
+        B.build_bundle_engines(bundle, ["fp16"], BatchProfile(1, 4, 8), timing_cache=cache, progress=False)
     assert cache.read_bytes() == b"other gpu's cache"  # left as it was
     assert Bundle.open(bundle.root).precisions("trt-engine") == [] and not (bundle.root / "engines").exists()
 
@@ -1024,21 +1008,21 @@ def test_missing_polygraphy_is_one_line(tmp_path, fake_trt, monkeypatch):
     fake_trt()
     monkeypatch.setitem(sys.modules, "polygraphy.backend", None)
     with pytest.raises(BackendUnavailable, match="polygraphy is not installed"):
-        T.build_bundle_engines(fake_bundle(tmp_path / "b", engines=()), ["fp16"], BatchProfile(1, 4, 8), progress=False)
+        B.build_bundle_engines(fake_bundle(tmp_path / "b", engines=()), ["fp16"], BatchProfile(1, 4, 8), progress=False)
 
 
 def test_build_refuses_fp32_engine_and_parse_errors(tmp_path, fake_trt):
     fake_trt(layers=vit_engine_json(low="Float"))
     bundle = fake_bundle(tmp_path / "b", engines=())
-    with pytest.raises(T.EnginePrecisionError, match="TensorRT encode.fp16: fp16 engine runs 100%"):
-        T.build_bundle_engines(bundle, ["fp16"], BatchProfile(1, 4, 8), progress=False)
+    with pytest.raises(P.EnginePrecisionError, match="TensorRT encode.fp16: fp16 engine runs 100%"):
+        B.build_bundle_engines(bundle, ["fp16"], BatchProfile(1, 4, 8), progress=False)
     b = Bundle.open(bundle.root)
-    assert not (b.root / "engines").exists() and b.precisions("trt-engine") == [] and not b.manifest["engines"]
+    assert not (b.root / "engines").exists() and b.precisions("trt-engine") == [] and not b.manifest.engines
     fake_trt(parse_ok=False)
-    with pytest.raises(T.EngineBuildError, match="could not parse .*encode.fp16.onnx: In node 3 .*UNSUPPORTED_NODE"):
-        T.build_bundle_engines(bundle, ["fp16"], BatchProfile(1, 4, 8), progress=False)
+    with pytest.raises(B.EngineBuildError, match="could not parse .*encode.fp16.onnx: In node 3 .*UNSUPPORTED_NODE"):
+        B.build_bundle_engines(bundle, ["fp16"], BatchProfile(1, 4, 8), progress=False)
     with pytest.raises(BundleError, match="no int8 ONNX graphs"):
-        T.build_bundle_engines(bundle, ["int8"], BatchProfile(1, 4, 8), progress=False)
+        B.build_bundle_engines(bundle, ["int8"], BatchProfile(1, 4, 8), progress=False)
 
 
 @pytest.mark.parametrize("profile,batches", [((1, 4, 8), [8, 2]), ((2, 2, 4), [4, 4, 2])])
@@ -1047,7 +1031,7 @@ def test_engine_runner_with_stand_in_tensorrt(tmp_path, fake_trt, fake_gpu, prof
 
     fake = fake_trt(profile=profile)
     bundle = fake_bundle(tmp_path / "b", engines=())
-    T.build_bundle_engines(bundle, ["fp16"], BatchProfile(*profile), progress=False)
+    B.build_bundle_engines(bundle, ["fp16"], BatchProfile(*profile), progress=False)
     fake.record["host_code"].clear()
     x = np.random.default_rng(0).random((10, 3, 256, 256), dtype=np.float32)
     with TRTBackend(Bundle.open(bundle.root), precision="fp16") as be:

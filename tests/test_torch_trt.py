@@ -102,7 +102,7 @@ def test_backend_compiles_both_graphs_over_the_profile(monkeypatch, tiny_model, 
 @pytest.mark.skipif(_GPU_SKIP is not None, reason=_GPU_SKIP or "")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_torch_trt_parity_on_gpu(bundle_all, sample_photos, precision):
-    from rpiae.export import verify_bundle
+    from rpiae.verify import verify_bundle
 
     report = verify_bundle(bundle_all, backend="torch-trt", images=sample_photos, batches=[1, 3], precisions=[precision],
                            device="cuda")

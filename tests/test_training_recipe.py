@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from rpiae.training.config import load_train_config
 from rpiae.training.discriminator import BatchNormLocal, DinoFeatures, diff_augment
-from rpiae.training.trainer import DECODER_POS_EMBED, Trainer, trainable_names
+from rpiae.training.stages import DECODER_POS_EMBED, trainable_names
+from rpiae.training.trainer import Trainer
 from tests.conftest import make_tiny
 from tests.test_training import make_cfg, make_trainer, small_disc
 
@@ -276,7 +277,7 @@ def test_decoder_pos_embed_trainable_per_stage(stage, trains, batch, tmp_path):
 
 
 def test_image_gradient_term(batch, tmp_path):
-    from rpiae.training.trainer import image_gradient_l1
+    from rpiae.training.losses import image_gradient_l1
 
     x = batch[:1]
     assert load_train_config(3).grad_weight == 0.0

@@ -15,10 +15,11 @@ import pytest
 from click.testing import CliRunner
 
 from rpiae.cli.main import main as cli
-from rpiae.engines import tensorrt as T
-from rpiae.engines.triton import (
+from rpiae.export.manifest import engine_name
+from rpiae.export.triton import (
     TritonConfigError,
     check_repository,
+    config_text,
     ensemble_config,
     model_config,
     parse_config,
@@ -37,7 +38,8 @@ OUT = ("image", "TYPE_FP32", [3, 256, 256])
 
 
 def test_model_config_parses_with_tritons_protobuf():
-    text = model_config("m", "tensorrt_plan", 16, [IMG], [LAT], "KIND_GPU", 2, [4, 16, 64], 250, ["a comment"])
+    text = config_text(model_config("m", "tensorrt_plan", 16, [IMG], [LAT], "KIND_GPU", 2, [4, 16, 64], 250), ["a comment"])
+    assert text.startswith("# a comment\n")
     c = parse_config(text)
     assert isinstance(c, model_config_pb2.ModelConfig)
     assert c.name == "m" and c.platform == "tensorrt_plan" and c.max_batch_size == 16
@@ -46,7 +48,7 @@ def test_model_config_parses_with_tritons_protobuf():
     assert c.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU and c.instance_group[0].count == 2
     assert list(c.dynamic_batching.preferred_batch_size) == [4, 16]  # within the profile
     assert c.dynamic_batching.max_queue_delay_microseconds == 250
-    cpu = parse_config(model_config("m", "onnxruntime_onnx", 8, [IMG], [LAT], "KIND_CPU"))
+    cpu = parse_config(config_text(model_config("m", "onnxruntime_onnx", 8, [IMG], [LAT], "KIND_CPU")))
     assert cpu.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
 
 
@@ -95,7 +97,7 @@ def test_ensemble_wiring_is_checked():
 
 
 def _check_repo_dir(repo: Path) -> dict:
-    configs = {d.name: (d / "config.pbtxt").read_text() for d in repo.iterdir() if d.is_dir()}
+    configs = {d.name: parse_config((d / "config.pbtxt").read_text()) for d in repo.iterdir() if d.is_dir()}
     parsed = check_repository(configs)
     for name in configs:
         assert (repo / name / "1").is_dir()
@@ -117,7 +119,7 @@ def test_onnxruntime_repository_from_bundle(tmp_path, bundle_all, sample_photos,
     for graph in ("encode", "decode"):
         model = repo / f"rpiae_{graph}" / "1" / "model.onnx"
         assert sha256_file(model) == bundle_all.files[f"{graph}.{precision}.onnx"]["sha256"]
-        io = bundle_all.manifest["io"][graph]
+        io = bundle_all.manifest.io[graph]
         c = parsed[f"rpiae_{graph}"]
         assert c.input[0].name == io["input"]["name"] and c.output[0].name == io["output"]["name"]
         assert list(c.input[0].dims) == io["input"]["shape"][1:] and list(c.output[0].dims) == io["output"]["shape"][1:]
@@ -157,7 +159,7 @@ def _with_fake_engines(bundle_all, root: Path, precision="fp16", profile=None, *
     shutil.copytree(bundle_all.root, root)
     b = Bundle.open(root)
     for graph in ("encode", "decode"):
-        name = T.engine_name(graph, precision)
+        name = engine_name(graph, precision)
         (root / "engines").mkdir(exist_ok=True)
         (root / name).write_bytes(f"serialized {graph} engine".encode())
         b.add_file(name, kind="trt-engine", graph=graph, precision=precision,
@@ -228,7 +230,7 @@ def test_repository_is_written_atomically(tmp_path, bundle_all, monkeypatch):
     write_model_repository(bundle_all, repo, precision="fp16", overwrite=True)
     assert "precision fp16" in (repo / "rpiae_encode" / "config.pbtxt").read_text()
 
-    import rpiae.engines.triton as triton
+    import rpiae.export.triton as triton
 
     def broken(configs):
         raise TritonConfigError("rejected")
@@ -340,7 +342,7 @@ def test_client_example_round_trip(tmp_path, bundle_all, sample_photos):
 
 
 def test_default_precision_follows_the_instance_kind(tmp_path, bundle_all):
-    from rpiae.engines.triton import choose
+    from rpiae.export.triton import choose
 
     assert choose(bundle_all, "auto") == ("onnxruntime", "fp32")  # ONNX Runtime on CPUs: fp32 is fastest there
     assert choose(bundle_all, "onnxruntime", instance_kind="gpu") == ("onnxruntime", "fp16")

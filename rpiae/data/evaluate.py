@@ -22,9 +22,7 @@ A metric without weights is reported as `skipped: <what to supply>` unless it is
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
-import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -36,18 +34,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from rpiae.data.eval_report import METRICS, REFERENCE, format_table, write_grid
+from rpiae.data.metric_nets import OPTIONAL_METRICS, EvalError, MetricNets, find_metric_weights, load_metric_nets
 from rpiae.data.sources import Source, image_loader
-from rpiae.fileio import atomic_file, sha256_file
-from rpiae.imageio import CROPS, DEFAULT_CROP
+from rpiae.fileio import atomic_file
+from rpiae.imageio import CROPS, DEFAULT_CROP, to_8bit
 from rpiae.metrics import FeatureMoments, fid, psnr, ssim
 
 FORMAT = "rpiae-eval"
-REFERENCE = ("torch", "fp32")
-METRICS = ("psnr", "ssim", "lpips", "rfid")
-OPTIONAL_METRICS = ("lpips", "rfid")  # the ones that need downloaded weights
-PRECISION_RANK = {"int8": 0, "fp16": 1, "bf16": 1, "fp32": 2}  # lower = fewer bits
-LPIPS_VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16 (features.N.*)
-LPIPS_HEADS_FILES = ("weights-vgg16-lpips.pth",)  # torch-fidelity's copy of the LPIPS v0.1 heads
 DEFINITIONS = {
     "psnr": "dB, per image, 20 log10(1 / sqrt(mse)) on [0, 1], mse clamped at 1e-10, averaged (RPiAE authors)",
     "ssim": "per image, torchmetrics structural_similarity_index_measure, data_range 1, in float32, averaged (RPiAE authors)",
@@ -56,10 +50,6 @@ DEFINITIONS = {
             "reconstructions vs cropped originals, scipy.linalg.sqrtm (real part), unbiased covariances",
 }
 CHUNK = 8  # images per LPIPS / Inception call: bounds their activation memory
-
-
-class EvalError(RuntimeError):
-    """An input or setting that stops the evaluation (one line; nothing is written)."""
 
 
 @dataclass(frozen=True)
@@ -81,96 +71,7 @@ class EvalOptions:
             raise ValueError(f"unknown crop policy {self.crop!r} ({', '.join(CROPS)})")
 
 
-# -- metric networks and their weights ---------------------------------------------------------
-
-
-@dataclass
-class MetricNets:
-    """The networks the optional metrics need (None: skipped, with the reason in `skipped`)."""
-
-    inception: Callable[[torch.Tensor], torch.Tensor] | None = None
-    lpips: torch.nn.Module | None = None
-    skipped: dict[str, str] = field(default_factory=dict)  # metric -> "skipped: <what to supply> (...)"
-    weights: dict[str, list[dict]] = field(default_factory=dict)  # metric -> [{"path", "sha256"}]
-
-
-def hub_checkpoints() -> Path:
-    """Where `torch.hub.load_state_dict_from_url` keeps files (torch-fidelity's and torchvision's weights)."""
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def _lpips_package_heads() -> list[Path]:
-    """The heads shipped inside the `lpips` package, if it is installed (found without importing it)."""
-    try:
-        spec = importlib.util.find_spec("lpips")
-    except (ImportError, ValueError):
-        return []
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    return [Path(d) / "weights" / "v0.1" / "vgg.pth" for d in spec.submodule_search_locations]
-
-
-def find_metric_weights(inception_weights: str | Path | None = None,
-                        lpips_weights: Sequence[str | Path] = ()) -> tuple[dict[str, list[Path]], dict[str, str]]:
-    """({metric: files}, {metric: skip reason}). Files given are used as they are (and must
-    exist); otherwise torch hub's `checkpoints/` (and the `lpips` package) are searched."""
-    from rpiae.inception import WEIGHTS_FILE
-
-    found: dict[str, list[Path]] = {}
-    skipped: dict[str, str] = {}
-    hub = hub_checkpoints()
-    given = [Path(p) for p in ([inception_weights] if inception_weights else [])] + [Path(p) for p in lpips_weights]
-    for p in given:
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: no such weights file")
-    if inception_weights:
-        found["rfid"] = [Path(inception_weights)]
-    elif (hub / WEIGHTS_FILE).is_file():
-        found["rfid"] = [hub / WEIGHTS_FILE]
-    else:
-        skipped["rfid"] = (f"skipped: --inception-weights FILE (torch-fidelity's {WEIGHTS_FILE}; "
-                           f"not found in {hub})")
-    if lpips_weights:
-        found["lpips"] = [Path(p) for p in lpips_weights]
-    else:
-        heads = next((p for p in [hub / f for f in LPIPS_HEADS_FILES] + _lpips_package_heads() if p.is_file()), None)
-        if (hub / LPIPS_VGG16_FILE).is_file() and heads is not None:
-            found["lpips"] = [hub / LPIPS_VGG16_FILE, heads]
-        else:
-            skipped["lpips"] = (f"skipped: --lpips-weights VGG16 [HEADS] (torchvision's {LPIPS_VGG16_FILE} and the "
-                                f"LPIPS v0.1 vgg heads; not both found in {hub})")
-    return found, skipped
-
-
-def load_metric_nets(inception_weights: str | Path | None = None, lpips_weights: Sequence[str | Path] = (),
-                     require: Sequence[str] = (), device: str = "cpu") -> MetricNets:
-    """The LPIPS and Inception networks from local files; a metric in `require` that has no
-    weights raises `EvalError`, any other is skipped."""
-    from rpiae.inception import load_inception
-    from rpiae.training.lpips import load_lpips
-
-    unknown = [m for m in require if m not in OPTIONAL_METRICS]
-    if unknown:
-        raise ValueError(f"--require: unknown metric {', '.join(unknown)} (choose from {', '.join(OPTIONAL_METRICS)})")
-    found, skipped = find_metric_weights(inception_weights, lpips_weights)
-    missing = [m for m in require if m in skipped]
-    if missing:
-        raise EvalError("; ".join(f"{m} is required but {skipped[m].removeprefix('skipped: ')}" for m in missing))
-    nets = MetricNets(skipped=skipped)
-    if "rfid" in found:
-        nets.inception = load_inception(found["rfid"][0]).to(device)
-    if "lpips" in found:
-        nets.lpips = load_lpips(found["lpips"]).to(device)
-    nets.weights = {m: [{"path": str(p), "sha256": sha256_file(p)} for p in files] for m, files in found.items()}
-    return nets
-
-
 # -- the evaluation ------------------------------------------------------------------------------
-
-
-def to_8bit(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [0, 1] (N, 3, H, W) -> uint8: clamped and rounded, as a saved PNG holds them."""
-    return (images.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def _chunked(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
@@ -220,6 +121,79 @@ def _check_outputs(json_out, grid, save_reference) -> None:
             raise ValueError(f"{p} is a directory; give a file name")
 
 
+def _usable(ids: list[int], errors: list[str], source: Source, opts: EvalOptions, skipped: list[dict]) -> list[int]:
+    """Positions in the batch of the images that were read; a bad one stops the run unless
+    `opts.skip_bad` (then it is listed in `skipped`)."""
+    good = []
+    for j, e in enumerate(errors):
+        if not e:
+            good.append(j)
+        elif opts.skip_bad:
+            skipped.append({"sample": ids[j], "ref": source.refs[ids[j]], "error": e})
+        else:
+            raise EvalError(f"{e}; nothing was written (fix or remove the file, or use --skip-bad)")
+    return good
+
+
+@dataclass
+class _Originals:
+    """What the run keeps of the cropped originals: their features, the grid's first tiles,
+    and the PNGs that `--save-reference` packs at the end."""
+
+    moments: FeatureMoments | None
+    tiles: list[np.ndarray] = field(default_factory=list)
+    pngs: list[Path] = field(default_factory=list)
+
+    def add(self, x8: torch.Tensor, ids: list[int], nets: MetricNets, tiles: int, png_dir: Path | None) -> None:
+        if self.moments is not None:
+            self.moments.update(_chunked(nets.inception, x8))
+        self.tiles.extend(x8[:tiles].permute(0, 2, 3, 1).numpy())  # (n, H, W, 3) uint8
+        if png_dir is not None:  # lossless, packed into the .npz at the end
+            for i, img in zip(ids, x8.permute(0, 2, 3, 1).numpy()):
+                self.pngs.append(png_dir / f"{i:09d}.png")
+                Image.fromarray(img).save(self.pngs[-1], format="PNG", compress_level=1)
+
+
+def _reconstruct_all(x: torch.Tensor, target: torch.Tensor, rows: list[_Row], backends: list, nets: MetricNets,
+                     tiles: int) -> None:
+    """Every variant encodes and decodes the batch `x` (N, 3, H, W); each row scores its 8-bit result."""
+    for row, be in zip(rows, backends):
+        t0 = time.perf_counter()
+        y = be.decode(be.encode(x))
+        row.seconds += time.perf_counter() - t0
+        row.add(to_8bit(y if isinstance(y, torch.Tensor) else torch.from_numpy(np.asarray(y))), target, nets, tiles)
+
+
+def _partial_png_dir(stack: contextlib.ExitStack, save_reference: str | Path) -> Path:
+    """A temporary folder beside `save_reference` for the originals' PNGs (removed with `stack`)."""
+    parent = Path(save_reference).resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(stack.enter_context(tempfile.TemporaryDirectory(
+        prefix=f".{Path(save_reference).name}.", suffix=".partial", dir=parent)))
+
+
+def _measure(source: Source, opts: EvalOptions, rows: list[_Row], backends: list, nets: MetricNets,
+             originals: _Originals, png_dir: Path | None, progress: bool) -> list[dict]:
+    """Stream the first `opts.limit` images of `source` through every variant; returns the
+    images that were skipped (with `opts.skip_bad`)."""
+    n_total = min(len(source), opts.limit or len(source))
+    skipped_images: list[dict] = []
+    batches = [list(range(i, min(i + opts.batch_size, n_total))) for i in range(0, n_total, opts.batch_size)]
+    loader = image_loader(source, batches, opts.crop, opts.size, min(opts.workers, len(batches)))
+    with tqdm(total=n_total, unit="img", desc="eval", disable=not progress, dynamic_ncols=True) as bar:
+        for ids, images, errors in loader:
+            good = _usable(ids, errors, source, opts, skipped_images)
+            if good:
+                x8 = to_8bit(images[good])  # (n, 3, H, W) uint8: the cropped originals
+                tiles = max(0, opts.grid_images - len(originals.tiles))
+                originals.add(x8, [ids[j] for j in good], nets, tiles, png_dir)
+                _reconstruct_all(images[good], x8.double() / 255, rows, backends, nets, tiles)
+            bar.update(len(ids))
+    if rows[0].n == 0:
+        raise EvalError("every image was skipped: nothing to evaluate")
+    return skipped_images
+
+
 def evaluate(
     source: Source,
     variants: Sequence[tuple[tuple[str, str], object]],
@@ -248,59 +222,13 @@ def evaluate(
     _check_outputs(json_out, grid, save_reference)
     wanted = set(requested) if requested is not None else set(names)
     rows = [_Row(b, p, (b, p) in wanted) for b, p in names]
-    backends = [be for _, be in variants]
-    n_total = min(len(source), opts.limit or len(source))
-    if nets.inception is not None:
-        for r in rows:
-            r.moments = FeatureMoments()
-    originals = FeatureMoments() if nets.inception is not None else None
-    grid_originals: list[np.ndarray] = []
-    skipped_images: list[dict] = []
-    ref_pngs: list[Path] = []
+    for r in rows:
+        r.moments = FeatureMoments() if nets.inception is not None else None
+    originals = _Originals(FeatureMoments() if nets.inception is not None else None)
     t_start = time.time()
     with contextlib.ExitStack() as stack:
-        ref_dir = None
-        if save_reference is not None:  # cropped originals as PNGs (lossless), packed into the .npz at the end
-            parent = Path(save_reference).resolve().parent
-            parent.mkdir(parents=True, exist_ok=True)
-            ref_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(
-                prefix=f".{Path(save_reference).name}.", suffix=".partial", dir=parent)))
-        batches = [list(range(i, min(i + opts.batch_size, n_total))) for i in range(0, n_total, opts.batch_size)]
-        loader = image_loader(source, batches, opts.crop, opts.size, min(opts.workers, len(batches)))
-        bar = stack.enter_context(tqdm(total=n_total, unit="img", desc="eval", disable=not progress, dynamic_ncols=True))
-        for ids, images, errors in loader:
-            good = []
-            for j, e in enumerate(errors):
-                if not e:
-                    good.append(j)
-                elif opts.skip_bad:
-                    skipped_images.append({"sample": ids[j], "ref": source.refs[ids[j]], "error": e})
-                else:
-                    raise EvalError(f"{e}; nothing was written (fix or remove the file, or use --skip-bad)")
-            if not good:
-                bar.update(len(ids))
-                continue
-            x = images[good]
-            x8 = to_8bit(x)
-            target = x8.double() / 255
-            if originals is not None:
-                originals.update(_chunked(nets.inception, x8))
-            need_tiles = max(0, opts.grid_images - len(grid_originals))
-            grid_originals.extend(x8[:need_tiles].permute(0, 2, 3, 1).numpy())
-            if ref_dir is not None:
-                for i, img in zip((ids[j] for j in good), x8.permute(0, 2, 3, 1).numpy()):
-                    ref_pngs.append(ref_dir / f"{i:09d}.png")
-                    Image.fromarray(img).save(ref_pngs[-1], format="PNG", compress_level=1)
-            for row, be in zip(rows, backends):
-                t0 = time.perf_counter()
-                y = be.decode(be.encode(x))
-                row.seconds += time.perf_counter() - t0
-                row.add(to_8bit(y if isinstance(y, torch.Tensor) else torch.from_numpy(np.asarray(y))), target, nets,
-                        need_tiles)
-            bar.update(len(ids))
-        bar.close()
-        if rows[0].n == 0:
-            raise EvalError("every image was skipped: nothing to evaluate")
+        png_dir = _partial_png_dir(stack, save_reference) if save_reference is not None else None
+        skipped_images = _measure(source, opts, rows, [be for _, be in variants], nets, originals, png_dir, progress)
         report = {
             "format": FORMAT,
             "version": 1,
@@ -309,19 +237,19 @@ def evaluate(
             "preprocessing": {"crop": opts.crop, "size": opts.size},
             "reference": {"backend": REFERENCE[0], "precision": REFERENCE[1]},
             "definitions": DEFINITIONS,
-            "rows": report_rows(rows, originals, nets),
+            "rows": report_rows(rows, originals.moments, nets),
             "skipped_metrics": dict(nets.skipped),
             "metric_weights": nets.weights,
             "skipped_images": skipped_images,
             "seconds": round(time.time() - t_start, 2),
         }
-        if ref_dir is not None:
+        if png_dir is not None:
             from rpiae.data.decode import pack_npz
 
-            pack_npz(ref_pngs, save_reference, progress=progress)
+            pack_npz(originals.pngs, save_reference, progress=progress)
             report["reference_npz"] = str(save_reference)
         if grid is not None:
-            write_grid(grid, grid_originals, rows)
+            write_grid(grid, originals.tiles, rows)
             report["grid"] = str(grid)
     if json_out is not None:
         with atomic_file(json_out) as tmp:
@@ -352,79 +280,5 @@ def report_rows(rows: list[_Row], originals: FeatureMoments | None, nets: Metric
     return out
 
 
-# -- report: table and grid ----------------------------------------------------------------------
-
-
-def _cell(value, digits: int) -> str:
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return " ".join(str(value).split()[:2])  # "skipped: --option"; the line under the table says more
-
-
-def _delta(value, digits: int) -> str:
-    return f"{value:+.{digits + 1}f}" if isinstance(value, float) else ""  # one digit more: deltas are small
-
-
-def format_table(report: dict) -> str:
-    """The report as a plain-text table, then one line per skipped metric."""
-    digits = {"psnr": 2, "ssim": 4, "lpips": 4, "rfid": 3}
-    head = ["backend", "precision", "n"] + [c for m in METRICS for c in (m.upper(), "Δ")] + ["seconds"]
-    lines = []
-    for row in report["rows"]:
-        name = row["backend"] + (" (ref)" if row["reference"] else "")
-        cells = [name, row["precision"], str(row["n"])]
-        for m in METRICS:
-            cells += [_cell(row[m], digits[m]), "" if row["reference"] else _delta(row["delta"][m], digits[m])]
-        lines.append(cells + [f"{row['seconds']:.1f}"])
-    widths = [max(len(c) for c in col) for col in zip(head, *lines)]
-
-    def fmt(cells: list[str]) -> str:  # names left-aligned, numbers right-aligned
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    out = [fmt(head)] + [fmt(c) for c in lines]
-    for m, why in report.get("skipped_metrics", {}).items():
-        out.append(f"{m}: {why}")
-    if report.get("skipped_images"):
-        out.append(f"{len(report['skipped_images'])} unreadable image(s) skipped (listed in the JSON report)")
-    return "\n".join(out)
-
-
-def lowest_precision(rows: list[_Row]) -> _Row:
-    """The variant with the fewest bits (the reference only when it is the only row)."""
-    others = [r for r in rows if r.name != REFERENCE] or rows
-    return min(others, key=lambda r: PRECISION_RANK.get(r.precision, 2))
-
-
-def write_grid(path: str | Path, originals: list[np.ndarray], rows: list[_Row], label_width: int = 170) -> Path:
-    """PNG: a row of originals, one row per variant (reference first), and an amplified
-    difference map of the lowest-precision variant against PyTorch FP32 (against the
-    originals when PyTorch FP32 is the only variant). The amplification is stated in the
-    row's label: the largest whole factor (at most 32) that keeps the 99.9th percentile of
-    the difference below white."""
-    from PIL import ImageDraw, ImageFont
-
-    ordered = sorted(rows, key=lambda r: r.name != REFERENCE)
-    low, ref = lowest_precision(rows), ordered[0]
-    base = originals if low is ref else ref.tiles
-    diff = [np.abs(a.astype(np.int16) - b.astype(np.int16)).mean(axis=2) for a, b in zip(low.tiles, base)]
-    p = float(np.percentile(np.stack(diff), 99.9)) if diff else 0.0
-    gain = int(min(32, max(1, math.floor(255 / max(p, 1.0)))))
-    diff_tiles = [np.repeat(np.clip(d * gain, 0, 255).round().astype(np.uint8)[..., None], 3, axis=2) for d in diff]
-    against = "original" if low is ref else "torch fp32"
-    labelled = [("original", originals)] + [(f"{r.backend} {r.precision}" + (" (ref)" if r is ref else ""), r.tiles)
-                                          for r in ordered]
-    labelled.append((f"|{low.backend} {low.precision} - {against}|\nx{gain}", diff_tiles))
-    h, w = originals[0].shape[:2]
-    canvas = Image.new("RGB", (label_width + w * len(originals), h * len(labelled)), "white")
-    draw = ImageDraw.Draw(canvas)
-    try:
-        font = ImageFont.load_default(size=16)
-    except (TypeError, ImportError, OSError):  # Pillow without FreeType: the small bitmap font
-        font = ImageFont.load_default()
-    for k, (label, tiles) in enumerate(labelled):
-        draw.multiline_text((8, k * h + h // 2 - 20), label, fill="black", font=font)
-        for j, tile in enumerate(tiles):
-            canvas.paste(Image.fromarray(tile), (label_width + j * w, k * h))
-    with atomic_file(path) as tmp:
-        canvas.save(tmp, format="PNG")
-    return Path(path)
+__all__ = ["METRICS", "OPTIONAL_METRICS", "REFERENCE", "EvalError", "EvalOptions", "MetricNets", "evaluate",
+           "find_metric_weights", "format_table", "load_metric_nets", "report_rows"]

@@ -33,7 +33,9 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from rpiae.data.heap import release_free_memory
-from rpiae.data.latents import AUTHORS_STATS_FILE, STATS_FILE, Moments, shard_name, to_storage, write_shard, write_stats
+from rpiae.data.latents import (
+    AUTHORS_STATS_FILE, DTYPES, STATS_FILE, Moments, shard_name, to_storage, write_shard, write_stats,
+)
 from rpiae.data.sources import Source, image_loader
 from rpiae.fileio import atomic_file, sha256_file
 from rpiae.imageio import CROPS, DEFAULT_CROP
@@ -41,6 +43,7 @@ from rpiae.imageio import CROPS, DEFAULT_CROP
 MANIFEST = "manifest.json"
 FORMAT = "rpiae-latents"
 PARTS = "parts"
+LATENT_DTYPES = tuple(DTYPES)  # how latents may be stored in shards
 
 
 class ExtractError(RuntimeError):
@@ -61,8 +64,8 @@ class ExtractOptions:
     def __post_init__(self) -> None:
         if self.shard_size < 1 or self.batch_size < 1 or self.workers < 0:
             raise ValueError("shard size and batch size must be >= 1, workers >= 0")
-        if self.dtype not in ("fp32", "fp16", "bf16"):
-            raise ValueError(f"unknown latent dtype {self.dtype!r} (fp32, fp16, bf16)")
+        if self.dtype not in LATENT_DTYPES:
+            raise ValueError(f"unknown latent dtype {self.dtype!r} ({', '.join(LATENT_DTYPES)})")
         if self.crop not in CROPS:
             raise ValueError(f"unknown crop policy {self.crop!r} ({', '.join(CROPS)})")
 

@@ -32,6 +32,7 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -75,11 +76,13 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _open_backend(spec: dict, threads: int | None):
-    from rpiae.engines import load_backend
-
+    """`spec["opener"](**rest of spec)` on a worker (the opener is `rpiae.engines.load_backend`,
+    handed in by the command: this layer runs backends without importing the runtimes)."""
+    spec = dict(spec)
+    opener = spec.pop("opener")
     if spec["device"] == "cpu":
         _set_threads(threads)
-    return load_backend(**spec)
+    return opener(**spec)
 
 
 def _probe(spec: dict, threads: int | None) -> tuple[dict, object]:
@@ -192,14 +195,15 @@ class RayEngine:
 
     Connects to `address` (or `RAY_ADDRESS`); with neither, starts a local Ray instance and
     shuts it down on close. `device=None` picks CUDA when the cluster has GPUs, else the CPU.
+    Each actor opens its backend with `opener(model=..., backend=..., ...)` (`load_backend`).
     """
 
-    def __init__(self, model: str | None = None, backend: str = "torch", precision: str = "fp32",
-                 device: str | None = None, max_batch: int | None = None, latent_stats: str | None = None,
-                 address: str | None = None, workers_per_gpu: int = 1) -> None:
+    def __init__(self, opener: Callable[..., Any], model: str | None = None, backend: str = "torch",
+                 precision: str = "fp32", device: str | None = None, max_batch: int | None = None,
+                 latent_stats: str | None = None, address: str | None = None, workers_per_gpu: int = 1) -> None:
         if workers_per_gpu < 1:
             raise ValueError("workers per GPU must be >= 1")
-        from rpiae.engines import resolve_model
+        from rpiae.hub import resolve_model
 
         self.ray = import_ray()
         if model is not None:
@@ -207,7 +211,7 @@ class RayEngine:
         if latent_stats is not None and not Path(latent_stats).is_file():
             raise FileNotFoundError(f"{latent_stats}: no such latent statistics file")
         self.spec = {  # what each actor opens; paths absolute: workers do not share our cwd
-            "model": str(Path(model).resolve()) if model is not None else None, "backend": backend,
+            "opener": opener, "model": str(Path(model).resolve()) if model is not None else None, "backend": backend,
             "precision": precision, "device": device, "max_batch": max_batch,
             "latent_stats": str(Path(latent_stats).resolve()) if latent_stats is not None else None,
         }

@@ -11,20 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from rpiae.imageio import ImageError, load_image, to_rgb_float
+from rpiae.imageio import ImageError, find_images, load_image, resize_short, to_rgb_float
 
 TRAIN_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files (jpg/png/webp) under `folder`, recursively, sorted."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ImageError(f"{folder}: not a directory")
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in TRAIN_SUFFIXES and p.is_file())
 
 
 def _decode(path: Path) -> torch.Tensor:
@@ -35,17 +26,6 @@ def _decode(path: Path) -> torch.Tensor:
     if arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ValueError("empty image")
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W)
-
-
-def resize_short(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(3, H, W) -> short side `size`, bicubic (antialiased when shrinking), clamped to [0, 1]."""
-    _, h, w = x.shape
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    if (nh, nw) == (h, w):
-        return x
-    x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=scale < 1)[0]
-    return x.clamp(0.0, 1.0)
 
 
 def jitter_colour(x: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
@@ -77,7 +57,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         epoch_size: int = 0,
         color_jitter: float = 0.0,
     ) -> None:
-        self.files = list_images(folder)
+        self.files = find_images(folder, TRAIN_SUFFIXES)
         if not self.files:
             raise ImageError(f"{folder}: no images (jpg/png/webp) found")
         self.crop, self.resize_min, self.resize_max = crop, resize_min, resize_max
@@ -157,7 +137,7 @@ def load_eval_images(folder: str | Path, limit: int = 0, size: int = 256) -> tup
     Returns (images (N, 3, size, size), their paths, number of unreadable files skipped).
     """
     images, paths, skipped = [], [], 0
-    for p in list_images(folder):
+    for p in find_images(folder, TRAIN_SUFFIXES):
         try:
             images.append(torch.from_numpy(load_image(p, size)))
             paths.append(p)

@@ -19,6 +19,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from rpiae.checkpoints import CheckpointError, load_strict, read_file, unwrap_state_dict
 from rpiae.config import IMAGENET_MEAN, IMAGENET_STD
+from rpiae.imageio import quantize_8bit
 
 HOOKS = (2, 5, 8, 11)  # blocks whose outputs feed a head, after the last block's output
 
@@ -228,5 +229,5 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
 
 def quantize_fake(x: torch.Tensor) -> torch.Tensor:
     """Clamp to [0, 1] and round to 8 bits (straight-through, so G still gets a gradient)."""
-    q = torch.round(x.clamp(0, 1) * 255) / 255
+    q = quantize_8bit(x)
     return x + (q - x).detach()

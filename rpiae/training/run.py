@@ -17,8 +17,11 @@ from rpiae.model import RPiAE
 from rpiae.training.config import TrainConfig, load_train_config
 from rpiae.training.data import ImageFolderDataset, load_eval_images
 from rpiae.training.discriminator import Discriminator, load_dino_features
+from rpiae.training.fit import fit, setup_distributed
 from rpiae.training.lpips import load_lpips
-from rpiae.training.trainer import Trainer, fit, read_training_checkpoint, setup_distributed, steps_per_epoch
+from rpiae.training.schedule import steps_per_epoch
+from rpiae.training.checkpoint import read_training_checkpoint
+from rpiae.training.trainer import Trainer
 
 
 # the model a new stage-1 run builds when no --preset is given
@@ -73,6 +76,95 @@ def prepare_config(
     return cfg
 
 
+def _check_inputs(stage: int, data, resume, val_data) -> None:
+    if stage > 1 and resume is None:
+        raise TrainingError(f"stage {stage} starts from stage {stage - 1}: give --resume runs/s{stage - 1}/last")
+    if resume is not None and not Path(resume).exists():
+        raise TrainingError(f"cannot resume: {resume} does not exist")
+    if not Path(data).is_dir():
+        raise TrainingError(f"training data folder not found: {data}")
+    if val_data is not None and not Path(val_data).is_dir():
+        raise TrainingError(f"held-out data folder not found: {val_data}")
+
+
+def _data(cfg: TrainConfig, data, val_data, world: int) -> tuple[ImageFolderDataset, torch.Tensor | None, int]:
+    """(training set, held-out images or None, optimiser steps per epoch), checked before anything is built."""
+    try:
+        dataset = ImageFolderDataset(
+            data, cfg.crop, cfg.resize_min, cfg.resize_max, cfg.hflip, cfg.seed, cfg.epoch_size, cfg.color_jitter
+        )
+        val_images = load_eval_images(val_data, cfg.val_images)[0] if val_data is not None else None
+        spe = steps_per_epoch(cfg, len(dataset), world)
+    except (ImageError, ValueError) as e:
+        raise TrainingError(str(e)) from None
+    if spe < 1:
+        raise TrainingError(
+            f"{len(dataset)} samples per epoch is less than one batch of {cfg.batch_size}: "
+            "lower batch_size or raise epoch_size"
+        )
+    return dataset, val_images, spe
+
+
+def _resumed_model(cfg: TrainConfig, stage: int, resume, preset, model_overrides) -> tuple[RPiAE, dict | None]:
+    """(model, the stage's own state to continue, or None when a new stage starts from the
+    previous stage's weights)."""
+    try:
+        ckpt = read_training_checkpoint(resume)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        raise TrainingError(f"cannot resume from {resume}: {e}") from None
+    model = RPiAE(RPiAEConfig.from_dict(ckpt["config"]))
+    if preset is not None and preset != model.config.name:
+        warnings.warn(f"--preset {preset} ignored: the checkpoint's model is {model.config.name!r}", stacklevel=3)
+    if model_overrides:
+        warnings.warn("model config overrides ignored: the checkpoint carries its model config", stacklevel=3)
+    if ckpt["stage"] > stage:
+        raise TrainingError(f"{resume} is a stage {ckpt['stage']} checkpoint; it cannot start stage {stage}")
+    if ckpt["stage"] == stage:
+        return model, ckpt  # continue this stage exactly where it stopped
+    model.load_state_dict(ckpt["ema" if cfg.start_from_ema else "model"])  # the previous stage's weights (or EMA)
+    return model, None
+
+
+def _new_model(recipe: str, preset, model_overrides) -> RPiAE:
+    """A randomly initialised model of `preset` (default: the recipe's), with `model_overrides`."""
+    name = preset or DEFAULT_PRESETS[recipe]
+    try:
+        config = get_preset(name)
+        if model_overrides:
+            config = RPiAEConfig.from_dict({**config.to_dict(), "name": f"{name}-custom", **model_overrides})
+    except (ValueError, TypeError) as e:
+        raise TrainingError(str(e)) from None
+    return RPiAE(config)
+
+
+def _initial_weights(model: RPiAE, init_encoder, init_decoder, stage: int, rank: int) -> None:
+    try:
+        if init_encoder:
+            load_encoder_weights(model, _need_file(init_encoder, "encoder weights"))
+        if init_decoder:
+            load_pixel_decoder_weights(model, _need_file(init_decoder, "pixel decoder weights"))
+    except CheckpointError as e:
+        raise TrainingError(str(e)) from None
+    if stage == 1 and not init_encoder and rank == 0:
+        warnings.warn("stage I without --init-encoder: E (and its frozen copy) start from random weights", stacklevel=3)
+
+
+def _loss_networks(cfg: TrainConfig, lpips_weights, disc_weights):
+    """(LPIPS or None, discriminator or None) from local weight files."""
+    try:
+        lpips = load_lpips(lpips_weights) if cfg.decoder_stage and cfg.lpips_weight > 0 else None
+        disc = None
+        if cfg.decoder_stage and cfg.gan_weight > 0:
+            disc = Discriminator(
+                cfg.disc_width, cfg.disc_depth, cfg.disc_heads, cfg.disc_patch, cfg.disc_diffaug,
+                cfg.disc_norm_group, cfg.disc_norm_eps,
+            )
+            load_dino_features(disc, disc_weights)
+    except CheckpointError as e:
+        raise TrainingError(str(e)) from None
+    return lpips, disc
+
+
 def run_training(
     stage: int,
     data: str | Path,
@@ -98,65 +190,16 @@ def run_training(
     the family of the same name. `model_overrides` changes model config fields of the preset
     a new run starts from (its name becomes "<preset>-custom" unless one is given)."""
     cfg = prepare_config(stage, config_path, overrides, lpips_weights, disc_weights, no_lpips, no_gan, recipe)
-    if stage > 1 and resume is None:
-        raise TrainingError(f"stage {stage} starts from stage {stage - 1}: give --resume runs/s{stage - 1}/last")
-    if resume is not None and not Path(resume).exists():
-        raise TrainingError(f"cannot resume: {resume} does not exist")
-    if not Path(data).is_dir():
-        raise TrainingError(f"training data folder not found: {data}")
-    if val_data is not None and not Path(val_data).is_dir():
-        raise TrainingError(f"held-out data folder not found: {val_data}")
-
+    _check_inputs(stage, data, resume, val_data)
     rank, world, dev = setup_distributed()
-    # -- data (checked before anything is built)
-    try:
-        dataset = ImageFolderDataset(
-            data, cfg.crop, cfg.resize_min, cfg.resize_max, cfg.hflip, cfg.seed, cfg.epoch_size, cfg.color_jitter
-        )
-        val_images = load_eval_images(val_data, cfg.val_images)[0] if val_data is not None else None
-    except ImageError as e:
-        raise TrainingError(str(e)) from None
-    try:
-        spe = steps_per_epoch(cfg, len(dataset), world)
-    except ValueError as e:
-        raise TrainingError(str(e)) from None
-    if spe < 1:
-        raise TrainingError(
-            f"{len(dataset)} samples per epoch is less than one batch of {cfg.batch_size}: "
-            "lower batch_size or raise epoch_size"
-        )
+    dataset, val_images, spe = _data(cfg, data, val_data, world)
     if device is not None:
         dev = torch.device(device)
     torch.manual_seed(cfg.seed)  # the same initial weights (and pivot, EMA, heads) on every rank
-
-    # -- the model: a new one (stage I), the previous stage's weights, or this stage's own resume
-    state = None
     if resume is not None:
-        try:
-            ckpt = read_training_checkpoint(resume)
-        except (FileNotFoundError, ValueError, RuntimeError) as e:
-            raise TrainingError(f"cannot resume from {resume}: {e}") from None
-        model = RPiAE(RPiAEConfig.from_dict(ckpt["config"]))
-        if preset is not None and preset != model.config.name:
-            warnings.warn(f"--preset {preset} ignored: the checkpoint's model is {model.config.name!r}", stacklevel=2)
-        if model_overrides:
-            warnings.warn("model config overrides ignored: the checkpoint carries its model config", stacklevel=2)
-        if ckpt["stage"] > stage:
-            raise TrainingError(f"{resume} is a stage {ckpt['stage']} checkpoint; it cannot start stage {stage}")
-        if ckpt["stage"] == stage:
-            state = ckpt  # continue this stage exactly where it stopped
-        else:  # a new stage starts from the previous stage's raw weights (or its EMA, if asked)
-            model.load_state_dict(ckpt["ema" if cfg.start_from_ema else "model"])
-        del ckpt
+        model, state = _resumed_model(cfg, stage, resume, preset, model_overrides)
     else:
-        name = preset or DEFAULT_PRESETS[recipe]
-        try:
-            config = get_preset(name)
-            if model_overrides:
-                config = RPiAEConfig.from_dict({**config.to_dict(), "name": f"{name}-custom", **model_overrides})
-        except (ValueError, TypeError) as e:
-            raise TrainingError(str(e)) from None
-        model = RPiAE(config)
+        model, state = _new_model(recipe, preset, model_overrides), None
     if model.config.family != recipe:
         what = f"{resume}" if resume is not None else f"preset {model.config.name!r}"
         raise TrainingError(
@@ -164,29 +207,8 @@ def run_training(
             f"(presets: {', '.join(k for k, c in PRESETS.items() if c.family == recipe)})"
         )
     if state is None:
-        try:
-            if init_encoder:
-                load_encoder_weights(model, _need_file(init_encoder, "encoder weights"))
-            if init_decoder:
-                load_pixel_decoder_weights(model, _need_file(init_decoder, "pixel decoder weights"))
-        except CheckpointError as e:
-            raise TrainingError(str(e)) from None
-        if stage == 1 and not init_encoder and rank == 0:
-            warnings.warn("stage I without --init-encoder: E (and its frozen copy) start from random weights", stacklevel=2)
-
-    # -- loss networks
-    try:
-        lpips = load_lpips(lpips_weights) if cfg.decoder_stage and cfg.lpips_weight > 0 else None
-        disc = None
-        if cfg.decoder_stage and cfg.gan_weight > 0:
-            disc = Discriminator(
-                cfg.disc_width, cfg.disc_depth, cfg.disc_heads, cfg.disc_patch, cfg.disc_diffaug,
-                cfg.disc_norm_group, cfg.disc_norm_eps,
-            )
-            load_dino_features(disc, disc_weights)
-    except CheckpointError as e:
-        raise TrainingError(str(e)) from None
-
+        _initial_weights(model, init_encoder, init_decoder, stage, rank)
+    lpips, disc = _loss_networks(cfg, lpips_weights, disc_weights)
     trainer = Trainer(model, cfg, out, lpips=lpips, disc=disc, device=dev, rank=rank, world=world, steps_per_epoch=spe)
     if world > 1:
         torch.manual_seed(cfg.seed + 1 + rank)  # distinct noise and augmentation streams per rank

@@ -30,10 +30,7 @@ more) GPUs. Losses stay on the device during a step and are read once per optimi
 from __future__ import annotations
 
 import copy
-import json
-import math
 import os
-import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -41,150 +38,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from rpiae.fileio import atomic_dir, atomic_file
-from rpiae.model import RPiAE
-from rpiae.training.config import TrainConfig
+from rpiae.imageio import quantize_8bit, to_uint8
 from rpiae.metrics import patch_border_ratio, psnr, ssim
-from rpiae.training.data import EpochSampler, ImageFolderDataset
+from rpiae.model import RPiAE
+from rpiae.training.checkpoint import CHECKPOINT_NAME, load_trainer_state, trainer_state
+from rpiae.training.config import TrainConfig
 from rpiae.training.discriminator import Discriminator, hinge_d_loss, quantize_fake
+from rpiae.training.losses import StageForward, adaptive_weight, image_gradient_l1
 from rpiae.training.lpips import LPIPS, lpips_loss
-
-STAGE_PARTS = {
-    1: ("encoder.", "decoder."),
-    2: ("vb_feature_encoder.", "vb_feature_decoder."),
-    3: ("decoder.",),
-}
-PSVAE_STAGE_PARTS = {
-    1: ("vb_feature_encoder.", "vb_feature_decoder.", "decoder."),  # D only with `svae_pixel_decoder`
-    2: ("encoder.", "vb_feature_encoder.", "vb_feature_decoder.", "decoder."),
-}
-# the stage that fine-tunes E against a frozen copy of itself (RPiAE's pivot, PS-VAE's semantic target)
-FROZEN_COPY_STAGE = {"rpiae": 1, "ps-vae": 2}
-MASK_TOKEN = "encoder.encoder.embeddings.mask_token"  # unused by the model, never trained
-DECODER_POS_EMBED = "decoder.decoder_pos_embed"
-CHECKPOINT_NAME = "checkpoint.pt"
-
-
-def stage_parts(cfg: TrainConfig) -> tuple[str, ...]:
-    """State-dict prefixes of the parts this stage trains."""
-    if cfg.recipe == "rpiae":
-        return STAGE_PARTS[cfg.stage]
-    parts = PSVAE_STAGE_PARTS[cfg.stage]
-    return parts if cfg.decoder_stage else tuple(p for p in parts if p != "decoder.")
-
-
-def trainable_names(model: nn.Module, cfg: TrainConfig) -> list[str]:
-    fixed = {MASK_TOKEN} | (set() if cfg.train_decoder_pos_embed else {DECODER_POS_EMBED})
-    return [n for n, _ in model.named_parameters() if n.startswith(stage_parts(cfg)) and n not in fixed]
-
-
-def cosine_schedule(warmup_steps: float, decay_steps: float, floor: float):
-    """LR factor per step: linear warm-up from 0 over `warmup_steps`, cosine from 1 down to
-    `floor` at `decay_steps`, flat after (the authors' `build_scheduler`, `warmup_from_zero`)."""
-    warm = int(warmup_steps)
-    end = max(int(decay_steps), warm)
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        if step >= end:
-            return floor
-        t = (step - warm) / max(end - warm, 1)
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-    return f
-
-
-def lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
-    """The generator's LR factor by optimiser step."""
-    decay = cfg.decay_epochs or cfg.epochs
-    return cosine_schedule(cfg.warmup_epochs * steps_per_epoch, decay * steps_per_epoch, cfg.min_lr / cfg.lr)
-
-
-def disc_lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
-    """The discriminator's LR factor by *discriminator* update (its schedule starts with it)."""
-    return cosine_schedule(
-        cfg.disc_warmup_epochs * steps_per_epoch, cfg.disc_decay_epochs * steps_per_epoch, cfg.disc_min_lr / cfg.disc_lr
-    )
-
-
-def adaptive_weight(loss_a: torch.Tensor, loss_b: torch.Tensor, param: torch.Tensor, eps: float, max_value: float) -> torch.Tensor:
-    """clamp(||d loss_a / d param|| / (||d loss_b / d param|| + eps), 0, max), detached."""
-    ga = torch.autograd.grad(loss_a, param, retain_graph=True)[0]
-    gb = torch.autograd.grad(loss_b, param, retain_graph=True)[0]
-    return (ga.norm() / (gb.norm() + eps)).clamp(0.0, max_value).detach()
-
-
-def image_gradient_l1(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean |d recon - d target| over horizontal and vertical neighbouring-pixel differences."""
-    dx = (recon[..., :, 1:] - recon[..., :, :-1]) - (target[..., :, 1:] - target[..., :, :-1])
-    dy = (recon[..., 1:, :] - recon[..., :-1, :]) - (target[..., 1:, :] - target[..., :-1, :])
-    return 0.5 * (dx.abs().mean() + dy.abs().mean())
-
-
-class StageForward(nn.Module):
-    """The differentiable path of one stage (the module DDP wraps)."""
-
-    def __init__(
-        self, model: RPiAE, stage: int, tau: float, sample_posterior: bool = False, recipe: str = "rpiae",
-        train_decoder: bool = True,
-    ) -> None:
-        super().__init__()
-        self.model, self.stage, self.tau, self.sample_posterior = model, stage, tau, sample_posterior
-        self.recipe, self.train_decoder = recipe, train_decoder
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.recipe == "ps-vae":
-            return self.semantic_pixel(x)
-        m = self.model
-        if self.stage == 1:
-            tokens = m.tokens(x)  # (B, N, C), E trainable
-            noised = RPiAE.add_token_noise(tokens, self.tau) if self.tau > 0 else tokens
-            return {"tokens": tokens, "recon": m.decode_tokens(noised)}
-        with torch.no_grad():
-            tokens = m.tokens(x)  # E frozen
-        if self.stage == 2:
-            noised = RPiAE.add_token_noise(tokens, self.tau) if self.tau > 0 else tokens
-            post = m.vb_feature_encoder(noised)
-            z = post.sample() if self.sample_posterior else post.mean  # (B, Cz, 16, 16)
-            tokens_hat = m.vb_feature_decoder(z)
-            return {
-                "tokens": tokens,
-                "tokens_hat": tokens_hat,
-                "kl": post.kl(),
-                "recon": m.decode_tokens(tokens_hat),  # D frozen; gradients reach the VB
-            }
-        with torch.no_grad():  # stage III: E and VB frozen, D on the posterior mean
-            dec_tokens = m.vb_feature_decoder(m.vb_feature_encoder(tokens).mean)
-            if self.tau > 0:
-                dec_tokens = RPiAE.add_token_noise(dec_tokens, self.tau)
-        return {"recon": m.decode_tokens(dec_tokens)}
-
-    def semantic_pixel(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """PS-VAE: E's tokens through the semantic autoencoder, then D. Stage 1 stops D's
-        gradient at the semantic decoder's output; stage 2 lets it reach E."""
-        m = self.model
-        if self.stage == 1:
-            with torch.no_grad():
-                tokens = m.tokens(x)  # (B, N, C), E frozen
-        else:
-            tokens = m.tokens(x)  # E trainable
-        noised = RPiAE.add_token_noise(tokens, self.tau) if self.tau > 0 else tokens
-        post = m.vb_feature_encoder(noised)
-        z = post.sample() if self.sample_posterior else post.mean  # (B, Cz, 16, 16)
-        tokens_hat = m.vb_feature_decoder(z)  # (B, N, C)
-        if self.stage == 2:
-            recon = m.decode_tokens(tokens_hat)
-        elif self.train_decoder:
-            recon = m.decode_tokens(tokens_hat.detach())
-        else:
-            with torch.no_grad():
-                recon = m.decode_tokens(tokens_hat)  # logged only
-        return {"tokens": tokens, "tokens_hat": tokens_hat, "kl": post.kl(), "recon": recon}
+from rpiae.training.schedule import disc_lr_lambda, lr_lambda
+from rpiae.training.stages import FROZEN_COPY_STAGE, stage_parts, trainable_names
 
 
 def configure_kernels(deterministic: bool, device: torch.device) -> None:
@@ -202,6 +68,9 @@ def configure_kernels(deterministic: bool, device: torch.device) -> None:
 
 
 class Trainer:
+    """One stage: its trainable parameters, EMA copy, frozen copy of E, loss networks and
+    optimisers; `train_step` (one optimiser step), evaluation, and its checkpoint."""
+
     def __init__(
         self,
         model: RPiAE,
@@ -252,21 +121,27 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.fwd = DDP(self.fwd, device_ids=ids, broadcast_buffers=False)
 
+        self._make_optimisers()
+
+        # where the adaptive weights compare gradient norms: E's last parameter (DINOv2: the last
+        # block's layer_scale2) for the pivot, D's last layer for the GAN term
+        self.last_enc_param = list(model.encoder.parameters())[-1]
+        self.last_dec_param = model.decoder.decoder_pred.weight
+
+    def _make_optimisers(self) -> None:
+        """AdamW and its learning-rate schedule for the trainable parameters, and for the
+        discriminator's heads (their own schedule, stepped on their own updates)."""
+        cfg = self.cfg
         self.opt = torch.optim.AdamW(
             list(self.params.values()), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
         self.lr_factor = lr_lambda(cfg, self.steps_per_epoch)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.lr_factor)
         self.disc_opt = self.disc_sched = None
-        if self.disc is not None:  # its own schedule, stepped on its own updates
+        if self.disc is not None:
             head_params = [p for p in self.disc.heads.parameters()]
             self.disc_opt = torch.optim.AdamW(head_params, lr=cfg.disc_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
             self.disc_sched = torch.optim.lr_scheduler.LambdaLR(self.disc_opt, disc_lr_lambda(cfg, self.steps_per_epoch))
-
-        # where the adaptive weights compare gradient norms: E's last parameter (DINOv2: the last
-        # block's layer_scale2) for the pivot, D's last layer for the GAN term
-        self.last_enc_param = list(model.encoder.parameters())[-1]
-        self.last_dec_param = model.decoder.decoder_pred.weight
 
     @property
     def autocast(self):
@@ -443,7 +318,7 @@ class Trainer:
         self._d_lr = self.disc_opt.param_groups[0]["lr"]
         d_sum = None
         for x, recon in fakes:
-            fake = torch.round(recon.clamp(0, 1) * 255) / 255
+            fake = quantize_8bit(recon)
             with self.autocast:
                 real_logits = self.disc(x * 2 - 1)
                 fake_logits = self.disc(fake.to(x.device) * 2 - 1)
@@ -489,7 +364,7 @@ class Trainer:
     def validate(self, images: torch.Tensor) -> dict[str, float]:
         """Held-out PSNR/SSIM of the EMA model's 8-bit reconstructions, and how visible D's
         patch grid is in them (`rpiae.metrics.patch_border_ratio`, about 1 for photos)."""
-        recon = (torch.round(self.reconstruct(images).clamp(0, 1) * 255) / 255).numpy()
+        recon = quantize_8bit(self.reconstruct(images)).numpy()
         target = images.numpy()
         return {
             "val_psnr": float(psnr(recon, target).mean()),
@@ -505,7 +380,7 @@ class Trainer:
         top = torch.cat(list(images.clamp(0, 1)), dim=2)
         bottom = torch.cat(list(recon), dim=2)
         grid = torch.cat([top, bottom], dim=1)
-        arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        arr = to_uint8(grid.numpy())
         path = Path(path)
         with atomic_file(path) as tmp:
             Image.fromarray(arr).save(tmp, format="PNG")
@@ -513,68 +388,11 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        rng = {"torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            # the generator of the GPU this rank computes on: independent of how many GPUs there are
-            rng["cuda_device"] = torch.cuda.get_rng_state(self.device)
-        state = {
-            "config": self.model.config.to_dict(),
-            "train_config": self.cfg.to_dict(),
-            "stage": self.stage,
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
-            "opt": self.opt.state_dict(),
-            "sched": self.sched.state_dict(),
-            "rng": rng,
-            "skipped_files": self.skipped_files,
-        }
-        if self.pivot is not None:
-            state["pivot"] = self.pivot.state_dict()
-        if self.disc is not None:
-            state["disc"] = self.disc.state_dict()
-            state["disc_opt"] = self.disc_opt.state_dict()
-            state["disc_sched"] = self.disc_sched.state_dict()
-        return state
+        return trainer_state(self)
 
     def load_state_dict(self, state: dict) -> None:
-        if state["stage"] != self.stage:
-            raise ValueError(f"checkpoint is from stage {state['stage']}, this run is stage {self.stage}")
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
-        if self.pivot is not None:
-            self.pivot.load_state_dict(state["pivot"])
-        if self.disc is not None:
-            if "disc" not in state:
-                raise ValueError("the checkpoint has no discriminator state but this run uses a GAN")
-            self.disc.load_state_dict(state["disc"])
-            self.disc_opt.load_state_dict(state["disc_opt"])
-            self.disc_sched.load_state_dict(state["disc_sched"])
-        self.step = int(state["step"])
-        self.skipped_files = int(state.get("skipped_files", 0))
-        rng = state["rng"]
-        if self.rank == 0:
-            torch.set_rng_state(rng["torch"])
-            cuda_state = self._saved_cuda_rng(rng)
-            if cuda_state is not None:
-                torch.cuda.set_rng_state(cuda_state, self.device)
-        else:  # other ranks: deterministic, distinct streams
-            torch.manual_seed(self.cfg.seed + self.rank + 1000 * self.step)
+        load_trainer_state(self, state)
         self.set_modes()
-
-    def _saved_cuda_rng(self, rng: dict) -> torch.Tensor | None:
-        """The saved CUDA generator state for this rank's GPU, or None (a CPU run or checkpoint).
-        Checkpoints of earlier versions hold one state per GPU of the machine that saved them;
-        the one of this GPU's index is taken when it exists."""
-        if self.device.type != "cuda":
-            return None
-        if rng.get("cuda_device") is not None:
-            return rng["cuda_device"]
-        per_gpu = rng.get("cuda") or []
-        index = self.device.index or 0
-        return per_gpu[index] if index < len(per_gpu) else None
 
     def save_checkpoint(self, name: str = "last") -> Path:
         """`out/<name>/checkpoint.pt`, written atomically (rank 0 only)."""
@@ -585,9 +403,6 @@ class Trainer:
         return path
 
 
-# -- helpers for the command line and scripts -------------------------------------------------------
-
-
 def host_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
     """Tensors (on any device) and floats as Python floats, with one device-to-host read."""
     names = list(values)
@@ -596,138 +411,3 @@ def host_floats(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
                 if tensors else [])
     return {k: next(read) if isinstance(values[k], torch.Tensor) else float(values[k]) for k in names}
 
-
-def checkpoint_file(path: str | Path) -> Path:
-    """`runs/s1/last` (a directory) or the file itself."""
-    path = Path(path)
-    return path / CHECKPOINT_NAME if path.is_dir() else path
-
-
-def read_training_checkpoint(path: str | Path) -> dict:
-    f = checkpoint_file(path)
-    if not f.is_file():
-        raise FileNotFoundError(f"no training checkpoint at {path}")
-    state = torch.load(f, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or "stage" not in state or "config" not in state:
-        raise ValueError(f"{f} is not a training checkpoint of this project")
-    return state
-
-
-def micro_batch_size(cfg: TrainConfig, world: int = 1) -> int:
-    micro, rest = divmod(cfg.batch_size, world * cfg.grad_accum)
-    if micro < 1 or rest:
-        raise ValueError(
-            f"batch_size {cfg.batch_size} is not divisible by ranks x grad_accum = {world} x {cfg.grad_accum}"
-        )
-    return micro
-
-
-def steps_per_epoch(cfg: TrainConfig, num_samples: int, world: int = 1) -> int:
-    micro = micro_batch_size(cfg, world)
-    return num_samples // (micro * world) // cfg.grad_accum
-
-
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) under torchrun; (0, 1, cuda or cpu) otherwise."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            torch.cuda.set_device(local)
-            return rank, world, torch.device("cuda", local)
-        return rank, world, torch.device("cpu")
-    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def fit(
-    trainer: Trainer,
-    dataset: ImageFolderDataset,
-    val_images: torch.Tensor | None = None,
-    sample_images: torch.Tensor | None = None,
-    progress: bool = True,
-) -> dict[str, float]:
-    """Run (or continue) the stage to the end of its schedule; returns the final metrics."""
-    cfg, rank, world = trainer.cfg, trainer.rank, trainer.world
-    micro = micro_batch_size(cfg, world)
-    sampler = EpochSampler(len(dataset), micro, rank, world, seed=cfg.seed)
-    spe = steps_per_epoch(cfg, len(dataset), world)
-    if spe != trainer.steps_per_epoch:
-        raise ValueError(f"trainer was built for {trainer.steps_per_epoch} steps per epoch, the data gives {spe}")
-    total = cfg.epochs * spe
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=micro,
-        sampler=sampler,
-        num_workers=cfg.num_workers,
-        pin_memory=trainer.device.type == "cuda",
-        drop_last=True,
-        # the loader's own generator: creating an iterator must not consume the global RNG,
-        # or a resumed run would draw different noise than the uninterrupted one
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    if sample_images is None:
-        sample_images = val_images[:4] if val_images is not None else None
-    log_path = trainer.out_dir / "log.jsonl"
-    trainer.out_dir.mkdir(parents=True, exist_ok=True)
-    if rank == 0:  # what this run is, readable without loading a checkpoint
-        with atomic_file(trainer.out_dir / "config.json") as tmp:
-            tmp.write_text(json.dumps({"model": trainer.model.config.to_dict(), "train": cfg.to_dict()}, indent=2) + "\n")
-    bar = tqdm(total=total, initial=trainer.step, disable=not progress or rank != 0, desc=f"stage {cfg.stage}", dynamic_ncols=True)
-    metrics: dict[str, float] = {}
-    t0 = time.time()
-
-    def log(record: dict) -> None:
-        if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    while trainer.step < total:
-        epoch, in_epoch = divmod(trainer.step, spe)
-        dataset.set_epoch(epoch)
-        sampler.set_epoch(epoch, start_batch=in_epoch * cfg.grad_accum)
-        buf: list[torch.Tensor] = []
-        for x, bad in loader:
-            trainer.skipped_files += int(bad.sum())
-            buf.append(x)
-            if len(buf) < cfg.grad_accum:
-                continue
-            logs, buf = trainer.train_step(buf), []
-            step = trainer.step
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total:
-                shown = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in logs.items()}
-                bar.set_postfix(shown, refresh=False)
-                log({"step": step, "epoch": round(trainer.epoch_float, 4), "time": round(time.time() - t0, 1), **logs})
-            if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                trainer.save_checkpoint()
-            if cfg.sample_every and step % cfg.sample_every == 0 and sample_images is not None and rank == 0:
-                trainer.save_samples(sample_images, trainer.out_dir / "samples" / f"step_{step:07d}.png")
-            if val_images is not None and rank == 0 and (
-                (cfg.val_every and step % cfg.val_every == 0) or (not cfg.val_every and step % spe == 0)
-            ):
-                metrics = trainer.validate(val_images)
-                log({"step": step, **metrics})
-                bar.write(
-                    f"step {step}: val PSNR {metrics['val_psnr']:.2f} dB, SSIM {metrics['val_ssim']:.4f}, "
-                    f"patch-border ratio {metrics['val_border_ratio']:.2f}"
-                )
-            if step >= total:
-                break
-    bar.close()
-    if trainer.skipped_files and rank == 0:
-        bar.write(f"warning: {trainer.skipped_files} unreadable image file(s) were skipped")
-    trainer.save_checkpoint()
-    if rank == 0:
-        if sample_images is not None:
-            trainer.save_samples(sample_images, trainer.out_dir / "samples" / f"final_{trainer.step:07d}.png")
-        if val_images is not None:
-            metrics = trainer.validate(val_images)
-        metrics = {"step": trainer.step, "skipped_files": trainer.skipped_files, **metrics}
-        with atomic_file(trainer.out_dir / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        trainer.ema.save(trainer.out_dir / "model.safetensors", metadata={"stage": str(trainer.stage), "step": str(trainer.step)})
-    return metrics

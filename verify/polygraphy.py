@@ -24,6 +24,9 @@ import numpy as np
 
 from rpiae.engines.base import BackendUnavailable
 from rpiae.export.bundle import Bundle
+from rpiae.export.manifest import BACKEND_FILE_KIND
+from rpiae.export.spec import GRAPHS
+from rpiae.verify.parity import repeat_to
 
 BOUNDS = {"fp32": ("max", 1e-4), "fp16": ("mean", 1e-3), "bf16": ("mean", 1e-3), "int8": ("mean", 2e-2)}
 REFERENCE = "onnxrt-cpu-fp32"
@@ -53,14 +56,14 @@ def _candidate(bundle: Bundle, backend: str, precision: str, device: str, Onnxrt
         from rpiae.engines.ort_backend import ORTBackend
 
         be = ORTBackend(bundle, precision=precision, device=device, io_binding=False)
-        return be, {g: OnnxrtRunner(be.session(g), name=f"onnxrt-{be.kind}-{precision}") for g in ("encode", "decode")}
+        return be, {g: OnnxrtRunner(be.session(g), name=f"onnxrt-{be.kind}-{precision}") for g in GRAPHS}
     if backend == "trt":
         from polygraphy.backend.trt import TrtRunner
 
         from rpiae.engines.trt_backend import TRTBackend
 
         be = TRTBackend(bundle, precision=precision, device=device)
-        return be, {g: TrtRunner(r.engine, name=f"tensorrt-{precision}") for g, r in be._runners.items()}
+        return be, {g: TrtRunner(be.runner(g).engine, name=f"tensorrt-{precision}") for g in GRAPHS}
     raise BackendUnavailable(f"--compare polygraphy runs the ort and trt backends, not {backend!r}")
 
 
@@ -68,20 +71,20 @@ def compare_bundle(bundle: Bundle | str, backend: str = "ort", images: np.ndarra
                    precisions: list[str] | None = None, device: str = "cpu", batch: int = 4) -> dict[str, Any]:
     """polygraphy's comparison of every precision (default: all the backend has) against the
     FP32 ONNX graph. Returns {"bundle", "results" (one row per precision), "ok"}."""
-    OnnxrtRunner, Comparator, CompareFunc, log = _polygraphy()
-    import onnxruntime as ort
+    from rpiae.engines.ort_backend import ORTBackend
 
+    OnnxrtRunner, Comparator, CompareFunc, log = _polygraphy()
     if not isinstance(bundle, Bundle):
         bundle = Bundle.open(bundle)
     if images is None:
         from rpiae.samples import sample_photos
 
         images = sample_photos()[1]
-    x = np.ascontiguousarray(np.concatenate([images] * -(-batch // len(images)))[:batch], dtype=np.float32)
-    kind = "trt-engine" if backend == "trt" else "onnx"
+    x = np.ascontiguousarray(repeat_to(images, batch), dtype=np.float32)
+    kind = BACKEND_FILE_KIND[backend]
     precisions = precisions or bundle.precisions(kind)
-    reference = {g: ort.InferenceSession(str(bundle.graph_path(g, "fp32")), providers=["CPUExecutionProvider"])
-                 for g in ("encode", "decode")}
+    cpu = ORTBackend(bundle, precision="fp32", device="cpu", io_binding=False)
+    reference = {g: cpu.session(g) for g in GRAPHS}
     feeds = {"encode": x}
     feeds["decode"] = reference["encode"].run(None, {reference["encode"].get_inputs()[0].name: x})[0]
     results = []
@@ -90,7 +93,7 @@ def compare_bundle(bundle: Bundle | str, backend: str = "ort", images: np.ndarra
         be, runners = _candidate(bundle, backend, precision, device, OnnxrtRunner)
         checks: dict[str, dict[str, Any]] = {}
         try:
-            for graph in ("encode", "decode"):
+            for graph in GRAPHS:
                 ref_sess = reference[graph]
                 feed = [{ref_sess.get_inputs()[0].name: feeds[graph]}]
                 ref_runner = OnnxrtRunner(ref_sess, name=REFERENCE)

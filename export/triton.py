@@ -12,9 +12,9 @@ built with `--version-compatible` also run on a later TensorRT, with the server 
 them, which the summary lists under `server_args`);
 `onnxruntime_onnx` serves the bundle's ONNX graph of the same precision, on CPU or GPU
 instances, for users without TensorRT. Dynamic batching stays within the engine profile
-(max_batch_size = the profile's maximum). Every config.pbtxt is parsed with Triton's own
-model-config protobuf (tritonclient) and checked before the repository is renamed into
-place.
+(max_batch_size = the profile's maximum). Every config is built as Triton's own `ModelConfig`
+protobuf message (tritonclient), checked, and written with protobuf's `text_format` before
+the repository is renamed into place.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from rpiae.export.bundle import Bundle, BundleError
+from rpiae.export.manifest import KIND_ONNX, KIND_TRT_ENGINE
+from rpiae.export.spec import GRAPHS
+from rpiae.fileio import atomic_dir
 
 PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}
 MODEL_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx"}
-GRAPHS = ("encode", "decode")
 _PREFERENCE = ("fp16", "int8", "bf16", "fp32")
 # Triton's TensorRT backend loads version-compatible plans only with this server option
 VERSION_COMPATIBLE_ARG = "--backend-config=tensorrt,version-compatible=true"
@@ -38,65 +40,69 @@ class TritonConfigError(ValueError):
     """A generated config.pbtxt that Triton's model-config protobuf rejects or that is inconsistent."""
 
 
-# -- config text ------------------------------------------------------------------------------
-def _tensor(name: str, data_type: str, dims: list[int]) -> str:
-    return (f"  {{\n    name: \"{name}\"\n    data_type: {data_type}\n"
-            f"    dims: [ {', '.join(str(int(d)) for d in dims)} ]\n  }}")
+def _pb():
+    """(tritonclient's model_config_pb2, protobuf's text_format), or ImportError saying what to install."""
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        raise ImportError('Triton model configs need tritonclient: pip install "tritonclient[grpc]>=2.40,<3"') from None
+    return model_config_pb2, text_format
 
 
-def _tensors(kind: str, items: list[tuple[str, str, list[int]]]) -> str:
-    return f"{kind} [\n" + ",\n".join(_tensor(*t) for t in items) + "\n]\n"
+Tensor = tuple[str, str, list[int]]  # (name, Triton data type such as TYPE_FP32, dims without the batch axis)
 
 
-def model_config(name: str, platform: str, max_batch_size: int, inputs: list[tuple[str, str, list[int]]],
-                 outputs: list[tuple[str, str, list[int]]], instance_kind: str = "KIND_GPU", instance_count: int = 1,
-                 preferred_batch_sizes: list[int] | None = None, max_queue_delay_us: int = 100,
-                 comment: list[str] | None = None) -> str:
-    """config.pbtxt for one model. Dims exclude the batch axis (max_batch_size > 0)."""
+def _io(config, inputs: list[Tensor], outputs: list[Tensor]) -> None:
+    pb, _ = _pb()
+    for field, items in ((config.input, inputs), (config.output, outputs)):
+        for name, data_type, dims in items:
+            field.add(name=name, data_type=pb.DataType.Value(data_type), dims=[int(d) for d in dims])
+
+
+def model_config(name: str, platform: str, max_batch_size: int, inputs: list[Tensor], outputs: list[Tensor],
+                 instance_kind: str = "KIND_GPU", instance_count: int = 1, preferred_batch_sizes: list[int] | None = None,
+                 max_queue_delay_us: int = 100):
+    """Triton's `ModelConfig` message for one model. Dims exclude the batch axis (max_batch_size > 0)."""
     if platform not in MODEL_FILES:
         raise ValueError(f"unknown Triton platform {platform!r}; expected one of {', '.join(MODEL_FILES)}")
     if instance_kind not in ("KIND_GPU", "KIND_CPU"):
         raise ValueError(f"instance kind {instance_kind!r}: expected KIND_GPU or KIND_CPU")
     if platform == "tensorrt_plan" and instance_kind != "KIND_GPU":
         raise ValueError("a tensorrt_plan model runs on GPU instances only; use --platform onnxruntime for CPU")
+    pb, _ = _pb()
+    config = pb.ModelConfig(name=name, platform=platform, max_batch_size=int(max_batch_size))
+    _io(config, inputs, outputs)
+    config.instance_group.add(count=int(instance_count), kind=pb.ModelInstanceGroup.Kind.Value(instance_kind))
     preferred = sorted({int(b) for b in (preferred_batch_sizes or []) if 1 <= int(b) <= max_batch_size})
-    text = "".join(f"# {line}\n" for line in (comment or []))
-    text += f"name: \"{name}\"\nplatform: \"{platform}\"\nmax_batch_size: {int(max_batch_size)}\n"
-    text += _tensors("input", inputs) + _tensors("output", outputs)
-    text += f"instance_group [\n  {{\n    count: {int(instance_count)}\n    kind: {instance_kind}\n  }}\n]\n"
-    text += "dynamic_batching {\n"
-    if preferred:
-        text += f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
-    text += f"  max_queue_delay_microseconds: {int(max_queue_delay_us)}\n}}\n"
-    return text
+    config.dynamic_batching.preferred_batch_size.extend(preferred)
+    config.dynamic_batching.max_queue_delay_microseconds = int(max_queue_delay_us)
+    return config
 
 
-def ensemble_config(name: str, max_batch_size: int, steps: list[dict[str, Any]],
-                    inputs: list[tuple[str, str, list[int]]], outputs: list[tuple[str, str, list[int]]],
-                    comment: list[str] | None = None) -> str:
-    """config.pbtxt of an ensemble; each step is {"model": name, "input_map": {model_tensor: ensemble_tensor},
+def ensemble_config(name: str, max_batch_size: int, steps: list[dict[str, Any]], inputs: list[Tensor],
+                    outputs: list[Tensor]):
+    """`ModelConfig` of an ensemble; each step is {"model": name, "input_map": {model_tensor: ensemble_tensor},
     "output_map": {model_tensor: ensemble_tensor}}."""
-    text = "".join(f"# {line}\n" for line in (comment or []))
-    text += f"name: \"{name}\"\nplatform: \"ensemble\"\nmax_batch_size: {int(max_batch_size)}\n"
-    text += _tensors("input", inputs) + _tensors("output", outputs)
-    parts = []
+    pb, _ = _pb()
+    config = pb.ModelConfig(name=name, platform="ensemble", max_batch_size=int(max_batch_size))
+    _io(config, inputs, outputs)
     for s in steps:
-        maps = "".join(f"      {kind} {{\n        key: \"{k}\"\n        value: \"{v}\"\n      }}\n"
-                       for kind in ("input_map", "output_map") for k, v in s[kind].items())
-        parts.append(f"    {{\n      model_name: \"{s['model']}\"\n      model_version: -1\n{maps}    }}")
-    text += "ensemble_scheduling {\n  step [\n" + ",\n".join(parts) + "\n  ]\n}\n"
-    return text
+        config.ensemble_scheduling.step.add(model_name=s["model"], model_version=-1, input_map=s["input_map"],
+                                            output_map=s["output_map"])
+    return config
 
 
-# -- validation with Triton's own protobuf ----------------------------------------------------
+def config_text(config, comment: list[str] | None = None) -> str:
+    """config.pbtxt: `comment` lines, then the message in protobuf's text format."""
+    _, text_format = _pb()
+    return "".join(f"# {line}\n" for line in (comment or [])) + text_format.MessageToString(config)
+
+
 def parse_config(text: str):
     """Parse config.pbtxt text into tritonclient's `ModelConfig` message (raises TritonConfigError)."""
-    try:
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-    except ImportError:
-        raise ImportError('validating Triton configs needs tritonclient: pip install "tritonclient[grpc]>=2.40,<3"') from None
-    config = model_config_pb2.ModelConfig()
+    pb, text_format = _pb()
+    config = pb.ModelConfig()
     try:
         text_format.Parse(text, config)
     except text_format.ParseError as e:
@@ -104,10 +110,9 @@ def parse_config(text: str):
     return config
 
 
-def check_repository(configs: dict[str, str]) -> dict[str, Any]:
-    """Parse every config (model name -> config.pbtxt text) and check what Triton would check:
+def check_repository(parsed: dict[str, Any]) -> dict[str, Any]:
+    """Check what Triton would check of a repository's configs (model name -> `ModelConfig`):
     names, platforms, batch dims, and that every ensemble step and tensor is wired."""
-    parsed = {name: parse_config(text) for name, text in configs.items()}
     for name, c in parsed.items():
         if c.name != name:
             raise TritonConfigError(f"{name}/config.pbtxt names the model {c.name!r}")
@@ -166,14 +171,12 @@ def choose(bundle: Bundle, platform: str = "auto", precision: str | None = None,
     """(Triton platform, precision): `auto` serves TensorRT engines when the bundle has them.
     Without a precision: fp16 first on GPUs, fp32 first for ONNX Runtime on CPUs (where the
     fp16 graphs run slower than fp32)."""
-    from rpiae.engines.tensorrt import ENGINE_KIND
-
     if platform == "auto":
-        engines = bundle.precisions(ENGINE_KIND)
+        engines = bundle.precisions(KIND_TRT_ENGINE)
         platform = "tensorrt" if (engines if precision is None else precision in engines) else "onnxruntime"
     if platform not in PLATFORMS:
         raise ValueError(f"unknown platform {platform!r}; choose auto, tensorrt or onnxruntime")
-    kind = ENGINE_KIND if platform == "tensorrt" else "onnx"
+    kind = KIND_TRT_ENGINE if platform == "tensorrt" else KIND_ONNX
     have = bundle.precisions(kind)
     if precision is None:
         cpu = platform == "onnxruntime" and instance_kind in ("auto", "cpu")
@@ -187,15 +190,46 @@ def choose(bundle: Bundle, platform: str = "auto", precision: str | None = None,
     return platform, precision
 
 
+def _engine_model(bundle: Bundle, graph: str, precision: str, max_batch: int | None) -> dict[str, Any]:
+    """What serving one graph's TensorRT engine takes: its file, batch limits, comment, server args."""
+    name = bundle.find(graph, precision, KIND_TRT_ENGINE)
+    entry = bundle.files[name]
+    prof = entry["profile"]
+    if prof["min"] > 1:
+        raise ValueError(f"{name}: its profile starts at batch {prof['min']} and Triton sends batches from 1; "
+                         f"rebuild with --batch 1:{prof['opt']}:{prof['max']}")
+    batch_max = prof["max"] if max_batch is None else max_batch
+    if batch_max > prof["max"]:
+        raise ValueError(f"--max-batch {batch_max} exceeds the engine profile's maximum {prof['max']} ({name})")
+    built = (f"TensorRT {entry['tensorrt']} engine for compute capability {entry['compute_capability']} ({entry['gpu']}), "
+             f"profile {prof['min']}:{prof['opt']}:{prof['max']}")
+    if entry.get("version_compatible"):
+        note = (f"version-compatible {built}: serve it with a Triton whose TensorRT is {entry['tensorrt']} or later, "
+                f"started with {VERSION_COMPATIBLE_ARG}, on a GPU of that compute capability")
+    else:
+        note = f"{built}: serve it with a Triton whose TensorRT is {entry['tensorrt']}, on a GPU of that compute capability"
+    return {"files": [(bundle.verify_file(name), MODEL_FILES["tensorrt_plan"])], "batch_max": batch_max,
+            "preferred": [prof["opt"], batch_max], "comment": note,
+            "server_args": [VERSION_COMPATIBLE_ARG] if entry.get("version_compatible") else []}
+
+
+def _onnx_model(bundle: Bundle, graph: str, precision: str, max_batch: int | None) -> dict[str, Any]:
+    """What serving one graph's ONNX file takes (with its external data, which keeps its file
+    name: the ONNX file refers to it by that name)."""
+    onnx_name = bundle.find(graph, precision, KIND_ONNX)
+    deps = bundle.files[onnx_name].get("external_data", [])
+    batch_max = max_batch or 32
+    files = [(bundle.graph_path(graph, precision), MODEL_FILES["onnxruntime_onnx"])]
+    return {"files": files + [(bundle.verify_file(d), Path(d).name) for d in deps], "batch_max": batch_max,
+            "preferred": [min(8, batch_max), batch_max], "comment": None, "server_args": []}
+
+
 def write_model_repository(
     bundle: Bundle | str | Path, out: str | Path, precision: str | None = None, platform: str = "auto",
     instance_kind: str = "auto", instances: int = 1, max_batch: int | None = None, prefix: str = "rpiae",
     max_queue_delay_us: int = 100, overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write a Triton model repository for `bundle` at `out` (atomically). Returns a summary."""
-    from rpiae.engines.tensorrt import ENGINE_KIND
-    from rpiae.fileio import atomic_dir
-
     if not isinstance(bundle, Bundle):
         bundle = Bundle.open(bundle)
     platform, precision = choose(bundle, platform, precision, instance_kind)
@@ -204,83 +238,49 @@ def write_model_repository(
     if kind is None:
         raise ValueError(f"instance kind {instance_kind!r}: expected auto, gpu or cpu")
     names = {g: f"{prefix}_{g}" for g in GRAPHS}
-    configs: dict[str, str] = {}
-    files: dict[str, list[tuple[Path, str]]] = {}
-    io: dict[str, dict[str, tuple[str, str, list[int]]]] = {}
-    limits = []
-    server_args: list[str] = []
+    configs, comments, files, io, server_args = {}, {}, {}, {}, []
     for graph in GRAPHS:
-        onnx_path = bundle.graph_path(graph, precision if platform == "onnxruntime" else _engine_onnx_precision(bundle, graph, precision))
-        io[graph] = _io_types(onnx_path)
-        comment = [f"rpiae {graph} graph, model {bundle.config.name}, precision {precision}, from bundle {bundle.root}"]
-        if platform == "tensorrt":
-            name = bundle.find(graph, precision, ENGINE_KIND)
-            entry = bundle.files[name]
-            prof = entry["profile"]
-            if prof["min"] > 1:
-                raise ValueError(f"{name}: its profile starts at batch {prof['min']} and Triton sends batches from 1; "
-                                 f"rebuild with --batch 1:{prof['opt']}:{prof['max']}")
-            batch_max = prof["max"] if max_batch is None else max_batch
-            if batch_max > prof["max"]:
-                raise ValueError(f"--max-batch {batch_max} exceeds the engine profile's maximum {prof['max']} ({name})")
-            preferred = [prof["opt"], batch_max]
-            if entry.get("version_compatible"):
-                comment.append(f"version-compatible TensorRT {entry['tensorrt']} engine for compute capability "
-                               f"{entry['compute_capability']} ({entry['gpu']}), profile {prof['min']}:{prof['opt']}:"
-                               f"{prof['max']}: serve it with a Triton whose TensorRT is {entry['tensorrt']} or later, "
-                               f"started with {VERSION_COMPATIBLE_ARG}, on a GPU of that compute capability")
-                server_args = [VERSION_COMPATIBLE_ARG]
-            else:
-                comment.append(f"TensorRT {entry['tensorrt']} engine for compute capability {entry['compute_capability']} "
-                               f"({entry['gpu']}), profile {prof['min']}:{prof['opt']}:{prof['max']}: serve it with a "
-                               f"Triton whose TensorRT is {entry['tensorrt']}, on a GPU of that compute capability")
-            files[graph] = [(bundle.verify_file(name), MODEL_FILES[triton_platform])]
-        else:
-            batch_max = max_batch or 32
-            preferred = [min(8, batch_max), batch_max]
-            onnx_name = bundle.find(graph, precision, "onnx")
-            deps = bundle.files[onnx_name].get("external_data", [])
-            # external data keeps its file name: the ONNX file refers to it by that name
-            files[graph] = [(onnx_path, MODEL_FILES[triton_platform])] + [(bundle.verify_file(d), Path(d).name) for d in deps]
-        limits.append(batch_max)
-        configs[names[graph]] = model_config(
-            names[graph], triton_platform, batch_max, [io[graph]["input"]], [io[graph]["output"]], kind, instances,
-            preferred, max_queue_delay_us, comment)
-    if io["encode"]["output"][0] != io["decode"]["input"][0]:
-        raise BundleError(f"encode output {io['encode']['output'][0]!r} and decode input {io['decode']['input'][0]!r} differ")
+        onnx_precision = precision if platform == "onnxruntime" else _engine_onnx_precision(bundle, graph, precision)
+        io[graph] = _io_types(bundle.graph_path(graph, onnx_precision))
+        served = (_engine_model if platform == "tensorrt" else _onnx_model)(bundle, graph, precision, max_batch)
+        files[graph], server_args = served["files"], served["server_args"] or server_args
+        comments[names[graph]] = [f"rpiae {graph} graph, model {bundle.config.name}, precision {precision}, "
+                                  f"from bundle {bundle.root}"] + ([served["comment"]] if served["comment"] else [])
+        configs[names[graph]] = model_config(names[graph], triton_platform, served["batch_max"], [io[graph]["input"]],
+                                             [io[graph]["output"]], kind, instances, served["preferred"], max_queue_delay_us)
     latent, image_in, image_out = io["encode"]["output"], io["encode"]["input"], io["decode"]["output"]
+    if latent[0] != io["decode"]["input"][0]:
+        raise BundleError(f"encode output {latent[0]!r} and decode input {io['decode']['input'][0]!r} differ")
     steps = [
         {"model": names["encode"], "input_map": {image_in[0]: image_in[0]}, "output_map": {latent[0]: latent[0]}},
         {"model": names["decode"], "input_map": {latent[0]: latent[0]}, "output_map": {image_out[0]: image_out[0]}},
     ]
-    configs[prefix] = ensemble_config(
-        prefix, min(limits), steps, [image_in], [latent, image_out],
-        [f"rpiae round trip: {image_in[0]} -> {names['encode']} -> {latent[0]} -> {names['decode']} -> {image_out[0]}"])
+    batch = min(c.max_batch_size for c in configs.values())
+    configs[prefix] = ensemble_config(prefix, batch, steps, [image_in], [latent, image_out])
+    comments[prefix] = [f"rpiae round trip: {image_in[0]} -> {names['encode']} -> {latent[0]} -> {names['decode']} "
+                        f"-> {image_out[0]}"]
     check_repository(configs)
-
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        for model, text in configs.items():
+        for model, config in configs.items():
             (tmp / model / "1").mkdir(parents=True)
-            (tmp / model / "config.pbtxt").write_text(text)
+            (tmp / model / "config.pbtxt").write_text(config_text(config, comments[model]))
         for graph, pairs in files.items():
             for src, dst in pairs:
                 shutil.copyfile(src, tmp / names[graph] / "1" / dst)
     return {"repository": str(out), "platform": triton_platform, "precision": precision,
             "models": {**{names[g]: triton_platform for g in GRAPHS}, prefix: "ensemble"},
-            "instance_kind": kind, "max_batch_size": {m: parse_config(t).max_batch_size for m, t in configs.items()},
+            "instance_kind": kind, "max_batch_size": {m: c.max_batch_size for m, c in configs.items()},
             "inputs": {prefix: image_in[0]}, "outputs": {prefix: [latent[0], image_out[0]]}, "server_args": server_args}
 
 
 def _engine_onnx_precision(bundle: Bundle, graph: str, precision: str) -> str:
     """The precision of the ONNX graph an engine was built from (for its I/O names and types)."""
-    from rpiae.engines.tensorrt import ENGINE_KIND
-
-    name = bundle.find(graph, precision, ENGINE_KIND)
+    name = bundle.find(graph, precision, KIND_TRT_ENGINE)
     if name is None:
         raise BundleError(f"bundle {bundle.root} has no {precision} TensorRT {graph} engine")
     src = bundle.files[name].get("onnx")
     return bundle.files[src]["precision"] if src in bundle.files else precision
 
 
-__all__ = ["PLATFORMS", "TritonConfigError", "check_repository", "choose", "ensemble_config", "model_config",
-           "parse_config", "write_model_repository"]
+__all__ = ["PLATFORMS", "TritonConfigError", "check_repository", "choose", "config_text", "ensemble_config",
+           "model_config", "parse_config", "write_model_repository"]

@@ -1,0 +1,87 @@
+"""The speed and memory targets the benchmark reports as holding or missed, per device (they
+are defined for the paper-size rpiae-b). Only the benchmark judges them; tests never time
+anything."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rpiae.bench.peak import on_cuda
+
+MiB = 1024.0**2
+
+
+
+
+def _find(result: dict[str, Any], graph: str, backend: str, precision: str, batch: int) -> dict[str, Any] | None:
+    for r in result.get("rows", []):
+        if (r.get("graph"), r.get("backend"), r.get("precision"), r.get("batch")) == (graph, backend, precision, batch):
+            return r
+    return None
+
+
+def _check(name: str, row: dict[str, Any] | None, value_fn, bound: float, unit: str, *, at_most: bool = False,
+           note: str = "") -> dict[str, Any]:
+    entry: dict[str, Any] = {"target": name, "bound": bound, "unit": unit, "at_most": at_most, "note": note}
+    if row is None:
+        return {**entry, "status": "not measured", "holds": None, "value": None}
+    if row.get("status") != "ok":
+        return {**entry, "status": f"not measured ({row.get('status')}: {row.get('reason')})", "holds": None,
+                "value": None}
+    value = value_fn(row)
+    if value is None:
+        return {**entry, "status": "not measured", "holds": None, "value": None}
+    holds = value <= bound if at_most else value >= bound
+    if holds:
+        status = "holds"
+    else:
+        short = (value / bound - 1) if at_most else (1 - value / bound)
+        status = f"misses by {short * 100:.0f} %"
+    key = (row["graph"], row["backend"], row["precision"], row["batch"])
+    return {**entry, "status": status, "holds": bool(holds), "value": value, "row": list(key)}
+
+
+def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The speed and memory targets for this run's device; each with value, bound and holds/misses."""
+    device = result.get("settings", {}).get("device", "cpu")
+    name = result.get("model", {}).get("name")
+    scope = "" if name == "rpiae-b" else f" [model {name}: the targets are defined for rpiae-b]"
+    out: list[dict[str, Any]] = []
+
+    def speedup(p: str):
+        return lambda r: r.get("speedup_vs_torch", {}).get(p)
+
+    if not on_cuda(device):
+        for graph in ("encode", "decode"):
+            row = _find(result, graph, "ort", "fp32", 1)
+            out.append(_check(f"ORT FP32 {graph} batch 1 >= 1.2x PyTorch eager FP32{scope}", row, speedup("fp32"), 1.2, "x"))
+            out.append(_check(f"ORT FP32 {graph} batch 1 >= 80 % of the measured FP32 matmul peak{scope}", row,
+                              lambda r: r.get("fraction_of_peak"), 0.8, "fraction"))
+        for graph in ("encode", "decode"):
+            row = _find(result, graph, "ort", "int8", 8)
+            out.append(_check(f"ORT INT8 {graph} batch 8 >= 1.8x PyTorch eager FP32{scope}", row, speedup("fp32"), 1.8, "x"))
+        for r in result.get("rows", []):
+            if r.get("backend") == "ort" and r.get("status") == "ok" and r.get("rss_delta_over_weights") is not None:
+                abs_x = r.get("rss_over_weights")
+                out.append(_check(
+                    f"ORT {r['precision'].upper()} {r['graph']} batch {r['batch']}: peak RSS <= 1.5x graph weight bytes{scope}",
+                    r, lambda r: r.get("rss_delta_over_weights"), 1.5, "x", at_most=True,
+                    note=f"judged on RSS above the process baseline (interpreter + torch + onnxruntime, "
+                         f"{r.get('rss_baseline_bytes', 0) / MiB:.0f} MiB); absolute peak RSS is "
+                         f"{abs_x:.2f}x the weights" if abs_x else ""))
+    else:
+        for graph in ("decode",):
+            fp16 = _find(result, graph, "trt", "fp16", 32)
+            out.append(_check(f"TensorRT FP16 {graph} batch 32 >= 60 % of the measured BF16 matmul peak{scope}", fp16,
+                              lambda r: r.get("fraction_of_peak"), 0.6, "fraction"))
+            out.append(_check(f"TensorRT FP16 {graph} batch 32 >= 2x PyTorch eager BF16{scope}", fp16, speedup("bf16"), 2.0, "x"))
+        for graph in ("encode", "decode"):
+            fp16 = _find(result, graph, "trt", "fp16", 32)
+            int8 = _find(result, graph, "trt", "int8", 32)
+            ok = fp16 is not None and fp16.get("status") == "ok"
+
+            def vs_fp16(r, fp16=fp16, ok=ok):
+                return fp16["timing"]["p50_ms"] / r["timing"]["p50_ms"] if ok else None
+
+            out.append(_check(f"TensorRT INT8 {graph} batch 32 >= 1.3x TensorRT FP16{scope}", int8, vs_fp16, 1.3, "x"))
+    return out

@@ -1,0 +1,59 @@
+"""Facts about this machine and process that several layers record or check: the CPU's model
+name and feature flags (one reader of /proc/cpuinfo), the versions of installed libraries,
+and environment variables set for the length of a block."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+from collections.abc import Iterator
+from importlib import metadata
+
+
+def cpu_info() -> dict[str, object]:
+    """{"model": CPU model name, "flags": set of /proc/cpuinfo feature flags} (flags empty where
+    /proc/cpuinfo cannot be read, e.g. not Linux)."""
+    out: dict[str, object] = {"model": platform.processor() or platform.machine(), "flags": set()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return out
+    if m := re.search(r"^model name\s*:\s*(.+)$", text, re.M):
+        out["model"] = m.group(1).strip()
+    if m := re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.M):
+        out["flags"] = set(m.group(1).split())
+    return out
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as /proc/cpuinfo names them (empty where unreadable)."""
+    return cpu_info()["flags"]  # type: ignore[return-value]
+
+
+def library_versions(dists: tuple[str, ...]) -> dict[str, str]:
+    """{"python": version, dist: version} for each installed distribution of `dists`."""
+    out = {"python": platform.python_version()}
+    for dist in dists:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+@contextlib.contextmanager
+def environ(**values: str) -> Iterator[None]:
+    """Set environment variables inside the block; restore (or remove) them afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
