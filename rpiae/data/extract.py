@@ -32,7 +32,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from rpiae.data.heap import release_free_memory
+from rpiae.data.heap import TRIM_EVERY_S, release_free_memory
 from rpiae.data.latents import (
     AUTHORS_STATS_FILE, DTYPES, STATS_FILE, Moments, shard_name, to_storage, write_shard, write_stats,
 )
@@ -188,7 +188,7 @@ class ShardWriter:
         if len(got) == self.expected[k]:
             self._write(k, [got[i] for i in sorted(got)])
             del self.pending[k]
-        release_free_memory()  # the batch's images are freed: keep the resident size flat
+        release_free_memory(every_s=TRIM_EVERY_S)  # the batch's images are freed: keep the resident size flat
         return True
 
     def _write(self, k: int, batches: list[EncodedBatch]) -> None:
