@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -84,6 +85,15 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
 SHARD = 50  # latents per shard in the memory rows
 
 
+def fresh(*paths: Path) -> None:
+    """Remove earlier outputs, so that every run computes (extract and decode resume)."""
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
 def rpiae_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "rpiae.cli", *map(str, args)]
 
@@ -94,6 +104,7 @@ def memory_rows(work: Path, model: str, sizes: list[int], batch: int, workers: i
         data = work / f"jpeg{n}"
         if not data.exists():
             make_jpegs(data, n)
+        fresh(work / f"lat{n}", work / f"png{n}", work / f"s{n}.npz")  # a re-run must not resume
         # shards of 50, so that both sizes write full shards: what one shard holds while it is
         # assembled is bounded by --shard-size, whatever N is, and is not what this row asks
         ext = run_measured(rpiae_cmd("extract", data, "--out", work / f"lat{n}", "--model", model, "--batch-size", batch,
@@ -116,6 +127,7 @@ def throughput_rows(work: Path, model: str, n: int, batch: int, workers: int, th
     if not data.exists():
         make_jpegs(data, n, seed=1)
     env = {"OMP_NUM_THREADS": str(threads)}
+    fresh(work / "tp_warm", work / "tp_run")  # a re-run must not resume
     warm = run_measured(rpiae_cmd("extract", data, "--out", work / "tp_warm", "--model", model, "--batch-size", batch,
                                   "--workers", workers, "--shard-size", n, "--quiet"), env)
     pipe = run_measured(rpiae_cmd("extract", data, "--out", work / "tp_run", "--model", model, "--batch-size", batch,

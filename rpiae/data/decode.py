@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from rpiae.data.heap import TRIM_EVERY_S, release_free_memory
+from rpiae.data.heap import release_free_memory
 from rpiae.data.latents import LatentFile
 from rpiae.fileio import atomic_file
 from rpiae.imageio import save_image
@@ -89,7 +89,7 @@ def _decode_pngs(backend, latents: LatentFile, out_dir: Path, width: int, batch_
         if pending(out_dir, names, overwrite):
             write_pngs(out_dir, names, backend.decode(z))  # checked first: NaN/Inf stop the run before this batch is written
             decoded += len(ids)
-            release_free_memory(every_s=TRIM_EVERY_S)  # the batch's images are freed: keep the resident size flat
+            release_free_memory()  # every batch: a trim is cheap next to decoding a batch
         bar.update(len(ids))
     return decoded
 

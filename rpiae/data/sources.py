@@ -274,7 +274,14 @@ def image_loader(source: Source, batches: list[list[int]], crop: str, size: int 
         num_workers=workers,
         collate_fn=_collate,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=_init_worker if workers else None,
     )
+
+
+def _init_worker(_worker_id: int) -> None:
+    from rpiae.data.heap import mmap_large_blocks
+
+    mmap_large_blocks()  # decoded photos and crops are freed at once, not left in the heap
 
 
 def _collate(items):
