@@ -32,7 +32,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from rpiae.data.heap import TRIM_EVERY_S, release_free_memory
+from rpiae.data.heap import TRIM_EVERY_S, release_free_memory, reuse_heap_blocks
 from rpiae.data.latents import (
     AUTHORS_STATS_FILE, DTYPES, STATS_FILE, Moments, shard_name, to_storage, write_shard, write_stats,
 )
@@ -155,7 +155,7 @@ def encode_batch(backend, ids: list[int], images: torch.Tensor, errors: list[str
     good = [j for j, e in enumerate(errors) if not e]
     z = zf = None
     if good:
-        x = images[good]
+        x = images if len(good) == len(errors) else images[good]  # no copy when all are readable
         z = _encode(backend, x)
         if flip:
             zf = _encode(backend, x.flip(-1))
@@ -248,6 +248,7 @@ def _run_shards(plan: ShardPlan, backend, todo: list[int], total: int, progress:
     opts = plan.opts
     loader = image_loader(plan.source, [list(b) for b in plan.batches(todo)], opts.crop, opts.size, opts.workers)
     writer = ShardWriter(plan, todo)
+    reuse_heap_blocks()  # activations reuse the last batch's pages (stays set for the process)
     with tqdm(total=total, unit="img", desc="extract", disable=not progress, dynamic_ncols=True, smoothing=0.05) as bar:
         for ids, images, errors in loader:
             writer.add(encode_batch(backend, ids, images, errors, opts.flip))
