@@ -11,8 +11,8 @@ where the C library lacks them (musl, macOS, Windows):
   batch's activations would have reused, so it is not done more often than that;
 - `reuse_heap_blocks` (`mallopt`), set by `extract` in the process that runs the model:
   activations up to 32 MB come from the heap and reuse the last batch's pages instead of
-  fresh mappings (with glibc's defaults the shipped model's extraction took 1.7 M page
-  faults per 1000 images and ran 17 % below the same model on images in memory);
+  fresh mappings (with glibc's defaults the shipped model's encode calls took 1.7 M page
+  faults per 1024 images and 17 % longer than on batches in memory);
 - `mmap_large_blocks` (`mallopt`), set in each DataLoader worker, whose photos and crops are
   large, short-lived blocks that should go back to the OS at once.
 """
@@ -59,7 +59,7 @@ def reuse_heap_blocks(threshold: int = MMAP_THRESHOLD_MAX) -> bool:
     one. glibc's defaults map a fresh region for every large activation until its dynamic
     threshold has grown, and give the heap's top back on free; either way the next batch
     touches new pages (measured with `rpiae extract` and the shipped model: 1.7 M page faults
-    over 1024 images and 17 % of its encode rate; 0.14 M with this). The heap is still
+    over 1024 images and encode calls 17 % slower; 0.2 M with this). The heap is still
     returned to the OS by `release_free_memory`. False where the C library has no mallopt."""
     mallopt = getattr(_libc(), "mallopt", None)
     if mallopt is None:
