@@ -35,6 +35,8 @@ from rpiae.cli.common import echo_json, friendly_errors
 @click.option("--init-decoder", type=click.Path(path_type=Path), default=None, help="RAE's ViT-XL decoder weights for D.")
 @click.option("--resume", type=click.Path(path_type=Path), default=None,
               help="A run's last/ (or its checkpoint.pt): the same stage continues exactly; an earlier stage's starts this one from its raw weights (--set start_from_ema=true: its EMA).")
+@click.option("--restart", is_flag=True,
+              help="With --resume of the same stage: start that stage anew from its weights (new optimiser, schedule and step count), e.g. a longer or re-weighted fine-tune, into a new --out.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="Recipe overrides (JSON, or YAML with PyYAML): shared keys, and stage1/stage2/stage3 sections. Defaults: docs/TRAINING.md.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override one recipe field, e.g. --set batch_size=64 (repeatable).")
@@ -48,7 +50,7 @@ from rpiae.cli.common import echo_json, friendly_errors
 @click.option("--device", default=None, help="cpu or cuda[:N] (default: cuda when available; under torchrun the local rank's GPU).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @friendly_errors
-def train(recipe, stage, data, out, val_data, preset, init_encoder, init_decoder, resume, config_path, overrides,
+def train(recipe, stage, data, out, val_data, preset, init_encoder, init_decoder, resume, restart, config_path, overrides,
           model_overrides, lpips_weights, disc_weights, no_lpips, no_gan, device, quiet):
     """Train one stage of RPiAE (or, with --recipe ps-vae, of PS-VAE) on an image folder."""
     from rpiae.config import RPiAEConfig
@@ -69,7 +71,7 @@ def train(recipe, stage, data, out, val_data, preset, init_encoder, init_decoder
         preset=preset, init_encoder=init_encoder, init_decoder=init_decoder, resume=resume,
         config_path=config_path, overrides=values, lpips_weights=lpips_weights, disc_weights=disc_weights,
         no_lpips=no_lpips, no_gan=no_gan, val_data=val_data, progress=not quiet, device=device, recipe=recipe,
-        model_overrides=model_values,
+        model_overrides=model_values, restart=restart,
     )
     if metrics:
         echo_json(metrics)

@@ -564,3 +564,65 @@ def test_deterministic_run_still_resumes_exactly(tmp_path, batch, kernel_flags):
     b = make_trainer(2, tmp_path, deterministic=True, seed=3)
     b.load_state_dict(state)
     assert b.train_step([batch[1:2]]) == logs_a
+
+
+# -- fine-tuning a finished stage -----------------------------------------------------------------------------
+
+
+def test_patch_seam_l1_sees_only_the_patch_borders():
+    from rpiae.training.losses import image_gradient_l1, patch_seam_l1
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 64, 64, generator=g)
+    # a constant offset per 16x16 patch: a jump of the offsets' difference at each patch border
+    offsets = torch.rand(2, 3, 4, 4, generator=g)
+    recon = target + offsets.repeat_interleave(16, dim=2).repeat_interleave(16, dim=3)
+    col = (offsets[..., :, 1:] - offsets[..., :, :-1]).abs()  # (2, 3, 4, 3): one per border column, per patch row
+    row = (offsets[..., 1:, :] - offsets[..., :-1, :]).abs()
+    expected = 0.5 * (col.repeat_interleave(16, dim=2).mean() + row.repeat_interleave(16, dim=3).mean())
+    assert torch.allclose(patch_seam_l1(recon, target, 16), expected)
+    # a ramp (or a blur) running through the borders is not a seam
+    ramp = torch.linspace(0, 0.3, 64)
+    assert patch_seam_l1(target + ramp + ramp[:, None], target, 16) < 1e-6
+    # noise away from the borders changes the gradient term, not the seam term
+    inner = torch.zeros(64, dtype=torch.bool)
+    inner[torch.arange(64) % 16 >= 2] = True
+    inner &= torch.arange(64) % 16 <= 13
+    noisy = target + 0.1 * torch.rand(2, 3, 64, 64, generator=g) * (inner[:, None] & inner[None, :])
+    assert patch_seam_l1(noisy, target, 16) == 0
+    assert image_gradient_l1(noisy, target) > 0.01
+
+
+@pytest.mark.filterwarnings("ignore:skipping unreadable")
+def test_cli_restart_fine_tunes_a_finished_stage(tmp_path, image_dir):
+    """`--restart --resume s2/last --stage 2`: a new run from stage II's raw weights, step 0,
+    with new loss weights; without --restart the same command would continue s2 instead."""
+    from rpiae.training.run import run_training
+
+    small = dict(batch_size=1, num_workers=0, max_steps=1, resize_min=256, resize_max=256)
+    with pytest.warns(UserWarning):
+        run_training(1, image_dir, tmp_path / "s1", preset="tiny", no_lpips=True, no_gan=True, progress=False,
+                     overrides=small)
+    with pytest.warns(UserWarning):
+        run_training(2, image_dir, tmp_path / "s2", resume=tmp_path / "s1" / "last", no_lpips=True, no_gan=True,
+                     progress=False, overrides=small)
+    sets = [a for k, v in small.items() for a in ("--set", f"{k}={v}")]
+    r = _cli("--stage", 2, "--data", image_dir, "--out", tmp_path / "s2b", "--resume", tmp_path / "s2" / "last",
+             "--restart", "--quiet", "--no-lpips", "--no-gan", "--set", "l1_weight=0.5", *sets)
+    assert r.exit_code == 0, r.output
+    s2 = read_training_checkpoint(tmp_path / "s2" / "last")
+    s2b = read_training_checkpoint(tmp_path / "s2b" / "last")
+    assert s2b["stage"] == 2 and s2b["step"] == 1  # a new schedule: one step of its own
+    trained = [k for k in s2["model"] if not torch.equal(s2["model"][k], s2b["model"][k])]
+    assert trained and all(k.startswith("vb_feature_") for k in trained), trained[:5]  # stage II trains the bridge
+    assert json.loads((tmp_path / "s2b" / "config.json").read_text())["train"]["l1_weight"] == 0.5
+    # refusals: a second restart into the same run; no checkpoint to restart from; stage I
+    # (its frozen encoder copy would be wrong)
+    r = _cli("--stage", 2, "--data", image_dir, "--out", tmp_path / "s2b", "--resume", tmp_path / "s2" / "last",
+             "--restart", "--no-lpips", "--no-gan")
+    assert r.exit_code == 1 and "continue it with --resume" in r.output
+    r = _cli("--stage", 2, "--data", image_dir, "--out", tmp_path / "x", "--restart", "--no-lpips", "--no-gan")
+    assert r.exit_code == 1 and "--resume" in r.output
+    r = _cli("--stage", 1, "--data", image_dir, "--out", tmp_path / "x", "--resume", tmp_path / "s1" / "last",
+             "--restart", "--no-lpips", "--no-gan")
+    assert r.exit_code == 1 and "frozen copy" in r.output

@@ -71,6 +71,9 @@ class TrainConfig:
     # differences) of reconstruction and input, stages I and III; a stand-in that penalises
     # patch seams and blur where no LPIPS weights are available
     grad_weight: float = 0.0
+    # not in the authors' recipe (0 = off): the same L1 on the decoder's patch borders only (the
+    # steps between neighbouring patches), so that seams weigh more than the gradient term gives them
+    seam_weight: float = 0.0
     pivot_weight: float = 0.75  # stage I: w_piv = 0.75 (warm-up), then 0.75 * grad-norm ratio
     pivot_warmup_steps: int = 1000
     pivot_max: float = 1e5

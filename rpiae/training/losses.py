@@ -23,6 +23,27 @@ def image_gradient_l1(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return 0.5 * (dx.abs().mean() + dy.abs().mean())
 
 
+def _border_jumps(img: torch.Tensor, patch: int, dim: int) -> torch.Tensor:
+    """Along `dim`, at each border between `patch`-pixel patches: the step across the border
+    minus the mean of the steps just before and after it. A seam (an offset between two
+    patches) shows in full; a smooth ramp or a blur that runs through the border does not."""
+    def at(i: int) -> torch.Tensor:  # the pixels at offset i from each border (i = 0: first pixel after it)
+        n = img.shape[dim]
+        return img.narrow(dim, patch + i, n - patch - 1).unfold(dim, 1, patch).squeeze(-1)
+
+    across, before, after = at(0) - at(-1), at(-1) - at(-2), at(1) - at(0)
+    return across - 0.5 * (before + after)
+
+
+def patch_seam_l1(recon: torch.Tensor, target: torch.Tensor, patch: int) -> torch.Tensor:
+    """Mean |jump(recon) - jump(target)| over the decoder's patch borders, rows and columns, where
+    jump is the step across a border minus the mean of the steps beside it (`_border_jumps`):
+    it penalises discontinuities the input does not have, not the blur inside patches."""
+    return 0.5 * sum(
+        (_border_jumps(recon, patch, d) - _border_jumps(target, patch, d)).abs().mean() for d in (-1, -2)
+    )
+
+
 class StageForward(nn.Module):
     """The differentiable path of one stage (the module DDP wraps)."""
 

@@ -20,6 +20,7 @@ from rpiae.training.discriminator import Discriminator, load_dino_features
 from rpiae.training.fit import fit, setup_distributed
 from rpiae.training.lpips import load_lpips
 from rpiae.training.schedule import steps_per_epoch
+from rpiae.training.stages import FROZEN_COPY_STAGE
 from rpiae.training.checkpoint import read_training_checkpoint
 from rpiae.training.trainer import Trainer
 
@@ -105,9 +106,11 @@ def _data(cfg: TrainConfig, data, val_data, world: int) -> tuple[ImageFolderData
     return dataset, val_images, spe
 
 
-def _resumed_model(cfg: TrainConfig, stage: int, resume, preset, model_overrides) -> tuple[RPiAE, dict | None]:
+def _resumed_model(
+    cfg: TrainConfig, stage: int, resume, preset, model_overrides, restart: bool = False
+) -> tuple[RPiAE, dict | None]:
     """(model, the stage's own state to continue, or None when a new stage starts from the
-    previous stage's weights)."""
+    previous stage's weights, or with `restart` from the same stage's)."""
     try:
         ckpt = read_training_checkpoint(resume)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
@@ -119,9 +122,10 @@ def _resumed_model(cfg: TrainConfig, stage: int, resume, preset, model_overrides
         warnings.warn("model config overrides ignored: the checkpoint carries its model config", stacklevel=3)
     if ckpt["stage"] > stage:
         raise TrainingError(f"{resume} is a stage {ckpt['stage']} checkpoint; it cannot start stage {stage}")
-    if ckpt["stage"] == stage:
+    if ckpt["stage"] == stage and not restart:
         return model, ckpt  # continue this stage exactly where it stopped
-    model.load_state_dict(ckpt["ema" if cfg.start_from_ema else "model"])  # the previous stage's weights (or EMA)
+    # the previous stage's weights (or EMA); with `restart`, this stage's, under a new schedule
+    model.load_state_dict(ckpt["ema" if cfg.start_from_ema else "model"])
     return model, None
 
 
@@ -185,19 +189,31 @@ def run_training(
     device: str | None = None,
     recipe: str = "rpiae",
     model_overrides: dict[str, Any] | None = None,
+    restart: bool = False,
 ) -> dict[str, float]:
     """Train one stage of `recipe` ("rpiae": stages 1-3, "ps-vae": stages 1-2) on a model of
     the family of the same name. `model_overrides` changes model config fields of the preset
-    a new run starts from (its name becomes "<preset>-custom" unless one is given)."""
+    a new run starts from (its name becomes "<preset>-custom" unless one is given).
+    `restart` with a `resume` checkpoint of the same stage starts the stage anew from its
+    weights (new optimiser, schedule and step count: a fine-tune) instead of continuing it."""
     cfg = prepare_config(stage, config_path, overrides, lpips_weights, disc_weights, no_lpips, no_gan, recipe)
     _check_inputs(stage, data, resume, val_data)
+    if restart and resume is None:
+        raise TrainingError("--restart starts a stage anew from a checkpoint: give --resume RUN/last")
+    if restart and stage == FROZEN_COPY_STAGE[recipe]:
+        raise TrainingError(f"--restart: stage {stage} keeps a frozen copy of the encoder taken at its start; "
+                            "a restart would take it from the trained encoder instead")
+    if restart and Path(out).resolve() in Path(resume).resolve().parents:
+        raise TrainingError(f"--restart writes a new run: --out must not be the run of --resume ({out})")
+    if restart and (Path(out) / "last").exists():
+        raise TrainingError(f"{out} already holds a run: continue it with --resume {Path(out) / 'last'} (no --restart)")
     rank, world, dev = setup_distributed()
     dataset, val_images, spe = _data(cfg, data, val_data, world)
     if device is not None:
         dev = torch.device(device)
     torch.manual_seed(cfg.seed)  # the same initial weights (and pivot, EMA, heads) on every rank
     if resume is not None:
-        model, state = _resumed_model(cfg, stage, resume, preset, model_overrides)
+        model, state = _resumed_model(cfg, stage, resume, preset, model_overrides, restart)
     else:
         model, state = _new_model(recipe, preset, model_overrides), None
     if model.config.family != recipe:
