@@ -224,7 +224,7 @@ def _command(name: str, stage: int, start: str | None, config: str) -> str:
         f"rpiae train --stage {stage} --data WORK/data/train --val-data WORK/data/val --no-lpips --no-gan "
         f"--config WORK/{config} --out WORK/runs/{name}"
     )
-    restart = " --restart" if start and _stage_of(start) == stage else ""
+    restart = " --restart" if _restarts(stage, start) else ""
     return cmd + (f" --resume WORK/runs/{start}/last{restart}" if start else " --preset tiny")
 
 
@@ -242,8 +242,9 @@ def blended(work: Path, a: str, b: str, alpha: float):
     return model
 
 
-def _stage_of(run: str) -> int:
-    return next(stage for name, stage, *_ in STAGES if name == run)
+def _restarts(stage: int, start: str | None) -> bool:
+    """Whether a run of `stage` that starts from run `start` restarts that run's own stage."""
+    return start is not None and next(s for name, s, *_ in STAGES if name == start) == stage
 
 
 def border_ratio_over_training(work: Path) -> dict[str, list]:
@@ -287,7 +288,7 @@ def main() -> None:
         # an interrupted stage continues itself; otherwise it starts from the previous run
         own = (out / "last").exists()
         resume = out / "last" if own else (work / "runs" / start / "last" if start else None)
-        restart = not own and start is not None and _stage_of(start) == stage
+        restart = not own and _restarts(stage, start)
         print(f"== {name}: stage {stage} -> {out} (resume: {resume}{', restart' if restart else ''})", flush=True)
         t = time.time()
         run_training(stage, train, out, preset="tiny", resume=resume, config_path=work / config, val_data=val,

@@ -41,16 +41,19 @@ def _libc():
         return None
 
 
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """Apply (parameter, value) pairs with glibc's mallopt; False where it is missing or refuses."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    return mallopt is not None and all(bool(mallopt(param, value)) for param, value in settings)
+
+
 def mmap_large_blocks(threshold: int = 1 << 20) -> bool:
     """Serve every allocation of `threshold` bytes or more by its own mmap, so that freeing it
     returns it to the OS at once. glibc otherwise raises its threshold (up to 32 MB) after the
     first large free, and batches of images (12 MB for 16 crops) land in the heap, where they
     fragment it. Set for the whole process; False where the C library has no mallopt."""
-    mallopt = getattr(_libc(), "mallopt", None)
-    if mallopt is None:
-        return False
     # a worker forked from a process that called `reuse_heap_blocks` shrinks its heap again
-    return bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, 128 << 10))
+    return _mallopt((M_MMAP_THRESHOLD, threshold), (M_TRIM_THRESHOLD, 128 << 10))
 
 
 def reuse_heap_blocks(threshold: int = MMAP_THRESHOLD_MAX) -> bool:
@@ -61,10 +64,7 @@ def reuse_heap_blocks(threshold: int = MMAP_THRESHOLD_MAX) -> bool:
     touches new pages (measured with `rpiae extract` and the shipped model: 1.7 M page faults
     over 1024 images and encode calls 17 % slower; 0.2 M with this). The heap is still
     returned to the OS by `release_free_memory`. False where the C library has no mallopt."""
-    mallopt = getattr(_libc(), "mallopt", None)
-    if mallopt is None:
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, threshold)) and bool(mallopt(M_TRIM_THRESHOLD, INT_MAX))
+    return _mallopt((M_MMAP_THRESHOLD, threshold), (M_TRIM_THRESHOLD, INT_MAX))
 
 
 def release_free_memory(every_s: float = 0.0) -> bool:

@@ -71,8 +71,9 @@ class TrainConfig:
     # differences) of reconstruction and input, stages I and III; a stand-in that penalises
     # patch seams and blur where no LPIPS weights are available
     grad_weight: float = 0.0
-    # not in the authors' recipe (0 = off): the same L1 on the decoder's patch borders only (the
-    # steps between neighbouring patches), so that seams weigh more than the gradient term gives them
+    # not in the authors' recipe (0 = off): L1 between the jumps across the decoder's patch borders
+    # (the step across a border minus the mean of the steps beside it) of reconstruction and input
+    # (`losses.patch_seam_l1`): seams count in full, blur through a border does not
     seam_weight: float = 0.0
     pivot_weight: float = 0.75  # stage I: w_piv = 0.75 (warm-up), then 0.75 * grad-norm ratio
     pivot_warmup_steps: int = 1000

@@ -77,7 +77,7 @@ def prepare_config(
     return cfg
 
 
-def _check_inputs(stage: int, data, resume, val_data) -> None:
+def _check_inputs(stage: int, data, resume, val_data, out, restart: bool, recipe: str) -> None:
     if stage > 1 and resume is None:
         raise TrainingError(f"stage {stage} starts from stage {stage - 1}: give --resume runs/s{stage - 1}/last")
     if resume is not None and not Path(resume).exists():
@@ -86,6 +86,15 @@ def _check_inputs(stage: int, data, resume, val_data) -> None:
         raise TrainingError(f"training data folder not found: {data}")
     if val_data is not None and not Path(val_data).is_dir():
         raise TrainingError(f"held-out data folder not found: {val_data}")
+    if restart and resume is None:
+        raise TrainingError("--restart starts a stage anew from a checkpoint: give --resume RUN/last")
+    if restart and stage == FROZEN_COPY_STAGE[recipe]:
+        raise TrainingError(f"--restart: stage {stage} keeps a frozen copy of the encoder taken at its start; "
+                            "a restart would take it from the trained encoder instead")
+    if restart and Path(out).resolve() in Path(resume).resolve().parents:
+        raise TrainingError(f"--restart writes a new run: --out must not be the run of --resume ({out})")
+    if restart and (Path(out) / "last").exists():
+        raise TrainingError(f"{out} already holds a run: continue it with --resume {Path(out) / 'last'} (no --restart)")
 
 
 def _data(cfg: TrainConfig, data, val_data, world: int) -> tuple[ImageFolderDataset, torch.Tensor | None, int]:
@@ -197,16 +206,7 @@ def run_training(
     `restart` with a `resume` checkpoint of the same stage starts the stage anew from its
     weights (new optimiser, schedule and step count: a fine-tune) instead of continuing it."""
     cfg = prepare_config(stage, config_path, overrides, lpips_weights, disc_weights, no_lpips, no_gan, recipe)
-    _check_inputs(stage, data, resume, val_data)
-    if restart and resume is None:
-        raise TrainingError("--restart starts a stage anew from a checkpoint: give --resume RUN/last")
-    if restart and stage == FROZEN_COPY_STAGE[recipe]:
-        raise TrainingError(f"--restart: stage {stage} keeps a frozen copy of the encoder taken at its start; "
-                            "a restart would take it from the trained encoder instead")
-    if restart and Path(out).resolve() in Path(resume).resolve().parents:
-        raise TrainingError(f"--restart writes a new run: --out must not be the run of --resume ({out})")
-    if restart and (Path(out) / "last").exists():
-        raise TrainingError(f"{out} already holds a run: continue it with --resume {Path(out) / 'last'} (no --restart)")
+    _check_inputs(stage, data, resume, val_data, out, restart, recipe)
     rank, world, dev = setup_distributed()
     dataset, val_images, spe = _data(cfg, data, val_data, world)
     if device is not None:

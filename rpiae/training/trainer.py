@@ -223,8 +223,8 @@ class Trainer:
     def _reconstruction_loss(
         self, recon: torch.Tensor, x: torch.Tensor, l1: torch.Tensor, logs: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """l1_weight * L1 (given) + grad_weight * image-gradient L1 + seam_weight * the same on
-        the decoder's patch borders + lpips_weight * LPIPS."""
+        """l1_weight * L1 (given) + grad_weight * image-gradient L1 + seam_weight * patch-seam L1
+        + lpips_weight * LPIPS."""
         cfg = self.cfg
         rec = cfg.l1_weight * l1
         if cfg.grad_weight > 0:
