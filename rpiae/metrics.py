@@ -9,6 +9,10 @@
   `k * patch - 1 | k * patch`), divided by the mean step between all other neighbours; both
   horizontal and vertical steps count. About 1.0 for natural images; a decoder whose patches
   do not join up scores well above 1.
+- `patch_step_profile`: the same steps averaged by their offset inside the patch (offset
+  `patch - 1` is the step across a border): where a ratio comes from. A decoder can lower
+  the ratio without joining its patches up, by roughening the steps next to each border
+  (they count in the denominator); the profile shows that.
 - `FeatureMoments`, `frechet_distance`, `fid`: the Fréchet distance between two sets of
   feature vectors (rFID on Inception-v3 pool features) from their moments, which accumulate
   batch by batch in float64 so that no set is ever held whole.
@@ -68,6 +72,24 @@ def patch_border_ratio(images, patch: int = 16) -> np.ndarray:
     on = np.concatenate([dx[:, :, on_x].reshape(len(a), -1), dy[:, on_y, :].reshape(len(a), -1)], axis=1)
     off = np.concatenate([dx[:, :, ~on_x].reshape(len(a), -1), dy[:, ~on_y, :].reshape(len(a), -1)], axis=1)
     return on.mean(axis=1) / np.maximum(off.mean(axis=1), 1e-12)
+
+
+def patch_step_profile(images, patch: int = 16) -> np.ndarray:
+    """Mean absolute luminance step between neighbouring pixels by the step's offset within the
+    patch, (N, patch): entry k averages the steps from pixel k to k+1 of each patch (horizontal
+    and vertical); entry `patch - 1` is the step across a border."""
+    a = _as_batch(images)
+    y = np.tensordot(np.asarray(LUMA), a, axes=([0], [1]))  # (N, H, W)
+    dx = np.abs(np.diff(y, axis=2))  # (N, H, W-1)
+    dy = np.abs(np.diff(y, axis=1))  # (N, H-1, W)
+    if dx.shape[2] < patch or dy.shape[1] < patch:
+        raise ValueError(f"images of {a.shape[2]}x{a.shape[3]} have no {patch}-pixel patch borders")
+    out = np.empty((len(a), patch))
+    for k in range(patch):
+        out[:, k] = np.concatenate(
+            [dx[:, :, k::patch].reshape(len(a), -1), dy[:, k::patch, :].reshape(len(a), -1)], axis=1
+        ).mean(axis=1)
+    return out
 
 
 class FeatureMoments:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rpiae.metrics import patch_border_ratio, psnr, ssim
+from rpiae.metrics import patch_border_ratio, patch_step_profile, psnr, ssim
 
 
 def test_psnr_and_ssim_match_independent_computations(photos):
@@ -43,3 +43,24 @@ def test_patch_border_ratio_sees_a_patch_grid(photos):
     with pytest.raises(ValueError, match="patch borders"):
         patch_border_ratio(np.zeros((1, 3, 10, 10)))
     assert patch_border_ratio(torch.from_numpy(x[:1])).shape == (1,)
+
+
+def test_patch_step_profile_locates_the_steps(photos):
+    x = photos[:2]
+    flat = patch_step_profile(x)
+    assert flat.shape == (2, 16)
+    assert np.all(np.abs(flat / flat.mean(axis=1, keepdims=True) - 1) < 0.25), flat  # photos: no offset stands out
+    # per-patch offsets raise only the step across the border (offset 15)
+    rng = np.random.default_rng(0)
+    offsets = rng.normal(0, 0.04, (2, 1, 16, 16)).repeat(16, axis=2).repeat(16, axis=3)
+    seams = patch_step_profile(x + offsets)
+    assert np.allclose(seams[:, :15], flat[:, :15]) and np.all(seams[:, 15] > 1.5 * flat[:, 15])
+    # noise on the pixels beside each border raises the steps next to it (offsets 14 and 0), which the
+    # ratio counts as "inside"; the profile tells the two apart
+    edge = (np.arange(256) % 16 == 15) | (np.arange(256) % 16 == 0)
+    rough = x + 0.1 * rng.random(x.shape) * (edge[:, None] | edge[None, :])
+    p = patch_step_profile(rough)
+    assert np.all(p[:, 14] > 1.5 * flat[:, 14]) and np.all(p[:, 0] > 1.5 * flat[:, 0])
+    assert np.allclose(p[:, 2:13], flat[:, 2:13], rtol=0.3)
+    with pytest.raises(ValueError, match="patch borders"):
+        patch_step_profile(np.zeros((1, 3, 10, 10)))

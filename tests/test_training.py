@@ -569,28 +569,52 @@ def test_deterministic_run_still_resumes_exactly(tmp_path, batch, kernel_flags):
 # -- fine-tuning a finished stage -----------------------------------------------------------------------------
 
 
-def test_patch_seam_l1_sees_only_the_patch_borders():
-    from rpiae.training.losses import image_gradient_l1, patch_seam_l1
+def _patch_offsets(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A target and a reconstruction that differs by a constant offset per 16x16 patch."""
+    target = torch.rand(2, 3, 64, 64, generator=g)
+    offsets = torch.rand(2, 3, 4, 4, generator=g)
+    return target, target + offsets.repeat_interleave(16, dim=2).repeat_interleave(16, dim=3), offsets
+
+
+def test_patch_seam_loss_sees_only_the_patch_borders():
+    from rpiae.training.losses import image_gradient_l1, patch_seam_loss
 
     g = torch.Generator().manual_seed(0)
-    target = torch.rand(2, 3, 64, 64, generator=g)
-    # a constant offset per 16x16 patch: a jump of the offsets' difference at each patch border
-    offsets = torch.rand(2, 3, 4, 4, generator=g)
-    recon = target + offsets.repeat_interleave(16, dim=2).repeat_interleave(16, dim=3)
-    col = (offsets[..., :, 1:] - offsets[..., :, :-1]).abs()  # (2, 3, 4, 3): one per border column, per patch row
-    row = (offsets[..., 1:, :] - offsets[..., :-1, :]).abs()
-    expected = 0.5 * (col.repeat_interleave(16, dim=2).mean() + row.repeat_interleave(16, dim=3).mean())
-    assert torch.allclose(patch_seam_l1(recon, target, 16), expected)
-    # a ramp (or a blur) running through the borders is not a seam
-    ramp = torch.linspace(0, 0.3, 64)
-    assert patch_seam_l1(target + ramp + ramp[:, None], target, 16) < 1e-6
-    # noise away from the borders changes the gradient term, not the seam term
-    inner = torch.zeros(64, dtype=torch.bool)
-    inner[torch.arange(64) % 16 >= 2] = True
-    inner &= torch.arange(64) % 16 <= 13
+    target, recon, offsets = _patch_offsets(g)
+    # the step across each border is off by the offsets' difference, the 3 + 3 steps beside it are exact
+    col = (offsets[..., :, 1:] - offsets[..., :, :-1]).square()  # (2, 3, 4, 3): one per border column, per patch row
+    row = (offsets[..., 1:, :] - offsets[..., :-1, :]).square()
+    expected = 0.5 * (col.repeat_interleave(16, dim=2).mean() + row.repeat_interleave(16, dim=3).mean()) / 7
+    assert torch.allclose(patch_seam_loss(recon, target, 16), expected)
+    # a ramp added everywhere is off by its slope at every step, the border steps included
+    ramp = torch.linspace(0, 0.63, 64)  # slope 0.01 per pixel
+    assert torch.allclose(patch_seam_loss(target + ramp + ramp[:, None], target, 16), torch.tensor(1e-4), rtol=1e-3)
+    # noise more than 3 steps from the borders changes the gradient term, not the seam term
+    inner = (torch.arange(64) % 16 >= 4) & (torch.arange(64) % 16 <= 11)
     noisy = target + 0.1 * torch.rand(2, 3, 64, 64, generator=g) * (inner[:, None] & inner[None, :])
-    assert patch_seam_l1(noisy, target, 16) == 0
+    assert patch_seam_loss(noisy, target, 16) == 0
     assert image_gradient_l1(noisy, target) > 0.01
+
+
+def test_patch_seam_loss_prefers_a_gradual_seam_and_refuses_ridges():
+    """A seam of height J costs J^2 in one step and J^2/7 spread over the 7 steps of the band
+    (the L1 of the gradients costs both the same, so only a square drives a decoder to blend its
+    patches); a ridge along the borders (a line of brighter pixels on either side, which an
+    earlier seam term, the step across minus the steps beside it, let a trained decoder draw)
+    only adds to it."""
+    from rpiae.training.losses import image_gradient_l1, patch_seam_loss
+
+    g = torch.Generator().manual_seed(1)
+    target = torch.rand(1, 3, 64, 64, generator=g)
+    col = torch.arange(64, dtype=torch.float32)
+    sharp = (col >= 32).float() * 0.2  # one seam of 0.2 at the border between columns 31 and 32
+    gradual = ((col - 28) / 7).clamp(0, 1) * 0.2  # the same seam spread over steps 28..34 (the band)
+    assert torch.allclose(image_gradient_l1(target + sharp, target), image_gradient_l1(target + gradual, target))
+    one, spread = patch_seam_loss(target + sharp, target, 16), patch_seam_loss(target + gradual, target, 16)
+    assert torch.allclose(spread, one / 7)
+    edge = ((col % 16 == 0) | (col % 16 == 15)) & (col > 0) & (col < 63)
+    for a in (0.02, 0.1, -0.05):
+        assert patch_seam_loss(target + sharp + a * edge, target, 16) > one
 
 
 @pytest.mark.filterwarnings("ignore:skipping unreadable")

@@ -71,9 +71,9 @@ class TrainConfig:
     # differences) of reconstruction and input, stages I and III; a stand-in that penalises
     # patch seams and blur where no LPIPS weights are available
     grad_weight: float = 0.0
-    # not in the authors' recipe (0 = off): L1 between the jumps across the decoder's patch borders
-    # (the step across a border minus the mean of the steps beside it) of reconstruction and input
-    # (`losses.patch_seam_l1`): seams count in full, blur through a border does not
+    # not in the authors' recipe (0 = off): the squared difference between the signed steps of
+    # reconstruction and input within 3 pixels of the decoder's patch borders
+    # (`losses.patch_seam_loss`): a seam spread over the band costs less than a sharp one
     seam_weight: float = 0.0
     pivot_weight: float = 0.75  # stage I: w_piv = 0.75 (warm-up), then 0.75 * grad-norm ratio
     pivot_warmup_steps: int = 1000

@@ -23,24 +23,31 @@ def image_gradient_l1(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return 0.5 * (dx.abs().mean() + dy.abs().mean())
 
 
-def _border_jumps(img: torch.Tensor, patch: int, dim: int) -> torch.Tensor:
-    """Along `dim`, at each border between `patch`-pixel patches: the step across the border
-    minus the mean of the steps just before and after it. A seam (an offset between two
-    patches) shows in full; a smooth ramp or a blur that runs through the border does not."""
-    def at(i: int) -> torch.Tensor:  # the pixels at offset i from each border (i = 0: first pixel after it)
-        n = img.shape[dim]
-        return img.narrow(dim, patch + i, n - patch - 1).unfold(dim, 1, patch).squeeze(-1)
-
-    across, before, after = at(0) - at(-1), at(-1) - at(-2), at(1) - at(0)
-    return across - 0.5 * (before + after)
+def _border_steps(img: torch.Tensor, patch: int, dim: int, band: int) -> torch.Tensor:
+    """Along `dim`, the signed steps within `band` of each border between `patch`-pixel patches:
+    the step across it and `band` steps on either side, (..., (2 band + 1) x borders, ...)."""
+    n = img.shape[dim]
+    d = img.narrow(dim, 1, n - 1) - img.narrow(dim, 0, n - 1)  # step i: pixel i+1 - pixel i
+    across = torch.arange(patch - 1, n - 1, patch, device=img.device)  # step from a patch's last pixel to the next's first
+    near = (across[:, None] + torch.arange(-band, band + 1, device=img.device)).flatten()
+    return d.index_select(dim, near[(near >= 0) & (near < n - 1)])
 
 
-def patch_seam_l1(recon: torch.Tensor, target: torch.Tensor, patch: int) -> torch.Tensor:
-    """Mean |jump(recon) - jump(target)| over the decoder's patch borders, rows and columns, where
-    jump is the step across a border minus the mean of the steps beside it (`_border_jumps`):
-    it penalises discontinuities the input does not have, not the blur inside patches."""
+SEAM_BAND = 3  # steps on either side of a border that the seam term covers
+
+
+def patch_seam_loss(recon: torch.Tensor, target: torch.Tensor, patch: int, band: int = SEAM_BAND) -> torch.Tensor:
+    """Mean squared difference between the signed neighbouring-pixel steps of reconstruction and
+    input near the decoder's patch borders (the step across each border and `band` steps on
+    either side), rows and columns.
+
+    Squared on purpose: an L1 on steps (`image_gradient_l1`) costs a seam of height J the same
+    whether it sits in one step or is spread over many (k x J/k), so it never pushes a decoder
+    to blend neighbouring patches into each other; a square costs J^2 in one step and J^2/k
+    spread over k, so the cheapest seam is a gradual one. Every signed step in the band is
+    matched, so a seam cannot be hidden by roughening the pixels beside it."""
     return 0.5 * sum(
-        (_border_jumps(recon, patch, d) - _border_jumps(target, patch, d)).abs().mean() for d in (-1, -2)
+        (_border_steps(recon, patch, d, band) - _border_steps(target, patch, d, band)).square().mean() for d in (-1, -2)
     )
 
 

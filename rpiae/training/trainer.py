@@ -47,7 +47,7 @@ from rpiae.model import RPiAE
 from rpiae.training.checkpoint import CHECKPOINT_NAME, load_trainer_state, trainer_state
 from rpiae.training.config import TrainConfig
 from rpiae.training.discriminator import Discriminator, hinge_d_loss, quantize_fake
-from rpiae.training.losses import StageForward, adaptive_weight, image_gradient_l1, patch_seam_l1
+from rpiae.training.losses import StageForward, adaptive_weight, image_gradient_l1, patch_seam_loss
 from rpiae.training.lpips import LPIPS, lpips_loss
 from rpiae.training.schedule import disc_lr_lambda, lr_lambda
 from rpiae.training.stages import FROZEN_COPY_STAGE, stage_parts, trainable_names
@@ -223,7 +223,7 @@ class Trainer:
     def _reconstruction_loss(
         self, recon: torch.Tensor, x: torch.Tensor, l1: torch.Tensor, logs: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """l1_weight * L1 (given) + grad_weight * image-gradient L1 + seam_weight * patch-seam L1
+        """l1_weight * L1 (given) + grad_weight * image-gradient L1 + seam_weight * patch-seam term
         + lpips_weight * LPIPS."""
         cfg = self.cfg
         rec = cfg.l1_weight * l1
@@ -232,7 +232,7 @@ class Trainer:
             rec = rec + cfg.grad_weight * g
             logs["grad"] = g.item()
         if cfg.seam_weight > 0:
-            seam = patch_seam_l1(recon, x, self.model.config.decoder_patch_size)
+            seam = patch_seam_loss(recon, x, self.model.config.decoder_patch_size)
             rec = rec + cfg.seam_weight * seam
             logs["seam"] = seam.item()
         if self.lpips is not None and cfg.lpips_weight > 0:
