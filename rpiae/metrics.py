@@ -59,18 +59,26 @@ def ssim(recon, target, dtype: str = "float64") -> np.ndarray:
     return structural_similarity_index_measure(r, t, data_range=1.0, reduction="none").double().numpy()
 
 
-def patch_border_ratio(images, patch: int = 16) -> np.ndarray:
-    """Per-image ratio of the luminance step across patch borders to the step elsewhere, (N,)."""
+def _luma_steps(images, patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """|horizontal| (N, H, W-1) and |vertical| (N, H-1, W) luminance steps between neighbouring
+    pixels; an error for images too small to hold a `patch`-pixel border."""
     a = _as_batch(images)
     y = np.tensordot(np.asarray(LUMA), a, axes=([0], [1]))  # (N, H, W)
     dx = np.abs(np.diff(y, axis=2))  # (N, H, W-1): step between columns j and j+1
     dy = np.abs(np.diff(y, axis=1))  # (N, H-1, W)
+    if dx.shape[2] < patch or dy.shape[1] < patch:
+        raise ValueError(f"images of {a.shape[2]}x{a.shape[3]} have no {patch}-pixel patch borders")
+    return dx, dy
+
+
+def patch_border_ratio(images, patch: int = 16) -> np.ndarray:
+    """Per-image ratio of the luminance step across patch borders to the step elsewhere, (N,)."""
+    dx, dy = _luma_steps(images, patch)
+    n = len(dx)
     on_x = (np.arange(dx.shape[2]) % patch) == patch - 1
     on_y = (np.arange(dy.shape[1]) % patch) == patch - 1
-    if not on_x.any() or not on_y.any():
-        raise ValueError(f"images of {a.shape[2]}x{a.shape[3]} have no {patch}-pixel patch borders")
-    on = np.concatenate([dx[:, :, on_x].reshape(len(a), -1), dy[:, on_y, :].reshape(len(a), -1)], axis=1)
-    off = np.concatenate([dx[:, :, ~on_x].reshape(len(a), -1), dy[:, ~on_y, :].reshape(len(a), -1)], axis=1)
+    on = np.concatenate([dx[:, :, on_x].reshape(n, -1), dy[:, on_y, :].reshape(n, -1)], axis=1)
+    off = np.concatenate([dx[:, :, ~on_x].reshape(n, -1), dy[:, ~on_y, :].reshape(n, -1)], axis=1)
     return on.mean(axis=1) / np.maximum(off.mean(axis=1), 1e-12)
 
 
@@ -78,17 +86,11 @@ def patch_step_profile(images, patch: int = 16) -> np.ndarray:
     """Mean absolute luminance step between neighbouring pixels by the step's offset within the
     patch, (N, patch): entry k averages the steps from pixel k to k+1 of each patch (horizontal
     and vertical); entry `patch - 1` is the step across a border."""
-    a = _as_batch(images)
-    y = np.tensordot(np.asarray(LUMA), a, axes=([0], [1]))  # (N, H, W)
-    dx = np.abs(np.diff(y, axis=2))  # (N, H, W-1)
-    dy = np.abs(np.diff(y, axis=1))  # (N, H-1, W)
-    if dx.shape[2] < patch or dy.shape[1] < patch:
-        raise ValueError(f"images of {a.shape[2]}x{a.shape[3]} have no {patch}-pixel patch borders")
-    out = np.empty((len(a), patch))
+    dx, dy = _luma_steps(images, patch)
+    n = len(dx)
+    out = np.empty((n, patch))
     for k in range(patch):
-        out[:, k] = np.concatenate(
-            [dx[:, :, k::patch].reshape(len(a), -1), dy[:, k::patch, :].reshape(len(a), -1)], axis=1
-        ).mean(axis=1)
+        out[:, k] = np.concatenate([dx[:, :, k::patch].reshape(n, -1), dy[:, k::patch, :].reshape(n, -1)], axis=1).mean(axis=1)
     return out
 
 
