@@ -5,6 +5,14 @@ free memory), the NVIDIA driver, ONNX Runtime and its providers (and the onnxrun
 onnxruntime-gpu conflict), TensorRT, polygraphy, ModelOpt, Torch-TensorRT, tritonclient, a
 C++ compiler, CMake and the CUDA toolkit (AOTInductor, the C++ runner), the CPU level and
 free memory; then lists each backend/device pair as yes/no with the reason.
+
+It proves rather than lists where a list can lie: on a GPU, each GPU provider ONNX Runtime
+offers opens a one-node session and runs it, and the provider that actually ran (or ONNX
+Runtime's reason) is reported; the CUDA major of torch, ONNX Runtime (the libcudart its CUDA
+provider links), TensorRT and cuDNN (their packages) are compared, and a mismatch is named
+with the command that fixes it. `--strict` exits 1 on a mismatch or a provider that cannot
+start. `--check-constraints` checks the repository's GPU constraints files against the
+pinned packages' published metadata (needs the package index; skipped, exit 0, without it).
 """
 
 from __future__ import annotations
@@ -13,8 +21,12 @@ import json
 import re
 import shutil
 import subprocess
+import textwrap
 from importlib import metadata
 from typing import Any
+
+import sys
+from pathlib import Path
 
 import click
 
@@ -90,6 +102,77 @@ def probe_onnxruntime() -> dict[str, Any]:
     return info
 
 
+def _tiny_model() -> bytes:
+    """A one-node float32 ONNX model (y = x + x), opset 17: what every provider can take."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "doctor", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return model.SerializeToString()
+
+
+def prove_providers(providers: list[str]) -> list[dict[str, Any]]:
+    """Open a one-node session on each GPU provider in `providers` (with the options rpiae's
+    ONNX Runtime backend uses) and run it once: {"provider", "ok", "used", "reason"}."""
+    import numpy as np
+
+    from rpiae.engines.ort_backend import captured_output, cuda_provider_options, fallback_reason, tf32_off_for_tensorrt
+
+    import onnxruntime as ort
+
+    model = _tiny_model()
+    out = []
+    for provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+        if provider not in providers:
+            continue
+        cuda = ("CUDAExecutionProvider", cuda_provider_options(0))
+        chain = [cuda] if provider == "CUDAExecutionProvider" else [(provider, {"device_id": 0}), cuda]
+        if provider == "TensorrtExecutionProvider":
+            tf32_off_for_tensorrt()
+            with contextlib_suppress():
+                from rpiae.export.tensorrt import import_tensorrt
+
+                import_tensorrt()  # loads libnvinfer from the tensorrt wheel, as the backend does
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 2
+        row: dict[str, Any] = {"provider": provider, "ok": False, "used": [], "reason": None}
+        with captured_output() as log:
+            try:
+                sess = ort.InferenceSession(model, sess_options=opts, providers=[*chain, "CPUExecutionProvider"])
+                row["used"] = list(sess.get_providers())
+                y = sess.run(None, {"x": np.ones((1, 8), np.float32)})[0]
+                row["ok"] = provider in row["used"] and bool(np.all(y == 2))
+            except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own error types
+                row["reason"] = _reason(e)[:300]
+        if not row["ok"] and row["reason"] is None:
+            row["reason"] = (f"ran on {', '.join(row['used'])}: " if row["used"] else "") + fallback_reason(
+                log[0] if log else "", provider)
+        out.append(row)
+    return out
+
+
+def contextlib_suppress():
+    import contextlib
+
+    from rpiae.devices import BackendUnavailable
+
+    return contextlib.suppress(BackendUnavailable)
+
+
+def probe_stack(report: dict[str, Any]) -> dict[str, Any]:
+    """The CUDA major of each GPU package here and what does not match (rpiae.cuda_stack)."""
+    from rpiae.cuda_stack import environment_majors, stack_findings
+
+    majors = environment_majors(report["torch"].get("cuda_build"))
+    if not report["torch"].get("cuda_build"):
+        majors.pop("torch", None)  # a CPU build of torch: no CUDA to match
+    findings = stack_findings(majors, report["driver"].get("driver_cuda"))
+    return {"majors": majors, "findings": [{"what": f.what, "fix": f.fix} for f in findings]}
+
+
 def probe_import(what: str, importer) -> dict[str, Any]:
     try:
         module = importer()
@@ -144,8 +227,20 @@ def probe() -> dict[str, Any]:
         "cpu": {**cpu_summary(), "cores": psutil.cpu_count()},
         "memory": {"available_bytes": int(vm.available), "total_bytes": int(vm.total)},
     }
+    report["stack"] = probe_stack(report)
+    gpu_providers = [p for p in report["onnxruntime"].get("providers", []) if p != "CPUExecutionProvider"]
+    if report["torch"]["gpus"] and gpu_providers:
+        report["onnxruntime"]["proven"] = prove_providers(gpu_providers)
     report["backends"] = can_run(report)
     return report
+
+
+def strict_problems(r: dict[str, Any]) -> list[str]:
+    """What `--strict` fails on: a CUDA stack mismatch, or a GPU provider that cannot start."""
+    out = [f"{f['what']} (fix: {f['fix']})" for f in r["stack"]["findings"]]
+    out += [f"ONNX Runtime's {p['provider']} cannot start: {p['reason']}"
+            for p in r["onnxruntime"].get("proven", []) if not p["ok"]]
+    return out
 
 
 def can_run(r: dict[str, Any]) -> list[dict[str, Any]]:
@@ -166,12 +261,18 @@ def can_run(r: dict[str, Any]) -> list[dict[str, Any]]:
     def row(backend, device, why_not):
         return {"backend": backend, "device": device, "ok": why_not is None, "why": why_not}
 
+    proven = {p["provider"]: p for p in ort.get("proven", [])}
+
     def ort_on(provider):
         if "version" not in ort:
             return ort_missing
         if provider not in providers:
-            return conflict if ort["conflict"] else f"this onnxruntime has no {provider} (pip install -e '.[gpu]')"
-        return None if gpu else no_gpu
+            return conflict if ort["conflict"] else f"this onnxruntime has no {provider} (install a GPU stack: README, GPU)"
+        if not gpu:
+            return no_gpu
+        if provider in proven and not proven[provider]["ok"]:
+            return f"{provider} did not start: {proven[provider]['reason']}"
+        return None
 
     compiler = None if tools["compiler"]["path"] else "no C++ compiler (g++/clang++) on PATH"
     cpu_level = None if tools["cpu_level"]["ok"] else f"this CPU lacks {', '.join(tools['cpu_level']['missing']) or 'x86-64-v3'}"
@@ -219,6 +320,8 @@ def render(r: dict[str, Any]) -> str:
     add("onnxruntime", pkgs + (f": {', '.join(ort['providers'])}" if ort.get("providers") else ""))
     if ort["conflict"]:
         add("", "!! onnxruntime and onnxruntime-gpu are both installed: one hides the other's providers")
+    for p in ort.get("proven", []):
+        add("", f"{p['provider']}: " + ("started and ran a session" if p["ok"] else f"did NOT start: {_short(p['reason'], 100)}"))
     for key, name in (("tensorrt", "TensorRT"), ("polygraphy", "polygraphy"), ("torch_tensorrt", "Torch-TensorRT")):
         p = r[key]
         add(name, p["version"] if p["available"] else f"no: {_short(p['reason'])}")
@@ -227,23 +330,88 @@ def render(r: dict[str, Any]) -> str:
     c, m, k = tools["compiler"], tools["cmake"], tools["cuda_toolkit"]
     add("C++ / CMake", f"{c['path'] or 'no compiler'} {c['version'] or ''} / cmake {m['version'] or 'not found'}".replace("  ", " "))
     add("CUDA toolkit", k["root"] or f"none: {_short(k['how'])}")
+    stack = r.get("stack") or {"majors": {}, "findings": []}
+    majors = ", ".join(f"{k.replace('ort_trt_provider', 'ORT TensorRT provider: libnvinfer')} "
+                       f"{v['major'] if v['major'] is not None else '?'}"
+                       for k, v in stack["majors"].items())
+    add("CUDA majors", majors or "no GPU packages installed")
+    for f in stack["findings"]:
+        add("", f"!! {f['what']}")
+        add("", f"   fix: {f['fix']}")
     lvl = tools["cpu_level"]
     add("CPU", f"{r['cpu'].get('model')}, {r['cpu'].get('cores')} cores, {lvl['level']}: "
-        + ("yes" if lvl["ok"] else f"no ({', '.join(lvl['missing'])})")
-        + (f"; {' '.join(r['cpu']['flags'])}" if r["cpu"].get("flags") else ""))
+        + ("yes" if lvl["ok"] else f"no ({', '.join(lvl['missing'])})"))
+    if r["cpu"].get("flags"):  # as many lines as this CPU's flags need (AMX machines have many)
+        for chunk in textwrap.wrap(" ".join(r["cpu"]["flags"]), width=100):
+            add("", chunk)
     add("memory", f"{r['memory']['available_bytes'] / GIB:.1f} of {r['memory']['total_bytes'] / GIB:.1f} GiB free")
     lines.append("can run:")
     for b in r["backends"]:
         label = f"{b['backend']}" + (f" --device {b['device']}" if b["device"] != "-" else "")
         lines.append(f"  {'yes' if b['ok'] else 'no ':3}  {label:24} {'' if b['ok'] else _short(b['why'])}".rstrip())
+    if not t["gpus"]:
+        lines.append("no GPU present: the GPU checks (providers, CUDA stack) have nothing to prove on this machine")
     return "\n".join(lines)
+
+
+def check_constraints(paths: tuple[str, ...]) -> tuple[str, int]:
+    """(report text, exit code) of checking constraints files against the published metadata:
+    1 if a file mixes CUDA majors or leaves a CUDA-bearing requirement unpinned, 0 if all pass or
+    the package index cannot be reached (said in the text)."""
+    from rpiae.cuda_stack import STACKS, Unreachable, check_stack, constraints_dir, render_stack
+
+    if paths:
+        files = []
+        for p in paths:
+            m = re.search(r"cu(\d\d)", p)
+            if not m:
+                raise click.BadParameter(f"{p}: the file name must name its CUDA major (gpu-cu12.txt, gpu-cu13.txt)")
+            files.append((p, int(m.group(1))))
+    else:
+        files = [(str(constraints_dir() / Path(s["file"]).name), major) for major, s in sorted(STACKS.items())]
+    texts, failed = [], False
+    for path, major in files:
+        if not Path(path).is_file():
+            raise click.ClickException(f"{path}: no such constraints file")
+        try:
+            report = check_stack(path, major)
+        except Unreachable as e:
+            return f"skipped: {e} (the check reads the pinned packages' published metadata)", 0
+        texts.append(render_stack(report))
+        failed |= not report.ok
+    return "\n".join(texts), int(failed)
 
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@click.option("--strict", is_flag=True,
+              help="Exit 1 when the GPU packages mix CUDA majors (torch, ONNX Runtime, TensorRT, cuDNN), the driver is "
+                   "too old for them, or a GPU provider of ONNX Runtime cannot start. A machine without a GPU passes.")
+@click.option("--check-constraints", "constraints", is_flag=True,
+              help="Instead of looking at this machine: check the GPU constraints files (given as arguments, else the "
+                   "repository's constraints/gpu-cu12.txt and gpu-cu13.txt) against each pinned package's published "
+                   "metadata, and exit 1 if one mixes CUDA majors or leaves a CUDA package unpinned. Needs the package "
+                   "index; without it the check is skipped (exit 0) and says so.")
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
 @friendly_errors
-def doctor(as_json):
+def doctor(as_json, strict, constraints, files):
     """What this machine can run (torch, ONNX Runtime, TensorRT, AOTInductor, Torch-TensorRT,
-    Triton, the C++ runner) and, for what it cannot, why. Runs no model."""
+    Triton, the C++ runner) and, for what it cannot, why. Runs no model; on a GPU it opens a
+    one-node ONNX Runtime session per GPU provider to prove the provider starts.
+
+    Exit codes: 0 fine (or nothing to check), 1 a problem found by --strict or
+    --check-constraints, 2 usage error."""
+    if files and not constraints:
+        raise click.UsageError("FILES are constraints files for --check-constraints")
+    if constraints:
+        text, code = check_constraints(tuple(files))
+        click.echo(text)
+        sys.exit(code)
     report = probe()
     click.echo(json.dumps(report, indent=2, default=str) if as_json else render(report))
+    if strict:
+        problems = strict_problems(report)
+        for p in problems:
+            click.echo(f"strict: {p}", err=True)
+        if problems:
+            sys.exit(1)

@@ -18,6 +18,20 @@ a session when the backend is opened.
   engines' or AOTInductor packages' min/opt/max, else 1:8:32), with fp16/int8 enabled as the
   graph's precision says, and caches engines and timing data in `BUNDLE/engines/ort-trt/`
   (or, for a read-only bundle, under the rpiae cache directory).
+- FP32 means IEEE FP32 on GPUs. The CUDA provider gets `use_tf32=0` (ONNX Runtime turns TF32
+  on by default since 1.17). The TensorRT provider has no such option: TensorRT (and cuBLAS,
+  cuDNN) read `NVIDIA_TF32_OVERRIDE=0`, which is set in this process before its sessions are
+  made (process-wide, and left set: an engine built later in the process must not use TF32
+  either).
+- The TensorRT provider builds weakly typed networks (it has no strongly typed option, as
+  TensorRT 10 did, and ONNX Runtime's provider is built against TensorRT 10): with fp16
+  enabled, TensorRT may run the graph's fp32 layers in fp16. The fp32 islands an fp16 graph
+  keeps by operator type (LayerNormalization, Softmax, ...: every node of that type is fp32 in
+  the graph) are therefore given to the CUDA provider (`trt_op_types_to_exclude`), where they
+  run as typed; LayerNorm's own pattern is kept fp32 too (`trt_layer_norm_fp32_fallback`). The
+  fp32 nodes of a type that also has fp16 nodes (the pos-embed Adds, the last projection)
+  cannot be singled out this way; `describe()["trt_fp32_islands"]` lists both. The bundle's own
+  TensorRT engines (`--backend trt`) are strongly typed and keep every island.
 """
 
 from __future__ import annotations
@@ -44,9 +58,10 @@ from rpiae.export.spec import GRAPHS, graph_specs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "trt": "TensorrtExecutionProvider"}
 ALLOW_FALLBACK_ENV = "RPIAE_ALLOW_FALLBACK"
+TF32_OVERRIDE_ENV = "NVIDIA_TF32_OVERRIDE"  # read by TensorRT, cuBLAS and cuDNN: 0 = never TF32
 TRT_CACHE_DIR = "engines/ort-trt"
-ORT_MISSING = ("onnxruntime is not installed: pip install -e '.[quant]' (CPU, the default install) or "
-               "pip install -e '.[gpu]' (NVIDIA GPUs: onnxruntime-gpu)")
+ORT_MISSING = ("onnxruntime is not installed: pip install -e '.[quant]' (CPU, the default install) or, on NVIDIA "
+               "GPUs, one GPU stack: pip install -c constraints/gpu-cu13.txt -e '.[gpu-cu13]' (README, GPU)")
 
 
 class ProviderFallback(BackendUnavailable):
@@ -163,7 +178,7 @@ class ORTBackend(Backend):
                 f"ort backend: this onnxruntime has no {wanted} (has: {', '.join(available)}); "
                 + ("both onnxruntime and onnxruntime-gpu are installed, which hides the CUDA providers: "
                    "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
-                   if _both_ort_packages() else "install onnxruntime-gpu for CUDA/TensorRT (pip install -e '.[gpu]')")
+                   if _both_ort_packages() else "install onnxruntime-gpu for CUDA/TensorRT (one GPU stack: pip install -c constraints/gpu-cu13.txt -e '.[gpu-cu13]')")
             )
         self.bundle = bundle
         self.device = str(device)
@@ -186,31 +201,33 @@ class ORTBackend(Backend):
             self.native = "torch"
         self.profile = profile or bundle_profile(bundle)
         self.trt_cache = self._trt_cache_dir() if self.kind == "trt" else None
-        self.providers_requested = self._provider_list()
+        # resolve (and hash-check) both graphs now: a missing precision fails before any work
+        self._paths = {g: bundle.graph_path(g, precision) for g in GRAPHS}
+        self.trt_fp32_islands = {g: fp32_islands(self._paths[g]) for g in GRAPHS} if self.kind == "trt" else {}
+        self._provider_lists = {g: self._provider_list(g) for g in GRAPHS}
+        self.providers_requested = self._provider_lists["encode"]
         self._profile_dir = Path(profile_dir) if profile_dir is not None else None
         self._run_options = ort.RunOptions()
         if self.stream is not None and self.io_binding:
             # ordering with torch's streams is by events (below); no host wait at the end of a run
             self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        # resolve (and hash-check) both graphs now: a missing precision fails before any work
-        self._paths = {g: bundle.graph_path(g, precision) for g in GRAPHS}
         self.fallback: dict[str, Any] | None = None
+        if self.kind == "trt":
+            tf32_off_for_tensorrt()
         self._sessions = {g: self._create_session(g) for g in self._paths}
         self.providers = list(self._sessions["encode"].get_providers())
 
     # -- sessions ------------------------------------------------------------------------------
-    def _provider_list(self) -> list[tuple[str, dict[str, Any]]]:
-        cuda: dict[str, Any] = {"device_id": self.device_id}
-        if self.stream is not None:
-            cuda["user_compute_stream"] = str(self.stream.cuda_stream)
+    def _provider_list(self, graph: str) -> list[tuple[str, dict[str, Any]]]:
+        cuda = cuda_provider_options(self.device_id, self.stream.cuda_stream if self.stream is not None else None)
         if self.kind == "cpu":
             return [("CPUExecutionProvider", {})]
         if self.kind == "cuda":
             return [("CUDAExecutionProvider", cuda), ("CPUExecutionProvider", {})]
-        return [("TensorrtExecutionProvider", self._trt_options(cuda)), ("CUDAExecutionProvider", cuda),
+        return [("TensorrtExecutionProvider", self._trt_options(graph, cuda)), ("CUDAExecutionProvider", cuda),
                 ("CPUExecutionProvider", {})]
 
-    def _trt_options(self, cuda: dict[str, Any]) -> dict[str, Any]:
+    def _trt_options(self, graph: str, cuda: dict[str, Any]) -> dict[str, Any]:
         shapes: dict[str, list[str]] = {"min": [], "opt": [], "max": []}
         for spec in graph_specs(self.config).values():
             for key in shapes:
@@ -219,10 +236,12 @@ class ORTBackend(Backend):
         name = self.bundle.find("encode", self.precision, KIND_ONNX)
         if self.precision == "int8" and name is not None:
             high = (self.bundle.files[name].get("calibration") or {}).get("high_precision", "fp16")
-        return {
-            **cuda,
+        fp16 = self.precision == "fp16" or (self.precision == "int8" and high == "fp16")
+        keep = self.trt_fp32_islands.get(graph, {}).get("by_type", []) if fp16 else []
+        options = {
+            **{k: v for k, v in cuda.items() if k != "use_tf32"},  # the TensorRT provider has no use_tf32
             # precision lives in the graph: fp16 casts, int8 Q/DQ (plus fp16 for its unquantised layers)
-            "trt_fp16_enable": self.precision == "fp16" or (self.precision == "int8" and high == "fp16"),
+            "trt_fp16_enable": fp16,
             "trt_int8_enable": self.precision == "int8",
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(self.trt_cache),
@@ -233,6 +252,12 @@ class ORTBackend(Backend):
             "trt_profile_opt_shapes": ",".join(shapes["opt"]),
             "trt_profile_max_shapes": ",".join(shapes["max"]),
         }
+        if fp16:
+            # weakly typed networks: keep the graph's fp32 islands out of TensorRT's fp16 choice
+            options["trt_layer_norm_fp32_fallback"] = True
+            if keep:
+                options["trt_op_types_to_exclude"] = ",".join(keep)
+        return options
 
     def _trt_cache_dir(self) -> Path:
         inside = self.bundle.root / TRT_CACHE_DIR
@@ -270,9 +295,10 @@ class ORTBackend(Backend):
 
             with contextlib.suppress(BackendUnavailable):  # loads libnvinfer from the tensorrt wheel for the provider
                 import_tensorrt()
-        sess, text = self._open(graph, self.providers_requested)
+        requested = self._provider_lists[graph]
+        sess, text = self._open(graph, requested)
         used = list(sess.get_providers())
-        missing = [name for name, _ in self.providers_requested if name != "CPUExecutionProvider" and name not in used]
+        missing = [name for name, _ in requested if name != "CPUExecutionProvider" and name not in used]
         if missing:
             reason = fallback_reason(text, missing[0])
             msg = (f"ort backend: {missing[0]} failed to initialise for {self._paths[graph].name} and ONNX Runtime "
@@ -280,10 +306,10 @@ class ORTBackend(Backend):
             if not self.allow_fallback:
                 raise ProviderFallback(msg + " (pass --allow-fallback, or set RPIAE_ALLOW_FALLBACK=1, to run anyway)")
             print(f"warning: {msg}", file=sys.stderr)
-            self.fallback = {"requested": [n for n, _ in self.providers_requested], "used": used, "reason": reason}
+            self.fallback = {"requested": [n for n, _ in requested], "used": used, "reason": reason}
             # ONNX Runtime's own retry drops the provider options (device_id, stream): make the
             # session again with the providers that work, options included
-            sess, _ = self._open(graph, [(n, o) for n, o in self.providers_requested if n in used])
+            sess, _ = self._open(graph, [(n, o) for n, o in requested if n in used])
             if not {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(used):
                 self.io_binding, self.native, self.stream = False, "numpy", None  # a CPU session reads host memory
         else:
@@ -339,10 +365,64 @@ class ORTBackend(Backend):
         if self.trt_cache is not None:
             info["trt_cache"] = str(self.trt_cache)
             info["profile"] = str(self.profile)
+            info["tf32"] = f"off ({TF32_OVERRIDE_ENV}={os.environ.get(TF32_OVERRIDE_ENV)})"
+            if self.precision != "fp32":
+                info["trt_fp32_islands"] = self.trt_fp32_islands
+        elif self.kind == "cuda":
+            info["tf32"] = "off (use_tf32=0)"
         return info
 
     def close(self) -> None:
         self._sessions.clear()
+
+
+def cuda_provider_options(device_id: int, stream: int | None = None) -> dict[str, Any]:
+    """The CUDA provider's options: the GPU, the stream to compute on, and TF32 off (ONNX
+    Runtime's default is on since 1.17; FP32 graphs are IEEE FP32 here)."""
+    options: dict[str, Any] = {"device_id": device_id, "use_tf32": 0}
+    if stream is not None:
+        options["user_compute_stream"] = str(stream)
+    return options
+
+
+def tf32_off_for_tensorrt() -> None:
+    """TF32 off for TensorRT in this process (the TensorRT provider has no option for it):
+    TensorRT, cuBLAS and cuDNN honour NVIDIA_TF32_OVERRIDE=0. Set before a session is made."""
+    os.environ[TF32_OVERRIDE_ENV] = "0"
+
+
+# fp16 graphs keep these operator types in fp32 where the export's rule says so
+_ISLAND_TYPES = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Erf", "Add", "MatMul", "Gemm", "Conv")
+
+
+def fp32_islands(path: str | Path) -> dict[str, list[str]]:
+    """The fp32 compute nodes of a graph that also computes in fp16 (an fp16 graph, or an int8
+    graph whose unquantised layers are fp16), by operator type: `by_type` lists the types whose
+    every node is fp32 (they can be kept away from TensorRT's fp16 by type), `mixed` the types
+    with fp32 and fp16 nodes. Empty for an all-fp32 graph. Reads the graph without its weights."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.input, *g.output, *g.value_info]}
+    for init in g.initializer:
+        types[init.name] = init.data_type
+    for node in g.node:  # Cast and DequantizeLinear say their output types themselves
+        if node.op_type == "Cast":
+            to = next((a.i for a in node.attribute if a.name == "to"), None)
+            types.update({o: to for o in node.output})
+    f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    per_type: dict[str, set[int]] = {}
+    for node in g.node:
+        if node.op_type not in _ISLAND_TYPES:
+            continue
+        dtypes = {types.get(name) for name in node.input if name} - {None}
+        if dtypes:
+            per_type.setdefault(node.op_type, set()).update(dtypes & {f32, f16})
+    if not any(f16 in d for d in per_type.values()):
+        return {"by_type": [], "mixed": []}
+    return {"by_type": sorted(t for t, d in per_type.items() if d == {f32}),
+            "mixed": sorted(t for t, d in per_type.items() if d == {f32, f16})}
 
 
 def _both_ort_packages() -> bool:

@@ -112,13 +112,13 @@ class EngineRunner:
         self.output_dtype = self._dtypes[engine.get_tensor_dtype(self.output_name)]
         lo, opt, hi = (tuple(d) for d in engine.get_tensor_profile_shape(self.input_name, 0))
         self.min_batch, self.opt_batch, self.max_batch = int(lo[0]), int(opt[0]), int(hi[0])
-        context = engine.create_execution_context()
+        with torch.cuda.device(self.device):  # the context's activation memory is allocated on the current GPU
+            context = engine.create_execution_context()
+            self._done = torch.cuda.Event()  # recorded after each enqueue, on that enqueue's stream
         if context is None:
             raise BackendUnavailable("TensorRT could not create an execution context (out of GPU memory?)")
         self._context = context
         self._lock = threading.Lock()
-        with torch.cuda.device(self.device):
-            self._done = torch.cuda.Event()  # recorded after each enqueue, on that enqueue's stream
         self._last_stream: int | None = None
         self._side = None
 

@@ -23,8 +23,8 @@ from rpiae.export.graphs import graph_module
 from rpiae.export.profile import BatchProfile
 from rpiae.export.spec import GRAPHS, TORCH_PRECISIONS, graph_spec
 
-TORCH_TRT_MISSING = ("Torch-TensorRT is not installed: pip install -e '.[torch-trt]' (torch-tensorrt of this torch's "
-                     "version, on a machine with an NVIDIA GPU)")
+TORCH_TRT_MISSING = ("Torch-TensorRT is not installed: it comes with the CUDA 13 GPU stack, "
+                     "pip install -c constraints/gpu-cu13.txt -e '.[gpu-cu13]' (torch-tensorrt 2.13 is a CUDA 13 build)")
 DTYPES = dict(zip(TORCH_PRECISIONS, (torch.float32, torch.float16, torch.bfloat16)))
 
 

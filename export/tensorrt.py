@@ -40,8 +40,8 @@ from rpiae.export.trt_precision import (
 )
 
 TRT_MISSING = (
-    "TensorRT is not installed: pip install tensorrt-cu12 (for a CUDA 12 torch; or pip install -e '.[gpu]'; "
-    "from NVIDIA's index, https://pypi.nvidia.com) on a machine with an NVIDIA GPU"
+    "TensorRT is not installed: install one GPU stack, pip install -c constraints/gpu-cu13.txt -e '.[gpu-cu13]' "
+    "(CUDA 13 torch) or -c constraints/gpu-cu12.txt -e '.[gpu-cu12]' (CUDA 12 torch), on a machine with an NVIDIA GPU"
 )
 CUDA_MISSING = (
     "TensorRT needs an NVIDIA GPU: torch.cuda.is_available() is False "

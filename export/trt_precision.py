@@ -5,6 +5,7 @@ TensorRT nor a GPU."""
 from __future__ import annotations
 
 import json
+import re
 import os
 from typing import Any
 
@@ -37,7 +38,10 @@ _LOW = {"fp16", "bf16", "int8", "fp8", "int4", "fp4"}
 def tensor_dtype(desc: dict[str, Any]) -> str | None:
     """Float precision of one inspector tensor description: fp32/fp16/bf16/int8/fp8/..., or None
     for integer/bool tensors and descriptions without a type."""
-    text = " ".join(str(desc.get(k, "")) for k in ("Datatype", "DataType", "Format/Datatype")).upper()
+    # any key naming the data type ("Format/Datatype", "Datatype", "DataType", "Data Type"): the
+    # inspector's schema changed between TensorRT 10 and 11 and its spelling is not an API
+    text = " ".join(str(v) for k, v in desc.items()
+                    if "datatype" in re.sub(r"[^a-z]", "", str(k).lower())).upper()
     for token, dtype in _DTYPE_TOKENS:
         if token in text:
             return dtype

@@ -108,9 +108,15 @@ def test_nan_and_inf_are_refused(kind, bad):
         Echo().decode(arr)
 
 
-def test_device_tensor_flag_is_read_after_the_graphs_are_queued(monkeypatch):
-    """For tensors on a GPU the NaN/Inf flag stays on the device while the graphs are queued;
-    it is read (one sync) after them. Here the CPU plays the device."""
+class OnDevice(torch.Tensor):  # a CPU tensor that reports a non-CPU device to the check
+    @property
+    def device(self):
+        return torch.device("meta")
+
+
+@pytest.fixture
+def flag_reads(monkeypatch):
+    """A log to which every host read of the NaN/Inf flag (a host sync on a GPU) appends."""
     log = []
     real = base._finite_flag
 
@@ -123,12 +129,13 @@ def test_device_tensor_flag_is_read_after_the_graphs_are_queued(monkeypatch):
             return bool(self.t)
 
     monkeypatch.setattr(base, "_finite_flag", lambda x: Flag(real(x)))
+    return log
 
-    class OnDevice(torch.Tensor):  # a CPU tensor that reports a non-CPU device to the check
-        @property
-        def device(self):
-            return torch.device("meta")
 
+def test_device_tensor_flag_is_read_after_the_graphs_are_queued(flag_reads):
+    """For tensors on a GPU the NaN/Inf flag stays on the device while the graphs are queued;
+    it is read (one sync) after them. Here the CPU plays the device."""
+    log = flag_reads
     x = torch.rand(2, 3, 256, 256).as_subclass(OnDevice)
     Echo(log=log).encode(x)
     assert log == [("run", "encode", 2), ("read flag",)]
@@ -142,6 +149,32 @@ def test_device_tensor_flag_is_read_after_the_graphs_are_queued(monkeypatch):
     with pytest.raises(InputError):  # host tensors are checked before any work
         Echo(log=log).encode(bad)
     assert log == [("read flag",)]
+
+
+def test_a_device_tensor_is_checked_once_so_repeated_calls_never_sync(flag_reads):
+    """A benchmark times calls on one device tensor: only the first reads the flag (a host
+    sync); the same unmodified tensor is not checked again. An in-place write (version counter),
+    another graph or another tensor is checked anew, and a NaN written in place is still caught."""
+    log = flag_reads
+    be = Echo(log=log)
+    x = torch.rand(2, 3, 256, 256).as_subclass(OnDevice)
+    for _ in range(5):
+        be.encode(x)
+    assert log.count(("read flag",)) == 1 and log.count(("run", "encode", 2)) == 5
+    log.clear()
+    be.decode(torch.rand(2, 64, 16, 16).as_subclass(OnDevice))  # another graph, another input: checked
+    be.encode(x.clone())  # an equal but new tensor: checked
+    assert log.count(("read flag",)) == 2
+    log.clear()
+    x.mul_(1.0)  # written in place: its version moved on, so it is checked again
+    be.encode(x)
+    be.encode(x)
+    assert log.count(("read flag",)) == 1
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="images: contains NaN"):
+        be.encode(x)
+    with pytest.raises(InputError, match="images: contains NaN"):  # a failed input is never remembered as good
+        be.encode(x)
 
 
 def test_torch_backend_computes_in_its_device_scope_with_strict_fp32(monkeypatch, tiny_model):

@@ -188,3 +188,30 @@ def test_configure_without_cuda_toolkit_on_a_cuda_torch_reports_instead_of_abort
     out = res.stdout + res.stderr
     assert "AOTInductor .pt2 support: NO - this torch is a CUDA build" in out and "CUDA toolkit" in out, out
     assert "Your installed Caffe2 version uses CUDA" not in out, out
+
+
+def test_version_compatible_plans_need_the_flag(stub_trt_runner, tmp_path):
+    """A version-compatible plan carries TensorRT's lean runtime: the runner lets TensorRT run it
+    only with --version-compatible (IRuntime::setEngineHostCodeAllowed), and says so without it."""
+    from PIL import Image
+
+    enc, dec, img = tmp_path / "enc.plan", tmp_path / "dec.plan", tmp_path / "in.ppm"
+    enc.write_text("vc:encode")
+    dec.write_text("vc:decode")
+    Image.new("RGB", (256, 256), (10, 20, 30)).save(img)
+    env = {k: v for k, v in os.environ.items() if k != "RPIAE_FAKE_FAIL"}
+    res = subprocess.run([str(stub_trt_runner), str(enc), str(dec), str(img), str(tmp_path / "a.ppm")],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 1 and "needs --version-compatible here" in res.stderr, res.stderr
+    res = subprocess.run([str(stub_trt_runner), str(enc), str(dec), str(img), str(tmp_path / "b.ppm"),
+                          "--version-compatible"], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0 and (tmp_path / "b.ppm").is_file(), res.stderr
+
+
+def test_aoti_cuda_path_turns_tf32_off():
+    """The .pt2 CUDA path runs ATen's cuDNN/cuBLAS kernels, which default to TF32 for cuDNN:
+    the runner turns both off before loading a CUDA package (compiled and run only with libtorch
+    CUDA and a GPU, so checked here in the source)."""
+    src = (CPP / "rpiae_run.cpp").read_text()
+    cuda_branch = src.split("no CUDA device is available to libtorch", 1)[1].split("batch_min_ =", 1)[0]
+    assert "setAllowTF32CuDNN(false)" in cuda_branch and "setAllowTF32CuBLAS(false)" in cuda_branch

@@ -32,7 +32,8 @@ def test_doctor_json():
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
     assert {"torch", "driver", "onnxruntime", "tensorrt", "polygraphy", "modelopt", "torch_tensorrt", "tritonclient",
-            "tools", "cpu", "memory", "backends"} <= set(report)
+            "tools", "cpu", "memory", "backends", "stack"} <= set(report)
+    assert report["stack"]["findings"] == []  # a CPU machine has no CUDA stack to mismatch
     assert _row(report, "torch", "cpu")["ok"] and _row(report, "ort", "cpu")["ok"]
     assert "CPUExecutionProvider" in report["onnxruntime"]["providers"]
     for b in report["backends"]:
@@ -50,6 +51,96 @@ def _gpu_machine(report, providers, conflict=False, toolkit=True):
     report["polygraphy"] = {"available": True, "version": "0.53.6"}
     report["backends"] = D.can_run(report)
     return report
+
+
+def test_strict_passes_here_and_says_no_gpu_is_present():
+    r = CliRunner().invoke(cli, ["doctor", "--strict"])
+    assert r.exit_code == 0, r.output
+    assert "no GPU present" in r.output.splitlines()[-1]
+
+
+def test_flags_wrap_on_cpus_with_many_of_them():
+    """An AMX server's model name and flags must not make one overlong line (any x86-64 CPU)."""
+    from rpiae.bench.machine import _CPU_FLAGS
+
+    report = json.loads(json.dumps(D.probe(), default=str))
+    report["cpu"].update(model="Intel(R) Xeon(R) Platinum 8480+ with a long marketing name", flags=list(_CPU_FLAGS) * 3)
+    lines = D.render(report).splitlines()
+    assert all(len(line) <= 140 for line in lines), max(lines, key=len)
+    shown = " ".join(line.strip() for line in lines[next(i for i, l in enumerate(lines) if l.lstrip().startswith("CPU")):])
+    assert all(f in shown for f in _CPU_FLAGS)
+
+
+def test_strict_fails_on_a_cuda_mismatch_and_a_provider_that_cannot_start(monkeypatch):
+    here = json.loads(json.dumps(D.probe(), default=str))
+    gpu = _gpu_machine(here, ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    gpu["stack"] = {"majors": {"torch": {"major": 13, "from": "torch.version.cuda = 13.0"},
+                               "onnxruntime": {"major": 12, "from": "libonnxruntime_providers_cuda.so needs libcudart.so.12"}},
+                    "findings": [{"what": "CUDA majors differ: torch CUDA 13, onnxruntime CUDA 12",
+                                  "fix": "reinstall one stack: pip install -c constraints/gpu-cu13.txt -e \".[test,gpu-cu13]\""}]}
+    gpu["onnxruntime"]["proven"] = [
+        {"provider": "CUDAExecutionProvider", "ok": False, "used": ["CPUExecutionProvider"],
+         "reason": "ran on CPUExecutionProvider: Failed to create CUDAExecutionProvider. Require cuDNN 9.* and CUDA 12.*"},
+        {"provider": "TensorrtExecutionProvider", "ok": True, "used": ["TensorrtExecutionProvider"], "reason": None}]
+    gpu["backends"] = D.can_run(gpu)
+    assert not _row(gpu, "ort", "cuda")["ok"] and "did not start" in _row(gpu, "ort", "cuda")["why"]
+    assert _row(gpu, "ort", "trt")["ok"]
+    text = D.render(gpu)
+    assert "!! CUDA majors differ: torch CUDA 13, onnxruntime CUDA 12" in text and "fix: reinstall one stack" in text
+    assert "CUDAExecutionProvider: did NOT start" in text and "TensorrtExecutionProvider: started and ran" in text
+    monkeypatch.setattr(D, "probe", lambda: gpu)
+    r = CliRunner().invoke(cli, ["doctor", "--strict"])
+    assert r.exit_code == 1
+    assert "strict: CUDA majors differ" in r.output and "strict: ONNX Runtime's CUDAExecutionProvider cannot start" in r.output
+    assert CliRunner().invoke(cli, ["doctor"]).exit_code == 0  # without --strict the report alone
+
+
+def test_provider_proof_runs_a_session_and_reports_what_ran(monkeypatch):
+    """Each GPU provider opens a one-node session with rpiae's options and runs it; a provider
+    ONNX Runtime silently dropped is reported with its logged reason, not as working."""
+    import os
+
+    import onnxruntime as ort
+
+    from rpiae.engines import ort_backend as O
+
+    real = ort.InferenceSession
+    made = []
+
+    class Session:  # onnxruntime-gpu where the CUDA provider fails to load and TensorRT works
+        def __init__(self, model, sess_options=None, providers=None):
+            made.append((providers, os.environ.get(O.TF32_OVERRIDE_ENV)))
+            names = [p[0] if isinstance(p, tuple) else p for p in providers]
+            self._used = [n for n in names if n != "CUDAExecutionProvider"]
+            if names[0] == "CUDAExecutionProvider":
+                os.write(2, b"[W:onnxruntime:Default] Failed to create CUDAExecutionProvider. Require cuDNN 9.*\n")
+            self._real = real(model, providers=["CPUExecutionProvider"])
+
+        def get_providers(self):
+            return self._used
+
+        def run(self, *a):
+            return self._real.run(*a)
+
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    monkeypatch.setenv(O.TF32_OVERRIDE_ENV, "unset")
+    monkeypatch.delenv(O.TF32_OVERRIDE_ENV)
+    cuda, trt = D.prove_providers(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert cuda["provider"] == "CUDAExecutionProvider" and not cuda["ok"]
+    assert "Failed to create CUDAExecutionProvider" in cuda["reason"] and cuda["used"] == ["CPUExecutionProvider"]
+    assert trt["ok"] and trt["used"][0] == "TensorrtExecutionProvider"
+    (cuda_chain, tf32_then), (trt_chain, tf32_trt) = made
+    assert cuda_chain[0] == ("CUDAExecutionProvider", {"device_id": 0, "use_tf32": 0}) and tf32_then is None
+    assert trt_chain[0][0] == "TensorrtExecutionProvider" and tf32_trt == "0"
+
+
+def test_check_constraints_refuses_a_file_without_its_cuda_major(tmp_path):
+    f = tmp_path / "gpu.txt"
+    f.write_text("torch==2.13.0\n")
+    r = CliRunner().invoke(cli, ["doctor", "--check-constraints", str(f)])
+    assert r.exit_code == 2 and "must name its CUDA major" in r.output
+    r = CliRunner().invoke(cli, ["doctor", str(f)])
+    assert r.exit_code == 2 and "--check-constraints" in r.output
 
 
 def test_conclusions_on_a_gpu_machine():

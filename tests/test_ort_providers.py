@@ -74,7 +74,7 @@ def test_fallback_is_refused_with_onnxruntimes_reason(gpu_ort, bundle_copy):
     assert "\n" not in msg
     assert "CUDAExecutionProvider failed to initialise" in msg and "fell back to CPUExecutionProvider" in msg
     assert "Require cuDNN 9.* and CUDA 12.*" in msg and "--allow-fallback" in msg
-    assert calls[0] == [("CUDAExecutionProvider", {"device_id": 1}), ("CPUExecutionProvider", {})]
+    assert calls[0] == [("CUDAExecutionProvider", {"device_id": 1, "use_tf32": 0}), ("CPUExecutionProvider", {})]
 
 
 def test_allowed_fallback_runs_and_reports_the_providers_used(gpu_ort, bundle_copy, sample_photos, capfd, monkeypatch):
@@ -107,7 +107,7 @@ def test_tensorrt_provider_options_come_from_the_bundle(gpu_ort, bundle_copy):
     with O.ORTBackend(Bundle.open(root), device="trt:2", precision="int8") as be:
         info = be.describe()
     trt_name, trt = calls[0][0]
-    assert trt_name == "TensorrtExecutionProvider" and calls[0][1] == ("CUDAExecutionProvider", {"device_id": 2})
+    assert trt_name == "TensorrtExecutionProvider" and calls[0][1] == ("CUDAExecutionProvider", {"device_id": 2, "use_tf32": 0})
     assert trt["device_id"] == 2 and trt["trt_int8_enable"] is True
     high = Bundle.open(root).files["encode.int8.onnx"]["calibration"]["high_precision"]
     assert trt["trt_fp16_enable"] is (high == "fp16")
@@ -126,6 +126,51 @@ def test_fp16_graph_enables_fp16_only(gpu_ort, bundle_copy):
     trt = calls[0][0][1]
     assert trt["trt_fp16_enable"] is True and trt["trt_int8_enable"] is False
     assert trt["trt_profile_max_shapes"].startswith("images:32x3x256x256")  # no engines: the default 1:8:32
+
+
+def test_tf32_is_off_on_both_gpu_providers(gpu_ort, bundle_copy, monkeypatch):
+    """FP32 is IEEE FP32: the CUDA provider gets use_tf32=0 (its default is 1); the TensorRT
+    provider has no such option, so NVIDIA_TF32_OVERRIDE=0 is set before its session is made."""
+    calls = gpu_ort(broken=())
+    monkeypatch.setenv(O.TF32_OVERRIDE_ENV, "unset")  # recorded by monkeypatch, so removed again afterwards
+    monkeypatch.delenv(O.TF32_OVERRIDE_ENV)
+    with O.ORTBackend(bundle_copy, device="cuda:0") as be:
+        assert be.describe()["tf32"] == "off (use_tf32=0)"
+    assert calls[-1][0] == ("CUDAExecutionProvider", {"device_id": 0, "use_tf32": 0})
+    assert O.TF32_OVERRIDE_ENV not in os.environ  # the CUDA provider does not need the variable
+
+    seen = []
+
+    class Recorder(ort.InferenceSession):  # the environment as each session sees it when it is made
+        def __init__(self, *a, **k):
+            seen.append(os.environ.get(O.TF32_OVERRIDE_ENV))
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(ort, "InferenceSession", Recorder)
+    with O.ORTBackend(bundle_copy, device="trt") as be:
+        info = be.describe()
+    assert seen == ["0", "0"] and info["tf32"] == "off (NVIDIA_TF32_OVERRIDE=0)"
+    trt_options, cuda_options = calls[-1][0][1], calls[-1][1][1]
+    assert "use_tf32" not in trt_options and cuda_options["use_tf32"] == 0  # CUDA runs what TensorRT does not take
+
+
+def test_fp16_graph_keeps_its_fp32_islands_away_from_tensorrts_fp16(gpu_ort, bundle_copy):
+    """The TensorRT provider builds weakly typed networks: with fp16 on it may run fp32 layers in
+    fp16. The op types that are fp32 in every node of the fp16 graph go to the CUDA provider."""
+    calls = gpu_ort(broken=())
+    islands = O.fp32_islands(bundle_copy.graph_path("encode", "fp16"))
+    assert islands["by_type"] == ["LayerNormalization", "Softmax"]  # the export keeps these fp32
+    assert "MatMul" in islands["mixed"] and "Add" in islands["mixed"]  # fp16 blocks, fp32 last projection/pos-embed
+    assert O.fp32_islands(bundle_copy.graph_path("encode", "fp32")) == {"by_type": [], "mixed": []}
+    with O.ORTBackend(bundle_copy, device="trt", precision="fp16") as be:
+        info = be.describe()
+    for (name, trt), _cuda, _cpu in calls[-2:]:
+        assert name == "TensorrtExecutionProvider"
+        assert trt["trt_op_types_to_exclude"] == "LayerNormalization,Softmax"
+        assert trt["trt_layer_norm_fp32_fallback"] is True and trt["trt_fp16_enable"] is True
+    assert info["trt_fp32_islands"]["decode"]["by_type"] == ["LayerNormalization", "Softmax"]
+    O.ORTBackend(bundle_copy, device="trt", precision="fp32").close()  # fp32: nothing to keep, nothing excluded
+    assert all("trt_op_types_to_exclude" not in c[0][1] and not c[0][1]["trt_fp16_enable"] for c in calls[-2:])
 
 
 def test_cli_encode_refuses_fallback_in_one_line(gpu_ort, bundle_copy, tmp_path, sample_photos):

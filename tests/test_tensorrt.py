@@ -84,6 +84,7 @@ def test_layer_precision_of_realistic_tensor_descriptions():
     assert P.tensor_dtype({"Format/Datatype": "Row major linear Int64"}) is None
     assert P.tensor_dtype({"Format/Datatype": "Row major linear UInt8"}) is None
     assert P.tensor_dtype({"Name": "x"}) is None
+    assert P.tensor_dtype({"Data Type": "Half", "Name": "Float gelu"}) == "fp16"  # only the type's own key counts
     # a Q/DQ boundary counts as int8, a cast as its lowest float type
     assert P.layer_precision({"Inputs": [{"Format/Datatype": "Float"}], "Outputs": [{"Format/Datatype": "Int8"}]}) == "int8"
     assert P.layer_precision({"Inputs": [{"Format/Datatype": "Float"}], "Outputs": [{"Format/Datatype": "Half"}]}) == "fp16"
@@ -265,7 +266,7 @@ def test_backend_refuses_engines_built_elsewhere(tmp_path, fake_gpu):
 def test_missing_tensorrt_is_one_line(no_tensorrt):
     with pytest.raises(BackendUnavailable) as e:
         T.import_tensorrt()
-    assert str(e.value) == T.TRT_MISSING and "\n" not in str(e.value) and "pip install tensorrt" in str(e.value)
+    assert str(e.value) == T.TRT_MISSING and "\n" not in str(e.value) and "gpu-cu13" in str(e.value) and "gpu-cu12" in str(e.value)
     assert not T.tensorrt_available()
 
 
@@ -308,7 +309,7 @@ def test_cli_without_tensorrt(tmp_path, no_tensorrt, tiny_model, tiny_ckpt, phot
     # the ONNX graphs of the checkpoint's bundle are reused; the engine build then needs TensorRT
     r = runner.invoke(cli, ["export", "--target", "trt", "--checkpoint", tiny_ckpt, "--precision", "fp16", "--batch",
                             "1:4:8", "--out", str(bundle.root)])
-    _one_line_error(r, "TensorRT is not installed: pip install tensorrt")
+    _one_line_error(r, "TensorRT is not installed: install one GPU stack", "constraints/gpu-cu13.txt")
     from rpiae.imageio import save_image
 
     img = save_image(photos[0], tmp_path / "a.png")
@@ -336,16 +337,19 @@ def test_cli_export_rejects_bad_profile(tmp_path):
 
 
 # -- the TensorRT API this project uses, against TensorRT's own stubs ------------------------
-# Documented as removed in TensorRT 11 (NVIDIA, "Migrating from TensorRT 10.x to 11.x",
-# Removed Python APIs), or deprecated in 10.x on the way out; all present in the 10.13 stubs.
+# Documented as removed in TensorRT 11 (NVIDIA, "Migrating from TensorRT 10.x to 11.x", Python API
+# reference: "removed in TensorRT 11.x and will cause runtime errors if called"), and absent from
+# TensorRT 11.1's Python bindings; all present in the 10.13 stubs. BuilderFlag.DIRECT_IO is listed
+# as removed there, still bound in 11.0/11.1 and "deprecated" in 11.4's C++ reference: kept here as
+# never to be used. The `_v2` device-memory calls are the TensorRT 11 replacements (not listed).
 TRT11_REMOVED = {
     "BuilderFlag.FP16", "BuilderFlag.INT8", "BuilderFlag.BF16", "BuilderFlag.FP8", "BuilderFlag.INT4", "BuilderFlag.FP4",
     "BuilderFlag.OBEY_PRECISION_CONSTRAINTS", "BuilderFlag.PREFER_PRECISION_CONSTRAINTS", "BuilderFlag.DIRECT_IO",
     "IBuilderConfig.int8_calibrator", "IBuilderConfig.set_calibration_profile", "IBuilderConfig.get_calibration_profile",
     "IBuilderConfig.set_quantization_flag", "IBuilderConfig.get_quantization_flag", "IBuilderConfig.quantization_flags",
     "IBuilderConfig.clear_quantization_flag", "IBuilderConfig.algorithm_selector",
-    "ICudaEngine.device_memory_size", "ICudaEngine.device_memory_size_v2", "ICudaEngine.get_device_memory_size_for_profile",
-    "ICudaEngine.get_device_memory_size_for_profile_v2", "ICudaEngine.create_execution_context_without_device_memory",
+    "ICudaEngine.device_memory_size", "ICudaEngine.get_device_memory_size_for_profile",
+    "ICudaEngine.create_execution_context_without_device_memory",
     "Builder.platform_has_fast_fp16", "Builder.platform_has_fast_int8", "Builder.platform_has_tf32",
     "IInt8Calibrator", "IInt8EntropyCalibrator", "IInt8EntropyCalibrator2", "IInt8LegacyCalibrator", "IInt8MinMaxCalibrator",
     "CalibrationAlgoType", "QuantizationFlag", "IAlgorithm", "IAlgorithmContext", "IAlgorithmIOInfo", "IAlgorithmSelector",
@@ -852,6 +856,7 @@ class FakeTRT:
 
             def create_execution_context(self):
                 rec["contexts"] += 1
+                rec.setdefault("context_devices", []).append(rec["device_scope"][-1] if rec.get("device_scope") else None)
                 return Context(self)
 
         class Runtime:
@@ -915,7 +920,15 @@ def fake_trt(monkeypatch, fake_gpu):
 
         streams = iter(range(1000, 2000))
         current = {"s": Stream(next(streams))}
-        monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+        @contextlib.contextmanager
+        def device_scope(d):  # torch.cuda.device: which GPU is current inside the block
+            rec.setdefault("device_scope", []).append(str(d))
+            try:
+                yield
+            finally:
+                rec["device_scope"].pop()
+
+        monkeypatch.setattr(torch.cuda, "device", device_scope)
         monkeypatch.setattr(torch.cuda, "current_stream", lambda d=None: current["s"])
         monkeypatch.setattr(torch.cuda, "Event", Event)
         fake.new_stream = lambda: current.update(s=Stream(next(streams)))
@@ -991,6 +1004,15 @@ def test_version_compatible_engines(tmp_path, fake_trt, fake_gpu):
     with TRTBackend(b, precision="fp16") as be:
         assert be.describe()["version_compatible"] is True
     assert fake.record["host_code"] == [True, True]
+
+
+def test_execution_context_is_made_on_the_engines_gpu(fake_trt):
+    """The context's activation memory goes to the GPU current when it is made: with
+    --device cuda:1 that must be GPU 1, not whichever GPU the process had current."""
+    fake = fake_trt()
+    runner = T.EngineRunner(b"PLAN encode", "cuda:1")
+    assert fake.record["context_devices"] == ["cuda:1"]
+    runner.close()
 
 
 def test_refused_timing_cache_is_an_error(tmp_path, fake_trt):

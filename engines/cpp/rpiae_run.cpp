@@ -179,6 +179,11 @@ class AOTIGraph : public Graph {
         fail(path + ": was compiled for " + get("rpiae_cpu_level") + "; this CPU lacks " + missing);
     } else if (!torch::cuda::is_available()) {
       fail(path + ": is a CUDA package and no CUDA device is available to libtorch");
+    } else {
+      // FP32 is IEEE FP32: the package's convolutions (cuDNN) and matmuls (cuBLAS) run through
+      // ATen, which would use TF32 for cuDNN by default
+      at::globalContext().setAllowTF32CuDNN(false);
+      at::globalContext().setAllowTF32CuBLAS(false);
     }
     batch_min_ = std::stoll(get("rpiae_batch_min").empty() ? "1" : get("rpiae_batch_min"));
     batch_max_ = std::stoll(get("rpiae_batch_max").empty() ? "1" : get("rpiae_batch_max"));
@@ -263,16 +268,20 @@ class DeviceBuffer {
 
 class TRTGraph : public Graph {
  public:
-  explicit TRTGraph(const std::string& path) : path_(path) {
+  TRTGraph(const std::string& path, bool version_compatible) : path_(path) {
     std::ifstream in(path, std::ios::binary);
     if (!in) fail(path + ": cannot open");
     std::vector<char> blob((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     runtime_.reset(nvinfer1::createInferRuntime(trt_logger()));
     if (!runtime_) fail("TensorRT: createInferRuntime failed");
+    // a version-compatible plan carries TensorRT's lean runtime (host code), which a runtime
+    // only runs when allowed: opt in with --version-compatible, for plans you exported yourself
+    if (version_compatible) runtime_->setEngineHostCodeAllowed(true);
     engine_.reset(runtime_->deserializeCudaEngine(blob.data(), blob.size()));
     if (!engine_)
       fail(path + ": TensorRT could not deserialize the engine (built by another TensorRT version or for "
-           "another GPU? see its manifest entry)");
+           "another GPU? see its manifest entry" +
+           std::string(version_compatible ? ")" : "; a plan exported with --version-compatible needs --version-compatible here)"));
     context_.reset(engine_->createExecutionContext());
     if (!context_) fail(path + ": createExecutionContext failed");
     for (int i = 0; i < engine_->getNbIOTensors(); ++i) {
@@ -333,13 +342,15 @@ class TRTGraph : public Graph {
 };
 #endif  // RPIAE_WITH_TENSORRT
 
-std::unique_ptr<Graph> open_graph(const std::string& path, const std::string& graph, const std::string& device) {
+std::unique_ptr<Graph> open_graph(const std::string& path, const std::string& graph, const std::string& device,
+                                  bool version_compatible) {
   (void)graph;
   (void)device;
+  (void)version_compatible;
   if (ends_with(path, ".plan") || ends_with(path, ".engine")) {
 #ifdef RPIAE_WITH_TENSORRT
     if (device.rfind("cuda:", 0) == 0) cuda_check(cudaSetDevice(std::stoi(device.substr(5))), "cudaSetDevice");
-    return std::make_unique<TRTGraph>(path);
+    return std::make_unique<TRTGraph>(path, version_compatible);
 #else
     fail(path + ": this rpiae_run was built without TensorRT (CMake did not find it); rebuild with "
          "-DTENSORRT_ROOT=/path/to/TensorRT on a machine that has it");
@@ -364,10 +375,13 @@ void check_shape(const Array& a, const std::vector<int64_t>& want, const std::st
 
 int usage(const char* argv0) {
   std::cerr << "usage: " << argv0
-            << " ENCODER DECODER INPUT.ppm [OUTPUT.ppm] [--latent FILE] [--raw FILE] [--device cpu|cuda[:N]]\n"
+            << " ENCODER DECODER INPUT.ppm [OUTPUT.ppm] [--latent FILE] [--raw FILE] [--device cpu|cuda[:N]]"
+               " [--version-compatible]\n"
                "  ENCODER/DECODER: TensorRT .plan files or AOTInductor .pt2 packages (both the same kind)\n"
                "  INPUT: 256x256 binary PPM (P6); OUTPUT defaults to reconstruction.ppm\n"
                "  --latent / --raw: also write the latent / unclamped image as float32 NCHW\n"
+               "  --version-compatible: the .plan files were exported with --version-compatible (lets TensorRT\n"
+               "    run the lean runtime they carry: only for plans you trust, e.g. from your own export)\n"
                "built with:"
 #ifdef RPIAE_WITH_TENSORRT
                " TensorRT"
@@ -384,6 +398,7 @@ int usage(const char* argv0) {
 int main(int argc, char** argv) {
   std::vector<std::string> pos;
   std::string latent_path, raw_path, device;
+  bool version_compatible = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&]() -> std::string {
@@ -394,6 +409,7 @@ int main(int argc, char** argv) {
       if (a == "--latent") latent_path = value();
       else if (a == "--raw") raw_path = value();
       else if (a == "--device") device = value();
+      else if (a == "--version-compatible") version_compatible = true;
       else if (a == "-h" || a == "--help") return usage(argv[0]);
       else if (!a.empty() && a[0] == '-') { std::cerr << "unknown option " << a << "\n"; return usage(argv[0]); }
       else pos.push_back(a);
@@ -410,8 +426,8 @@ int main(int argc, char** argv) {
   setenv("AOTI_RUNTIME_CHECK_INPUTS", "1", 1);
   try {
     Array image = read_ppm(pos[2]);
-    auto encoder = open_graph(pos[0], "encode", device);
-    auto decoder = open_graph(pos[1], "decode", device);
+    auto encoder = open_graph(pos[0], "encode", device, version_compatible);
+    auto decoder = open_graph(pos[1], "decode", device, version_compatible);
     Array latent = encoder->run(image);
     // the latent's channels and grid are the model's (its config's latent_shape): whatever
     // the encoder graph gives, which the decoder graph checks as its input

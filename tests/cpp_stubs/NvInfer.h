@@ -86,12 +86,21 @@ class ICudaEngine {
 class IRuntime {
  public:
   virtual ~IRuntime() = default;
+  void setEngineHostCodeAllowed(bool allowed) noexcept { host_code_allowed_ = allowed; }
   ICudaEngine* deserializeCudaEngine(const void* blob, std::size_t size) noexcept {
-    const std::string text(static_cast<const char*>(blob), size);
+    std::string text(static_cast<const char*>(blob), size);
+    // a version-compatible plan ("vc:" here) carries host code: TensorRT refuses it unless allowed
+    if (text.rfind("vc:", 0) == 0) {
+      if (!host_code_allowed_) return nullptr;
+      text = text.substr(3);
+    }
     if (text.rfind("encode", 0) == 0) return new ICudaEngine(true);
     if (text.rfind("decode", 0) == 0) return new ICudaEngine(false);
     return nullptr;
   }
+
+ private:
+  bool host_code_allowed_ = false;
 };
 
 inline IRuntime* createInferRuntime(ILogger&) noexcept { return new IRuntime(); }
