@@ -238,6 +238,9 @@ def probe() -> dict[str, Any]:
 def strict_problems(r: dict[str, Any]) -> list[str]:
     """What `--strict` fails on: a CUDA stack mismatch, or a GPU provider that cannot start."""
     out = [f"{f['what']} (fix: {f['fix']})" for f in r["stack"]["findings"]]
+    if r["onnxruntime"].get("conflict"):
+        out.append("onnxruntime and onnxruntime-gpu are both installed (fix: pip uninstall -y onnxruntime "
+                   "onnxruntime-gpu, then the GPU stack's install command again)")
     out += [f"ONNX Runtime's {p['provider']} cannot start: {p['reason']}"
             for p in r["onnxruntime"].get("proven", []) if not p["ok"]]
     return out
@@ -331,10 +334,11 @@ def render(r: dict[str, Any]) -> str:
     add("C++ / CMake", f"{c['path'] or 'no compiler'} {c['version'] or ''} / cmake {m['version'] or 'not found'}".replace("  ", " "))
     add("CUDA toolkit", k["root"] or f"none: {_short(k['how'])}")
     stack = r.get("stack") or {"majors": {}, "findings": []}
-    majors = ", ".join(f"{k.replace('ort_trt_provider', 'ORT TensorRT provider: libnvinfer')} "
-                       f"{v['major'] if v['major'] is not None else '?'}"
-                       for k, v in stack["majors"].items())
-    add("CUDA majors", majors or "no GPU packages installed")
+    def major(key, v):
+        m = v["major"] if v["major"] is not None else "?"
+        return f"ONNX Runtime's TensorRT provider needs TensorRT {m}" if key == "ort_trt_provider" else f"{key} CUDA {m}"
+
+    add("CUDA majors", ", ".join(major(k, v) for k, v in stack["majors"].items()) or "no GPU packages installed")
     for f in stack["findings"]:
         add("", f"!! {f['what']}")
         add("", f"   fix: {f['fix']}")

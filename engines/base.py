@@ -107,14 +107,16 @@ class Backend(abc.ABC):
     def _validated(self, graph: str, x: Array, shape: tuple[int, ...], what: str, run) -> Array:
         """Check x (unless it is the unmodified tensor the last call of `graph` checked), run,
         then settle a check left pending on the device."""
+        # inference-mode tensors keep no version counter: they are checked on every call
+        version = x._version if isinstance(x, torch.Tensor) and not x.is_inference() else None
         seen = self._checked.get(graph)
-        if isinstance(x, torch.Tensor) and seen is not None and seen[0]() is x and seen[1] == x._version:
+        if version is not None and seen is not None and seen[0]() is x and seen[1] == version:
             return run(x)
         pending = _check(x, shape, what)
         out = run(x)
         _finish(pending, what)
-        if isinstance(x, torch.Tensor):
-            self._checked[graph] = (weakref.ref(x), x._version)
+        if version is not None:
+            self._checked[graph] = (weakref.ref(x), version)
         return out
 
     # subclasses implement this on a batch of at most `max_batch`, in their native type

@@ -175,6 +175,12 @@ def test_a_device_tensor_is_checked_once_so_repeated_calls_never_sync(flag_reads
         be.encode(x)
     with pytest.raises(InputError, match="images: contains NaN"):  # a failed input is never remembered as good
         be.encode(x)
+    log.clear()
+    with torch.inference_mode():  # no version counter to trust: checked every time
+        y = torch.rand(2, 3, 256, 256).as_subclass(OnDevice)
+        be.encode(y)
+        be.encode(y)
+    assert log.count(("read flag",)) == 2
 
 
 def test_torch_backend_computes_in_its_device_scope_with_strict_fp32(monkeypatch, tiny_model):

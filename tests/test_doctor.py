@@ -155,3 +155,4 @@ def test_conclusions_on_a_gpu_machine():
     assert "both onnxruntime and onnxruntime-gpu are installed" in _row(clash, "ort", "cuda")["why"]
     assert "!! onnxruntime and onnxruntime-gpu are both installed" in D.render(clash)
     assert "no CUDA toolkit" in _row(clash, "aoti", "cuda")["why"]
+    assert any("both installed" in p for p in D.strict_problems(clash))  # --strict fails on it

@@ -654,7 +654,8 @@ class FakeTRT:
         rec = self.record = {"flags": [], "pool": [], "shapes": [], "parsed": [], "phases": [], "contexts": 0,
                              "runs": [], "host_code": [], "waits": []}
         shapes, prof = self.SHAPES, profile
-        layers = layers or vit_engine_json()
+        trt11 = int(version.split(".")[0]) >= 11  # TensorRT 11's API: removals and the inspector's new schema
+        layers = layers or vit_engine_json(trt11=trt11)
         m = self.module = types.ModuleType("tensorrt")
         m.__version__ = version
         FakeTRT.modules.append(m)
@@ -663,9 +664,11 @@ class FakeTRT:
             values = {k: f"{name}.{k}" for k in members}
             return type(name, (), {**values, "__members__": values})
 
-        m.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag",
-                                                       {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1})
-        m.BuilderFlag = enum_("BuilderFlag", "TF32", "FP16", "INT8", "VERSION_COMPATIBLE", "EXCLUDE_LEAN_RUNTIME")
+        # 11 removed EXPLICIT_BATCH and the precision builder flags (STRONGLY_TYPED stays, ignored)
+        m.NetworkDefinitionCreationFlag = enum.IntEnum(
+            "NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 1} if trt11 else {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1})
+        m.BuilderFlag = enum_("BuilderFlag", "TF32", *(() if trt11 else ("FP16", "INT8")), "VERSION_COMPATIBLE",
+                              "EXCLUDE_LEAN_RUNTIME")
         m.MemoryPoolType = enum_("MemoryPoolType", "WORKSPACE")
         m.ProfilingVerbosity = enum_("ProfilingVerbosity", "DETAILED")
         m.LayerInformationFormat = enum_("LayerInformationFormat", "JSON")
