@@ -16,10 +16,10 @@ from typing import Any, Callable
 
 import click
 
+from rpiae.data import STREAM_BATCH  # images per backend call when --batch-size is not given
 from rpiae.export.spec import PRECISIONS
 
 EXIT_ERROR, EXIT_USAGE, EXIT_CHECK_FAILED = 1, 2, 3
-STREAM_BATCH = 32  # images per backend call when --batch-size is not given
 
 
 class CheckFailed(click.ClickException):
@@ -100,7 +100,8 @@ def fallback_allowed(flag: bool) -> Iterator[None]:
         yield
 batch_size_option = click.option(
     "--batch-size", type=click.IntRange(1), default=None,
-    help="Largest batch sent to the backend at once (default: the backend's limit, else all).",
+    help=f"Images (or latents) per backend call (default {STREAM_BATCH}); the backend splits a batch above its own "
+         "limit (a TensorRT engine's or AOTInductor package's largest batch).",
 )
 
 

@@ -77,14 +77,27 @@ def eval_cmd(model, backend, precision, device, batch_size, crop, workers, data,
     nets = load_metric_nets(inception_weights, lpips_weights, required, metric_device)
     requested = [(b, p) for b in backends for p in precisions]
     names = [REFERENCE] + [v for v in requested if v != REFERENCE]
+    from rpiae.engines.base import PrecisionUnsupported
+
     with contextlib.ExitStack() as stack:
-        variants = []
+        variants, skipped = [], []
         for b, p in names:  # all opened before any image is read: a missing graph fails at once
             dev = metric_device if b == "torch" else device
-            variants.append(((b, p), stack.enter_context(load_backend(model, b, p, dev, max_batch=batch_size))))
+            try:
+                variants.append(((b, p), stack.enter_context(load_backend(model, b, p, dev, max_batch=batch_size))))
+            except PrecisionUnsupported as e:  # a combination the backend never runs: skipped, with why
+                if (b, p) == REFERENCE:
+                    raise
+                skipped.append({"backend": b, "precision": p, "reason": str(e)})
+                click.echo(f"skipped {b}/{p}: {e}", err=True)
+        if not [v for v in variants if v[0] != REFERENCE] and requested != [REFERENCE]:
+            raise click.ClickException("no backend x precision asked for can run: " + "; ".join(
+                f"{s['backend']}/{s['precision']}: {s['reason']}" for s in skipped))
         report = evaluate(source, variants, nets, opts, model=model_info(model), json_out=json_out, grid=grid,
-                          save_reference=save_reference, requested=requested, progress=not quiet)
+                          save_reference=save_reference, requested=[v for v in requested if v not in
+                                                                    {(s["backend"], s["precision"]) for s in skipped}],
+                          progress=not quiet, skipped_variants=skipped)
     click.echo(format_table(report))
     written = [str(p) for p in (json_out, grid, save_reference) if p is not None]
-    click.echo(f"{report['rows'][0]['n']} image(s), {len(names)} variant(s) in {report['seconds']:.1f} s"
+    click.echo(f"{report['rows'][0]['n']} image(s), {len(report['rows'])} variant(s) in {report['seconds']:.1f} s"
                + (f" -> {', '.join(written)}" if written else ""))

@@ -176,13 +176,18 @@ def _distributed() -> tuple[int, int, int, object]:
 @click.option("--shard-size", type=click.IntRange(1), default=10000, show_default=True, help="Latents per shard file.")
 @click.option("--flip", is_flag=True, help="Also store the latents of the horizontally flipped images (latents_flip); they enter the statistics.")
 @click.option("--dtype", type=click.Choice(LATENT_DTYPES), default="fp32", show_default=True, help="Storage type of the latents.")
-@click.option("--skip-bad", is_flag=True, help="Skip unreadable images (listed in the manifest) instead of stopping at the first.")
+@click.option("--skip-bad", is_flag=True,
+              help="Skip samples that cannot be used (unreadable or missing image file, a WebDataset sample without an "
+                   "image), listed in the manifest, instead of stopping at the first. Shards finished before are kept.")
 @click.option("--no-labels", is_flag=True, help="Read an ImageFolder tree as plain images, recursively (labels -1).")
+@click.option("--overwrite", is_flag=True,
+              help="Start over when --out holds an extraction with other settings (model, backend, precision, crop, "
+                   "dtype, flip, shard size); without it such a run is refused.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @engine_options
 @friendly_errors
 def extract(model, backend, precision, device, batch_size, latent_stats, crop, workers, data, out, shard_size, flip,
-            dtype, skip_bad, no_labels, quiet, engine, address, workers_per_gpu):
+            dtype, skip_bad, no_labels, overwrite, quiet, engine, address, workers_per_gpu):
     """Encode a whole dataset into latent shards, with exact statistics, resumably.
 
     DATA: a folder of images, an ImageFolder tree (class sub-folders -> integer labels by
@@ -212,7 +217,8 @@ def extract(model, backend, precision, device, batch_size, latent_stats, crop, w
     source = open_source(data, no_labels=no_labels)
     info = _model_info(model, latent_stats)
     with _backend(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats) as be:
-        s = run(source, out, be, info, opts, rank=rank, world=world, barrier=barrier, progress=not quiet)
+        s = run(source, out, be, info, opts, rank=rank, world=world, barrier=barrier, progress=not quiet,
+                overwrite=overwrite)
         where = f"; {be.summary()}" if engine == "ray" else ""
     if rank == 0:
         rate = f"; {s['images'] / s['seconds']:.1f} img/s" if s["images"] and s["seconds"] else ""

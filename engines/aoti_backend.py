@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from rpiae.cache import compiler_workdir
-from rpiae.engines.base import Backend, BackendUnavailable, InputError, device_scope, precision_context
+from rpiae.engines.base import Backend, BackendUnavailable, InputError, PrecisionUnsupported, device_scope, precision_context
 from rpiae.export.aoti import CPU_LEVELS, PRECISION, cuda_target, target_device, torch_minor, torch_version
 from rpiae.export.bundle import Bundle
 from rpiae.export.manifest import KIND_AOTI_PACKAGE
@@ -125,7 +125,7 @@ class AOTIBackend(Backend):
         cache_dir: str | None = None,
     ) -> None:
         if precision != PRECISION:
-            raise BackendUnavailable(f"aoti backend runs fp32 packages only, not {precision}")
+            raise PrecisionUnsupported(f"aoti backend runs fp32 packages only, not {precision}")
         try:
             kind, index = target_device(device)
         except ValueError as e:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from rpiae.config import RPiAEConfig
-from rpiae.devices import BackendUnavailable, cuda_index, device_scope, precision_context, strict_fp32, torch_device
+from rpiae.devices import BackendUnavailable, PrecisionUnsupported, cuda_index, device_scope, precision_context, strict_fp32, torch_device
 
 Array = Any  # np.ndarray | torch.Tensor
 
@@ -162,5 +162,5 @@ class Backend(abc.ABC):
         self.close()
 
 
-__all__ = ["Array", "Backend", "BackendUnavailable", "InputError", "cuda_index", "device_scope", "precision_context",
+__all__ = ["Array", "Backend", "BackendUnavailable", "InputError", "PrecisionUnsupported", "cuda_index", "device_scope", "precision_context",
            "strict_fp32", "torch_device"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from rpiae.engines.base import Backend, BackendUnavailable, device_scope, precision_context, torch_device
+from rpiae.engines.base import Backend, BackendUnavailable, PrecisionUnsupported, device_scope, precision_context, torch_device
 from rpiae.export.spec import TORCH_PRECISIONS
 from rpiae.model import RPiAE
 
@@ -26,7 +26,7 @@ class TorchBackend(Backend):
         compile: bool = False,
     ) -> None:
         if precision not in _DTYPES:
-            raise BackendUnavailable(f"torch backend runs {', '.join(_DTYPES)}, not {precision}")
+            raise PrecisionUnsupported(f"torch backend runs {', '.join(_DTYPES)}, not {precision}")
         dev = torch_device(device)
         if dev.type == "cuda":
             if not torch.cuda.is_available():

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rpiae.engines.base import Backend, BackendUnavailable, device_scope, strict_fp32
+from rpiae.engines.base import Backend, BackendUnavailable, PrecisionUnsupported, device_scope, strict_fp32
 from rpiae.export.graphs import graph_module
 from rpiae.export.profile import BatchProfile
 from rpiae.export.spec import GRAPHS, TORCH_PRECISIONS, graph_spec
@@ -68,7 +68,7 @@ class TorchTRTBackend(Backend):
         from rpiae.engines.tensorrt import require_cuda
 
         if precision not in DTYPES:
-            raise BackendUnavailable(
+            raise PrecisionUnsupported(
                 f"torch-trt backend compiles {', '.join(DTYPES)}, not {precision}: int8 needs a ModelOpt-quantised "
                 "PyTorch graph; run the bundle's int8 engines with --backend trt"
             )

@@ -19,6 +19,10 @@ class BackendUnavailable(RuntimeError):
     """A backend whose runtime is not installed or cannot run here (message says what to do)."""
 
 
+class PrecisionUnsupported(BackendUnavailable):
+    """A precision a backend never runs (by design, not for want of a file or a runtime)."""
+
+
 def cuda_index(device: str | torch.device | None) -> int | None:
     """The CUDA device index a device string names: N for `cuda:N`/`trt:N`, -1 for `cuda`/`trt`
     (torch's current device), None for the CPU."""

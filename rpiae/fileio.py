@@ -1,14 +1,49 @@
-"""Small file helpers: atomic writes (nothing half-written ever looks finished) and hashes."""
+"""Small file helpers: atomic writes (nothing half-written ever looks finished) and hashes.
+
+Files and folders written here get the modes a plain `open()` / `mkdir()` would give them
+(`0o666 & ~umask`, `0o777 & ~umask`), not the private 0600/0700 of `tempfile`'s names: a
+trainer under another account, or a teammate on shared storage, reads what a job wrote.
+A killed write leaves at most a hidden `.NAME.XXXXXXXX.tmp` file (or `.partial` folder);
+`remove_stale_temps` clears those of an earlier run when a job starts.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+
+# what tempfile.mkstemp / mkdtemp make in atomic_file / atomic_dir: .NAME.<8 random chars>.tmp|.partial
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.(tmp|partial)$")
+
+
+def umask() -> int:
+    """This process's umask (read without changing it where Linux says it, else set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class WriteError(OSError):
+    """A write that failed (disk full, quota, I/O error), as one line naming the file."""
+
+
+def _write_error(path: Path, e: BaseException) -> WriteError:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return WriteError(f"cannot write {path}: {text}")
 
 
 @contextlib.contextmanager
@@ -20,7 +55,19 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~umask())
+        try:
+            yield tmp_path
+        except OSError as e:
+            raise e if isinstance(e, WriteError) else _write_error(path, e) from None
+        except Exception as e:
+            # libraries that write files report a full disk in their own error types
+            # (safetensors' SafetensorError, torch's RuntimeError from its zip writer)
+            if type(e).__name__ == "SafetensorError" or (
+                    isinstance(e, RuntimeError) and ("No space left" in str(e) or "failed writing" in str(e))):
+                raise _write_error(path, e) from None
+            raise
+        os.chmod(tmp_path, 0o666 & ~umask())  # again: some writers (safetensors) replace the file they are given
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -36,8 +83,10 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists (use --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, name=path.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
+        os.chmod(tmp, 0o777 & ~umask())
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -49,6 +98,44 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def process_start() -> float:
+    """When this process started (seconds since the epoch)."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 - no psutil, or no process table: now is late enough
+        return time.time()
+
+
+def remove_stale_temps(folder: str | Path, name: str | None = None, before: float | None = None) -> list[Path]:
+    """Remove the temporary files and folders atomic_file/atomic_dir left in `folder` when a
+    write was killed (`.NAME.XXXXXXXX.tmp`, `.NAME.XXXXXXXX.partial`; only `name`'s when given),
+    last modified before `before` (default: this process's start, so that what another live
+    process is writing right now stays). Returns what was removed."""
+    folder = Path(folder)
+    before = process_start() if before is None else before
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        if not _TEMP_NAME.match(e.name) or (name is not None and not e.name.startswith(f".{name}.")):
+            continue
+        try:
+            if e.stat(follow_symlinks=False).st_mtime >= before:
+                continue
+            if e.is_dir(follow_symlinks=False):
+                shutil.rmtree(e.path)
+            else:
+                os.unlink(e.path)
+            removed.append(Path(e.path))
+        except OSError:
+            continue  # gone already (another rank), or not ours to remove
+    return removed
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -12,6 +12,9 @@ i.e. torchvision's ImageFolder loader and ADM's `center_crop_arr` (guided-diffus
 4. Take the centre 256x256 (top-left `(h - 256) // 2, (w - 256) // 2`); then `/ 255`.
 
 A 256x256 RGB image passes through untouched. These are the authors' exact uint8 pixels.
+So are their failures: Pillow's `convert("RGB")` clips 16-bit and 32-bit integer grayscale
+(`I;16`, `I`) at 255, which turns most such images white. `adm` keeps that (it is what the
+authors' model saw) and warns once per process; `torch-aa` scales 16-bit to [0, 1].
 
 `torch-aa`: decoded with Pillow, EXIF orientation applied; grayscale replicated; alpha
 composited over white; 8-bit / 255, 16-bit / 65535, float clipped, kept in float32; the short
@@ -94,9 +97,26 @@ def adm_center_crop(img: Image.Image, size: int = 256) -> Image.Image:
     return Image.fromarray(arr[top : top + size, left : left + size])
 
 
+_WIDE_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_warned_wide_gray = False
+
+
+def _warn_wide_gray(img: Image.Image) -> None:
+    global _warned_wide_gray
+    if img.mode in _WIDE_GRAY and not _warned_wide_gray:
+        _warned_wide_gray = True
+        import warnings
+
+        name = getattr(img, "filename", "") or "an image"
+        warnings.warn(f"{name}: {img.mode} grayscale under --crop adm is clipped at 255 by Pillow's RGB conversion, as "
+                      "in the RPiAE authors' loader (mostly white); --crop torch-aa scales 16-bit to [0, 1] "
+                      "(said once per process)", stacklevel=3)
+
+
 def crop_image(img: Image.Image, size: int = 256, crop: str = DEFAULT_CROP) -> np.ndarray:
     """A PIL image as opened from a file -> float32 (3, size, size) in [0, 1], per `crop`."""
     if crop == "adm":
+        _warn_wide_gray(img)
         arr = np.asarray(adm_center_crop(img.convert("RGB"), size), dtype=np.float32) / 255.0
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
     if crop == "torch-aa":
@@ -152,7 +172,10 @@ def to_8bit(images: torch.Tensor) -> torch.Tensor:
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """Float (3, H, W) model output -> uint8 (H, W, 3): clamp to [0, 1], round."""
-    return to_8bit(torch.from_numpy(np.asarray(image, dtype=np.float32))).numpy().transpose(1, 2, 0)
+    arr = np.asarray(image, dtype=np.float32)
+    if not arr.flags.writeable:  # a read-only view (Ray's object store): torch wants a writable array
+        arr = arr.copy()
+    return to_8bit(torch.from_numpy(arr)).numpy().transpose(1, 2, 0)
 
 
 def save_image(image: np.ndarray, path: str | Path) -> Path:

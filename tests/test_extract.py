@@ -20,6 +20,7 @@ from safetensors.numpy import load_file
 
 from rpiae.data.latents import LatentFile, Moments
 from rpiae.data.sources import SourceError, open_source
+from rpiae.imageio import ImageError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,9 +98,14 @@ def test_list_source(tmp_path, photo_files):
     src = open_source(lst)
     assert src.kind == "list" and len(src) == 3 and src.labels.tolist() == [7, -1, 3]
     assert src.open(1).size == Image.open(photo_files[1]).size
-    lst.write_text(f"{photo_files[0]}\nmissing.png 1\n")
-    with pytest.raises(SourceError, match=r"list.txt:2: no such image file missing.png"):
+    lst.write_text(f"{photo_files[0]}\n{photo_files[1]} cat\n")
+    with pytest.raises(SourceError, match=r"list.txt:2: label 'cat' is not an integer"):
         open_source(lst)
+    lst.write_text(f"{photo_files[0]}\nmissing.png 1\n")  # listed, missing: fails when read (stop, or --skip-bad)
+    src = open_source(lst)
+    assert src.refs == [os.path.relpath(photo_files[0], tmp_path), "missing.png"] and src.labels.tolist() == [-1, 1]
+    with pytest.raises(ImageError, match=r"^missing.png: no such image file$"):
+        src.open(1)
 
 
 def make_tars(tmp_path, photo_files, per_tar=10):
@@ -233,6 +239,7 @@ def test_bad_image_stops_with_one_line_then_skip_bad(tmp_path, photo_files, trai
     assert not (out / "manifest.json").exists()
     r = cli("extract", d, "--out", out, "--model", trained_or_tiny_ckpt, "--shard-size", 4, "--workers", 0, "--quiet", "--skip-bad")
     assert r.exit_code == 0, r.output
+    assert "2 computed, 1 already done" in r.output  # the shard finished without skipping is kept
     m = json.loads((out / "manifest.json").read_text())
     assert [s["ref"] for s in m["skipped"]] == ["05.jpg"] and m["rows"] == 8
     assert m["skipped"][0]["error"] == "05.jpg: cannot read image (not a format Pillow can identify)"  # no address in it
@@ -253,11 +260,11 @@ def test_extract_resumes_after_sigkill_byte_identical(tmp_path, photo_files, tra
     proc = subprocess.Popen([sys.executable, "-m", "rpiae.cli", *map(str, args), "--out", str(out)], cwd=REPO,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list((out / "parts").glob("*.json"))) < 3:
+    while time.time() < deadline and len(list((out / "parts").glob("shard-*.json"))) < 3:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = len(list((out / "parts").glob("*.json")))
+    done = len(list((out / "parts").glob("shard-*.json")))
     assert 3 <= done < 10, f"killed after {done} of 10 shards"
     assert not (out / "manifest.json").exists()
     for f in out.glob("shard-*.safetensors"):  # whatever is visible under a final name is complete
@@ -284,7 +291,7 @@ def test_torchrun_two_processes_equal_one(tmp_path, photo_files, trained_or_tiny
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO, timeout=600,
     )
     assert two.returncode == 0, two.stderr[-2000:]
-    ranks = {json.loads(p.read_text())["shard"] for p in (tmp_path / "two" / "parts").glob("*.json")}
+    ranks = {json.loads(p.read_text())["shard"] for p in (tmp_path / "two" / "parts").glob("shard-*.json")}
     assert ranks == set(range(5))
     assert read_dir(tmp_path / "one") == read_dir(tmp_path / "two")
 

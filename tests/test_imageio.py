@@ -143,3 +143,28 @@ def test_unknown_crop_policy(tmp_path):
     p = _save(tmp_path, "a.png", np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="adm"):
         load_image(p, crop="nearest")
+
+
+def test_16bit_grayscale_under_adm_warns_once(tmp_path, monkeypatch):
+    """The authors' loader clips 16-bit grayscale at 255 (mostly white): adm keeps their pixels
+    and says so once; torch-aa scales 16-bit to [0, 1]."""
+    import warnings
+
+    from PIL import Image
+
+    from rpiae import imageio
+
+    monkeypatch.setattr(imageio, "_warned_wide_gray", False)
+    a = (np.linspace(0, 40000, 300 * 300).reshape(300, 300)).astype(np.uint16)
+    p = tmp_path / "depth.png"
+    Image.fromarray(a).save(p)
+    img = Image.open(p)
+    assert img.mode.startswith("I")
+    with pytest.warns(UserWarning, match=r"depth.png: I;16\S* grayscale under --crop adm is clipped at 255"):
+        x = imageio.crop_image(img, 256, "adm")
+    assert (x > 0.99).mean() > 0.9  # the authors' result: nearly all white
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        imageio.crop_image(Image.open(p), 256, "adm")
+    y = imageio.crop_image(Image.open(p), 256, "torch-aa")
+    assert 0.2 < float(y.mean()) < 0.4  # scaled by 65535

@@ -47,7 +47,7 @@ def local_out(tmp_path_factory, dataset, trained_or_tiny_ckpt):
 
 
 def records(out: Path) -> int:
-    return len(list((out / "parts").glob("*.json"))) if (out / "parts").is_dir() else 0
+    return len(list((out / "parts").glob("shard-*.json"))) if (out / "parts").is_dir() else 0
 
 
 def descendants(pid: int):

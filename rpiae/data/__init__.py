@@ -6,3 +6,5 @@
 - `latents.LatentFile`: `.npy`/`.npz`/`.safetensors`/extract directories, batch by batch.
 - `evaluate.evaluate`: reconstruction quality (PSNR/SSIM/LPIPS/rFID) of several runtimes and precisions.
 """
+
+STREAM_BATCH = 32  # images or latents per backend call in the dataset jobs, unless --batch-size says otherwise

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from rpiae.data import STREAM_BATCH
 from rpiae.data.heap import release_free_memory
 from rpiae.data.latents import LatentFile
 from rpiae.fileio import atomic_file
@@ -56,7 +57,7 @@ def decode_latents(
     latents: LatentFile,
     out_dir: str | Path,
     backend,
-    batch_size: int = 32,
+    batch_size: int = STREAM_BATCH,
     npz: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,

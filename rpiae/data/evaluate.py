@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from rpiae.data import STREAM_BATCH
 from rpiae.data.eval_report import METRICS, REFERENCE, format_table, write_grid
 from rpiae.data.metric_nets import OPTIONAL_METRICS, EvalError, MetricNets, find_metric_weights, load_metric_nets
 from rpiae.data.sources import Source, image_loader
@@ -54,7 +55,7 @@ CHUNK = 8  # images per LPIPS / Inception call: bounds their activation memory
 
 @dataclass(frozen=True)
 class EvalOptions:
-    batch_size: int = 32
+    batch_size: int = STREAM_BATCH
     workers: int = 4
     crop: str = DEFAULT_CROP
     size: int = 256
@@ -205,13 +206,15 @@ def evaluate(
     save_reference: str | Path | None = None,
     requested: Sequence[tuple[str, str]] | None = None,
     progress: bool = True,
+    skipped_variants: Sequence[dict] = (),
 ) -> dict:
     """Reconstruct the first `opts.limit` images of `source` with every variant and measure them.
 
     `variants`: ((backend, precision), opened backend) pairs, each anything with
     `encode`/`decode` (an `rpiae.engines` backend); one must be ("torch", "fp32"), the
     reference. `requested`: the variants the user asked for (default: all); the reference is
-    always reported. Returns the report (see `report_rows`); `json_out`, `grid` and
+    always reported. `skipped_variants`: {backend, precision, reason} of those asked for that the
+    backend never runs, recorded in the report. Returns the report (see `report_rows`); `json_out`, `grid` and
     `save_reference` are written atomically when the whole run has succeeded."""
     nets = nets or MetricNets(skipped={m: "skipped: not computed" for m in OPTIONAL_METRICS})
     names = [name for name, _ in variants]
@@ -241,6 +244,7 @@ def evaluate(
             "skipped_metrics": dict(nets.skipped),
             "metric_weights": nets.weights,
             "skipped_images": skipped_images,
+            "skipped_variants": list(skipped_variants),
             "seconds": round(time.time() - t_start, 2),
         }
         if png_dir is not None:

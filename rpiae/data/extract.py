@@ -5,7 +5,13 @@ that never cross its boundary, written atomically as `shard-%05d.safetensors`, a
 recorded in `parts/shard-%05d.json` (its sha256, what it was made from, skipped files) with
 its exact statistics in `parts/shard-%05d.stats.safetensors`. A shard counts as done when
 its record exists, describes the same model/backend/preprocessing/samples, and the files
-still hash as recorded. So a re-run after a kill (SIGKILL included) recomputes only the
+still hash as recorded; a shard that skipped unreadable images counts as done only for a run
+with `skip_bad` (a shard finished without skipping is the same either way).
+
+`parts/run.json` names the run a folder holds (model, backend, precision, preprocessing,
+storage dtype, flip, shard size). A run with other settings into the same folder is refused
+with the setting that differs, before anything is touched, unless `overwrite` starts over.
+Temporary files that a killed write left (`.NAME.XXXXXXXX.tmp`) are removed when a run starts. So a re-run after a kill (SIGKILL included) recomputes only the
 missing shards and ends with byte-identical files, and ranks (`torchrun`) split the shards
 by `k % world` and produce the same files as one process. When every shard is done, rank 0
 merges the statistics in shard order and writes `latents_stats.safetensors`,
@@ -32,17 +38,19 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
+from rpiae.data import STREAM_BATCH
 from rpiae.data.heap import TRIM_EVERY_S, release_free_memory, reuse_heap_blocks
 from rpiae.data.latents import (
     AUTHORS_STATS_FILE, DTYPES, STATS_FILE, Moments, shard_name, to_storage, write_shard, write_stats,
 )
 from rpiae.data.sources import Source, image_loader
-from rpiae.fileio import atomic_file, sha256_file
+from rpiae.fileio import atomic_file, remove_stale_temps, sha256_file
 from rpiae.imageio import CROPS, DEFAULT_CROP
 
 MANIFEST = "manifest.json"
 FORMAT = "rpiae-latents"
 PARTS = "parts"
+RUN_FILE = "run.json"  # in PARTS: the settings of the run this folder holds
 LATENT_DTYPES = tuple(DTYPES)  # how latents may be stored in shards
 
 
@@ -53,7 +61,7 @@ class ExtractError(RuntimeError):
 @dataclass(frozen=True)
 class ExtractOptions:
     shard_size: int = 10000
-    batch_size: int = 64
+    batch_size: int = STREAM_BATCH
     flip: bool = False
     dtype: str = "fp32"  # how latents are stored: fp32 | fp16 | bf16
     workers: int = 4
@@ -82,12 +90,10 @@ class ShardPlan:
         self.source, self.out, self.opts = source, out, opts
         self.n = len(source)
         self.num_shards = math.ceil(self.n / opts.shard_size)
-        settings = {
-            "model_sha256": model["sha256"], "latent_stats": model.get("latent_stats"), "backend": backend.get("backend"), "precision": backend.get("precision"),
-            "crop": opts.crop, "size": opts.size, "dtype": opts.dtype, "flip": opts.flip, "shard_size": opts.shard_size,
-            "skip_bad": opts.skip_bad,
-        }
-        self.settings = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        self.run = run_settings(opts, model, backend)
+        # skip_bad does not change a shard (a shard that skipped is checked in `record`); it stays
+        # in the hash as False so that records written before keep their keys
+        self.settings = hashlib.sha256(json.dumps({**self.run, "skip_bad": False}, sort_keys=True).encode()).hexdigest()
         self._checked: dict[int, dict] = {}  # records verified (or written) by this process
 
     def samples(self, k: int) -> range:
@@ -126,12 +132,68 @@ class ShardPlan:
             return None
         if rec.get("key") != self.key(k):
             return None
+        if rec.get("skipped") and not self.opts.skip_bad:
+            return None  # made with --skip-bad: without it, the unreadable images stop the run again
         for name, digest in rec["sha256"].items():
             f = self.out / name
             if not f.is_file() or sha256_file(f) != digest:
                 return None
         self._checked[k] = rec
         return rec
+
+
+def run_settings(opts: ExtractOptions, model: dict, backend: dict) -> dict:
+    """What makes two extractions into one folder the same run (the latents they store)."""
+    return {"model_sha256": model["sha256"], "latent_stats": model.get("latent_stats"),
+            "backend": backend.get("backend"), "precision": backend.get("precision"), "crop": opts.crop,
+            "size": opts.size, "dtype": opts.dtype, "flip": opts.flip, "shard_size": opts.shard_size}
+
+
+def _recorded_run(out: Path) -> dict | None:
+    """The settings of the run `out` holds: parts/run.json, else (folders written before it)
+    the finished manifest's."""
+    try:
+        return json.loads((out / PARTS / RUN_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    try:
+        m = json.loads((out / MANIFEST).read_text())
+        o, b = m["options"], m["backend"]
+        return {"model_sha256": m["model"]["sha256"], "latent_stats": m["model"].get("latent_stats"),
+                "backend": b.get("backend"), "precision": b.get("precision"), "crop": o["crop"], "size": o["size"],
+                "dtype": o["dtype"], "flip": o["flip"], "shard_size": o["shard_size"]}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def _clear(out: Path) -> None:
+    """Remove what an extraction writes into `out` (and nothing else)."""
+    import shutil
+
+    for f in [*out.glob("shard-*.safetensors"), out / MANIFEST, out / "latents_stats.safetensors",
+              out / "normalization_stats.pt"]:
+        f.unlink(missing_ok=True)
+    shutil.rmtree(out / PARTS, ignore_errors=True)
+
+
+def claim_folder(out: Path, run: dict, overwrite: bool = False, rank: int = 0) -> None:
+    """Make `out` this run's: refuse a folder holding another run (one line naming the settings
+    that differ), or with `overwrite` clear it first (rank 0); record the run; remove the
+    temporary files a killed run left."""
+    held = _recorded_run(out)
+    if held is not None and held != run:
+        if not overwrite:
+            diff = [f"{k} {held.get(k)!r} there, {run.get(k)!r} now" for k in run if held.get(k) != run.get(k)]
+            raise ExtractError(f"{out} holds another extraction ({'; '.join(diff)}): use --overwrite to start over, "
+                               f"or another --out")
+        if rank == 0:
+            _clear(out)
+    (out / PARTS).mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        for folder in (out, out / PARTS):
+            remove_stale_temps(folder)
+        if held != run:
+            _json_dump(run, out / PARTS / RUN_FILE)
 
 
 def _encode(backend, images: torch.Tensor) -> np.ndarray:
@@ -216,16 +278,20 @@ def extract(
     world: int = 1,
     barrier: Callable[[], None] | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Run (or resume) an extraction; returns a summary. `backend` is any object with
     `encode(images) -> latents` and `describe()` (an `rpiae.engines` backend), or an engine that
     computes shards itself with `describe()` and `run_shards(plan, shards, total, progress)`
     (`rpiae.data.ray_engine.RayEngine`); `model` is {"path", "sha256", "config"} of what it
-    runs. With several ranks, `barrier` waits for all."""
+    runs. With several ranks, `barrier` waits for all. A folder holding another run is refused
+    unless `overwrite`, which starts over."""
     out = Path(out)
-    (out / PARTS).mkdir(parents=True, exist_ok=True)
     info = backend.describe()
     plan = ShardPlan(source, out, opts, model, info)
+    claim_folder(out, plan.run, overwrite, rank)
+    if barrier is not None and overwrite:
+        barrier()  # rank 0 has cleared the folder before any rank writes
     mine = [k for k in range(plan.num_shards) if k % world == rank]
     todo = [k for k in mine if plan.record(k) is None]
     kept = len(mine) - len(todo)

@@ -234,6 +234,9 @@ class RayEngine:
 
         ray = self.ray
         address = self.address or os.environ.get("RAY_ADDRESS")
+        # Ray's notice that token authentication is on (how to opt out) is not for our users: the
+        # cluster's settings are its operator's; real warnings of Ray still show
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:  # "local": a new instance of our own, even where another one runs on this machine

@@ -3,12 +3,13 @@
 `open_source(data)` recognises:
 
 - a folder of images (searched recursively, sorted): labels -1;
-- an ImageFolder tree: a folder with no images of its own whose images sit in sub-folders,
-  one per class; labels are class indices by sorted class name, and the sample order is
-  torchvision's `ImageFolder` order (classes sorted, then `os.walk` sorted);
-  `no_labels=True` reads it as a plain folder, recursively;
+- an ImageFolder tree: a folder whose images sit in sub-folders, one per class; labels are
+  class indices by sorted class name, and the sample order is torchvision's `ImageFolder`
+  order (classes sorted, then `os.walk` sorted). Images at the root itself belong to no class
+  and are left out, as torchvision does, with a warning; `no_labels=True` reads the tree as a
+  plain folder, recursively;
 - a `.txt` list: `path` or `path label` per line (paths relative to the list's folder;
-  blank lines and `#` comments skipped);
+  blank lines and `#` comments skipped; a label that is not an integer is an error);
 - WebDataset `.tar` shards: a path, glob or brace pattern (`data/train-{000..099}.tar`).
   Samples follow WebDataset's conventions (`webdataset.tariterators`: the key is the file
   name up to the first dot of its base name, consecutive files with one key form a sample,
@@ -18,6 +19,12 @@
 
 Every sample has a stable string `ref` (relative path, or `shard.tar:key`) that the job
 manifests record, and `source.open(i)` returns it as a PIL image.
+
+Bad samples are one policy for every kind: a listed file that does not exist, a file that
+cannot be decoded and a WebDataset sample without an image all stay in the sample list and
+fail when read (`ImageError`, naming the sample), so a job stops at the first or, with
+`--skip-bad`, skips and lists them. Only a source that cannot be listed at all (no such
+folder, an unreadable tar, a malformed list line) is a `SourceError`.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import hashlib
 import io
 import os
 import tarfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,8 +69,13 @@ class Source:
 
     def read_bytes(self, i: int) -> bytes:
         if self.kind != "webdataset":
-            return self.path(i).read_bytes()
+            path = self.path(i)
+            if not path.is_file():
+                raise ImageError(f"{self.refs[i]}: no such image file")
+            return path.read_bytes()
         tar, offset, size, _, _ = self._tar_index[self.refs[i]]
+        if offset < 0:
+            raise ImageError(f"{self.refs[i]}: the sample has no image member")
         with open(tar, "rb") as f:
             f.seek(offset)
             return f.read(size)
@@ -73,6 +86,8 @@ class Source:
             img = Image.open(io.BytesIO(self.read_bytes(i)))
             img.load()
             return img
+        except ImageError:
+            raise
         except Image.UnidentifiedImageError:  # its message names an in-memory object by address
             raise ImageError(f"{self.refs[i]}: cannot read image (not a format Pillow can identify)") from None
         except Exception as e:
@@ -100,6 +115,11 @@ def _folder(root: Path) -> Source:
 
 
 def _imagefolder(root: Path) -> Source:
+    stray = sorted(e.name for e in os.scandir(root) if e.is_file() and _is_image(e.name))
+    if stray:
+        warnings.warn(f"{root}: {len(stray)} image(s) at the root of the ImageFolder tree (e.g. {stray[0]}) belong to "
+                      f"no class folder and are left out (pass --no-labels to read every image, unlabelled)",
+                      stacklevel=3)
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     refs, labels = [], []
     for label, cls in enumerate(classes):
@@ -119,14 +139,17 @@ def _list(path: Path) -> Source:
             continue
         parts = line.rsplit(maxsplit=1)
         label = -1
-        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+
+        def where(text: str) -> Path:
+            p = Path(text)
+            return p if p.is_absolute() else path.parent / p
+
+        if len(parts) == 2 and not where(line).is_file():  # `path label` (a path with spaces stands alone)
+            if not parts[1].lstrip("-").isdigit():
+                raise SourceError(f"{path}:{n}: label {parts[1]!r} is not an integer (expected `path` or `path label`)")
             line, label = parts[0], int(parts[1])
-        p = Path(line)
-        if not p.is_absolute():
-            p = path.parent / p
-        if not p.is_file():
-            raise SourceError(f"{path}:{n}: no such image file {line}")
-        refs.append(os.path.relpath(p, path.parent))
+        # a missing file stays in the list and fails when read: stop, or skip with --skip-bad
+        refs.append(os.path.relpath(where(line), path.parent))
         labels.append(label)
     return Source("list", str(path.parent), refs, np.asarray(labels, np.int64))
 
@@ -175,10 +198,9 @@ def _webdataset(pattern: str) -> Source:
                     samples[-1][1][ext.lower()] = (info.offset_data, info.size)
                 for key, members in samples:
                     image = next((ext for ext in members if ext in _TAR_IMAGE_EXT), None)
-                    if image is None:
-                        continue  # a sample without an image (WebDataset would hand it over; we cannot use it)
                     ref = f"{rel}:{key}"
-                    off, size = members[image]
+                    # a sample without an image stays a sample: it fails when read (stop, or --skip-bad)
+                    off, size = members[image] if image is not None else (-1, 0)
                     coff, csize = members.get("cls", (-1, 0))
                     label = -1
                     if coff >= 0:
@@ -226,9 +248,10 @@ def open_source(data: str | Path, no_labels: bool = False) -> Source:
         if p.is_file() and p.suffix == ".txt":
             src = _list(p)
         elif p.is_dir():
-            has_own = any(e.is_file() and _is_image(e.name) for e in os.scandir(p))
-            subdirs = any(e.is_dir() for e in os.scandir(p))
-            src = _imagefolder(p) if (subdirs and not has_own and not no_labels) else _folder(p)
+            # an ImageFolder tree: class sub-folders that hold images (stray images at the root are left out)
+            classes = any(e.is_dir() and any(_is_image(f) for _, _, fs in os.walk(e.path) for f in fs)
+                          for e in os.scandir(p))
+            src = _imagefolder(p) if (classes and not no_labels) else _folder(p)
         elif p.exists():
             raise SourceError(f"{p}: expected a folder of images, a .txt list or .tar shards")
         else:
