@@ -107,8 +107,8 @@ batch_size_option = click.option(
 
 latent_stats_option = click.option(
     "--latent-stats", type=click.Path(path_type=str), default=None,
-    help="Normalise latents per element with these statistics (latents_stats.safetensors of `rpiae extract`, "
-    "or the RPiAE authors' {'mean','var'} .pt): encode gives (z - mean) / sqrt(var + 1e-5), decode undoes it. "
+    help="Normalise latents per element with these statistics (stats/latents_stats.safetensors of `rpiae extract`, "
+    "or its normalization_stats.pt in the RPiAE authors' {'mean','var'} format): encode gives (z - mean) / sqrt(var + 1e-5), decode undoes it. "
     "With a bundle, only the statistics it was exported with.",
 )
 crop_option = click.option(

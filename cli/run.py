@@ -172,7 +172,9 @@ def _distributed() -> tuple[int, int, int, object]:
 @workers_option
 @click.argument("data", type=str)
 @click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="Output directory: shard-*.safetensors, latents_stats.safetensors, normalization_stats.pt, manifest.json.")
+              help="Output directory: shard-*.safetensors (the only *.safetensors at its top level, for DiT trainers "
+                   "that glob them), stats/latents_stats.safetensors, latents_stats.pt, normalization_stats.pt, "
+                   "manifest.json.")
 @click.option("--shard-size", type=click.IntRange(1), default=10000, show_default=True, help="Latents per shard file.")
 @click.option("--flip", is_flag=True, help="Also store the latents of the horizontally flipped images (latents_flip); they enter the statistics.")
 @click.option("--dtype", type=click.Choice(LATENT_DTYPES), default="fp32", show_default=True, help="Storage type of the latents.")

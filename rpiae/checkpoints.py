@@ -192,7 +192,7 @@ def save_model(model, path: str | Path, dtype: torch.dtype | None = None, metada
 def read_latent_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-element latent statistics (mean, var) as float32, from `rpiae extract`'s
     `latents_stats.safetensors` or a `{"mean": ..., "var": ...}` torch file in the RPiAE
-    authors' `normalization_stat_path` format."""
+    authors' `calculate_stat.py` format (an extract folder's `normalization_stats.pt`)."""
     obj, _ = read_file(path)
     if not isinstance(obj, Mapping) or not all(isinstance(obj.get(k), torch.Tensor) for k in ("mean", "var")):
         raise CheckpointError(f"{path}: not a latent statistics file (expected tensors 'mean' and 'var')")

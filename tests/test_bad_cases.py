@@ -215,3 +215,16 @@ def test_eval_skips_impossible_combinations_with_the_reason(tmp_path, images, bu
     assert [(s["backend"], s["precision"]) for s in skipped] == [("torch", "int8")]
     assert "torch backend runs fp32, fp16, bf16, not int8" in skipped[0]["reason"]
     assert "skipped torch/int8" in r.output
+
+
+def test_decode_removes_the_leftovers_of_a_killed_run(tmp_path, trained_or_tiny_ckpt):
+    np.save(tmp_path / "z.npy", np.random.default_rng(0).standard_normal((2, 64, 16, 16)).astype(np.float32))
+    out = tmp_path / "png"
+    out.mkdir()
+    half = [out / ".000001.png.k3j9x0a1.tmp", tmp_path / ".s.npz.q0w9e8r7.tmp"]
+    for p in half:
+        p.write_bytes(b"half a PNG")
+        os.utime(p, (time.time() - 3600, time.time() - 3600))
+    r = cli("decode", tmp_path / "z.npy", "-o", out, "--model", trained_or_tiny_ckpt, "--npz", tmp_path / "s.npz", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert not any(p.exists() for p in half) and sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png"]

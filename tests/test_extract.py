@@ -175,7 +175,7 @@ def test_extract_shards_stats_and_manifest(tmp_path, imagefolder, trained_or_tin
 
     # statistics: exact, over the latents and the flipped latents, against numpy in float64
     z = np.concatenate([all_latents(out), all_latents(out, "latents_flip")]).astype(np.float64)
-    stats = load_file(str(out / "latents_stats.safetensors"))
+    stats = load_file(str(out / "stats" / "latents_stats.safetensors"))
     assert stats["count"][0] == 48 and stats["mean"].dtype == np.float64
     np.testing.assert_allclose(stats["mean"], z.mean(0), rtol=1e-12, atol=1e-13)
     np.testing.assert_allclose(stats["var"], z.var(0), rtol=1e-10, atol=1e-13)
@@ -213,7 +213,7 @@ def test_extract_list_and_tar_inputs_fp16(tmp_path, photo_files, trained_or_tiny
     assert r.exit_code == 0, r.output
     a = load_file(str(tmp_path / "a" / "shard-00000.safetensors"))
     assert a["latents"].dtype == np.float16 and a["labels"].tolist() == [0, 1, 2, 0]
-    stats = load_file(str(tmp_path / "a" / "latents_stats.safetensors"))
+    stats = load_file(str(tmp_path / "a" / "stats" / "latents_stats.safetensors"))
     np.testing.assert_allclose(stats["mean"], all_latents(tmp_path / "a").astype(np.float64).mean(0), rtol=1e-12, atol=1e-13)
 
     make_tars(tmp_path, photo_files[:6], per_tar=4)
@@ -318,7 +318,7 @@ def test_latent_stats_round_trip(tmp_path, photo_files, trained_or_tiny_ckpt):
     for f in photo_files[:8]:
         (d / f.name).write_bytes(f.read_bytes())
     assert cli("extract", d, "--out", tmp_path / "lat", "--model", trained_or_tiny_ckpt, "--workers", 0, "--quiet").exit_code == 0
-    stats = tmp_path / "lat" / "latents_stats.safetensors"
+    stats = tmp_path / "lat" / "stats" / "latents_stats.safetensors"
     raw = all_latents(tmp_path / "lat")
 
     r = cli("encode", d, "-o", tmp_path / "z.npy", "--model", trained_or_tiny_ckpt, "--latent-stats", stats, "--workers", 0)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from rpiae.data import STREAM_BATCH
 from rpiae.data.heap import release_free_memory
 from rpiae.data.latents import LatentFile
-from rpiae.fileio import atomic_file
+from rpiae.fileio import atomic_file, remove_stale_temps
 from rpiae.imageio import save_image
 
 
@@ -67,6 +67,9 @@ def decode_latents(
     width, batch_size, overwrite, bar) -> number decoded`, as `rpiae.data.ray_engine.RayEngine`)."""
     out_dir = Path(out_dir)
     latents.check(tuple(backend.config.latent_shape))
+    remove_stale_temps(out_dir)  # PNGs (and .npz parts) a killed run left half-written
+    if npz is not None:
+        remove_stale_temps(Path(npz).resolve().parent, name=Path(npz).name)
     width = max(6, len(str(max(len(latents), _last_index(latents)))))
     t0 = time.time()
     with tqdm(total=len(latents), unit="img", desc="decode", disable=not progress, dynamic_ncols=True) as bar:

@@ -14,8 +14,9 @@ with the setting that differs, before anything is touched, unless `overwrite` st
 Temporary files that a killed write left (`.NAME.XXXXXXXX.tmp`) are removed when a run starts. So a re-run after a kill (SIGKILL included) recomputes only the
 missing shards and ends with byte-identical files, and ranks (`torchrun`) split the shards
 by `k % world` and produce the same files as one process. When every shard is done, rank 0
-merges the statistics in shard order and writes `latents_stats.safetensors`,
-`normalization_stats.pt` and `manifest.json`.
+merges the statistics in shard order and writes `stats/latents_stats.safetensors`,
+`normalization_stats.pt`, `latents_stats.pt` and `manifest.json` (only shards match
+`*.safetensors` at the top level: what latent-caching DiT trainers glob).
 
 The pieces every engine shares: `ShardPlan.batches` (the batches that encode a shard),
 `encode_batch` (one batch through the backend) and `ShardWriter` (encoded batches, in any
@@ -41,7 +42,8 @@ from tqdm.auto import tqdm
 from rpiae.data import STREAM_BATCH
 from rpiae.data.heap import TRIM_EVERY_S, release_free_memory, reuse_heap_blocks
 from rpiae.data.latents import (
-    AUTHORS_STATS_FILE, DTYPES, STATS_FILE, Moments, shard_name, to_storage, write_shard, write_stats,
+    AUTHORS_STATS_FILE, DTYPES, OLD_STATS_FILE, STATS_FILE, TRAINER_STATS_FILE, Moments, shard_name, to_storage,
+    write_shard, write_stats,
 )
 from rpiae.data.sources import Source, image_loader
 from rpiae.fileio import atomic_file, remove_stale_temps, sha256_file
@@ -170,8 +172,8 @@ def _clear(out: Path) -> None:
     """Remove what an extraction writes into `out` (and nothing else)."""
     import shutil
 
-    for f in [*out.glob("shard-*.safetensors"), out / MANIFEST, out / "latents_stats.safetensors",
-              out / "normalization_stats.pt"]:
+    for f in [*out.glob("shard-*.safetensors"), out / MANIFEST, out / STATS_FILE, out / OLD_STATS_FILE,
+              out / AUTHORS_STATS_FILE, out / TRAINER_STATS_FILE]:
         f.unlink(missing_ok=True)
     shutil.rmtree(out / PARTS, ignore_errors=True)
 
@@ -389,7 +391,9 @@ def _finalize(plan: ShardPlan, model: dict, backend: dict) -> dict:
         ],
         "skipped": [s for r in records for s in r["skipped"]],
         "stats": {"file": STATS_FILE, "sha256": sha256_file(stats_files[0]), "authors_file": AUTHORS_STATS_FILE,
-                  "count": moments.count},
+                  "authors_sha256": sha256_file(stats_files[1]), "trainer_file": TRAINER_STATS_FILE,
+                  "trainer_sha256": sha256_file(stats_files[2]), "count": moments.count,
+                  "definition": "every latent written (flipped ones included), population variance"},
     }
     _json_dump(manifest, plan.out / MANIFEST)
     return {"samples": plan.n, "rows": manifest["rows"], "shards": len(manifest["shards"]), "skipped": len(manifest["skipped"])}

@@ -26,8 +26,12 @@ from safetensors.numpy import save_file
 from rpiae.fileio import atomic_file
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-STATS_FILE = "latents_stats.safetensors"
+# in an extract folder: only shard files match `*.safetensors` at the top level, which is what
+# latent-caching DiT trainers glob; the exact statistics live in a subfolder
+STATS_FILE = "stats/latents_stats.safetensors"
+OLD_STATS_FILE = "latents_stats.safetensors"  # where folders written before kept them (still read)
 AUTHORS_STATS_FILE = "normalization_stats.pt"
+TRAINER_STATS_FILE = "latents_stats.pt"  # per-channel {"mean", "std"} (1, C, 1, 1), as LightningDiT-style trainers load it
 
 
 def shard_name(k: int) -> str:
@@ -93,22 +97,38 @@ class Moments:
         return cls(int(t["count"][0]), t["mean"].astype(np.float64), t["m2"].astype(np.float64))
 
 
+def _torch_file(obj: dict, path: Path) -> None:
+    buf = io.BytesIO()  # not the temporary path: torch.save names the archive after the file
+    torch.save(obj, buf)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
 def write_stats(m: Moments, out_dir: Path) -> list[Path]:
-    """`latents_stats.safetensors` (float64: mean, var per element, channel_mean, channel_var,
-    count) and the RPiAE authors' `normalization_stats.pt` ({"mean", "var"} float32)."""
+    """The statistics of an extract folder, all from the same exact moments (every latent
+    written, flipped ones included; population variance):
+
+    - `stats/latents_stats.safetensors`: float64 per-element `mean`, `var`, per-channel
+      `channel_mean`, `channel_var`, and `count` (what `--latent-stats` takes);
+    - `normalization_stats.pt`: per-element {"mean", "var"} float32, the format of the RPiAE
+      authors' `calculate_stat.py`;
+    - `latents_stats.pt`: per-channel {"mean", "std"} float32 of shape (1, C, 1, 1), what
+      LightningDiT-style latent datasets load from the folder they read shards from.
+    A statistics file an earlier layout kept at the top level is removed (it would be globbed
+    as a shard)."""
     cmean, cvar = m.channel()
     stats = {
         "mean": m.mean, "var": m.var, "channel_mean": cmean, "channel_var": cvar,
         "count": np.asarray([m.count], np.int64),
     }
-    p1, p2 = out_dir / STATS_FILE, out_dir / AUTHORS_STATS_FILE
+    p1, p2, p3 = out_dir / STATS_FILE, out_dir / AUTHORS_STATS_FILE, out_dir / TRAINER_STATS_FILE
     with atomic_file(p1) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in stats.items()}, str(tmp), metadata={"format": "rpiae-latent-stats"})
-    buf = io.BytesIO()  # not the temporary path: torch.save names the archive after the file
-    torch.save({"mean": torch.from_numpy(m.mean).float(), "var": torch.from_numpy(m.var).float()}, buf)
-    with atomic_file(p2) as tmp:
-        tmp.write_bytes(buf.getvalue())
-    return [p1, p2]
+    _torch_file({"mean": torch.from_numpy(m.mean).float(), "var": torch.from_numpy(m.var).float()}, p2)
+    _torch_file({"mean": torch.from_numpy(cmean).float().reshape(1, -1, 1, 1),
+                 "std": torch.from_numpy(np.sqrt(cvar)).float().reshape(1, -1, 1, 1)}, p3)
+    (out_dir / OLD_STATS_FILE).unlink(missing_ok=True)
+    return [p1, p2, p3]
 
 
 # -- shards -----------------------------------------------------------------------------------------
