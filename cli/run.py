@@ -83,7 +83,8 @@ def _model_info(model, latent_stats) -> dict:
 @workers_option
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--output", "-o", type=click.Path(path_type=Path), required=True,
-              help="Where to write the latents: one float32 .npy array of shape (N, 64, 16, 16), in input order.")
+              help="Where to write the latents: one float32 .npy array of shape (N, C, H, W) (the model's latent shape: "
+                   "64x16x16 for RPiAE, 96x16x16 for PS-VAE), in input order.")
 @friendly_errors
 def encode(model, backend, precision, device, batch_size, latent_stats, crop, workers, images, output):
     """Encode IMAGES (files, or folders searched recursively) into one .npy of latents.
@@ -134,7 +135,7 @@ def decode(model, backend, precision, device, batch_size, latent_stats, latents,
     """Decode LATENTS into PNG images, batch by batch.
 
     LATENTS: a .npy (memory-mapped), a .npz (arr_0 or --key), a .safetensors (`latents` or
-    --key) or an `rpiae extract` directory; shape (N, 64, 16, 16). Memory does not grow
+    --key) or an `rpiae extract` directory; shape (N, C, H, W), the model's latent shape. Memory does not grow
     with N; each PNG is written atomically and a re-run resumes where it stopped.
 
     With --engine ray, Ray tasks stream the latents and write the PNGs and a pool of actors

@@ -16,6 +16,7 @@ Files are never unpickled: `.pt`/`.pth`/`.bin` go through `torch.load(weights_on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
@@ -149,7 +150,19 @@ def read_hub_layout(folder: str | Path) -> tuple[RPiAEConfig, StateDict]:
     sd = {k[len("model.") :]: v for k, v in obj.items() if k.startswith("model.")}
     if not sd:
         raise CheckpointError(f"{folder / HUB_WEIGHTS}: no weights under model.* (not an AutoencoderRPiAE file)")
-    return RPiAEConfig.from_dict(cfg["rpiae_config"]), sd
+    config = RPiAEConfig.from_dict(cfg["rpiae_config"])
+    # latent statistics (per channel or per element) stay with the model: it normalises its latent
+    mean, std = obj.get("_latents_mean"), obj.get("_latents_std")
+    if mean is None and cfg.get("latents_mean") is not None:  # folders written before the buffers
+        mean, std = torch.tensor(cfg["latents_mean"]), torch.tensor(cfg["latents_std"])
+        if mean.dim() == 1:
+            mean, std = mean[:, None, None], std[:, None, None]
+    if mean is not None and cfg.get("latents_stats", "channel") != "none":
+        shape = tuple(config.latent_shape)
+        config = dataclasses.replace(config, latent_norm=True)
+        sd["latent_mean"] = mean.float().expand(shape).clone()
+        sd["latent_var"] = (std.float() ** 2 - config.latent_norm_eps).expand(shape).clone()
+    return config, sd
 
 
 def read_model_checkpoint(path: str | Path, config: RPiAEConfig | str | None = None) -> tuple[RPiAEConfig | None, StateDict]:

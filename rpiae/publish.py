@@ -64,7 +64,7 @@ def write_hub_folder(model, out: str | Path, repo_id: str, eval_report: dict | N
     with atomic_dir(out, overwrite=True) as tmp:
         vae.save_pretrained(tmp)
         stats = None
-        if vae.config.latents_mean is not None:
+        if vae.config.latents_stats != "none":
             stats = f"latents_mean/latents_std per {per}" + (f" from {Path(latent_stats).name}" if latent_stats else "")
         (tmp / "README.md").write_text(model_card(repo_id, model.config.to_dict(), eval_report, bundle_manifest, stats))
     return out
