@@ -10,6 +10,7 @@ A killed write leaves at most a hidden `.NAME.XXXXXXXX.tmp` file (or `.partial` 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -37,6 +38,9 @@ def umask() -> int:
     return mask
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
 class WriteError(OSError):
     """A write that failed (disk full, quota, I/O error), as one line naming the file."""
 
@@ -59,7 +63,12 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         try:
             yield tmp_path
         except OSError as e:
-            raise e if isinstance(e, WriteError) else _write_error(path, e) from None
+            # a failed write of this file (disk full, quota, I/O error, read-only): one line naming
+            # it; other OSErrors raised inside the block (reading an input) pass through as they are
+            if not isinstance(e, WriteError) and (
+                    e.errno in _WRITE_ERRNOS or (e.filename is not None and str(e.filename) == str(tmp_path))):
+                raise _write_error(path, e) from None
+            raise
         except Exception as e:
             # libraries that write files report a full disk in their own error types
             # (safetensors' SafetensorError, torch's RuntimeError from its zip writer)

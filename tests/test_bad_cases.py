@@ -228,3 +228,20 @@ def test_decode_removes_the_leftovers_of_a_killed_run(tmp_path, trained_or_tiny_
     r = cli("decode", tmp_path / "z.npy", "-o", out, "--model", trained_or_tiny_ckpt, "--npz", tmp_path / "s.npz", "--quiet")
     assert r.exit_code == 0, r.output
     assert not any(p.exists() for p in half) and sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png"]
+
+
+def test_only_failed_writes_become_write_errors(tmp_path):
+    """A failed write of the file names the file; an unrelated error inside the block (reading a
+    missing input) stays what it is, so its message is not misattributed to the output."""
+    import errno
+
+    from rpiae.fileio import WriteError
+
+    with pytest.raises(WriteError, match=r"^cannot write .*out.txt: \[Errno 28\] No space left on device$"):
+        with atomic_file(tmp_path / "out.txt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(FileNotFoundError, match="missing.png") as e:
+        with atomic_file(tmp_path / "out.txt"):
+            open(tmp_path / "missing.png")
+    assert not isinstance(e.value, WriteError)
+    assert not (tmp_path / "out.txt").exists() and not list(tmp_path.glob(".*.tmp"))
