@@ -17,6 +17,7 @@ pinned packages' published metadata (needs the package index; skipped, exit 0, w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -118,10 +119,11 @@ def prove_providers(providers: list[str]) -> list[dict[str, Any]]:
     """Open a one-node session on each GPU provider in `providers` (with the options rpiae's
     ONNX Runtime backend uses) and run it once: {"provider", "ok", "used", "reason"}."""
     import numpy as np
-
-    from rpiae.engines.ort_backend import captured_output, cuda_provider_options, fallback_reason, tf32_off_for_tensorrt
-
     import onnxruntime as ort
+
+    from rpiae.devices import BackendUnavailable
+    from rpiae.engines.ort_backend import captured_output, cuda_provider_options, fallback_reason, tf32_off_for_tensorrt
+    from rpiae.export.tensorrt import import_tensorrt
 
     model = _tiny_model()
     out = []
@@ -132,9 +134,7 @@ def prove_providers(providers: list[str]) -> list[dict[str, Any]]:
         chain = [cuda] if provider == "CUDAExecutionProvider" else [(provider, {"device_id": 0}), cuda]
         if provider == "TensorrtExecutionProvider":
             tf32_off_for_tensorrt()
-            with contextlib_suppress():
-                from rpiae.export.tensorrt import import_tensorrt
-
+            with contextlib.suppress(BackendUnavailable):
                 import_tensorrt()  # loads libnvinfer from the tensorrt wheel, as the backend does
         opts = ort.SessionOptions()
         opts.log_severity_level = 2
@@ -152,14 +152,6 @@ def prove_providers(providers: list[str]) -> list[dict[str, Any]]:
                 log[0] if log else "", provider)
         out.append(row)
     return out
-
-
-def contextlib_suppress():
-    import contextlib
-
-    from rpiae.devices import BackendUnavailable
-
-    return contextlib.suppress(BackendUnavailable)
 
 
 def probe_stack(report: dict[str, Any]) -> dict[str, Any]:
