@@ -23,7 +23,6 @@ import re
 import shutil
 import subprocess
 import textwrap
-from importlib import metadata
 from typing import Any
 
 import sys
@@ -32,15 +31,9 @@ from pathlib import Path
 import click
 
 from rpiae.cli.common import friendly_errors
+from rpiae.host import dist_version
 
 GIB = 1 << 30
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _tool_version(exe: str) -> str | None:
@@ -74,7 +67,7 @@ def probe_driver() -> dict[str, Any]:
     """The NVIDIA driver (nvidia-smi) and the CUDA version it supports (cuda-python)."""
     from rpiae.bench.machine import _nvidia_smi
 
-    info: dict[str, Any] = {"nvidia_smi": _nvidia_smi() or None, "cuda_python": _version("cuda-python")}
+    info: dict[str, Any] = {"nvidia_smi": _nvidia_smi() or None, "cuda_python": dist_version("cuda-python")}
     try:
         try:
             from cuda.bindings import driver
@@ -91,7 +84,7 @@ def probe_driver() -> dict[str, Any]:
 def probe_onnxruntime() -> dict[str, Any]:
     from rpiae.engines.ort_backend import _both_ort_packages
 
-    info: dict[str, Any] = {"packages": {d: v for d in ("onnxruntime", "onnxruntime-gpu") if (v := _version(d))}}
+    info: dict[str, Any] = {"packages": {d: v for d in ("onnxruntime", "onnxruntime-gpu") if (v := dist_version(d))}}
     info["conflict"] = _both_ort_packages()
     try:
         import onnxruntime as ort
@@ -170,7 +163,7 @@ def probe_import(what: str, importer) -> dict[str, Any]:
         module = importer()
     except Exception as e:  # noqa: BLE001 - each importer raises a one-line BackendUnavailable
         return {"available": False, "reason": _reason(e)}
-    return {"available": True, "version": getattr(module, "__version__", None) or _version(what)}
+    return {"available": True, "version": getattr(module, "__version__", None) or dist_version(what)}
 
 
 def probe_tools() -> dict[str, Any]:
@@ -212,9 +205,9 @@ def probe() -> dict[str, Any]:
         "onnxruntime": probe_onnxruntime(),
         "tensorrt": probe_import("tensorrt", import_tensorrt),
         "polygraphy": probe_import("polygraphy", polygraphy),
-        "modelopt": {"version": _version("nvidia-modelopt")},
+        "modelopt": {"version": dist_version("nvidia-modelopt")},
         "torch_tensorrt": probe_import("torch-tensorrt", import_torch_tensorrt),
-        "tritonclient": {"version": _version("tritonclient")},
+        "tritonclient": {"version": dist_version("tritonclient")},
         "tools": probe_tools(),
         "cpu": {**cpu_summary(), "cores": psutil.cpu_count()},
         "memory": {"available_bytes": int(vm.available), "total_bytes": int(vm.total)},

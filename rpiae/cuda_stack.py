@@ -146,21 +146,14 @@ def needed_major(needed: Iterable[str], library: str) -> int | None:
 
 
 # -- this environment ------------------------------------------------------------------------------
-def _dist_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
+def _installed() -> dict[str, str]:
+    """{canonical distribution name: version} of everything installed (read once per call site)."""
+    return {canonicalize_name(d.metadata["Name"] or ""): d.version for d in metadata.distributions()}
 
 
-def _installed(prefix: str) -> dict[str, str]:
-    """{distribution: version} of the installed distributions named `prefix`-something."""
-    out = {}
-    for d in metadata.distributions():
-        name = canonicalize_name(d.metadata["Name"] or "")
-        if name == prefix or name.startswith(prefix + "-"):
-            out[name] = d.version
-    return out
+def _named(installed: dict[str, str], prefix: str) -> dict[str, str]:
+    """The distributions named `prefix` or `prefix`-something."""
+    return {n: v for n, v in installed.items() if n == prefix or n.startswith(prefix + "-")}
 
 
 def _package_file(dist: str, suffix: str) -> Path | None:
@@ -182,25 +175,26 @@ def environment_majors(torch_cuda: str | None = None) -> dict[str, Any]:
     torch's version label). Keys: torch, cudnn, onnxruntime, tensorrt, ort_trt_provider, each a
     dict with "major" (CUDA major, or None) and "from" (the evidence), where installed."""
     out: dict[str, Any] = {}
-    torch_version = _dist_version("torch")
+    installed = _installed()
+    torch_version = installed.get("torch")
     if torch_version is not None:
         if torch_cuda:
             out["torch"] = {"major": int(str(torch_cuda).split(".")[0]), "from": f"torch.version.cuda = {torch_cuda}"}
         else:
             major = major_from_name("torch", torch_version)
-            runtime = _installed("nvidia-cuda-runtime")
+            runtime = _named(installed, "nvidia-cuda-runtime")
             if major is None and runtime:
                 name, v = next(iter(runtime.items()))
                 major = major_from_name(name, v)
             out["torch"] = {"major": major, "from": f"torch {torch_version}"}
-    cudnn = {n: v for n, v in _installed("nvidia-cudnn").items()}
+    cudnn = _named(installed, "nvidia-cudnn")
     if cudnn:
         majors = {major_from_name(n) for n in cudnn}
         out["cudnn"] = {"major": majors.pop() if len(majors) == 1 else None,
                         "from": ", ".join(f"{n} {v}" for n, v in cudnn.items())}
         if len(cudnn) > 1:
             out["cudnn"]["conflict"] = sorted(cudnn)
-    ort_gpu = _dist_version("onnxruntime-gpu")
+    ort_gpu = installed.get("onnxruntime-gpu")
     if ort_gpu is not None:
         for key, lib, so in (("onnxruntime", "libcudart", "libonnxruntime_providers_cuda.so"),
                              ("ort_trt_provider", "libnvinfer", "libonnxruntime_providers_tensorrt.so")):
@@ -216,7 +210,7 @@ def environment_majors(torch_cuda: str | None = None) -> dict[str, Any]:
                 except (OSError, ValueError) as e:
                     entry["from"] = f"{so}: {e}"
             out[key] = entry
-    trt = {n: v for n, v in _installed("tensorrt").items() if major_from_name(n) is not None}
+    trt = {n: v for n, v in _named(installed, "tensorrt").items() if major_from_name(n) is not None}
     if trt:
         majors = {major_from_name(n) for n in trt}
         version = next(iter(trt.values()))

@@ -33,14 +33,18 @@ def cpu_flags() -> set[str]:
     return cpu_info()["flags"]  # type: ignore[return-value]
 
 
+def dist_version(dist: str) -> str | None:
+    """The installed version of a distribution, None where it is not installed."""
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def library_versions(dists: tuple[str, ...]) -> dict[str, str]:
     """{"python": version, dist: version} for each installed distribution of `dists`."""
     out = {"python": platform.python_version()}
-    for dist in dists:
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
+    out.update({dist: v for dist in dists if (v := dist_version(dist)) is not None})
     return out
 
 

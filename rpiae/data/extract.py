@@ -160,11 +160,8 @@ def _recorded_run(out: Path) -> dict | None:
         pass
     try:
         m = json.loads((out / MANIFEST).read_text())
-        o, b = m["options"], m["backend"]
-        return {"model_sha256": m["model"]["sha256"], "latent_stats": m["model"].get("latent_stats"),
-                "backend": b.get("backend"), "precision": b.get("precision"), "crop": o["crop"], "size": o["size"],
-                "dtype": o["dtype"], "flip": o["flip"], "shard_size": o["shard_size"]}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return run_settings(ExtractOptions(**m["options"]), m["model"], m["backend"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
 
 
