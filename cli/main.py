@@ -16,7 +16,7 @@ from rpiae.cli.export_cmd import export, info, samples, verify
 from rpiae.cli.hub_cmd import push
 from rpiae.cli.run import decode, encode, extract
 from rpiae.cli.train import train
-from rpiae.cli.triton_cmd import triton
+from rpiae.cli.triton_cmd import serve, triton
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,7 +28,7 @@ def main() -> None:
     """
 
 
-for command in (export, encode, decode, extract, eval_cmd, verify, info, samples, bench, triton, push, doctor):
+for command in (export, encode, decode, extract, eval_cmd, verify, info, samples, bench, triton, serve, push, doctor):
     main.add_command(command)
 main.add_command(train)
 

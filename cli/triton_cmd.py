@@ -1,4 +1,5 @@
-"""`rpiae triton`: a Triton Inference Server model repository from an export bundle."""
+"""`rpiae triton`: a Triton Inference Server model repository from an export bundle;
+`rpiae serve`: run Triton on one."""
 
 from __future__ import annotations
 
@@ -14,9 +15,21 @@ from rpiae.cli.common import PRECISIONS, friendly_errors
 @click.option("--precision", "-p", type=click.Choice(PRECISIONS), default=None,
               help="Which precision to serve (default, among what the bundle has: fp16 first on GPUs, "
               "fp32 first for ONNX Runtime on CPUs).")
-@click.option("--platform", type=click.Choice(["auto", "tensorrt", "onnxruntime"]), default="auto", show_default=True,
+@click.option("--platform", type=click.Choice(["auto", "tensorrt", "onnxruntime", "python"]), default="auto",
+              show_default=True,
               help="tensorrt: the bundle's TensorRT engines (tensorrt_plan, GPU); onnxruntime: its ONNX graphs "
-              "(onnxruntime_onnx, CPU or GPU, no TensorRT needed); auto: engines when the bundle has them.")
+              "(onnxruntime_onnx, CPU or GPU, no TensorRT needed); python: Python-backend models that run the "
+              "graphs with --backend (any Triton with its Python backend, e.g. on a CPU machine); auto: engines "
+              "when the bundle has them, else onnxruntime.")
+@click.option("--backend", type=click.Choice(["ort", "torch", "trt", "aoti"]), default="ort", show_default=True,
+              help="--platform python: what runs each graph (ort: the ONNX graphs with ONNX Runtime; torch: the "
+              "bundle's weights; trt: its TensorRT engines, GPU instances; aoti: its AOTInductor packages).")
+@click.option("--python-env", type=click.Path(path_type=Path), default=None,
+              help="--platform python: the Python environment (a directory, or a conda-pack .tar.gz) in which the "
+              "server runs the models; it must have rpiae installed (default: this command's virtual environment; "
+              "none when it runs outside one: the server's own Python).")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="--platform python: intra-op threads per model instance (default: the runtime's).")
 @click.option("--instance-kind", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True,
               help="Triton instance group kind (auto: gpu for tensorrt, cpu for onnxruntime).")
 @click.option("--instances", type=click.IntRange(1), default=1, show_default=True, help="Instances per model.")
@@ -29,7 +42,8 @@ from rpiae.cli.common import PRECISIONS, friendly_errors
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Model repository directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing directory at --out.")
 @friendly_errors
-def triton(model, precision, platform, instance_kind, instances, max_batch, max_queue_delay_us, prefix, out, overwrite):
+def triton(model, precision, platform, backend, python_env, threads, instance_kind, instances, max_batch,
+           max_queue_delay_us, prefix, out, overwrite):
     """Write a Triton model repository: encoder, decoder and an image -> latent -> image ensemble.
 
     Every config.pbtxt is parsed with Triton's model-config protobuf before anything is
@@ -37,13 +51,73 @@ def triton(model, precision, platform, instance_kind, instances, max_batch, max_
     """
     from rpiae.export.triton import write_model_repository
 
+    if platform != "python" and (backend != "ort" or python_env or threads):
+        raise click.UsageError("--backend, --python-env and --threads apply to --platform python")
     summary = write_model_repository(model, out, precision=precision, platform=platform, instance_kind=instance_kind,
                                      instances=instances, max_batch=max_batch, prefix=prefix,
-                                     max_queue_delay_us=max_queue_delay_us, overwrite=overwrite)
-    click.echo(f"model repository {out}: {summary['platform']} {summary['precision']}, "
+                                     max_queue_delay_us=max_queue_delay_us, overwrite=overwrite, backend=backend,
+                                     python_env=str(python_env.resolve()) if python_env else "auto", threads=threads)
+    runs = f" ({summary['backend']} backend)" if summary["backend"] else ""
+    click.echo(f"model repository {out}: {summary['platform']}{runs} {summary['precision']}, "
                f"{summary['instance_kind']} instances; configs checked with Triton's ModelConfig protobuf")
     for name, kind in summary["models"].items():
         click.echo(f"  {name:24} {kind:18} max_batch_size {summary['max_batch_size'][name]}")
-    click.echo(f"serve:  tritonserver --model-repository {out.resolve()}"
-               + "".join(f" {arg}" for arg in summary.get("server_args", [])))
+    if summary["platform"] == "python":
+        click.echo(f"python: {summary['python_env'] or 'the server’s own Python'} (must have rpiae installed)")
+        click.echo(f"serve:  rpiae serve {out}          (or: tritonserver --model-repository {out.resolve()})")
+    else:
+        click.echo(f"serve:  tritonserver --model-repository {out.resolve()}"
+                   + "".join(f" {arg}" for arg in summary.get("server_args", [])))
     click.echo(f"query:  python examples/triton_client.py --model {prefix} IMAGE...")
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.argument("repository", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--http-port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="HTTP/REST port.")
+@click.option("--grpc-port", type=click.IntRange(1, 65535), default=8001, show_default=True, help="gRPC port.")
+@click.option("--log", "log_path", type=click.Path(path_type=Path), default=None,
+              help="Write the server's log to this file (default: the terminal).")
+@click.option("--watchdog/--no-watchdog", default=True, show_default=True,
+              help="Reload a Python-backend model whose stub process died (Triton itself keeps failing its "
+              "requests with 'Stub process ... is not healthy'); runs the server with "
+              "--model-control-mode=explicit --load-model=*.")
+@click.option("--ready-timeout", type=click.FloatRange(1), default=600, show_default=True,
+              help="Seconds to wait for the server to load every model.")
+@click.argument("server_args", nargs=-1, type=click.UNPROCESSED)
+@friendly_errors
+def serve(repository, http_port, grpc_port, log_path, watchdog, ready_timeout, server_args):
+    """Run Triton Inference Server on REPOSITORY until interrupted (Ctrl-C stops it).
+
+    The server is the binary named by RPIAE_TRITONSERVER (its backends: RPIAE_TRITON_BACKENDS,
+    or the backends folder beside its bin folder), else the one in the nvidia-pytriton wheel
+    (Python backend only: it serves repositories written with --platform python, on a CPU
+    too). Arguments after `--` go to tritonserver unchanged. Exit status: the server's, 1 when
+    it cannot start, 130 on Ctrl-C.
+    """
+    import signal
+
+    from rpiae.engines.triton_server import TritonServer
+
+    def terminate(signum, frame):  # `kill` / `docker stop`: stop the server (its own process group) too
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+
+    def report(line: str) -> None:
+        click.echo(f"rpiae serve: {line}", err=True)
+
+    server = TritonServer(repository, http_port=http_port, grpc_port=grpc_port, log_path=log_path,
+                          extra_args=list(server_args), ready_timeout=ready_timeout, watchdog=watchdog,
+                          inherit_output=True, report=report)
+    try:
+        server.start()
+        click.echo(" ".join(server.command), err=True)
+        click.echo(f"rpiae serve: ready, HTTP {server.http_url}, gRPC {server.grpc_url} ({server.install.describe()})",
+                   err=True)
+        code = server.process.wait()
+    except KeyboardInterrupt:
+        server.stop()
+        raise
+    finally:
+        server.close()
+    raise SystemExit(code)

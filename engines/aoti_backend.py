@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from rpiae.cache import compiler_workdir
-from rpiae.engines.base import Backend, BackendUnavailable, InputError, PrecisionUnsupported, device_scope, precision_context
+from rpiae.engines.base import (
+    Backend, BackendUnavailable, InputError, PrecisionUnsupported, check_graphs, device_scope, precision_context,
+)
 from rpiae.export.aoti import CPU_LEVELS, PRECISION, cuda_target, target_device, torch_minor, torch_version
 from rpiae.export.bundle import Bundle
 from rpiae.export.manifest import KIND_AOTI_PACKAGE
@@ -92,14 +94,16 @@ def check_runnable(entry: dict[str, Any], device: str = "cpu", name: str = "pack
         )
 
 
-def find_packages(bundle: Bundle, device: str = "cpu", precision: str = PRECISION) -> dict[str, tuple[str, dict[str, Any]]]:
-    """graph -> (file name, manifest entry) of the bundle's packages for `device`'s type."""
+def find_packages(bundle: Bundle, device: str = "cpu", precision: str = PRECISION,
+                  graphs: tuple[str, ...] = GRAPHS) -> dict[str, tuple[str, dict[str, Any]]]:
+    """graph -> (file name, manifest entry) of the bundle's packages of `graphs` for `device`'s type."""
     kind, _ = target_device(device)
     found: dict[str, tuple[str, dict[str, Any]]] = {}
     for name, entry in bundle.files.items():
-        if entry.kind == KIND_AOTI_PACKAGE and entry.get("device") == kind and entry.precision == precision:
+        if (entry.kind == KIND_AOTI_PACKAGE and entry.get("device") == kind and entry.precision == precision
+                and entry.graph in graphs):
             found.setdefault(entry.graph, (name, entry))
-    if set(found) != set(GRAPHS):
+    if set(found) != set(graphs):
         have = sorted({f"{e.get('device')}/{e.precision}" for e in bundle.files.values() if e.kind == KIND_AOTI_PACKAGE})
         raise BackendUnavailable(
             f"bundle {bundle.root} has no {precision} AOTInductor packages for {kind} "
@@ -122,7 +126,7 @@ class AOTIBackend(Backend):
 
     def __init__(
         self, bundle: Bundle, precision: str = "fp32", device: str = "cpu", max_batch: int | None = None,
-        cache_dir: str | None = None,
+        cache_dir: str | None = None, graphs: tuple[str, ...] = GRAPHS,
     ) -> None:
         if precision != PRECISION:
             raise PrecisionUnsupported(f"aoti backend runs fp32 packages only, not {precision}")
@@ -134,13 +138,13 @@ class AOTIBackend(Backend):
         self.device = torch.device(kind, max(index, 0)) if kind == "cuda" else torch.device("cpu")
         self._device_index = index
         self.cache_dir = cache_dir
-        self.packages = find_packages(bundle, device, precision)
+        self.packages = find_packages(bundle, device, precision, check_graphs(graphs))
         for name, entry in self.packages.values():
             check_runnable(entry, device, name=f"{bundle.root / name}")
         self.ranges = {g: (e["batch"]["min"], e["batch"]["max"]) for g, (_, e) in self.packages.items()}
         top = min(hi for _, hi in self.ranges.values())
-        super().__init__(bundle.config, precision, min(max_batch, top) if max_batch else top)
-        # resolve (and hash-check) both packages now: a tampered file fails before any work
+        super().__init__(bundle.config, precision, min(max_batch, top) if max_batch else top, graphs)
+        # resolve (and hash-check) the packages now: a tampered file fails before any work
         self._paths = {g: bundle.verify_file(name) for g, (name, _) in self.packages.items()}
         self._runners = {g: self._load(g) for g in self._paths}
 
@@ -176,7 +180,7 @@ class AOTIBackend(Backend):
         return y[:n]
 
     def describe(self) -> dict:
-        e = self.packages["encode"][1]
+        e = self.packages[self.graphs[0]][1]
         target = e.get("cpu_level") if e.get("device") == "cpu" else f"sm{e.get('capability', '').replace('.', '')}"
         return {**super().describe(), "device": str(self.device), "target": target,
                 "batch": {g: {"min": lo, "max": hi} for g, (lo, hi) in self.ranges.items()}}

@@ -18,6 +18,9 @@ object, the same version counter: in-place torch ops bump it) skips the check, s
 benchmark's timed calls on one device tensor run without a host synchronisation. (Writes
 that bypass torch, through `.numpy()` or DLPack, are not seen.)
 
+A backend opened for one graph (`graphs=("encode",)`, what a server's encode model does)
+loads only that graph's files; calling the other graph raises `BackendUnavailable`.
+
 Device strings are those of `rpiae.devices` (`cpu`, `cuda[:N]`, `trt[:N]`).
 """
 
@@ -33,8 +36,18 @@ import torch
 
 from rpiae.config import RPiAEConfig
 from rpiae.devices import BackendUnavailable, PrecisionUnsupported, cuda_index, device_scope, precision_context, strict_fp32, torch_device
+from rpiae.export.spec import GRAPHS
 
 Array = Any  # np.ndarray | torch.Tensor
+
+
+def check_graphs(graphs) -> tuple[str, ...]:
+    """The graphs a backend is opened for, in canonical order; ValueError for anything else."""
+    chosen = tuple(g for g in GRAPHS if g in set(graphs))
+    unknown = sorted(set(graphs) - set(GRAPHS))
+    if unknown or not chosen:
+        raise ValueError(f"graphs: expected some of {', '.join(GRAPHS)}, got {', '.join(map(str, graphs)) or 'none'}")
+    return chosen
 
 
 class InputError(ValueError):
@@ -98,10 +111,12 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     native: ClassVar[str] = "numpy"  # the array type `_run` takes: "numpy" or "torch"
 
-    def __init__(self, config: RPiAEConfig, precision: str = "fp32", max_batch: int | None = None) -> None:
+    def __init__(self, config: RPiAEConfig, precision: str = "fp32", max_batch: int | None = None,
+                 graphs: tuple[str, ...] = GRAPHS) -> None:
         self.config = config
         self.precision = precision
         self.max_batch = max_batch
+        self.graphs = check_graphs(graphs)
         self._checked: dict[str, tuple[weakref.ref, int]] = {}  # graph -> the last torch input that passed
 
     def _validated(self, graph: str, x: Array, shape: tuple[int, ...], what: str, run) -> Array:
@@ -123,11 +138,22 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def _run(self, graph: str, x: Array) -> Array: ...
 
+    def check(self, graph: str, x: Array) -> None:
+        """Validate one input of `graph` (shape, dtype, NaN/Inf) without running it; InputError."""
+        shape = self.config.image_shape if graph == "encode" else self.config.latent_shape
+        _finish(_check(x, shape, "images" if graph == "encode" else "latents"), graph)
+
+    def _opened(self, graph: str) -> None:
+        if graph not in self.graphs:
+            raise BackendUnavailable(f"{self.name} backend: opened for the {', '.join(self.graphs)} graph only, not {graph}")
+
     def encode(self, images: Array) -> Array:
+        self._opened("encode")
         return self._validated("encode", images, self.config.image_shape, "images",
                                lambda x: self._batched("encode", x))
 
     def decode(self, latents: Array) -> Array:
+        self._opened("decode")
         return self._validated("decode", latents, self.config.latent_shape, "latents",
                                lambda x: self._batched("decode", x))
 
@@ -162,5 +188,5 @@ class Backend(abc.ABC):
         self.close()
 
 
-__all__ = ["Array", "Backend", "BackendUnavailable", "InputError", "PrecisionUnsupported", "cuda_index", "device_scope", "precision_context",
+__all__ = ["Array", "Backend", "BackendUnavailable", "InputError", "check_graphs", "PrecisionUnsupported", "cuda_index", "device_scope", "precision_context",
            "strict_fp32", "torch_device"]

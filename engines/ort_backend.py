@@ -135,15 +135,20 @@ def bundle_profile(bundle: Bundle) -> BatchProfile:
     return BatchProfile()
 
 
-def session_options(threads: int | None = None, log_level: int = 3, profile_prefix: str | None = None):
+def session_options(threads: int | None = None, log_level: int = 3, profile_prefix: str | None = None,
+                    spinning: bool = True):
     """ONNX Runtime session options as every session of this project makes them: all graph
     optimisations, `threads` intra-op threads (None: ONNX Runtime's default), warnings and
-    below muted at `log_level` 3, profiling into `profile_prefix`*.json when given."""
+    below muted at `log_level` 3, profiling into `profile_prefix`*.json when given.
+    `spinning=False` stops idle intra-op threads from busy-waiting for the next run (what
+    several processes sharing the cores, such as a server's model instances, need)."""
     ort = import_onnxruntime()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = log_level
     if profile_prefix is not None:
         opts.enable_profiling = True
@@ -162,10 +167,10 @@ class ORTBackend(Backend):
     def __init__(
         self, bundle: Bundle, precision: str = "fp32", device: str = "cpu", threads: int | None = None,
         max_batch: int | None = None, allow_fallback: bool | None = None, io_binding: bool | None = None,
-        profile_dir: str | Path | None = None, profile=None,
+        profile_dir: str | Path | None = None, profile=None, graphs: tuple[str, ...] = GRAPHS, spinning: bool = True,
     ) -> None:
         ort = import_onnxruntime()
-        super().__init__(bundle.config, precision, max_batch)
+        super().__init__(bundle.config, precision, max_batch, graphs)
         self.specs = graph_specs(bundle.config)
         self.kind = str(device).split(":")[0]
         if self.kind not in PROVIDERS:
@@ -183,6 +188,7 @@ class ORTBackend(Backend):
         self.bundle = bundle
         self.device = str(device)
         self.threads = threads
+        self.spinning = spinning
         self.allow_fallback = fallback_allowed(allow_fallback)
         self.device_id = 0
         self._torch_device = torch.device("cpu")
@@ -201,11 +207,11 @@ class ORTBackend(Backend):
             self.native = "torch"
         self.profile = profile or bundle_profile(bundle)
         self.trt_cache = self._trt_cache_dir() if self.kind == "trt" else None
-        # resolve (and hash-check) both graphs now: a missing precision fails before any work
-        self._paths = {g: bundle.graph_path(g, precision) for g in GRAPHS}
-        self.trt_fp32_islands = {g: fp32_islands(self._paths[g]) for g in GRAPHS} if self.kind == "trt" else {}
-        self._provider_lists = {g: self._provider_list(g) for g in GRAPHS}
-        self.providers_requested = self._provider_lists["encode"]
+        # resolve (and hash-check) the graphs now: a missing precision fails before any work
+        self._paths = {g: bundle.graph_path(g, precision) for g in self.graphs}
+        self.trt_fp32_islands = {g: fp32_islands(self._paths[g]) for g in self.graphs} if self.kind == "trt" else {}
+        self._provider_lists = {g: self._provider_list(g) for g in self.graphs}
+        self.providers_requested = self._provider_lists[self.graphs[0]]
         self._profile_dir = Path(profile_dir) if profile_dir is not None else None
         self._run_options = ort.RunOptions()
         if self.stream is not None and self.io_binding:
@@ -215,7 +221,7 @@ class ORTBackend(Backend):
         if self.kind == "trt":
             tf32_off_for_tensorrt()
         self._sessions = {g: self._create_session(g) for g in self._paths}
-        self.providers = list(self._sessions["encode"].get_providers())
+        self.providers = list(self._sessions[self.graphs[0]].get_providers())
 
     # -- sessions ------------------------------------------------------------------------------
     def _provider_list(self, graph: str) -> list[tuple[str, dict[str, Any]]]:
@@ -233,7 +239,7 @@ class ORTBackend(Backend):
             for key in shapes:
                 shapes[key].append(f"{spec.input_name}:{_shape(getattr(self.profile, key), spec.input_shape)}")
         high = "fp16"
-        name = self.bundle.find("encode", self.precision, KIND_ONNX)
+        name = self.bundle.find(graph, self.precision, KIND_ONNX)
         if self.precision == "int8" and name is not None:
             high = (self.bundle.files[name].get("calibration") or {}).get("high_precision", "fp16")
         fp16 = self.precision == "fp16" or (self.precision == "int8" and high == "fp16")
@@ -276,7 +282,7 @@ class ORTBackend(Backend):
         """(session, what ONNX Runtime printed while making it)."""
         ort = import_onnxruntime()
         # provider set-up problems are warnings; they are captured and shown only when they matter
-        opts = session_options(self.threads, log_level=2 if self.kind != "cpu" else 3,
+        opts = session_options(self.threads, log_level=2 if self.kind != "cpu" else 3, spinning=self.spinning,
                                profile_prefix=str(self._profile_dir / f"ort-{graph}") if self._profile_dir else None)
         error = None
         with captured_output() as log:

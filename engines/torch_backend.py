@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from rpiae.engines.base import Backend, BackendUnavailable, PrecisionUnsupported, device_scope, precision_context, torch_device
-from rpiae.export.spec import TORCH_PRECISIONS
+from rpiae.export.spec import GRAPHS, TORCH_PRECISIONS
 from rpiae.model import RPiAE
 
 _DTYPES = dict(zip(TORCH_PRECISIONS, (torch.float32, torch.float16, torch.bfloat16)))
@@ -23,7 +23,7 @@ class TorchBackend(Backend):
 
     def __init__(
         self, model: RPiAE, precision: str = "fp32", device: str = "cpu", max_batch: int | None = None,
-        compile: bool = False,
+        compile: bool = False, graphs: tuple[str, ...] = GRAPHS,
     ) -> None:
         if precision not in _DTYPES:
             raise PrecisionUnsupported(f"torch backend runs {', '.join(_DTYPES)}, not {precision}")
@@ -33,14 +33,14 @@ class TorchBackend(Backend):
                 raise BackendUnavailable("torch backend: CUDA was asked for but torch.cuda.is_available() is False")
             if dev.index is not None and dev.index >= torch.cuda.device_count():
                 raise BackendUnavailable(f"torch backend: {device} does not exist ({torch.cuda.device_count()} GPU(s))")
-        super().__init__(model.config, precision, max_batch)
+        super().__init__(model.config, precision, max_batch, graphs)
         self.device = dev
         self.dtype = _DTYPES[precision]
         self.model = model.eval().to(self.device)
         # compile=True: torch.compile of encode/decode (the benchmark's `torch-compile` row);
         # the first call per batch size compiles, later calls reuse the compiled graph
         self.compiled = compile
-        self._fns = {"encode": self.model.encode, "decode": self.model.decode}
+        self._fns = {g: getattr(self.model, g) for g in self.graphs}
         if compile:
             self._fns = {g: torch.compile(f, dynamic=False) for g, f in self._fns.items()}
 

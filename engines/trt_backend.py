@@ -24,14 +24,15 @@ class TRTBackend(Backend):
     name = "trt"
     native = "torch"
 
-    def __init__(self, bundle: Bundle, precision: str = "fp16", device: str = "cuda", max_batch: int | None = None) -> None:
+    def __init__(self, bundle: Bundle, precision: str = "fp16", device: str = "cuda", max_batch: int | None = None,
+                 graphs: tuple[str, ...] = GRAPHS) -> None:
         T.import_tensorrt()
         self.device = T.require_cuda(device)
-        super().__init__(bundle.config, precision, max_batch)
+        super().__init__(bundle.config, precision, max_batch, graphs)
         self.bundle = bundle
         env = T.current_environment(self.device)
         names = {}
-        for graph in GRAPHS:
+        for graph in self.graphs:
             name = bundle.find(graph, precision, KIND_TRT_ENGINE)
             if name is None:
                 have = ", ".join(bundle.precisions(KIND_TRT_ENGINE)) or "none"
@@ -55,8 +56,8 @@ class TRTBackend(Backend):
         return self._runners[graph](x)
 
     def describe(self) -> dict:
-        r = self._runners["encode"]
-        entry = self.bundle.files[self.bundle.find("encode", self.precision, KIND_TRT_ENGINE)]
+        r = self._runners[self.graphs[0]]
+        entry = self.bundle.files[self.bundle.find(self.graphs[0], self.precision, KIND_TRT_ENGINE)]
         return {**super().describe(), "device": str(self.device), "profile": f"{r.min_batch}:{r.opt_batch}:{r.max_batch}",
                 "tensorrt": entry.get("tensorrt"), "version_compatible": bool(entry.get("version_compatible"))}
 

@@ -169,6 +169,34 @@ class Bundle:
         with atomic_file(self.root / MANIFEST) as tmp:
             tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
+    def write_subset(self, dest: str | Path, names: list[str]) -> "Bundle":
+        """A bundle at `dest` (a new directory) holding only `names`, their external data and a
+        manifest listing just those (sha256-checked here first). Files are hard-linked from
+        this bundle where the filesystem allows, else copied."""
+        import copy
+        import os
+        import shutil
+
+        keep = set()
+        for name in names:
+            self.verify_file(name)
+            keep |= {name, *self.files[name].get("external_data", [])}
+        dest = Path(dest)
+        dest.mkdir(parents=True)
+        manifest = copy.deepcopy(self.manifest)
+        manifest.files = {k: v for k, v in manifest.files.items() if k in keep}
+        manifest.engines = {k: v for k, v in manifest.engines.items() if k in keep}
+        for name in manifest.files:
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(self.root / name, target)
+            except OSError:
+                shutil.copyfile(self.root / name, target)
+        subset = Bundle(dest, manifest)
+        subset.write_manifest()
+        return subset
+
     @classmethod
     def new(cls, root: Path, config: RPiAEConfig, source: dict[str, Any], opset: int) -> "Bundle":
         return cls(Path(root), Manifest(config=config, source=dict(source), opset=opset))

@@ -1,7 +1,8 @@
 """A Triton Inference Server model repository from an export bundle.
 
     OUT/
-      <prefix>_encode/config.pbtxt  1/model.plan (tensorrt_plan) or 1/model.onnx (onnxruntime_onnx)
+      <prefix>_encode/config.pbtxt  1/model.plan (tensorrt_plan), 1/model.onnx (onnxruntime_onnx)
+                                  or 1/model.py + bundle/ (python)
       <prefix>_decode/config.pbtxt  1/...
       <prefix>/config.pbtxt         1/   ensemble: images -> encode -> latent -> decode -> image
 
@@ -11,7 +12,13 @@ built with `--version-compatible` also run on a later TensorRT, with the server 
 `--backend-config=tensorrt,version-compatible=true`, Triton's TensorRT-backend option for
 them, which the summary lists under `server_args`);
 `onnxruntime_onnx` serves the bundle's ONNX graph of the same precision, on CPU or GPU
-instances, for users without TensorRT. Dynamic batching stays within the engine profile
+instances, for users without TensorRT; `python` serves each graph as a Triton Python-backend
+model (`model.py`, `rpiae.engines.triton_python`) that runs it through one of this project's
+backends (ONNX Runtime by default), from a copy of the bundle's files for that backend and
+precision inside the model's directory (`<model>/bundle/`, which Triton ignores: only
+numbered subdirectories are versions); the Python environment that has rpiae installed is
+recorded as the config's EXECUTION_ENV_PATH. A `python` repository is served by any Triton
+with its Python backend, including the server in the `nvidia-pytriton` wheel, on a CPU. Dynamic batching stays within the engine profile
 (max_batch_size = the profile's maximum). Every config is built as Triton's own `ModelConfig`
 protobuf message (tritonclient), checked, and written with protobuf's `text_format` before
 the repository is renamed into place.
@@ -19,17 +26,22 @@ the repository is renamed into place.
 
 from __future__ import annotations
 
+import importlib.resources
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 from rpiae.export.bundle import Bundle, BundleError
-from rpiae.export.manifest import KIND_ONNX, KIND_TRT_ENGINE
-from rpiae.export.spec import GRAPHS
+from rpiae.export.manifest import BACKEND_FILE_KIND, KIND_AOTI_PACKAGE, KIND_ONNX, KIND_TRT_ENGINE, WEIGHTS
+from rpiae.export.spec import GRAPHS, TORCH_PRECISIONS, graph_specs
 from rpiae.fileio import atomic_dir
 
-PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}
-MODEL_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx"}
+PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx", "python": "python"}
+MODEL_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx", "python": "model.py"}
+PYTHON_BACKENDS = ("ort", "torch", "trt", "aoti")  # what a python model may run the graph with
+BUNDLE_DIR = "bundle"  # inside a python model's directory
+PYTHON_MODEL = ("rpiae.engines", "triton_model.py")  # the package file copied as a python model's 1/model.py
 _PREFERENCE = ("fp16", "int8", "bf16", "fp32")
 # Triton's TensorRT backend loads version-compatible plans only with this server option
 VERSION_COMPATIBLE_ARG = "--backend-config=tensorrt,version-compatible=true"
@@ -62,8 +74,10 @@ def _io(config, inputs: list[Tensor], outputs: list[Tensor]) -> None:
 
 def model_config(name: str, platform: str, max_batch_size: int, inputs: list[Tensor], outputs: list[Tensor],
                  instance_kind: str = "KIND_GPU", instance_count: int = 1, preferred_batch_sizes: list[int] | None = None,
-                 max_queue_delay_us: int = 100):
-    """Triton's `ModelConfig` message for one model. Dims exclude the batch axis (max_batch_size > 0)."""
+                 max_queue_delay_us: int = 100, parameters: dict[str, str] | None = None):
+    """Triton's `ModelConfig` message for one model. Dims exclude the batch axis (max_batch_size > 0).
+    `python` models name the backend (`backend: "python"`) instead of a platform; `parameters`
+    become the config's string parameters."""
     if platform not in MODEL_FILES:
         raise ValueError(f"unknown Triton platform {platform!r}; expected one of {', '.join(MODEL_FILES)}")
     if instance_kind not in ("KIND_GPU", "KIND_CPU"):
@@ -71,8 +85,14 @@ def model_config(name: str, platform: str, max_batch_size: int, inputs: list[Ten
     if platform == "tensorrt_plan" and instance_kind != "KIND_GPU":
         raise ValueError("a tensorrt_plan model runs on GPU instances only; use --platform onnxruntime for CPU")
     pb, _ = _pb()
-    config = pb.ModelConfig(name=name, platform=platform, max_batch_size=int(max_batch_size))
+    config = pb.ModelConfig(name=name, max_batch_size=int(max_batch_size))
+    if platform == "python":
+        config.backend = "python"
+    else:
+        config.platform = platform
     _io(config, inputs, outputs)
+    for key, value in (parameters or {}).items():
+        config.parameters[key].string_value = str(value)
     config.instance_group.add(count=int(instance_count), kind=pb.ModelInstanceGroup.Kind.Value(instance_kind))
     preferred = sorted({int(b) for b in (preferred_batch_sizes or []) if 1 <= int(b) <= max_batch_size})
     config.dynamic_batching.preferred_batch_size.extend(preferred)
@@ -116,8 +136,13 @@ def check_repository(parsed: dict[str, Any]) -> dict[str, Any]:
     for name, c in parsed.items():
         if c.name != name:
             raise TritonConfigError(f"{name}/config.pbtxt names the model {c.name!r}")
-        if c.platform not in (*MODEL_FILES, "ensemble"):
-            raise TritonConfigError(f"{name}: unexpected platform {c.platform!r}")
+        if c.platform not in (*MODEL_FILES, "ensemble") and not (c.backend == "python" and not c.platform):
+            raise TritonConfigError(f"{name}: unexpected platform {c.platform or c.backend!r}")
+        if c.backend == "python":
+            missing = [k for k in ("rpiae_graph", "rpiae_backend", "rpiae_precision", "rpiae_bundle")
+                       if not c.parameters[k].string_value]
+            if missing:
+                raise TritonConfigError(f"{name}: python model without the parameters {', '.join(missing)}")
         if c.max_batch_size < 1:
             raise TritonConfigError(f"{name}: max_batch_size must be >= 1 (batching models)")
         for t in (*c.input, *c.output):
@@ -166,26 +191,43 @@ def _io_types(onnx_path: Path) -> dict[str, tuple[str, str, list[int]]]:
     return out
 
 
+def _python_precisions(bundle: Bundle, backend: str) -> list[str]:
+    """What a python model can run with `backend` from this bundle's files."""
+    if backend == "torch":
+        return list(TORCH_PRECISIONS) if WEIGHTS in bundle.files else []
+    if backend not in BACKEND_FILE_KIND:
+        raise ValueError(f"unknown backend {backend!r} for python models; choose one of {', '.join(PYTHON_BACKENDS)}")
+    return bundle.precisions(BACKEND_FILE_KIND[backend])
+
+
 def choose(bundle: Bundle, platform: str = "auto", precision: str | None = None,
-           instance_kind: str = "auto") -> tuple[str, str]:
+           instance_kind: str = "auto", backend: str = "ort") -> tuple[str, str]:
     """(Triton platform, precision): `auto` serves TensorRT engines when the bundle has them.
-    Without a precision: fp16 first on GPUs, fp32 first for ONNX Runtime on CPUs (where the
-    fp16 graphs run slower than fp32)."""
+    Without a precision: fp16 first on GPUs, fp32 first on CPUs (where the fp16 graphs of
+    ONNX Runtime run slower than fp32). `backend` is what python models run."""
     if platform == "auto":
         engines = bundle.precisions(KIND_TRT_ENGINE)
         platform = "tensorrt" if (engines if precision is None else precision in engines) else "onnxruntime"
     if platform not in PLATFORMS:
-        raise ValueError(f"unknown platform {platform!r}; choose auto, tensorrt or onnxruntime")
-    kind = KIND_TRT_ENGINE if platform == "tensorrt" else KIND_ONNX
-    have = bundle.precisions(kind)
+        raise ValueError(f"unknown platform {platform!r}; choose auto, tensorrt, onnxruntime or python")
+    if platform == "python":
+        have = _python_precisions(bundle, backend)
+    else:
+        have = bundle.precisions(KIND_TRT_ENGINE if platform == "tensorrt" else KIND_ONNX)
     if precision is None:
-        cpu = platform == "onnxruntime" and instance_kind in ("auto", "cpu")
+        cpu = platform in ("onnxruntime", "python") and instance_kind in ("auto", "cpu")
         order = ("fp32", "int8", "fp16", "bf16") if cpu else _PREFERENCE
         precision = next((p for p in order if p in have), None)
     if precision is None or precision not in have:
+        trt = platform == "tensorrt" or (platform == "python" and backend == "trt")
         hint = (f"build engines with `rpiae export --target trt --precision {precision or 'fp16'} --out {bundle.root}`"
-                if platform == "tensorrt" else f"re-export with --precision {precision}")
-        raise BundleError(f"bundle {bundle.root} has no {precision or ''} {'TensorRT engines' if platform == 'tensorrt' else 'ONNX graphs'}"
+                if trt else f"re-export with --precision {precision}")
+        what = "TensorRT engines" if trt else "ONNX graphs"
+        if platform == "python" and backend in ("torch", "aoti"):
+            what = {"torch": "weights", "aoti": "AOTInductor packages"}[backend]
+            hint = (f"run `rpiae export --target aoti --out {bundle.root}`" if backend == "aoti"
+                    else "re-export the bundle (it lacks model.safetensors)")
+        raise BundleError(f"bundle {bundle.root} has no {precision or ''} {what}"
                           f" (has: {', '.join(have) or 'none'}); {hint}")
     return platform, precision
 
@@ -224,30 +266,102 @@ def _onnx_model(bundle: Bundle, graph: str, precision: str, max_batch: int | Non
             "preferred": [min(8, batch_max), batch_max], "comment": None, "server_args": []}
 
 
+def _aoti_package(bundle: Bundle, graph: str, precision: str, device: str) -> tuple[str, Any]:
+    """(name, manifest entry) of the bundle's AOTInductor package of a graph for a device type."""
+    for name, entry in bundle.files.items():
+        if (entry.kind == KIND_AOTI_PACKAGE and entry.graph == graph and entry.precision == precision
+                and entry.get("device") == device):
+            return name, entry
+    raise BundleError(f"bundle {bundle.root} has no {precision} AOTInductor {graph} package for {device}; "
+                      f"run `rpiae export --target aoti --device {device} --out {bundle.root}`")
+
+
+def _python_files(bundle: Bundle, backend: str, graph: str, precision: str, device: str) -> list[str]:
+    """The bundle files a python model of `graph` needs to run it with `backend`."""
+    if backend == "torch":
+        return [WEIGHTS]
+    if backend == "aoti":
+        return [_aoti_package(bundle, graph, precision, device)[0]]
+    name = bundle.find(graph, precision, BACKEND_FILE_KIND[backend])
+    if name is None:
+        raise BundleError(f"bundle {bundle.root} has no {precision} {graph} file for the {backend} backend")
+    return [name]
+
+
+def _python_model(bundle: Bundle, graph: str, precision: str, max_batch: int | None, backend: str,
+                  kind: str, python_env: str | None, threads: int | None) -> dict[str, Any]:
+    """What serving one graph as a python model takes: its parameters and bundle files."""
+    if backend == "trt" and kind != "KIND_GPU":
+        raise ValueError("the trt backend runs TensorRT engines on GPU instances only; use --backend ort for CPU")
+    device = "cuda" if kind == "KIND_GPU" else "cpu"
+    limit = None
+    if backend == "trt":
+        limit = bundle.files[bundle.find(graph, precision, KIND_TRT_ENGINE)]["profile"]["max"]
+    elif backend == "aoti":
+        limit = _aoti_package(bundle, graph, precision, device)[1]["batch"]["max"]
+    batch_max = max_batch or min(32, limit or 32)
+    if limit is not None and batch_max > limit:
+        raise ValueError(f"--max-batch {batch_max} exceeds the {backend} {graph} file's maximum batch {limit}")
+    params = {"rpiae_graph": graph, "rpiae_backend": backend, "rpiae_precision": precision, "rpiae_bundle": BUNDLE_DIR}
+    if threads:
+        params["rpiae_threads"] = str(threads)
+    if python_env:
+        params["EXECUTION_ENV_PATH"] = python_env
+    return {"bundle_files": _python_files(bundle, backend, graph, precision, device), "batch_max": batch_max,
+            "preferred": [min(8, batch_max), batch_max], "parameters": params,
+            "comment": f"python model: the {backend} backend runs {BUNDLE_DIR}/ (a copy of the bundle's files for it)"
+                       + (f"; rpiae is imported from the Python environment {python_env}" if python_env else ""),
+            "server_args": []}
+
+
+def default_python_env() -> str | None:
+    """The virtual environment this process runs in (None for a system Python: the server's
+    own Python must then have rpiae installed)."""
+    return sys.prefix if sys.prefix != sys.base_prefix else None
+
+
 def write_model_repository(
     bundle: Bundle | str | Path, out: str | Path, precision: str | None = None, platform: str = "auto",
     instance_kind: str = "auto", instances: int = 1, max_batch: int | None = None, prefix: str = "rpiae",
-    max_queue_delay_us: int = 100, overwrite: bool = False,
+    max_queue_delay_us: int = 100, overwrite: bool = False, backend: str = "ort", python_env: str | None = "auto",
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Write a Triton model repository for `bundle` at `out` (atomically). Returns a summary."""
+    """Write a Triton model repository for `bundle` at `out` (atomically). Returns a summary.
+
+    python models only: `backend` runs each graph, `python_env` is the environment with rpiae
+    installed ("auto": this process's virtual environment; None: the server's Python),
+    `threads` the intra-op threads per instance."""
     if not isinstance(bundle, Bundle):
         bundle = Bundle.open(bundle)
-    platform, precision = choose(bundle, platform, precision, instance_kind)
+    platform, precision = choose(bundle, platform, precision, instance_kind, backend)
     triton_platform = PLATFORMS[platform]
     kind = {"auto": "KIND_GPU" if platform == "tensorrt" else "KIND_CPU", "gpu": "KIND_GPU", "cpu": "KIND_CPU"}.get(instance_kind)
     if kind is None:
         raise ValueError(f"instance kind {instance_kind!r}: expected auto, gpu or cpu")
+    if python_env == "auto":
+        python_env = default_python_env() if platform == "python" else None
     names = {g: f"{prefix}_{g}" for g in GRAPHS}
-    configs, comments, files, io, server_args = {}, {}, {}, {}, []
+    configs, comments, files, subsets, io, server_args = {}, {}, {}, {}, {}, []
     for graph in GRAPHS:
-        onnx_precision = precision if platform == "onnxruntime" else _engine_onnx_precision(bundle, graph, precision)
-        io[graph] = _io_types(bundle.graph_path(graph, onnx_precision))
-        served = (_engine_model if platform == "tensorrt" else _onnx_model)(bundle, graph, precision, max_batch)
-        files[graph], server_args = served["files"], served["server_args"] or server_args
+        if platform == "python":
+            # a python model takes float32 whatever the precision (the backend casts): names and
+            # shapes come from the model config
+            spec = graph_specs(bundle.config)[graph]
+            io[graph] = {"input": (spec.input_name, "TYPE_FP32", list(spec.input_shape)),
+                         "output": (spec.output_name, "TYPE_FP32", list(spec.output_shape))}
+            served = _python_model(bundle, graph, precision, max_batch, backend, kind, python_env, threads)
+            files[graph], subsets[graph] = [], served["bundle_files"]
+        else:
+            onnx_precision = precision if platform == "onnxruntime" else _engine_onnx_precision(bundle, graph, precision)
+            io[graph] = _io_types(bundle.graph_path(graph, onnx_precision))
+            served = (_engine_model if platform == "tensorrt" else _onnx_model)(bundle, graph, precision, max_batch)
+            files[graph] = served["files"]
+        server_args = served["server_args"] or server_args
         comments[names[graph]] = [f"rpiae {graph} graph, model {bundle.config.name}, precision {precision}, "
                                   f"from bundle {bundle.root}"] + ([served["comment"]] if served["comment"] else [])
         configs[names[graph]] = model_config(names[graph], triton_platform, served["batch_max"], [io[graph]["input"]],
-                                             [io[graph]["output"]], kind, instances, served["preferred"], max_queue_delay_us)
+                                             [io[graph]["output"]], kind, instances, served["preferred"], max_queue_delay_us,
+                                             served.get("parameters"))
     latent, image_in, image_out = io["encode"]["output"], io["encode"]["input"], io["decode"]["output"]
     if latent[0] != io["decode"]["input"][0]:
         raise BundleError(f"encode output {latent[0]!r} and decode input {io['decode']['input'][0]!r} differ")
@@ -267,7 +381,12 @@ def write_model_repository(
         for graph, pairs in files.items():
             for src, dst in pairs:
                 shutil.copyfile(src, tmp / names[graph] / "1" / dst)
+        for graph, subset in subsets.items():
+            text = importlib.resources.files(PYTHON_MODEL[0]).joinpath(PYTHON_MODEL[1]).read_text()
+            (tmp / names[graph] / "1" / MODEL_FILES["python"]).write_text(text)
+            bundle.write_subset(tmp / names[graph] / BUNDLE_DIR, subset)
     return {"repository": str(out), "platform": triton_platform, "precision": precision,
+            "backend": backend if platform == "python" else None, "python_env": python_env,
             "models": {**{names[g]: triton_platform for g in GRAPHS}, prefix: "ensemble"},
             "instance_kind": kind, "max_batch_size": {m: c.max_batch_size for m, c in configs.items()},
             "inputs": {prefix: image_in[0]}, "outputs": {prefix: [latent[0], image_out[0]]}, "server_args": server_args}
@@ -282,5 +401,5 @@ def _engine_onnx_precision(bundle: Bundle, graph: str, precision: str) -> str:
     return bundle.files[src]["precision"] if src in bundle.files else precision
 
 
-__all__ = ["PLATFORMS", "TritonConfigError", "check_repository", "choose", "config_text", "ensemble_config",
+__all__ = ["PLATFORMS", "PYTHON_BACKENDS", "default_python_env", "TritonConfigError", "check_repository", "choose", "config_text", "ensemble_config",
            "model_config", "parse_config", "write_model_repository"]

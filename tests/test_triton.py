@@ -350,3 +350,72 @@ def test_default_precision_follows_the_instance_kind(tmp_path, bundle_all):
     b = _with_fake_engines(bundle_all, tmp_path / "b", precision="int8")
     assert choose(b) == ("tensorrt", "int8")
     assert choose(b, precision="fp16") == ("onnxruntime", "fp16")  # no fp16 engine: its ONNX graph
+
+
+# -- python-backend repositories (served for real in test_triton_served.py) ---------------------
+def test_python_repository_layout(tmp_path, bundle_all):
+    import os
+
+    repo = tmp_path / "repo"
+    summary = write_model_repository(bundle_all, repo, precision="int8", platform="python", backend="ort",
+                                     instances=2, max_batch=6, threads=1, python_env="/opt/env")
+    assert summary["platform"] == "python" and summary["backend"] == "ort" and summary["python_env"] == "/opt/env"
+    parsed = _check_repo_dir(repo)
+    for graph, (inp, out) in {"encode": ("images", "latent"), "decode": ("latent", "image")}.items():
+        c = parsed[f"rpiae_{graph}"]
+        assert c.backend == "python" and not c.platform and c.max_batch_size == 6
+        assert (c.input[0].name, c.output[0].name) == (inp, out)
+        assert c.input[0].data_type == model_config_pb2.TYPE_FP32  # the backend casts; the wire is float32
+        params = {k: v.string_value for k, v in c.parameters.items()}
+        assert params == {"rpiae_graph": graph, "rpiae_backend": "ort", "rpiae_precision": "int8", "rpiae_bundle": "bundle",
+                          "rpiae_threads": "1", "EXECUTION_ENV_PATH": "/opt/env"}
+        assert c.instance_group[0].count == 2 and c.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+        model_py = (repo / f"rpiae_{graph}" / "1" / "model.py").read_text()
+        assert "class TritonPythonModel" in model_py and "GraphModel" in model_py
+        # the model's own bundle: its graph only, hash-checked, listed by a pruned manifest
+        sub = Bundle.open(repo / f"rpiae_{graph}" / "bundle")
+        assert sorted(sub.files) == [f"{graph}.int8.onnx"]
+        sub.verify_all()
+        assert sha256_file(sub.root / f"{graph}.int8.onnx") == bundle_all.files[f"{graph}.int8.onnx"].sha256
+    assert not (repo / "bundle").exists()  # nothing at the top level but models
+    assert all((repo / m / "config.pbtxt").is_file() for m in os.listdir(repo))
+
+
+def test_python_repository_with_the_torch_backend_and_refusals(tmp_path, bundle_all):
+    from rpiae.export.triton import choose
+
+    assert choose(bundle_all, "python", backend="torch") == ("python", "fp32")
+    assert choose(bundle_all, "python", "bf16", backend="torch") == ("python", "bf16")
+    repo = tmp_path / "torch"
+    write_model_repository(bundle_all, repo, platform="python", backend="torch", python_env=None)
+    for graph in ("encode", "decode"):
+        sub = Bundle.open(repo / f"rpiae_{graph}" / "bundle")
+        assert sorted(sub.files) == ["model.safetensors"]
+        params = parse_config((repo / f"rpiae_{graph}" / "config.pbtxt").read_text()).parameters
+        assert "EXECUTION_ENV_PATH" not in params  # the server's own Python
+    with pytest.raises(BundleError, match="has no int8 weights"):
+        choose(bundle_all, "python", "int8", backend="torch")
+    with pytest.raises(BundleError, match="TensorRT engines"):
+        write_model_repository(bundle_all, tmp_path / "t", platform="python", backend="trt", instance_kind="gpu")
+    b = _with_fake_engines(bundle_all, tmp_path / "b", precision="fp16")
+    with pytest.raises(ValueError, match="GPU instances only"):
+        write_model_repository(b, tmp_path / "t2", platform="python", backend="trt", precision="fp16")
+    with pytest.raises(ValueError, match="unknown backend"):
+        choose(bundle_all, "python", backend="nope")
+
+
+def test_cli_triton_python_and_serve_errors(tmp_path, bundle_all, monkeypatch):
+    runner = CliRunner()
+    repo = tmp_path / "repo"
+    r = runner.invoke(cli, ["triton", "--model", str(bundle_all.root), "--platform", "python", "--out", str(repo)])
+    assert r.exit_code == 0, r.output
+    assert "python (ort backend) fp32" in r.output and f"rpiae serve {repo}" in r.output
+    assert "must have rpiae installed" in r.output
+    _check_repo_dir(repo)
+    r = runner.invoke(cli, ["triton", "--model", str(bundle_all.root), "--backend", "torch", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "apply to --platform python" in r.output
+    monkeypatch.setenv("RPIAE_TRITONSERVER", str(tmp_path / "no-such-tritonserver"))
+    r = runner.invoke(cli, ["serve", str(repo)])
+    assert r.exit_code == 1 and "no such tritonserver binary" in r.output and "Traceback" not in r.output
+    r = runner.invoke(cli, ["serve", str(tmp_path / "nothing")])
+    assert r.exit_code == 2

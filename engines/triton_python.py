@@ -1,0 +1,124 @@
+"""One graph of an export bundle as a Triton Python-backend model.
+
+`rpiae triton --platform python` writes, per graph, a `model.py` (a copy of
+`rpiae/engines/triton_model.py`, a few lines) whose `TritonPythonModel` hands everything to
+`GraphModel` here. The model's `config.pbtxt` says what to run, in its parameters:
+
+    rpiae_graph      encode | decode
+    rpiae_backend    ort | torch | trt | aoti (any backend the bundle has files for)
+    rpiae_precision  fp32 | fp16 | int8 | bf16
+    rpiae_bundle     the bundle, relative to the model's directory (or absolute)
+    rpiae_threads    intra-op threads per instance (optional; empty: the runtime's default)
+
+so the tensor names, shapes and batch limit in the config (built from the model config)
+and what the instance runs come from one file. Tensors cross the Python backend by DLPack
+(no copy, and no dependence on the numpy the server's stub was built with). Each request of
+a batch Triton formed is checked on its own: a bad one (NaN/Inf, pixels outside [0, 1])
+gets its error and the others are answered.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rpiae.engines.base import InputError
+
+PARAMETERS = ("rpiae_graph", "rpiae_backend", "rpiae_precision", "rpiae_bundle", "rpiae_threads")
+
+
+def parameters(model_config: dict[str, Any]) -> dict[str, str]:
+    """The rpiae_* parameters of a model config (Triton's JSON form)."""
+    params = {k: v.get("string_value", "") for k, v in (model_config.get("parameters") or {}).items()}
+    missing = [k for k in PARAMETERS[:4] if not params.get(k)]
+    if missing:
+        raise ValueError(f"model {model_config.get('name')!r}: config.pbtxt lacks the parameters {', '.join(missing)}")
+    return params
+
+
+def instance_device(backend: str, kind: str, device_id: int | str) -> str:
+    """The device string of rpiae's backends for a Triton instance (KIND_CPU / KIND_GPU)."""
+    if str(kind).upper() in ("GPU", "KIND_GPU"):
+        return f"cuda:{int(device_id)}"
+    if backend == "trt":
+        raise ValueError("the trt backend runs TensorRT engines on GPU instances only (instance_group kind KIND_GPU)")
+    return "cpu"
+
+
+class GraphModel:
+    """What a Triton model instance runs: one graph of a bundle through an rpiae backend.
+
+    `args` is the dict Triton passes to `TritonPythonModel.initialize` (model_config as JSON
+    text, model_repository, model_instance_kind, model_instance_device_id)."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        from rpiae.engines import load_backend
+
+        config = json.loads(args["model_config"])
+        params = parameters(config)
+        self.graph = params["rpiae_graph"]
+        if self.graph not in ("encode", "decode"):
+            raise ValueError(f"rpiae_graph is {self.graph!r}: expected encode or decode")
+        bundle = Path(params["rpiae_bundle"])
+        if not bundle.is_absolute():
+            bundle = Path(args["model_repository"]) / bundle
+        device = instance_device(params["rpiae_backend"], args.get("model_instance_kind", "CPU"),
+                                 args.get("model_instance_device_id", 0))
+        options: dict[str, Any] = {"graphs": (self.graph,)}
+        if params["rpiae_backend"] == "ort":
+            # the instances of a server share the cores: idle ONNX Runtime threads must not spin
+            options["spinning"] = False
+        if params.get("rpiae_threads"):
+            if params["rpiae_backend"] == "ort":
+                options["threads"] = int(params["rpiae_threads"])
+            else:
+                torch.set_num_threads(int(params["rpiae_threads"]))
+        self.backend = load_backend(bundle, params["rpiae_backend"], params["rpiae_precision"], device, **options)
+        self.input_name = config["input"][0]["name"]
+        self.output_name = config["output"][0]["name"]
+        self._run = self.backend.encode if self.graph == "encode" else self.backend.decode
+
+    def check(self, x: torch.Tensor) -> None:
+        """InputError for an input this graph must not run: wrong shape or dtype, NaN/Inf, and
+        for images, values outside [0, 1]."""
+        self.backend.check(self.graph, x)
+        if self.graph == "encode":
+            lo, hi = (float(v) for v in torch.aminmax(x))
+            if lo < 0.0 or hi > 1.0:
+                raise InputError(f"images: pixel values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+
+    @torch.inference_mode()
+    def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor | str]:
+        """Each request's output (float32, contiguous, on the CPU) or its one-line error. The
+        good requests run as one batch, in order."""
+        results: list[torch.Tensor | str] = [""] * len(inputs)
+        good: list[int] = []
+        for i, x in enumerate(inputs):
+            try:
+                self.check(x)
+                good.append(i)
+            except InputError as e:
+                results[i] = str(e)
+        if not good:
+            return results
+        batch = [inputs[i] for i in good]
+        try:
+            out = self._run(batch[0] if len(batch) == 1 else torch.cat(batch))
+        except Exception as e:  # noqa: BLE001 - every request of the batch gets the runtime's reason
+            message = " ".join(f"{type(e).__name__}: {e}".split())[:500]
+            for i in good:
+                results[i] = f"rpiae {self.graph} failed: {message}"
+            return results
+        out = out.float().cpu()
+        for i, part in zip(good, torch.split(out, [len(x) for x in batch])):
+            results[i] = part.contiguous()
+        return results
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+__all__ = ["PARAMETERS", "GraphModel", "instance_device", "parameters"]
