@@ -199,6 +199,9 @@ def run_in_child(fn: Callable[..., dict[str, Any]], *args: Any, threads: int) ->
             return {"status": "error", "reason": "the child process died (killed, e.g. out of memory)"}
 
 
+PROFILED = ("torch", "torch-compile", "ort")  # the rows `_profile_graph` has a profiler for
+
+
 def profile_graph(spec: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     """Op-type time shares of one (backend, precision, graph) at one batch. Never raises."""
     out = {k: spec[k] for k in ("graph", "backend", "precision", "batch")}

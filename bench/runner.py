@@ -39,10 +39,12 @@ from typing import Any, Callable
 
 from rpiae.bench.machine import load_average
 from rpiae.bench.results import FORMAT, FORMAT_VERSION, load_results, write_results
-from rpiae.bench.row import child_env, measure_row, profile_graph, run_in_child
-from rpiae.bench.settings import BENCH_BACKENDS, BenchSettings
+from rpiae.bench.row import PROFILED, child_env, measure_row, profile_graph, run_in_child
+from rpiae.bench.settings import BENCH_BACKENDS, BENCH_VARIANTS, BenchSettings
 from rpiae.bench.targets import evaluate_targets
 from rpiae.bench.timing import stats, time_loop
+from rpiae.export.backends import REFERENCE, backend_info
+from rpiae.export.manifest import KIND_ONNX
 from rpiae.export.spec import TORCH_PRECISIONS
 
 __all__ = ["BENCH_BACKENDS", "BenchSettings", "load_results", "measure_row", "profile_graph", "run_benchmark",
@@ -51,13 +53,12 @@ __all__ = ["BENCH_BACKENDS", "BenchSettings", "load_results", "measure_row", "pr
 
 def _static_skip(spec: dict[str, Any], is_bundle: bool, bundle_precisions: list[str]) -> str | None:
     b, p = spec["backend"], spec["precision"]
-    if b in ("torch", "torch-compile") and p not in TORCH_PRECISIONS:
-        return f"{b} runs {', '.join(TORCH_PRECISIONS)} (autocast), not {p}; {p} is an exported-graph precision"
-    if b == "torch-trt" and p not in TORCH_PRECISIONS:
-        return f"torch-trt compiles {', '.join(TORCH_PRECISIONS)}, not {p}; the bundle's {p} engines run with trt"
-    if b in ("ort", "trt", "aoti") and not is_bundle:
+    info = backend_info(BENCH_VARIANTS.get(b, b))
+    if info.from_weights and p not in info.precisions:
+        return f"{b} runs {', '.join(info.precisions)} (autocast), not {p}; {p} is an exported-graph precision"
+    if not info.from_weights and not is_bundle:
         return f"backend {b!r} runs an export bundle; --model is a checkpoint (run `rpiae export` first)"
-    if b == "ort" and p not in bundle_precisions:
+    if info.runs == KIND_ONNX and p not in bundle_precisions:
         have = ", ".join(bundle_precisions) or "none"
         return f"the bundle has no {p} graphs (has: {have}); export them with `rpiae export --precision {p}`"
     return None
@@ -72,7 +73,7 @@ def _derive(result: dict[str, Any]) -> None:
     device = result["settings"]["device"]
     rows = result["rows"]
     ok = [r for r in rows if r.get("status") == "ok"]
-    refs = {(r["graph"], r["batch"], r["precision"]): r for r in ok if r["backend"] == "torch"}
+    refs = {(r["graph"], r["batch"], r["precision"]): r for r in ok if r["backend"] == REFERENCE}
 
     def t(r: dict[str, Any]) -> float:
         return r["timing"]["p50_ms"]
@@ -167,7 +168,7 @@ def _profiles(settings: BenchSettings, sdict: dict[str, Any], rows: list[dict[st
     smallest = min(settings.batches)
     for r in rows:
         key = (r["graph"], r["backend"], r["precision"])
-        if r.get("status") == "ok" and r["backend"] in ("torch", "torch-compile", "ort") and key not in seen:
+        if r.get("status") == "ok" and r["backend"] in PROFILED and key not in seen:
             seen.add(key)
             spec = {"graph": r["graph"], "backend": r["backend"], "precision": r["precision"], "batch": smallest}
             say(f"profiling {r['graph']} {r['backend']} {r['precision']} batch {smallest}")

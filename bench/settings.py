@@ -6,15 +6,19 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from rpiae.export.backends import BACKENDS, REFERENCE
 from rpiae.export.spec import GRAPHS, PRECISIONS
 
-BENCH_BACKENDS = ("torch", "torch-compile", "ort", "trt", "aoti", "torch-trt")
+# benchmark rows that run a registered backend another way: name -> the backend
+BENCH_VARIANTS = {"torch-compile": REFERENCE}
+DEFAULT_BACKENDS = ("torch", "ort")  # the rows of a plain `rpiae bench`
+BENCH_BACKENDS = (*BACKENDS[:1], *BENCH_VARIANTS, *BACKENDS[1:])
 
 
 @dataclass
 class BenchSettings:
     model: str
-    backends: list[str] = field(default_factory=lambda: ["torch", "ort"])
+    backends: list[str] = field(default_factory=lambda: list(DEFAULT_BACKENDS))
     precisions: list[str] = field(default_factory=lambda: ["fp32"])
     batches: list[int] = field(default_factory=lambda: [1, 8])
     graphs: list[str] = field(default_factory=lambda: list(GRAPHS))
@@ -71,7 +75,7 @@ class BenchSettings:
             if self.reference:
                 for precision in self.reference_precisions():
                     for batch in self.batches:
-                        add(graph, "torch", precision, batch, reference=True)
+                        add(graph, REFERENCE, precision, batch, reference=True)
             for backend in self.backends:
                 for precision in self.precisions:
                     for batch in self.batches:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from rpiae.bench.settings import BENCH_BACKENDS
 from rpiae.cli.common import allow_fallback_option, device_option, fallback_allowed, friendly_errors, model_option, parse_int_list
 
 
@@ -16,7 +17,7 @@ def _csv(value: str) -> list[str]:
 @click.command()
 @model_option
 @click.option("--backends", default="torch,ort", show_default=True,
-              help="Comma-separated: torch, torch-compile, ort, trt, aoti, torch-trt. Unavailable ones are reported as "
+              help=f"Comma-separated: {', '.join(BENCH_BACKENDS)}. Unavailable ones are reported as "
               "skipped with the reason. PyTorch eager rows are always added as the reference.")
 @click.option("--precision", "-p", "precisions", default="fp32", show_default=True,
               help="Comma-separated: fp32, fp16, bf16, int8 (combinations a backend cannot run are skipped).")

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import click
 
 from rpiae.data import STREAM_BATCH  # images per backend call when --batch-size is not given
+from rpiae.export.backends import BACKENDS, REFERENCE, REGISTRY
 from rpiae.export.spec import PRECISIONS
 
 EXIT_ERROR, EXIT_USAGE, EXIT_CHECK_FAILED = 1, 2, 3
@@ -70,9 +71,9 @@ model_option = click.option(
     "Default: the project's shipped small checkpoint.",
 )
 backend_option = click.option(
-    "--backend", "-b", type=click.Choice(["torch", "ort", "trt", "aoti", "torch-trt"]), default="torch", show_default=True,
-    help="Runtime: eager PyTorch, ONNX Runtime, TensorRT engines, AOTInductor packages (these three need a bundle), "
-    "or torch-trt (the PyTorch graphs compiled by Torch-TensorRT).",
+    "--backend", "-b", type=click.Choice(BACKENDS), default=REFERENCE, show_default=True,
+    help="Runtime: " + "; ".join(f"{b.name}: {b.summary}" for b in REGISTRY.values()) + " (those that run a bundle's "
+    "files need a bundle).",
 )
 precision_option = click.option(
     "--precision", "-p", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
@@ -98,11 +99,15 @@ def fallback_allowed(flag: bool) -> Iterator[None]:
 
     with environ(**({ALLOW_FALLBACK_ENV: "1"} if flag else {})):
         yield
-batch_size_option = click.option(
-    "--batch-size", type=click.IntRange(1), default=None,
-    help=f"Images (or latents) per backend call (default {STREAM_BATCH}); the backend splits a batch above its own "
-         "limit (a TensorRT engine's or AOTInductor package's largest batch).",
-)
+def batch_option(default: int):
+    return click.option(
+        "--batch-size", type=click.IntRange(1), default=None,
+        help=f"Images (or latents) per backend call (default {default}); the backend splits a batch above its own "
+             "limit (a TensorRT engine's or AOTInductor package's largest batch).",
+    )
+
+
+batch_size_option = batch_option(STREAM_BATCH)
 
 
 latent_stats_option = click.option(

@@ -208,6 +208,7 @@ def probe() -> dict[str, Any]:
         "modelopt": {"version": dist_version("nvidia-modelopt")},
         "torch_tensorrt": probe_import("torch-tensorrt", import_torch_tensorrt),
         "tritonclient": {"version": dist_version("tritonclient")},
+        "tritonserver": probe_tritonserver(),
         "tools": probe_tools(),
         "cpu": {**cpu_summary(), "cores": psutil.cpu_count()},
         "memory": {"available_bytes": int(vm.available), "total_bytes": int(vm.total)},
@@ -278,7 +279,20 @@ def can_run(r: dict[str, Any]) -> list[dict[str, Any]]:
         row("export fp16/int8", "-", None if r["modelopt"]["version"] else "nvidia-modelopt is not installed (pip install -e '.[quant]')"),
         row("C++ runner", "-", compiler or (None if tools["cmake"]["path"] else "cmake is not on PATH")),
         row("triton repository", "-", None if r["tritonclient"]["version"] else "tritonclient is not installed (pip install -e '.[triton]')"),
+        row("rpiae serve", "-", None if r["tritonserver"]["path"] else r["tritonserver"]["reason"]),
     ]
+
+
+def probe_tritonserver() -> dict[str, Any]:
+    """The tritonserver `rpiae serve` would run (not started here)."""
+    from rpiae.engines.triton_server import find_tritonserver, missing_reason
+
+    install = find_tritonserver()
+    if install is None:
+        return {"path": None, "found": None, "reason": missing_reason()}
+    if not install.binary.is_file():
+        return {"path": None, "found": None, "reason": f"{install.binary}: no such file ({install.source})"}
+    return {"path": str(install.binary), "found": install.describe(), "reason": None}
 
 
 def _short(text: str, width: int = 88) -> str:
@@ -315,6 +329,7 @@ def render(r: dict[str, Any]) -> str:
         add(name, p["version"] if p["available"] else f"no: {_short(p['reason'])}")
     add("ModelOpt", r["modelopt"]["version"] or "not installed")
     add("tritonclient", r["tritonclient"]["version"] or "not installed")
+    add("tritonserver", r["tritonserver"]["found"] or f"no: {_short(r['tritonserver']['reason'])}")
     c, m, k = tools["compiler"], tools["cmake"], tools["cuda_toolkit"]
     add("C++ / CMake", f"{c['path'] or 'no compiler'} {c['version'] or ''} / cmake {m['version'] or 'not found'}".replace("  ", " "))
     add("CUDA toolkit", k["root"] or f"none: {_short(k['how'])}")

@@ -9,8 +9,9 @@ from pathlib import Path
 import click
 
 from rpiae.cli.common import (
-    PRECISIONS, STREAM_BATCH, batch_size_option, crop_option, device_option, friendly_errors, model_option, workers_option,
+    PRECISIONS, batch_option, crop_option, device_option, friendly_errors, model_option, workers_option,
 )
+from rpiae.data import EVAL_BATCH
 
 
 
@@ -29,7 +30,7 @@ def _names(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
 @click.option("--precision", "-p", default="fp32", show_default=True,
               help="Comma-separated precisions: fp32, fp16, bf16, int8. One row per backend x precision.")
 @device_option
-@batch_size_option
+@batch_option(EVAL_BATCH)
 @crop_option
 @workers_option
 @click.argument("data", type=str)
@@ -70,7 +71,7 @@ def eval_cmd(model, backend, precision, device, batch_size, crop, workers, data,
     backends = _names(backend, BACKENDS, "--backend")
     precisions = _names(precision, PRECISIONS, "--precision")
     required = _names(require, OPTIONAL_METRICS, "--require") if require.strip() else []
-    opts = EvalOptions(batch_size=batch_size or STREAM_BATCH, workers=workers, crop=crop, limit=limit,
+    opts = EvalOptions(batch_size=batch_size or EVAL_BATCH, workers=workers, crop=crop, limit=limit,
                        skip_bad=skip_bad, grid_images=grid_images)
     source = open_source(data)
     metric_device = "cuda" if device == "trt" else device  # `trt` is ONNX Runtime's provider, torch runs on CUDA

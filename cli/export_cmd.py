@@ -16,6 +16,7 @@ from rpiae.cli.common import (
     latent_stats_option,
     parse_int_list,
 )
+from rpiae.export.backends import BACKENDS, REFERENCE, REGISTRY
 
 
 @click.command()
@@ -142,9 +143,10 @@ def _print_results(rows) -> None:
 
 @click.command()
 @click.option("--model", "-m", type=click.Path(path_type=Path), required=True, help="Export bundle directory.")
-@click.option("--backend", "-b", type=click.Choice(["ort", "trt", "aoti", "torch-trt"]), default="ort", show_default=True,
-              help="Which runtime's graphs to check against PyTorch (torch-trt: the PyTorch graphs compiled by "
-              "Torch-TensorRT, fp32/fp16/bf16).")
+@click.option("--backend", "-b", type=click.Choice([b for b in BACKENDS if b != REFERENCE]), default="ort",
+              show_default=True,
+              help="Which runtime's graphs to check against PyTorch (the reference, eager fp32): "
+              + "; ".join(f"{b.name}: {b.summary}" for b in REGISTRY.values() if b.name != REFERENCE) + ".")
 @device_option
 @click.option("--images", type=click.Path(path_type=Path), default=None,
               help="Folder of real images to test with (default: the photos bundled with scikit-image/-learn).")

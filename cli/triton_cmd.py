@@ -8,6 +8,8 @@ from pathlib import Path
 import click
 
 from rpiae.cli.common import PRECISIONS, friendly_errors
+from rpiae.export.backends import BACKENDS, REGISTRY
+from rpiae.export.triton import DEFAULT_PYTHON_BACKEND
 
 
 @click.command()
@@ -21,9 +23,9 @@ from rpiae.cli.common import PRECISIONS, friendly_errors
               "(onnxruntime_onnx, CPU or GPU, no TensorRT needed); python: Python-backend models that run the "
               "graphs with --backend (any Triton with its Python backend, e.g. on a CPU machine); auto: engines "
               "when the bundle has them, else onnxruntime.")
-@click.option("--backend", type=click.Choice(["ort", "torch", "trt", "aoti"]), default="ort", show_default=True,
-              help="--platform python: what runs each graph (ort: the ONNX graphs with ONNX Runtime; torch: the "
-              "bundle's weights; trt: its TensorRT engines, GPU instances; aoti: its AOTInductor packages).")
+@click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_PYTHON_BACKEND, show_default=True,
+              help="--platform python: what runs each graph: "
+              + "; ".join(f"{b.name}: {b.summary} ({', '.join(b.devices)})" for b in REGISTRY.values()) + ".")
 @click.option("--python-env", type=click.Path(path_type=Path), default=None,
               help="--platform python: the Python environment (a directory, or a conda-pack .tar.gz) in which the "
               "server runs the models; it must have rpiae installed (default: this command's virtual environment; "
@@ -51,7 +53,7 @@ def triton(model, precision, platform, backend, python_env, threads, instance_ki
     """
     from rpiae.export.triton import write_model_repository
 
-    if platform != "python" and (backend != "ort" or python_env or threads):
+    if platform != "python" and (backend != DEFAULT_PYTHON_BACKEND or python_env or threads):
         raise click.UsageError("--backend, --python-env and --threads apply to --platform python")
     summary = write_model_repository(model, out, precision=precision, platform=platform, instance_kind=instance_kind,
                                      instances=instances, max_batch=max_batch, prefix=prefix,

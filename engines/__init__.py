@@ -1,62 +1,37 @@
 """Runtimes behind one interface (`rpiae.engines.base.Backend`).
 
 `load_backend(model, backend, precision, device)` opens a checkpoint or an export bundle
-with the named backend: `torch` (eager PyTorch), `ort` (ONNX Runtime), `trt` (TensorRT),
-`aoti` (AOTInductor packages), `torch-trt` (the PyTorch graphs compiled by Torch-TensorRT;
-from a checkpoint or a bundle's weights).
+with a backend of the registry (`rpiae.export.backends`: what each one runs, in which
+precisions, on which devices, and the class that implements it).
 """
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from rpiae.engines.base import Backend, BackendUnavailable, InputError
+from rpiae.export.backends import BACKENDS, REGISTRY, backend_info
 from rpiae.hub import resolve_model
 
-BACKENDS = ("torch", "ort", "trt", "aoti", "torch-trt")
-FROM_WEIGHTS = ("torch", "torch-trt")  # backends that also open a checkpoint; the others run a bundle's files
+FROM_WEIGHTS = tuple(n for n, b in REGISTRY.items() if b.from_weights)  # also open a checkpoint
 
 
-def _factories():
-    # imported lazily: each runtime is optional
-    def weights(source, latent_stats=None):
-        from rpiae.model import RPiAE
+def backend_class(name: str) -> type[Backend]:
+    """The Backend class of a registered backend (its module imported now: runtimes are optional)."""
+    module, _, cls = backend_info(name).runner.partition(":")
+    return getattr(importlib.import_module(module), cls)
 
-        model = RPiAE.from_checkpoint(source.weights_path() if not isinstance(source, Path) else source)
-        if latent_stats is not None and isinstance(source, Path):
-            from rpiae.checkpoints import read_latent_stats
 
-            model.set_latent_stats(*read_latent_stats(latent_stats))
-        return model
+def _weights(source, latent_stats=None):
+    from rpiae.model import RPiAE
 
-    def torch_backend(source, precision, device, latent_stats=None, **kw):
-        from rpiae.engines.torch_backend import TorchBackend
+    model = RPiAE.from_checkpoint(source.weights_path() if not isinstance(source, Path) else source)
+    if latent_stats is not None and isinstance(source, Path):
+        from rpiae.checkpoints import read_latent_stats
 
-        return TorchBackend(weights(source, latent_stats), precision=precision, device=device, **kw)
-
-    def torch_trt_backend(source, precision, device, latent_stats=None, **kw):
-        from rpiae.engines.torch_trt_backend import TorchTRTBackend, import_torch_tensorrt
-
-        import_torch_tensorrt()  # before the weights are read: a missing runtime fails first
-        return TorchTRTBackend(weights(source, latent_stats), precision=precision, device=device, **kw)
-
-    def ort_backend(bundle, precision, device, **kw):
-        from rpiae.engines.ort_backend import ORTBackend
-
-        return ORTBackend(bundle, precision=precision, device=device, **kw)
-
-    def trt_backend(bundle, precision, device, **kw):
-        from rpiae.engines.trt_backend import TRTBackend
-
-        return TRTBackend(bundle, precision=precision, device=device, **kw)
-
-    def aoti_backend(bundle, precision, device, **kw):
-        from rpiae.engines.aoti_backend import AOTIBackend
-
-        return AOTIBackend(bundle, precision=precision, device=device, **kw)
-
-    return {"torch": torch_backend, "ort": ort_backend, "trt": trt_backend, "aoti": aoti_backend,
-            "torch-trt": torch_trt_backend}
+        model.set_latent_stats(*read_latent_stats(latent_stats))
+    return model
 
 
 def model_info(model: str | Path | None) -> dict:
@@ -106,7 +81,7 @@ def load_backend(
 
     if latent_stats is not None and not Path(latent_stats).is_file():
         raise FileNotFoundError(f"{latent_stats}: no such latent statistics file")
-    if backend not in BACKENDS:
+    if backend not in REGISTRY:
         raise BackendUnavailable(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     path = resolve_model(model)
     if Bundle.is_bundle(path):
@@ -128,10 +103,16 @@ def load_backend(
 
 
 def open_backend(source, backend: str, precision: str = "fp32", device: str = "cpu", **kwargs) -> Backend:
-    """Open an already-resolved source (a `Bundle`, or a checkpoint `Path` for torch) with `backend`."""
-    return _factories()[backend](source, precision, device, **kwargs)
+    """Open an already-resolved source (a `Bundle`, or a checkpoint `Path` for a backend that
+    runs weights) with `backend`."""
+    cls = backend_class(backend)
+    cls.require()  # a missing runtime fails before the weights are read
+    if backend_info(backend).from_weights:
+        source = _weights(source, kwargs.pop("latent_stats", None))
+    return cls(source, precision=precision, device=device, **kwargs)
 
 
 __all__ = [
-    "BACKENDS", "Backend", "BackendUnavailable", "InputError", "load_backend", "model_info", "open_backend", "resolve_model",
+    "BACKENDS", "FROM_WEIGHTS", "Backend", "BackendUnavailable", "InputError", "backend_class", "load_backend",
+    "model_info", "open_backend", "resolve_model",
 ]

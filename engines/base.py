@@ -134,6 +134,11 @@ class Backend(abc.ABC):
             self._checked[graph] = (weakref.ref(x), version)
         return out
 
+    @classmethod
+    def require(cls) -> None:
+        """Raise BackendUnavailable (one line, with what to install) when this runtime is missing;
+        called before anything is loaded. Runtimes imported in `__init__` need nothing here."""
+
     # subclasses implement this on a batch of at most `max_batch`, in their native type
     @abc.abstractmethod
     def _run(self, graph: str, x: Array) -> Array: ...

@@ -63,6 +63,10 @@ class TorchTRTBackend(Backend):
     name = "torch-trt"
     native = "torch"
 
+    @classmethod
+    def require(cls) -> None:
+        import_torch_tensorrt()
+
     def __init__(self, model, precision: str = "fp16", device: str = "cuda", max_batch: int | None = None,
                  profile=None) -> None:
         from rpiae.engines.tensorrt import require_cuda

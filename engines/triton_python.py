@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from rpiae.engines.base import InputError
+from rpiae.export.backends import backend_info
 
 PARAMETERS = ("rpiae_graph", "rpiae_backend", "rpiae_precision", "rpiae_bundle", "rpiae_threads")
 
@@ -43,8 +44,8 @@ def instance_device(backend: str, kind: str, device_id: int | str) -> str:
     """The device string of rpiae's backends for a Triton instance (KIND_CPU / KIND_GPU)."""
     if str(kind).upper() in ("GPU", "KIND_GPU"):
         return f"cuda:{int(device_id)}"
-    if backend == "trt":
-        raise ValueError("the trt backend runs TensorRT engines on GPU instances only (instance_group kind KIND_GPU)")
+    if "cpu" not in backend_info(backend).devices:
+        raise ValueError(f"the {backend} backend runs on GPU instances only (instance_group kind KIND_GPU)")
     return "cpu"
 
 
@@ -67,12 +68,12 @@ class GraphModel:
             bundle = Path(args["model_repository"]) / bundle
         device = instance_device(params["rpiae_backend"], args.get("model_instance_kind", "CPU"),
                                  args.get("model_instance_device_id", 0))
+        accepts = backend_info(params["rpiae_backend"]).options
         options: dict[str, Any] = {"graphs": (self.graph,)}
-        if params["rpiae_backend"] == "ort":
-            # the instances of a server share the cores: idle ONNX Runtime threads must not spin
-            options["spinning"] = False
+        if "spinning" in accepts:
+            options["spinning"] = False  # a server's instances share the cores: idle threads must not spin
         if params.get("rpiae_threads"):
-            if params["rpiae_backend"] == "ort":
+            if "threads" in accepts:
                 options["threads"] = int(params["rpiae_threads"])
             else:
                 torch.set_num_threads(int(params["rpiae_threads"]))

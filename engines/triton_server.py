@@ -87,7 +87,7 @@ def find_tritonserver() -> TritonInstall | None:
     root = _pytriton_root()
     if root is not None and (root / "tritonserver" / "bin" / "tritonserver").is_file():
         server = root / "tritonserver"
-        return TritonInstall(server / "bin" / "tritonserver", server / "backends", f"nvidia-pytriton wheel at {root}")
+        return TritonInstall(server / "bin" / "tritonserver", server / "backends", "the nvidia-pytriton wheel")
     return None
 
 

@@ -17,8 +17,11 @@ file is refused.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -173,10 +176,6 @@ class Bundle:
         """A bundle at `dest` (a new directory) holding only `names`, their external data and a
         manifest listing just those (sha256-checked here first). Files are hard-linked from
         this bundle where the filesystem allows, else copied."""
-        import copy
-        import os
-        import shutil
-
         keep = set()
         for name in names:
             self.verify_file(name)

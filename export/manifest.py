@@ -38,8 +38,7 @@ KIND_ONNX_DATA = "onnx-external-data"
 KIND_TRT_ENGINE = "trt-engine"
 KIND_AOTI_PACKAGE = "aoti-package"
 FILE_KINDS = (KIND_WEIGHTS, KIND_ONNX, KIND_ONNX_DATA, KIND_TRT_ENGINE, KIND_AOTI_PACKAGE)
-# the file kind each bundle runtime runs, and the `rpiae export --target` that builds it
-BACKEND_FILE_KIND = {"ort": KIND_ONNX, "trt": KIND_TRT_ENGINE, "aoti": KIND_AOTI_PACKAGE}
+# the `rpiae export --target` that builds each file kind (what runs each: rpiae.export.backends)
 FILE_KIND_TARGET = {KIND_ONNX: "onnx", KIND_TRT_ENGINE: "trt", KIND_AOTI_PACKAGE: "aoti"}
 
 TOOLS = ("rpiae", "torch", "onnx", "onnxruntime", "onnxslim", "onnxscript", "nvidia-modelopt", "tensorrt", "polygraphy")

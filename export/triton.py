@@ -33,13 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from rpiae.export.bundle import Bundle, BundleError
-from rpiae.export.manifest import BACKEND_FILE_KIND, KIND_AOTI_PACKAGE, KIND_ONNX, KIND_TRT_ENGINE, WEIGHTS
-from rpiae.export.spec import GRAPHS, TORCH_PRECISIONS, graph_specs
+from rpiae.export.backends import BACKENDS, backend_info
+from rpiae.export.manifest import FILE_KIND_TARGET, KIND_AOTI_PACKAGE, KIND_ONNX, KIND_TRT_ENGINE, WEIGHTS
+from rpiae.export.spec import GRAPHS, graph_specs
 from rpiae.fileio import atomic_dir
 
 PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx", "python": "python"}
 MODEL_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx", "python": "model.py"}
-PYTHON_BACKENDS = ("ort", "torch", "trt", "aoti")  # what a python model may run the graph with
+PYTHON_BACKENDS = BACKENDS  # a python model runs its graph with any registered backend
+DEFAULT_PYTHON_BACKEND = "ort"
 BUNDLE_DIR = "bundle"  # inside a python model's directory
 PYTHON_MODEL = ("rpiae.engines", "triton_model.py")  # the package file copied as a python model's 1/model.py
 _PREFERENCE = ("fp16", "int8", "bf16", "fp32")
@@ -193,15 +195,14 @@ def _io_types(onnx_path: Path) -> dict[str, tuple[str, str, list[int]]]:
 
 def _python_precisions(bundle: Bundle, backend: str) -> list[str]:
     """What a python model can run with `backend` from this bundle's files."""
-    if backend == "torch":
-        return list(TORCH_PRECISIONS) if WEIGHTS in bundle.files else []
-    if backend not in BACKEND_FILE_KIND:
-        raise ValueError(f"unknown backend {backend!r} for python models; choose one of {', '.join(PYTHON_BACKENDS)}")
-    return bundle.precisions(BACKEND_FILE_KIND[backend])
+    info = backend_info(backend)
+    if info.from_weights:
+        return list(info.precisions) if WEIGHTS in bundle.files else []
+    return bundle.precisions(info.runs)
 
 
 def choose(bundle: Bundle, platform: str = "auto", precision: str | None = None,
-           instance_kind: str = "auto", backend: str = "ort") -> tuple[str, str]:
+           instance_kind: str = "auto", backend: str = DEFAULT_PYTHON_BACKEND) -> tuple[str, str]:
     """(Triton platform, precision): `auto` serves TensorRT engines when the bundle has them.
     Without a precision: fp16 first on GPUs, fp32 first on CPUs (where the fp16 graphs of
     ONNX Runtime run slower than fp32). `backend` is what python models run."""
@@ -219,14 +220,16 @@ def choose(bundle: Bundle, platform: str = "auto", precision: str | None = None,
         order = ("fp32", "int8", "fp16", "bf16") if cpu else _PREFERENCE
         precision = next((p for p in order if p in have), None)
     if precision is None or precision not in have:
-        trt = platform == "tensorrt" or (platform == "python" and backend == "trt")
-        hint = (f"build engines with `rpiae export --target trt --precision {precision or 'fp16'} --out {bundle.root}`"
-                if trt else f"re-export with --precision {precision}")
-        what = "TensorRT engines" if trt else "ONNX graphs"
-        if platform == "python" and backend in ("torch", "aoti"):
-            what = {"torch": "weights", "aoti": "AOTInductor packages"}[backend]
-            hint = (f"run `rpiae export --target aoti --out {bundle.root}`" if backend == "aoti"
-                    else "re-export the bundle (it lacks model.safetensors)")
+        kind = backend_info(backend).runs if platform == "python" else KIND_TRT_ENGINE if platform == "tensorrt" else KIND_ONNX
+        what = {KIND_TRT_ENGINE: "TensorRT engines", KIND_ONNX: "ONNX graphs", KIND_AOTI_PACKAGE: "AOTInductor packages"}.get(
+            kind, "weights")
+        target = FILE_KIND_TARGET.get(kind)
+        if target is None:
+            hint = "re-export the bundle (it lacks model.safetensors)"
+        elif kind == KIND_ONNX:
+            hint = f"re-export with --precision {precision}"
+        else:
+            hint = f"build them with `rpiae export --target {target} --precision {precision or 'fp16'} --out {bundle.root}`"
         raise BundleError(f"bundle {bundle.root} has no {precision or ''} {what}"
                           f" (has: {', '.join(have) or 'none'}); {hint}")
     return platform, precision
@@ -278,11 +281,12 @@ def _aoti_package(bundle: Bundle, graph: str, precision: str, device: str) -> tu
 
 def _python_files(bundle: Bundle, backend: str, graph: str, precision: str, device: str) -> list[str]:
     """The bundle files a python model of `graph` needs to run it with `backend`."""
-    if backend == "torch":
+    info = backend_info(backend)
+    if info.from_weights:
         return [WEIGHTS]
-    if backend == "aoti":
+    if info.runs == KIND_AOTI_PACKAGE:  # one package per device type
         return [_aoti_package(bundle, graph, precision, device)[0]]
-    name = bundle.find(graph, precision, BACKEND_FILE_KIND[backend])
+    name = bundle.find(graph, precision, info.runs)
     if name is None:
         raise BundleError(f"bundle {bundle.root} has no {precision} {graph} file for the {backend} backend")
     return [name]
@@ -291,13 +295,14 @@ def _python_files(bundle: Bundle, backend: str, graph: str, precision: str, devi
 def _python_model(bundle: Bundle, graph: str, precision: str, max_batch: int | None, backend: str,
                   kind: str, python_env: str | None, threads: int | None) -> dict[str, Any]:
     """What serving one graph as a python model takes: its parameters and bundle files."""
-    if backend == "trt" and kind != "KIND_GPU":
-        raise ValueError("the trt backend runs TensorRT engines on GPU instances only; use --backend ort for CPU")
+    info = backend_info(backend)
+    if "cpu" not in info.devices and kind != "KIND_GPU":
+        raise ValueError(f"the {backend} backend runs on GPU instances only; use --backend ort for CPU")
     device = "cuda" if kind == "KIND_GPU" else "cpu"
-    limit = None
-    if backend == "trt":
+    limit = None  # the batch limit of files built for a batch range
+    if info.runs == KIND_TRT_ENGINE:
         limit = bundle.files[bundle.find(graph, precision, KIND_TRT_ENGINE)]["profile"]["max"]
-    elif backend == "aoti":
+    elif info.runs == KIND_AOTI_PACKAGE:
         limit = _aoti_package(bundle, graph, precision, device)[1]["batch"]["max"]
     batch_max = max_batch or min(32, limit or 32)
     if limit is not None and batch_max > limit:
@@ -323,7 +328,7 @@ def default_python_env() -> str | None:
 def write_model_repository(
     bundle: Bundle | str | Path, out: str | Path, precision: str | None = None, platform: str = "auto",
     instance_kind: str = "auto", instances: int = 1, max_batch: int | None = None, prefix: str = "rpiae",
-    max_queue_delay_us: int = 100, overwrite: bool = False, backend: str = "ort", python_env: str | None = "auto",
+    max_queue_delay_us: int = 100, overwrite: bool = False, backend: str = DEFAULT_PYTHON_BACKEND, python_env: str | None = "auto",
     threads: int | None = None,
 ) -> dict[str, Any]:
     """Write a Triton model repository for `bundle` at `out` (atomically). Returns a summary.
@@ -401,5 +406,5 @@ def _engine_onnx_precision(bundle: Bundle, graph: str, precision: str) -> str:
     return bundle.files[src]["precision"] if src in bundle.files else precision
 
 
-__all__ = ["PLATFORMS", "PYTHON_BACKENDS", "default_python_env", "TritonConfigError", "check_repository", "choose", "config_text", "ensemble_config",
+__all__ = ["DEFAULT_PYTHON_BACKEND", "PLATFORMS", "PYTHON_BACKENDS", "default_python_env", "TritonConfigError", "check_repository", "choose", "config_text", "ensemble_config",
            "model_config", "parse_config", "write_model_repository"]

@@ -23,7 +23,7 @@ def test_doctor_runs_here_on_one_screen():
     assert all(len(line) <= 140 for line in lines), max(lines, key=len)
     assert any(line.split()[:3] == ["yes", "torch", "--device"] and line.endswith("cpu") for line in lines)
     for name in ("torch", "onnxruntime", "TensorRT", "polygraphy", "ModelOpt", "Torch-TensorRT", "tritonclient",
-                 "C++ / CMake", "CUDA toolkit", "CPU", "memory"):
+                 "tritonserver", "C++ / CMake", "CUDA toolkit", "CPU", "memory"):
         assert any(line.strip().startswith(name) for line in lines), name
 
 

@@ -410,3 +410,26 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, photo_dir, train
     one_line_error(cli("eval", tmp_path / "nowhere", "--model", trained_or_tiny_ckpt), "no such folder")
     r = cli("eval", "--help")
     assert r.exit_code == 0 and "--inception-weights" in r.output and "--require" in r.output
+
+
+def test_eval_calls_each_backend_with_at_most_eval_batch_images(tmp_path, photos):
+    """eval holds every variant's backend at once; its memory follows the per-call batch, so
+    the default batch is the small EVAL_BATCH (8), not the dataset jobs' STREAM_BATCH (32)."""
+    from rpiae.data import EVAL_BATCH, STREAM_BATCH
+
+    class Recording(KnownDegradation):
+        def __init__(self):
+            super().__init__(sigma=0.0)
+            self.batches = []
+
+        def encode(self, x):
+            self.batches.append(len(x))
+            return super().encode(x)
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(EVAL_BATCH + 5):
+        Image.fromarray(np.round(photos[i % len(photos)].transpose(1, 2, 0) * 255).astype(np.uint8)).save(d / f"{i:02d}.png")
+    be = Recording()
+    evaluate(open_source(d), [(("torch", "fp32"), be)], opts=EvalOptions(workers=0), progress=False)
+    assert EVAL_BATCH < STREAM_BATCH and be.batches == [EVAL_BATCH, 5]

@@ -23,7 +23,8 @@ from rpiae.engines import open_backend
 from rpiae.engines.base import Backend
 from rpiae.engines.torch_backend import TorchBackend
 from rpiae.export.bundle import Bundle, BundleError
-from rpiae.export.manifest import BACKEND_FILE_KIND, FILE_KIND_TARGET, KIND_ONNX
+from rpiae.export.backends import backend_info
+from rpiae.export.manifest import FILE_KIND_TARGET, KIND_ONNX
 from rpiae.metrics import psnr
 from rpiae.model import RPiAE
 
@@ -101,7 +102,8 @@ def verify_bundle(
 
         images = sample_photos()[1]
     batches = batches or [len(images)]
-    kind = BACKEND_FILE_KIND.get(backend, KIND_ONNX)
+    info = backend_info(backend)
+    kind = KIND_ONNX if info.from_weights else info.runs  # from weights: the bundle's ONNX precisions
     precisions = precisions or bundle.precisions(kind)
     if not precisions:
         raise BundleError(f"bundle {bundle.root} has no {kind} files to verify; build them with "

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from rpiae.engines.base import BackendUnavailable
+from rpiae.export.backends import backend_info
 from rpiae.export.bundle import Bundle
-from rpiae.export.manifest import BACKEND_FILE_KIND
 from rpiae.export.spec import GRAPHS
 from rpiae.verify.parity import repeat_to
 
@@ -81,7 +81,7 @@ def compare_bundle(bundle: Bundle | str, backend: str = "ort", images: np.ndarra
 
         images = sample_photos()[1]
     x = np.ascontiguousarray(repeat_to(images, batch), dtype=np.float32)
-    kind = BACKEND_FILE_KIND[backend]
+    kind = backend_info(backend).runs
     precisions = precisions or bundle.precisions(kind)
     cpu = ORTBackend(bundle, precision="fp32", device="cpu", io_binding=False)
     reference = {g: cpu.session(g) for g in GRAPHS}

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from rpiae.data import STREAM_BATCH
+from rpiae.data import EVAL_BATCH
 from rpiae.data.eval_report import METRICS, REFERENCE, format_table, write_grid
 from rpiae.data.metric_nets import OPTIONAL_METRICS, EvalError, MetricNets, find_metric_weights, load_metric_nets
 from rpiae.data.sources import Source, image_loader
@@ -55,7 +55,7 @@ CHUNK = 8  # images per LPIPS / Inception call: bounds their activation memory
 
 @dataclass(frozen=True)
 class EvalOptions:
-    batch_size: int = STREAM_BATCH
+    batch_size: int = EVAL_BATCH
     workers: int = 4
     crop: str = DEFAULT_CROP
     size: int = 256

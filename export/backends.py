@@ -1,0 +1,67 @@
+"""The runtimes, declared once: what each backend runs, in which precisions, on which devices.
+
+Every layer that names backends reads this registry: `rpiae.engines` opens them (importing
+`runner` only then), the CLI offers them, the benchmark skips what a backend cannot run, the
+Triton python platform and parity checks find the bundle files each one needs. It lives in
+`export` because that is the lowest layer that knows the bundle's file kinds; nothing here
+imports a runtime.
+
+Adding a runtime: its module under `engines/` (a `Backend` subclass) and one entry below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rpiae.export.manifest import KIND_AOTI_PACKAGE, KIND_ONNX, KIND_TRT_ENGINE, KIND_WEIGHTS
+from rpiae.export.spec import ONNX_PRECISIONS, TORCH_PRECISIONS
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    runner: str  # "module:Class" of its `rpiae.engines.base.Backend`, imported when it is opened
+    runs: str  # the bundle file kind it runs (KIND_WEIGHTS: the model's weights, also from a checkpoint)
+    precisions: tuple[str, ...]  # what it can be asked to run
+    devices: tuple[str, ...]  # device kinds of `rpiae.devices` it takes (cpu, cuda, trt)
+    install: str  # what provides it
+    summary: str
+    options: tuple[str, ...] = ()  # keyword options of its constructor beyond precision, device, max_batch, graphs
+
+    @property
+    def from_weights(self) -> bool:
+        """Runs a checkpoint (or a bundle's weights) rather than files exported for it."""
+        return self.runs == KIND_WEIGHTS
+
+
+REFERENCE = "torch"  # the backend every other one is compared with (eager PyTorch, fp32)
+
+REGISTRY: dict[str, BackendInfo] = {b.name: b for b in (
+    BackendInfo("torch", "rpiae.engines.torch_backend:TorchBackend", KIND_WEIGHTS, TORCH_PRECISIONS, ("cpu", "cuda"),
+                "torch", "eager PyTorch (autocast for fp16/bf16)", ("compile",)),
+    BackendInfo("ort", "rpiae.engines.ort_backend:ORTBackend", KIND_ONNX, ONNX_PRECISIONS, ("cpu", "cuda", "trt"),
+                "pip install -e '.[cpu]' (CPU) or the gpu-cu13 / gpu-cu12 extra", "ONNX Runtime on the bundle's ONNX graphs",
+                ("threads", "spinning", "io_binding", "allow_fallback", "profile_dir", "profile")),
+    BackendInfo("trt", "rpiae.engines.trt_backend:TRTBackend", KIND_TRT_ENGINE, ONNX_PRECISIONS,
+                ("cuda",), "pip install -c constraints/gpu-cu13.txt -e '.[gpu-cu13]'", "TensorRT engines of the bundle"),
+    BackendInfo("aoti", "rpiae.engines.aoti_backend:AOTIBackend", KIND_AOTI_PACKAGE, ("fp32",), ("cpu", "cuda"),
+                "torch (and a C++ compiler to build the packages)", "AOTInductor packages of the bundle", ("cache_dir",)),
+    BackendInfo("torch-trt", "rpiae.engines.torch_trt_backend:TorchTRTBackend", KIND_WEIGHTS, TORCH_PRECISIONS, ("cuda",),
+                "pip install -c constraints/gpu-cu13.txt -e '.[gpu-cu13]'", "the PyTorch graphs compiled by Torch-TensorRT", ("profile",)),
+)}
+BACKENDS = tuple(REGISTRY)
+
+
+def backend_info(name: str) -> BackendInfo:
+    """The registry entry of a backend; ValueError naming the choices for anything else."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    return REGISTRY[name]
+
+
+def bundle_backends() -> tuple[str, ...]:
+    """Backends that run files exported into a bundle (not the weights)."""
+    return tuple(n for n, b in REGISTRY.items() if not b.from_weights)
+
+
+__all__ = ["BACKENDS", "REFERENCE", "REGISTRY", "BackendInfo", "backend_info", "bundle_backends"]

@@ -1,0 +1,106 @@
+"""The backend registry (`rpiae.export.backends`): one entry per runtime, read by every layer
+that names backends; a runtime added as one entry is opened, offered and served."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rpiae.engines import backend_class, load_backend
+from rpiae.engines.base import Backend
+from rpiae.export.backends import BACKENDS, REFERENCE, REGISTRY, BackendInfo, backend_info, bundle_backends
+from rpiae.export.manifest import KIND_ONNX, KIND_WEIGHTS
+
+ROOT = Path(__file__).resolve().parents[1]
+# files that read backend names from the registry and must not spell them out again
+# (cli/export_cmd.py and export/manifest.py are not: their "trt" and "aoti" are --target names)
+READERS = ["engines/__init__.py", "cli/common.py", "cli/triton_cmd.py", "bench/settings.py",
+           "bench/runner.py", "export/triton.py", "verify/parity.py", "engines/triton_python.py"]
+
+
+def test_every_entry_names_its_class():
+    for name, info in REGISTRY.items():
+        cls = backend_class(name)
+        assert issubclass(cls, Backend) and cls.name == name, (name, cls)
+        assert info.devices and info.precisions and info.summary
+    assert REFERENCE in REGISTRY and REGISTRY[REFERENCE].from_weights
+    assert set(bundle_backends()) == {n for n, b in REGISTRY.items() if b.runs != KIND_WEIGHTS}
+    with pytest.raises(ValueError, match="unknown backend 'nope'; choose one of: torch, ort"):
+        backend_info("nope")
+
+
+def test_the_command_line_offers_the_registry():
+    from rpiae.cli.main import main
+
+    def choices(command: str, option: str = "backend") -> list[str]:
+        param = next(p for p in main.commands[command].params if p.name == option)
+        return list(param.type.choices)
+
+    for command in ("encode", "decode", "extract", "triton"):
+        assert choices(command) == list(BACKENDS), command
+    assert choices("verify") == [b for b in BACKENDS if b != REFERENCE]
+
+
+def test_readers_do_not_spell_backend_names():
+    for rel in READERS:
+        tree = ast.parse((ROOT / rel).read_text())
+        literals = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in REGISTRY
+                    and not _is_default(tree, n)]
+        assert not literals, f"{rel} names backends {literals}: read them from rpiae.export.backends"
+
+
+def _is_default(tree: ast.AST, node: ast.Constant) -> bool:
+    """A default (a parameter's, an option's, a DEFAULT_* constant) is a choice, not a list of names."""
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Assign) and any(v is node for v in ast.walk(n.value)) and all(
+                isinstance(t, ast.Name) and t.id.startswith("DEFAULT") for t in n.targets):
+            return True
+        if isinstance(n, ast.arguments) and any(d is node for d in (*n.defaults, *n.kw_defaults)):
+            return True
+        if isinstance(n, ast.keyword) and n.arg == "default" and n.value is node:
+            return True
+    return False
+
+
+# -- a runtime added as one entry ---------------------------------------------------------------
+class EchoBackend(Backend):
+    """A stand-in runtime: 'runs' the bundle's ONNX graphs by answering zeros of the right shape."""
+
+    name = "echo"
+    native = "numpy"
+
+    def __init__(self, bundle, precision="fp32", device="cpu", max_batch=None, graphs=("encode", "decode")):
+        super().__init__(bundle.config, precision, max_batch, graphs)
+        self.paths = {g: bundle.graph_path(g, precision) for g in self.graphs}
+
+    def _run(self, graph, x):
+        shape = self.config.latent_shape if graph == "encode" else self.config.image_shape
+        return np.zeros((len(x), *shape), np.float32)
+
+
+@pytest.fixture
+def echo_registered(monkeypatch):
+    import rpiae.export.backends as registry
+
+    entry = BackendInfo("echo", f"{__name__}:EchoBackend", KIND_ONNX, ("fp32", "int8"), ("cpu",), "nothing", "a stand-in")
+    monkeypatch.setitem(registry.REGISTRY, "echo", entry)
+    return entry
+
+
+def test_a_registered_runtime_is_opened_and_served(echo_registered, bundle_all, tmp_path, photos):
+    backend = load_backend(bundle_all.root, "echo", "int8")
+    assert isinstance(backend, EchoBackend) and backend.paths["encode"].name == "encode.int8.onnx"
+    assert backend.encode(photos[:2]).shape == (2, 64, 16, 16)
+    from rpiae.export.triton import choose, write_model_repository
+
+    assert choose(bundle_all, "python", backend="echo") == ("python", "fp32")
+    write_model_repository(bundle_all, tmp_path / "repo", platform="python", backend="echo", precision="int8")
+    assert sorted(p.name for p in (tmp_path / "repo" / "rpiae_decode" / "bundle").iterdir()) == [
+        "decode.int8.onnx", "manifest.json"]
+    from rpiae.bench.runner import _static_skip
+
+    assert _static_skip({"backend": "echo", "precision": "fp16"}, True, ["fp32", "int8"]).startswith("the bundle has no fp16")
+    assert "runs an export bundle" in _static_skip({"backend": "echo", "precision": "fp32"}, False, [])
