@@ -68,7 +68,7 @@ class TorchTRTBackend(Backend):
         import_torch_tensorrt()
 
     def __init__(self, model, precision: str = "fp16", device: str = "cuda", max_batch: int | None = None,
-                 profile=None) -> None:
+                 profile=None, graphs: tuple[str, ...] = GRAPHS) -> None:
         from rpiae.engines.tensorrt import require_cuda
 
         if precision not in DTYPES:
@@ -80,10 +80,10 @@ class TorchTRTBackend(Backend):
         self.device = require_cuda(device)
         self.profile = profile or BatchProfile()
         top = self.profile.max
-        super().__init__(model.config, precision, min(max_batch, top) if max_batch else top)
+        super().__init__(model.config, precision, min(max_batch, top) if max_batch else top, graphs)
         self.dtype = DTYPES[precision]
         self.settings = compile_settings(torch_tensorrt, self.dtype)
-        self._modules = {g: self._compile(torch_tensorrt, model, g) for g in GRAPHS}
+        self._modules = {g: self._compile(torch_tensorrt, model, g) for g in self.graphs}
 
     def _compile(self, torch_tensorrt, model, graph: str):
         item = graph_spec(self.config, graph).input_shape

@@ -22,10 +22,15 @@ READERS = ["engines/__init__.py", "cli/common.py", "cli/triton_cmd.py", "bench/s
 
 
 def test_every_entry_names_its_class():
+    import inspect
+
     for name, info in REGISTRY.items():
         cls = backend_class(name)
         assert issubclass(cls, Backend) and cls.name == name, (name, cls)
         assert info.devices and info.precisions and info.summary
+        # what every caller may pass (a Triton model opens one graph), and the options it declares
+        accepted = set(inspect.signature(cls.__init__).parameters)
+        assert {"precision", "device", "max_batch", "graphs", *info.options} <= accepted, (name, accepted)
     assert REFERENCE in REGISTRY and REGISTRY[REFERENCE].from_weights
     assert set(bundle_backends()) == {n for n, b in REGISTRY.items() if b.runs != KIND_WEIGHTS}
     with pytest.raises(ValueError, match="unknown backend 'nope'; choose one of: torch, ort"):
