@@ -18,10 +18,10 @@ backends (ONNX Runtime by default), from a copy of the bundle's files for that b
 precision inside the model's directory (`<model>/bundle/`, which Triton ignores: only
 numbered subdirectories are versions); the Python environment that has rpiae installed is
 recorded as the config's EXECUTION_ENV_PATH. A `python` repository is served by any Triton
-with its Python backend, including the server in the `nvidia-pytriton` wheel, on a CPU. Dynamic batching stays within the engine profile
-(max_batch_size = the profile's maximum). Every config is built as Triton's own `ModelConfig`
-protobuf message (tritonclient), checked, and written with protobuf's `text_format` before
-the repository is renamed into place.
+with its Python backend, including the server in the `nvidia-pytriton` wheel, on a CPU.
+Dynamic batching stays within the engine profile (max_batch_size = the profile's maximum).
+Every config is built as Triton's own `ModelConfig` protobuf message (tritonclient), checked,
+and written with protobuf's `text_format` before the repository is renamed into place.
 """
 
 from __future__ import annotations
