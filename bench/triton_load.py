@@ -117,6 +117,7 @@ def _pct(values: list[float], q: float) -> float:
 def _in_process(bundle, precision: str, threads: int | None, which: str, batch: int, image: np.ndarray,
                 repeats: int) -> float:
     """images/s of the same backend in this process at `batch` (best of `repeats` medians)."""
+    from rpiae.bench.timing import time_loop
     from rpiae.engines import load_backend
 
     x = np.repeat(image, batch, axis=0)
@@ -126,16 +127,9 @@ def _in_process(bundle, precision: str, threads: int | None, which: str, batch: 
             if which == "ensemble":
                 backend.decode(z)
 
-        once()
-        best = float("inf")
-        for _ in range(repeats):
-            times = []
-            t_end = time.perf_counter() + 1.0
-            while len(times) < 3 or time.perf_counter() < t_end:
-                t0 = time.perf_counter()
-                once()
-                times.append(time.perf_counter() - t0)
-            best = min(best, statistics.median(times))
+        # the first round warms up with one call; each round: >= 3 calls and >= 1 s, no cap
+        best = min(statistics.median(time_loop(once, warmup=int(r == 0), warmup_time=0.0, min_iters=3, min_time=1.0,
+                                               max_iters=10**9, max_time=float("inf"))[0]) for r in range(repeats))
     return batch / best
 
 

@@ -290,8 +290,8 @@ def probe_tritonserver() -> dict[str, Any]:
     install = find_tritonserver()
     if install is None:
         return {"path": None, "found": None, "reason": missing_reason()}
-    if not install.binary.is_file():
-        return {"path": None, "found": None, "reason": f"{install.binary}: no such file ({install.source})"}
+    if install.problem():
+        return {"path": None, "found": None, "reason": install.problem()}
     return {"path": str(install.binary), "found": install.describe(), "reason": None}
 
 

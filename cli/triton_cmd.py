@@ -117,9 +117,6 @@ def serve(repository, http_port, grpc_port, log_path, watchdog, ready_timeout, s
         click.echo(f"rpiae serve: ready, HTTP {server.http_url}, gRPC {server.grpc_url} ({server.install.describe()})",
                    err=True)
         code = server.process.wait()
-    except KeyboardInterrupt:
-        server.stop()
-        raise
-    finally:
+    finally:  # Ctrl-C, SIGTERM or the server's exit: the whole process group goes
         server.close()
     raise SystemExit(code)

@@ -5,7 +5,7 @@
 `GraphModel` here. The model's `config.pbtxt` says what to run, in its parameters:
 
     rpiae_graph      encode | decode
-    rpiae_backend    ort | torch | trt | aoti (any backend the bundle has files for)
+    rpiae_backend    a registered backend (rpiae.export.backends) the bundle has files for
     rpiae_precision  fp32 | fp16 | int8 | bf16
     rpiae_bundle     the bundle, relative to the model's directory (or absolute)
     rpiae_threads    intra-op threads per instance (optional; empty: the runtime's default)
@@ -27,14 +27,14 @@ import torch
 
 from rpiae.engines.base import InputError
 from rpiae.export.backends import backend_info
-
-PARAMETERS = ("rpiae_graph", "rpiae_backend", "rpiae_precision", "rpiae_bundle", "rpiae_threads")
+from rpiae.export.spec import GRAPHS
+from rpiae.export.triton import PYTHON_PARAMETERS
 
 
 def parameters(model_config: dict[str, Any]) -> dict[str, str]:
-    """The rpiae_* parameters of a model config (Triton's JSON form)."""
+    """The parameters of a model config (Triton's JSON form); those rpiae needs must be set."""
     params = {k: v.get("string_value", "") for k, v in (model_config.get("parameters") or {}).items()}
-    missing = [k for k in PARAMETERS[:4] if not params.get(k)]
+    missing = [k for k in PYTHON_PARAMETERS if not params.get(k)]
     if missing:
         raise ValueError(f"model {model_config.get('name')!r}: config.pbtxt lacks the parameters {', '.join(missing)}")
     return params
@@ -61,8 +61,8 @@ class GraphModel:
         config = json.loads(args["model_config"])
         params = parameters(config)
         self.graph = params["rpiae_graph"]
-        if self.graph not in ("encode", "decode"):
-            raise ValueError(f"rpiae_graph is {self.graph!r}: expected encode or decode")
+        if self.graph not in GRAPHS:
+            raise ValueError(f"rpiae_graph is {self.graph!r}: expected one of {', '.join(GRAPHS)}")
         bundle = Path(params["rpiae_bundle"])
         if not bundle.is_absolute():
             bundle = Path(args["model_repository"]) / bundle
@@ -122,4 +122,4 @@ class GraphModel:
         self.backend.close()
 
 
-__all__ = ["PARAMETERS", "GraphModel", "instance_device", "parameters"]
+__all__ = ["GraphModel", "instance_device", "parameters"]

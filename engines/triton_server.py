@@ -24,8 +24,8 @@ restarted by Triton 2.51: every request it is given fails with "Stub process '<i
 is not healthy" while the server and the model still report ready. With `watchdog=True`
 (what `rpiae serve` does) the server runs with `--model-control-mode=explicit
 --load-model=*` and a thread checks each model's stub processes every second; when one is
-gone it unloads and loads that model (a new stub; its ensemble stays ready), and records
-the event in `restarts`.
+gone it loads that model again (`reload`: new stubs swap in, its ensemble stays
+available), and records the event in `restarts`.
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ class TritonInstall:
 
     def describe(self) -> str:
         return f"{self.binary} ({self.source})"
+
+    def problem(self) -> str | None:
+        """Why this install cannot run (its binary is missing), or None."""
+        return None if self.binary.is_file() else f"{self.binary}: no such tritonserver binary ({self.source})"
 
 
 def _pytriton_root() -> Path | None:
@@ -142,8 +146,8 @@ def free_port() -> int:
 
 def server_command(install: TritonInstall, repository: str | Path, backends: Path, http_port: int, grpc_port: int,
                    extra: list[str] | None = None) -> list[str]:
-    """The tritonserver command line: the repository, its backends, the ports; no metrics
-    endpoint, no pinned or CUDA memory pools (CPU machines have no GPU to pin for)."""
+    """The tritonserver command line: the repository, its backends, the ports, no metrics
+    endpoint, then `extra` as given."""
     return [str(install.binary), f"--model-repository={Path(repository).resolve()}",
             f"--backend-directory={backends}", f"--http-port={http_port}", f"--grpc-port={grpc_port}",
             "--allow-metrics=false", *(extra or [])]
@@ -174,8 +178,8 @@ class TritonServer:
         self.install = install or find_tritonserver()
         if self.install is None:
             raise TritonServerError(missing_reason())
-        if not self.install.binary.is_file():
-            raise TritonServerError(f"{self.install.binary}: no such tritonserver binary ({self.install.source})")
+        if self.install.problem():
+            raise TritonServerError(self.install.problem())
         self.repository = Path(repository)
         if not self.repository.is_dir():
             raise TritonServerError(f"{repository}: no such model repository")

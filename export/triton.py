@@ -33,15 +33,16 @@ from pathlib import Path
 from typing import Any
 
 from rpiae.export.bundle import Bundle, BundleError
-from rpiae.export.backends import BACKENDS, backend_info
+from rpiae.export.backends import backend_info
 from rpiae.export.manifest import FILE_KIND_TARGET, KIND_AOTI_PACKAGE, KIND_ONNX, KIND_TRT_ENGINE, WEIGHTS
 from rpiae.export.spec import GRAPHS, graph_specs
 from rpiae.fileio import atomic_dir
 
 PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx", "python": "python"}
 MODEL_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx", "python": "model.py"}
-PYTHON_BACKENDS = BACKENDS  # a python model runs its graph with any registered backend
-DEFAULT_PYTHON_BACKEND = "ort"
+DEFAULT_PYTHON_BACKEND = "ort"  # what python models run unless told (any registered backend can)
+# the config parameters a python model needs (rpiae.engines.triton_python reads them)
+PYTHON_PARAMETERS = ("rpiae_graph", "rpiae_backend", "rpiae_precision", "rpiae_bundle")
 BUNDLE_DIR = "bundle"  # inside a python model's directory
 PYTHON_MODEL = ("rpiae.engines", "triton_model.py")  # the package file copied as a python model's 1/model.py
 _PREFERENCE = ("fp16", "int8", "bf16", "fp32")
@@ -141,8 +142,7 @@ def check_repository(parsed: dict[str, Any]) -> dict[str, Any]:
         if c.platform not in (*MODEL_FILES, "ensemble") and not (c.backend == "python" and not c.platform):
             raise TritonConfigError(f"{name}: unexpected platform {c.platform or c.backend!r}")
         if c.backend == "python":
-            missing = [k for k in ("rpiae_graph", "rpiae_backend", "rpiae_precision", "rpiae_bundle")
-                       if not c.parameters[k].string_value]
+            missing = [k for k in PYTHON_PARAMETERS if not c.parameters[k].string_value]
             if missing:
                 raise TritonConfigError(f"{name}: python model without the parameters {', '.join(missing)}")
         if c.max_batch_size < 1:
@@ -406,5 +406,5 @@ def _engine_onnx_precision(bundle: Bundle, graph: str, precision: str) -> str:
     return bundle.files[src]["precision"] if src in bundle.files else precision
 
 
-__all__ = ["DEFAULT_PYTHON_BACKEND", "PLATFORMS", "PYTHON_BACKENDS", "default_python_env", "TritonConfigError", "check_repository", "choose", "config_text", "ensemble_config",
+__all__ = ["DEFAULT_PYTHON_BACKEND", "PLATFORMS", "PYTHON_PARAMETERS", "default_python_env", "TritonConfigError", "check_repository", "choose", "config_text", "ensemble_config",
            "model_config", "parse_config", "write_model_repository"]
