@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from rpiae.bench.settings import BENCH_VARIANTS
 from rpiae.bench.timing import cuda_compute_times, stats, time_loop
 from rpiae.devices import BackendUnavailable, device_scope, torch_device
+from rpiae.export.backends import REFERENCE, backend_info
 from rpiae.export.bundle import Bundle, BundleError
-from rpiae.export.manifest import onnx_name
 from rpiae.export.spec import GRAPH_MODULES, graph_spec
 from rpiae.host import environ
 
@@ -35,21 +36,23 @@ def _peak_rss() -> int:
 
 
 def _open_backend(model: str, backend: str, precision: str, device: str, threads: int, **kwargs):
+    """A row's backend (a bench variant: its backend with the variant's options), with the run's
+    thread count where the runtime takes one."""
     from rpiae.engines import load_backend
 
-    if backend == "torch-compile":
-        return load_backend(model, "torch", precision, device, compile=True)
-    if backend == "ort":
-        return load_backend(model, "ort", precision, device, threads=threads, **kwargs)
-    return load_backend(model, backend, precision, device)
+    name, options = BENCH_VARIANTS.get(backend, (backend, {}))
+    if "threads" in backend_info(name).options:
+        options = {**options, "threads": threads}
+    return load_backend(model, name, precision, device, **options, **kwargs)
 
 
 def graph_weight_bytes(model: str, backend: str, precision: str, graph: str) -> dict[str, Any]:
     """Bytes of the weights of one graph as this backend holds them."""
     path = Path(model)
-    if backend == "torch-trt":  # the weights live inside Torch-TensorRT's engines
+    info = backend_info(BENCH_VARIANTS.get(backend, (backend,))[0])
+    if info.from_weights and info.name != REFERENCE:  # compiled from the weights (Torch-TensorRT: inside its engines)
         return {"weight_bytes": None, "weight_source": None}
-    if backend in ("torch", "torch-compile"):
+    if info.from_weights:
         from safetensors import safe_open
 
         weights = Bundle.open(path).weights_path() if Bundle.is_bundle(path) else path
@@ -67,8 +70,8 @@ def graph_weight_bytes(model: str, backend: str, precision: str, graph: str) -> 
         return {"weight_bytes": total or None, "weight_source": "fp32 parameters of the graph's modules"}
     if Bundle.is_bundle(path):
         bundle = Bundle.open(path)
-        name = onnx_name(graph, precision)
-        if name in bundle.files:
+        name = bundle.find(graph, info.files_of.get(precision, precision), info.runs)
+        if name is not None:
             files = [name, *bundle.files[name].get("external_data", [])]
             return {"weight_bytes": sum((path / f).stat().st_size for f in files),
                     "weight_source": " + ".join(files)}
@@ -166,7 +169,8 @@ def _measure_row_on(row: dict[str, Any], settings: dict[str, Any], dev) -> dict[
         loop["warmup_time"] = max(loop["warmup_time"] - row["first_call_s"], 0.0)
         times, info = time_loop(lambda: fn_graph(x), **loop)
         row.update(status="ok", timing=stats(times, batch), loop=info)
-        row["threads"] = {"torch": torch.get_num_threads(), "ort_intra_op": threads if row["backend"] == "ort" else None,
+        takes = "threads" in backend_info(BENCH_VARIANTS.get(row["backend"], (row["backend"],))[0]).options
+        row["threads"] = {"torch": torch.get_num_threads(), "backend": threads if takes else None,
                           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
         row["backend_info"] = {k: (v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v))
                                for k, v in backend.describe().items()}

@@ -43,7 +43,7 @@ from rpiae.bench.row import PROFILED, child_env, measure_row, profile_graph, run
 from rpiae.bench.settings import BENCH_BACKENDS, BENCH_VARIANTS, BenchSettings
 from rpiae.bench.targets import evaluate_targets
 from rpiae.bench.timing import stats, time_loop
-from rpiae.export.backends import REFERENCE, backend_info
+from rpiae.export.backends import REFERENCE, backend_info, runnable
 from rpiae.export.manifest import KIND_ONNX
 from rpiae.export.spec import TORCH_PRECISIONS
 
@@ -53,12 +53,14 @@ __all__ = ["BENCH_BACKENDS", "BenchSettings", "load_results", "measure_row", "pr
 
 def _static_skip(spec: dict[str, Any], is_bundle: bool, bundle_precisions: list[str]) -> str | None:
     b, p = spec["backend"], spec["precision"]
-    info = backend_info(BENCH_VARIANTS.get(b, b))
+    info = backend_info(BENCH_VARIANTS.get(b, (b,))[0])
     if info.from_weights and p not in info.precisions:
         return f"{b} runs {', '.join(info.precisions)} (autocast), not {p}; {p} is an exported-graph precision"
+    if p not in info.precisions:
+        return f"{b} runs {', '.join(info.precisions)}, not {p}"
     if not info.from_weights and not is_bundle:
         return f"backend {b!r} runs an export bundle; --model is a checkpoint (run `rpiae export` first)"
-    if info.runs == KIND_ONNX and p not in bundle_precisions:
+    if info.runs == KIND_ONNX and p not in runnable(info.name, bundle_precisions):
         have = ", ".join(bundle_precisions) or "none"
         return f"the bundle has no {p} graphs (has: {have}); export them with `rpiae export --precision {p}`"
     return None

@@ -209,6 +209,7 @@ def probe() -> dict[str, Any]:
         "torch_tensorrt": probe_import("torch-tensorrt", import_torch_tensorrt),
         "tritonclient": {"version": dist_version("tritonclient")},
         "tritonserver": probe_tritonserver(),
+        "openvino": probe_openvino(),
         "tools": probe_tools(),
         "cpu": {**cpu_summary(), "cores": psutil.cpu_count()},
         "memory": {"available_bytes": int(vm.available), "total_bytes": int(vm.total)},
@@ -246,6 +247,7 @@ def can_run(r: dict[str, Any]) -> list[dict[str, Any]]:
                 "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu")
     tools = r["tools"]
     trt, poly, ttrt = r["tensorrt"], r["polygraphy"], r["torch_tensorrt"]
+    ov = r.get("openvino") or {"available": False, "reason": "not probed"}
 
     def row(backend, device, why_not):
         return {"backend": backend, "device": device, "ok": why_not is None, "why": why_not}
@@ -273,6 +275,10 @@ def can_run(r: dict[str, Any]) -> list[dict[str, Any]]:
         row("ort", "trt", ort_on("TensorrtExecutionProvider") or (None if trt["available"] else trt["reason"])),
         row("trt", "cuda", trt.get("reason") or poly.get("reason") or (None if gpu else no_gpu)),
         row("torch-trt", "cuda", ttrt.get("reason") or (None if gpu else no_gpu)),
+        row("openvino", "cpu", None if ov["available"] else ov["reason"]),
+        row("openvino -p bf16", "cpu", (None if "BF16" in ov["capabilities"] else
+                                     f"this CPU has no bf16 (OpenVINO: {', '.join(ov['capabilities'])}); needs AMX or AVX512-BF16")
+            if ov["available"] else ov["reason"]),
         row("aoti", "cpu", compiler or cpu_level),
         row("aoti", "cuda", (None if gpu else no_gpu) or compiler
             or (None if tools["cuda_toolkit"]["root"] else f"no CUDA toolkit: {tools['cuda_toolkit']['how']}")),
@@ -281,6 +287,18 @@ def can_run(r: dict[str, Any]) -> list[dict[str, Any]]:
         row("triton repository", "-", None if r["tritonclient"]["version"] else "tritonclient is not installed (pip install -e '.[triton]')"),
         row("rpiae serve", "-", None if r["tritonserver"]["path"] else r["tritonserver"]["reason"]),
     ]
+
+
+def probe_openvino() -> dict[str, Any]:
+    """OpenVINO's version and what its CPU plugin says this CPU computes natively (BF16 on AMX /
+    AVX512-BF16 CPUs: what `--backend openvino --precision bf16` needs)."""
+    from rpiae.engines.openvino_backend import cpu_capabilities, import_openvino
+
+    try:
+        ov = import_openvino()
+        return {"available": True, "version": ov.get_version(), "capabilities": cpu_capabilities(ov.Core())}
+    except Exception as e:  # noqa: BLE001 - BackendUnavailable, or a CPU plugin that cannot start
+        return {"available": False, "reason": _reason(e)}
 
 
 def probe_tritonserver() -> dict[str, Any]:
@@ -330,6 +348,9 @@ def render(r: dict[str, Any]) -> str:
     add("ModelOpt", r["modelopt"]["version"] or "not installed")
     add("tritonclient", r["tritonclient"]["version"] or "not installed")
     add("tritonserver", r["tritonserver"]["found"] or f"no: {_short(r['tritonserver']['reason'])}")
+    ov = r.get("openvino") or {}
+    add("OpenVINO", f"{ov['version']} (CPU: {', '.join(ov['capabilities'])})" if ov.get("available")
+        else f"no: {_short(ov.get('reason', 'not probed'))}")
     c, m, k = tools["compiler"], tools["cmake"], tools["cuda_toolkit"]
     add("C++ / CMake", f"{c['path'] or 'no compiler'} {c['version'] or ''} / cmake {m['version'] or 'not found'}".replace("  ", " "))
     add("CUDA toolkit", k["root"] or f"none: {_short(k['how'])}")
@@ -352,7 +373,7 @@ def render(r: dict[str, Any]) -> str:
     lines.append("can run:")
     for b in r["backends"]:
         label = f"{b['backend']}" + (f" --device {b['device']}" if b["device"] != "-" else "")
-        lines.append(f"  {'yes' if b['ok'] else 'no ':3}  {label:24} {'' if b['ok'] else _short(b['why'])}".rstrip())
+        lines.append(f"  {'yes' if b['ok'] else 'no ':3}  {label:30} {'' if b['ok'] else _short(b['why'])}".rstrip())
     if not t["gpus"]:
         lines.append("no GPU present: the GPU checks (providers, CUDA stack) have nothing to prove on this machine")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from rpiae.cli.common import (
     PRECISIONS, batch_option, crop_option, device_option, friendly_errors, model_option, workers_option,
 )
 from rpiae.data import EVAL_BATCH
+from rpiae.export.backends import BACKENDS
 
 
 
@@ -26,9 +27,9 @@ def _names(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
 @click.command("eval")
 @model_option
 @click.option("--backend", "-b", default="torch", show_default=True,
-              help="Comma-separated runtimes: torch, ort, trt, aoti (all but torch need a bundle).")
+              help=f"Comma-separated runtimes: {', '.join(BACKENDS)} (all but those that run weights need a bundle).")
 @click.option("--precision", "-p", default="fp32", show_default=True,
-              help="Comma-separated precisions: fp32, fp16, bf16, int8. One row per backend x precision.")
+              help=f"Comma-separated precisions: {', '.join(PRECISIONS)}. One row per backend x precision.")
 @device_option
 @batch_option(EVAL_BATCH)
 @crop_option

@@ -55,6 +55,7 @@ from rpiae.export.bundle import Bundle
 from rpiae.export.manifest import KIND_AOTI_PACKAGE, KIND_ONNX, KIND_TRT_ENGINE
 from rpiae.export.profile import BatchProfile
 from rpiae.export.spec import GRAPHS, graph_specs
+from rpiae.precisions import trt_flags
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "trt": "TensorrtExecutionProvider"}
 ALLOW_FALLBACK_ENV = "RPIAE_ALLOW_FALLBACK"
@@ -238,17 +239,15 @@ class ORTBackend(Backend):
         for spec in graph_specs(self.config).values():
             for key in shapes:
                 shapes[key].append(f"{spec.input_name}:{_shape(getattr(self.profile, key), spec.input_shape)}")
-        high = "fp16"
         name = self.bundle.find(graph, self.precision, KIND_ONNX)
-        if self.precision == "int8" and name is not None:
-            high = (self.bundle.files[name].get("calibration") or {}).get("high_precision", "fp16")
-        fp16 = self.precision == "fp16" or (self.precision == "int8" and high == "fp16")
-        keep = self.trt_fp32_islands.get(graph, {}).get("by_type", []) if fp16 else []
+        high = ((self.bundle.files[name].get("calibration") or {}).get("high_precision") if name else None)
+        flags = trt_flags(self.precision, high)  # precision lives in the graph; the provider still wants its flags
+        keep = self.trt_fp32_islands.get(graph, {}).get("by_type", []) if "fp16" in flags else []
         options = {
             **{k: v for k, v in cuda.items() if k != "use_tf32"},  # the TensorRT provider has no use_tf32
             # precision lives in the graph: fp16 casts, int8 Q/DQ (plus fp16 for its unquantised layers)
-            "trt_fp16_enable": fp16,
-            "trt_int8_enable": self.precision == "int8",
+            "trt_fp16_enable": "fp16" in flags,
+            "trt_int8_enable": "int8" in flags,
             "trt_engine_cache_enable": True,
             "trt_engine_cache_path": str(self.trt_cache),
             "trt_timing_cache_enable": True,
@@ -258,7 +257,7 @@ class ORTBackend(Backend):
             "trt_profile_opt_shapes": ",".join(shapes["opt"]),
             "trt_profile_max_shapes": ",".join(shapes["max"]),
         }
-        if fp16:
+        if "fp16" in flags:
             # weakly typed networks: keep the graph's fp32 islands out of TensorRT's fp16 choice
             options["trt_layer_norm_fp32_fallback"] = True
             if keep:

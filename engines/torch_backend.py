@@ -11,10 +11,9 @@ from __future__ import annotations
 import torch
 
 from rpiae.engines.base import Backend, BackendUnavailable, PrecisionUnsupported, device_scope, precision_context, torch_device
-from rpiae.export.spec import GRAPHS, TORCH_PRECISIONS
+from rpiae.export.spec import GRAPHS
 from rpiae.model import RPiAE
-
-_DTYPES = dict(zip(TORCH_PRECISIONS, (torch.float32, torch.float16, torch.bfloat16)))
+from rpiae.precisions import TORCH_DTYPES as _DTYPES
 
 
 class TorchBackend(Backend):

@@ -21,11 +21,11 @@ import torch
 from rpiae.engines.base import Backend, BackendUnavailable, PrecisionUnsupported, device_scope, strict_fp32
 from rpiae.export.graphs import graph_module
 from rpiae.export.profile import BatchProfile
-from rpiae.export.spec import GRAPHS, TORCH_PRECISIONS, graph_spec
+from rpiae.export.spec import GRAPHS, graph_spec
+from rpiae.precisions import TORCH_DTYPES as DTYPES
 
 TORCH_TRT_MISSING = ("Torch-TensorRT is not installed: it comes with the CUDA 13 GPU stack, "
                      "pip install -c constraints/gpu-cu13.txt -e '.[gpu-cu13]' (torch-tensorrt 2.13 is a CUDA 13 build)")
-DTYPES = dict(zip(TORCH_PRECISIONS, (torch.float32, torch.float16, torch.bfloat16)))
 
 
 def import_torch_tensorrt():

@@ -11,7 +11,7 @@ Adding a runtime: its module under `engines/` (a `Backend` subclass) and one ent
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rpiae.export.manifest import KIND_AOTI_PACKAGE, KIND_ONNX, KIND_TRT_ENGINE, KIND_WEIGHTS
 from rpiae.export.spec import ONNX_PRECISIONS, TORCH_PRECISIONS
@@ -27,6 +27,8 @@ class BackendInfo:
     install: str  # what provides it
     summary: str
     options: tuple[str, ...] = ()  # keyword options of its constructor beyond precision, device, max_batch, graphs
+    # precisions it runs from another precision's files (OpenVINO's bf16: the FP32 graph with a bf16 hint)
+    files_of: dict[str, str] = field(default_factory=dict, hash=False)
 
     @property
     def from_weights(self) -> bool:
@@ -46,6 +48,9 @@ REGISTRY: dict[str, BackendInfo] = {b.name: b for b in (
                 ("cuda",), "pip install -c constraints/gpu-cu13.txt -e '.[gpu-cu13]'", "TensorRT engines of the bundle"),
     BackendInfo("aoti", "rpiae.engines.aoti_backend:AOTIBackend", KIND_AOTI_PACKAGE, ("fp32",), ("cpu", "cuda"),
                 "torch (and a C++ compiler to build the packages)", "AOTInductor packages of the bundle", ("cache_dir",)),
+    BackendInfo("openvino", "rpiae.engines.openvino_backend:OpenVINOBackend", KIND_ONNX, ("fp32", "bf16", "int8"), ("cpu",),
+                "pip install -e '.[openvino]'", "OpenVINO on the bundle's ONNX graphs (bf16: its inference hint, on CPUs with bf16)",
+                ("threads", "hint"), files_of={"bf16": "fp32"}),
     BackendInfo("torch-trt", "rpiae.engines.torch_trt_backend:TorchTRTBackend", KIND_WEIGHTS, TORCH_PRECISIONS, ("cuda",),
                 "pip install -c constraints/gpu-cu13.txt -e '.[gpu-cu13]'", "the PyTorch graphs compiled by Torch-TensorRT", ("profile",)),
 )}
@@ -59,9 +64,13 @@ def backend_info(name: str) -> BackendInfo:
     return REGISTRY[name]
 
 
-def bundle_backends() -> tuple[str, ...]:
-    """Backends that run files exported into a bundle (not the weights)."""
-    return tuple(n for n, b in REGISTRY.items() if not b.from_weights)
+def runnable(name: str, have: list[str] | tuple[str, ...]) -> list[str]:
+    """The precisions backend `name` can run from a bundle whose files of its kind come in the
+    precisions `have` (a backend that runs weights: all of its own)."""
+    info = backend_info(name)
+    if info.from_weights:
+        return list(info.precisions)
+    return [p for p in info.precisions if info.files_of.get(p, p) in have]
 
 
-__all__ = ["BACKENDS", "REFERENCE", "REGISTRY", "BackendInfo", "backend_info", "bundle_backends"]
+__all__ = ["BACKENDS", "REFERENCE", "REGISTRY", "BackendInfo", "backend_info", "runnable"]

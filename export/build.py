@@ -6,6 +6,7 @@ measured and recorded in the manifest before the bundle is committed.)"""
 from __future__ import annotations
 
 import gc
+import importlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,13 +19,14 @@ from rpiae.export.bundle import Bundle
 from rpiae.export.checks import assert_graph_ok
 from rpiae.export.manifest import KIND_ONNX, KIND_ONNX_DATA, KIND_WEIGHTS, WEIGHTS, onnx_name
 from rpiae.export.onnx_export import OPSET, export_graph_from_checkpoint
-from rpiae.export.precision import check_int8_memory, precision_report, to_fp16, to_int8
+from rpiae.export.precision import check_int8_memory, precision_report
 from rpiae.export.spec import GRAPH_MODULES, GRAPHS, ONNX_PRECISIONS, parse_precisions
 from rpiae.fileio import atomic_dir, sha256_file
 from rpiae.hub import resolve_model
 from rpiae.imageio import find_images, load_images
 from rpiae.isolation import run_in_child
 from rpiae.model import RPiAE
+from rpiae.precisions import INT8_HIGH_PRECISION, precision_info
 
 # called on the complete bundle, still in its temporary directory, with the calibration images
 # (or None): what it writes into the manifest is committed with the bundle
@@ -64,7 +66,7 @@ def build_bundle(
     precisions: str | list[str] = ("fp32",),
     calib: str | Path | np.ndarray | None = None,
     calib_count: int = 64,
-    int8_high_precision: str = "fp16",
+    int8_high_precision: str = INT8_HIGH_PRECISION,
     overwrite: bool = False,
     progress: bool = True,
     latent_stats: str | Path | None = None,
@@ -72,7 +74,8 @@ def build_bundle(
 ) -> Bundle:
     """Export the encode/decode graphs of a checkpoint in each precision into a bundle.
 
-    FP32 is always included (the variants are derived from it). INT8 needs `calib`.
+    FP32 is always included (the variants are derived from it, each by its precision's ONNX pass,
+    `rpiae.precisions`). A quantised precision (INT8) needs `calib`.
     `latent_stats` (from `rpiae extract`, or the RPiAE authors' `.pt`) bakes latent
     normalisation into both graphs and the bundle's weights. The ONNX export and the INT8
     pass each run in a child process (`rpiae.isolation`), from the bundle's own weights: their
@@ -82,7 +85,7 @@ def build_bundle(
     if "fp32" not in precisions:
         precisions.insert(0, "fp32")
     model, source = load_source(checkpoint, latent_stats)
-    calib_x = calibration_images(calib, calib_count) if "int8" in precisions else None
+    calib_x = calibration_images(calib, calib_count) if any(precision_info(p).quantized for p in precisions) else None
     if calib_x is not None:  # refuse now, not after minutes of FP32 export
         for graph in GRAPHS:
             check_int8_memory(_fp32_graph_bytes(model, graph), onnx_name(graph, "fp32"))
@@ -121,18 +124,24 @@ def _add_graph(bundle: Bundle, graph: str, precision: str, calibration_data: np.
     tmp = bundle.root
     name = onnx_name(graph, precision)
     fp32 = tmp / onnx_name(graph, "fp32")
-    if precision == "fp32":  # the exporter peaks at several times the graph and keeps some: a child process
+    info = precision_info(precision)
+    if info.onnx_pass == "":  # the exporter peaks at several times the graph and keeps some: a child process
         run_in_child(export_graph_from_checkpoint, str(tmp / WEIGHTS), graph, str(tmp / name), what=f"the {graph} ONNX export")
-    elif precision == "fp16":
-        to_fp16(fp32, tmp / name)
-    else:
-        to_int8(fp32, tmp / name, calibration_data, high_precision=calibration["high_precision"])
+    elif info.onnx_pass is None:
+        raise ValueError(f"{precision} has no ONNX graph; choose from: {', '.join(ONNX_PRECISIONS)}")
+    else:  # "module:function" (src, dst[, calibration data, high_precision=])
+        module, _, fn = info.onnx_pass.partition(":")
+        make = getattr(importlib.import_module(module), fn)
+        if info.quantized:
+            make(fp32, tmp / name, calibration_data, high_precision=calibration["high_precision"])
+        else:
+            make(fp32, tmp / name)
     assert_graph_ok(tmp / name, precision)
     extra = [name + ".data"] if (tmp / (name + ".data")).exists() else []
     for dep in extra:
         bundle.add_file(dep, kind=KIND_ONNX_DATA, graph=graph, precision=precision)
     facts: dict[str, Any] = {"opset": OPSET, "external_data": extra, "precision_report": precision_report(tmp / name)}
-    if precision == "int8":
+    if info.quantized:
         facts["calibration"] = calibration
     bundle.add_file(name, kind=KIND_ONNX, graph=graph, precision=precision, **facts)
     bundle.manifest.precisions = [p for p in ONNX_PRECISIONS if bundle.find("encode", p) and bundle.find("decode", p)]

@@ -23,6 +23,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from rpiae.precisions import REGISTRY
+
 MIN_OPSET = 17
 DYNAMIC_QUANT_OPS = {"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "ConvInteger", "MatMulInteger"}
 FP32_ONLY_OPS = ("LayerNormalization", "Softmax")
@@ -99,15 +101,16 @@ def _node_problems(model: onnx.ModelProto) -> list[str]:
 def _precision_problems(model: onnx.ModelProto, precision: str) -> list[str]:
     """fp16/int8 graphs keep FP32_ONLY_OPS in float32; an int8 graph has QuantizeLinear nodes."""
     problems = []
-    if precision in ("fp16", "int8"):
+    info = REGISTRY.get(precision)
+    if info is not None and info.bits < 32:
         inferred = onnx.shape_inference.infer_shapes(model)
         types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.input)}
         types.update({t.name: t.data_type for t in model.graph.initializer})
         for node in model.graph.node:
             if node.op_type in FP32_ONLY_OPS and types.get(node.input[0]) != onnx.TensorProto.FLOAT:
                 problems.append(f"{node.name}: {node.op_type} does not compute in float32")
-    if precision == "int8" and not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
-        problems.append("int8 graph has no QuantizeLinear nodes")
+    if info is not None and info.quantized and not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        problems.append(f"{precision} graph has no QuantizeLinear nodes")
     return problems
 
 

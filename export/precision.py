@@ -28,6 +28,7 @@ import onnx
 
 from rpiae.config import RPiAEConfig
 from rpiae.export.onnx_export import read_metadata, save_onnx, set_metadata
+from rpiae.precisions import INT8_HIGH_PRECISION
 
 FP32_OP_TYPES = ["LayerNormalization", "Softmax"]
 # node-name regexes (names are `<module path>/<OpType>_<i>`, see onnx_export.name_nodes)
@@ -130,7 +131,7 @@ def check_int8_memory(graph_bytes: int, name: str) -> None:
         )
 
 
-def to_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, high_precision: str = "fp16") -> Path:
+def to_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, high_precision: str = INT8_HIGH_PRECISION) -> Path:
     """INT8 Q/DQ variant of an FP32 graph, calibrated on `calibration` (N, ...) inputs.
 
     ModelOpt runs in a child process (see INT8_MEMORY_PER_GRAPH_BYTE); the result then gets

@@ -17,16 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from rpiae.config import RPiAEConfig
+# the precision vocabularies, declared with each precision's record; re-exported for the layers above
+from rpiae.precisions import ONNX_PRECISIONS, PRECISIONS, TORCH_PRECISIONS  # noqa: F401
 
 GRAPHS = ("encode", "decode")
 BATCH_AXIS = "batch"
 # the model's submodules each graph runs (also their state-dict key prefixes)
 GRAPH_MODULES = {"encode": ("encoder", "vb_feature_encoder"), "decode": ("vb_feature_decoder", "decoder")}
 
-# precisions, in the order they are listed everywhere
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")  # what a backend can be asked to run
-ONNX_PRECISIONS = ("fp32", "fp16", "int8")  # what `rpiae export` writes as ONNX graphs
-TORCH_PRECISIONS = ("fp32", "fp16", "bf16")  # what PyTorch (eager, compiled, Torch-TensorRT) runs, by autocast
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from rpiae.export.spec import GRAPHS
 from rpiae.export.trt_precision import (
     MAX_FP32_SHARE, EnginePrecisionError, check_layer_precisions, layer_precision_summary,
 )
+from rpiae.precisions import INT8_HIGH_PRECISION, precision_info
 
 TRT_MISSING = (
     "TensorRT is not installed: install one GPU stack, pip install -c constraints/gpu-cu13.txt -e '.[gpu-cu13]' "
@@ -269,8 +270,8 @@ def build_bundle_engines(bundle, precisions: list[str], profile, workspace_gb: f
         onnx_path = bundle.graph_path(graph, precision)  # sha256-checked
         label = f"{graph}.{precision}"
         onnx_entry = bundle.files[onnx_file]
-        high = (onnx_entry.get("calibration") or {}).get("high_precision", "fp16")
-        limit = 1.0 if precision == "int8" and high == "fp32" else max_fp32_share
+        high = (onnx_entry.get("calibration") or {}).get("high_precision", INT8_HIGH_PRECISION)
+        limit = 1.0 if precision_info(precision).quantized and high == "fp32" else max_fp32_share
         name = engine_name(graph, precision)
         # the plan is saved to a temporary file and renamed only after its layer precisions pass
         try:

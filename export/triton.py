@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from rpiae.export.bundle import Bundle, BundleError
-from rpiae.export.backends import backend_info
+from rpiae.export.backends import backend_info, runnable
 from rpiae.export.manifest import FILE_KIND_TARGET, KIND_AOTI_PACKAGE, KIND_ONNX, KIND_TRT_ENGINE, WEIGHTS
 from rpiae.export.spec import GRAPHS, graph_specs
 from rpiae.fileio import atomic_dir
+from rpiae.precisions import DEFAULT_ORDER
 
 PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx", "python": "python"}
 MODEL_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx", "python": "model.py"}
@@ -45,7 +46,6 @@ DEFAULT_PYTHON_BACKEND = "ort"  # what python models run unless told (any regist
 PYTHON_PARAMETERS = ("rpiae_graph", "rpiae_backend", "rpiae_precision", "rpiae_bundle")
 BUNDLE_DIR = "bundle"  # inside a python model's directory
 PYTHON_MODEL = ("rpiae.engines", "triton_model.py")  # the package file copied as a python model's 1/model.py
-_PREFERENCE = ("fp16", "int8", "bf16", "fp32")
 # Triton's TensorRT backend loads version-compatible plans only with this server option
 VERSION_COMPATIBLE_ARG = "--backend-config=tensorrt,version-compatible=true"
 _ONNX_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 16: "TYPE_BF16", 3: "TYPE_INT8", 6: "TYPE_INT32", 7: "TYPE_INT64"}
@@ -198,7 +198,7 @@ def _python_precisions(bundle: Bundle, backend: str) -> list[str]:
     info = backend_info(backend)
     if info.from_weights:
         return list(info.precisions) if WEIGHTS in bundle.files else []
-    return bundle.precisions(info.runs)
+    return runnable(backend, bundle.precisions(info.runs))
 
 
 def choose(bundle: Bundle, platform: str = "auto", precision: str | None = None,
@@ -217,7 +217,7 @@ def choose(bundle: Bundle, platform: str = "auto", precision: str | None = None,
         have = bundle.precisions(KIND_TRT_ENGINE if platform == "tensorrt" else KIND_ONNX)
     if precision is None:
         cpu = platform in ("onnxruntime", "python") and instance_kind in ("auto", "cpu")
-        order = ("fp32", "int8", "fp16", "bf16") if cpu else _PREFERENCE
+        order = DEFAULT_ORDER["cpu" if cpu else "gpu"]
         precision = next((p for p in order if p in have), None)
     if precision is None or precision not in have:
         kind = backend_info(backend).runs if platform == "python" else KIND_TRT_ENGINE if platform == "tensorrt" else KIND_ONNX
@@ -286,7 +286,7 @@ def _python_files(bundle: Bundle, backend: str, graph: str, precision: str, devi
         return [WEIGHTS]
     if info.runs == KIND_AOTI_PACKAGE:  # one package per device type
         return [_aoti_package(bundle, graph, precision, device)[0]]
-    name = bundle.find(graph, precision, info.runs)
+    name = bundle.find(graph, info.files_of.get(precision, precision), info.runs)
     if name is None:
         raise BundleError(f"bundle {bundle.root} has no {precision} {graph} file for the {backend} backend")
     return [name]

@@ -73,8 +73,24 @@ def test_peaks_and_peak_key():
     both = {"fp32": {"gflops": 1.0}, "int8": {"gflops": 2.0}}
     assert peak_key("cpu", "int8", both) == "int8" and peak_key("cpu", "fp16", both) == "fp32"
     assert peak_key("cpu", "int8", {**both, "int8": {"skipped": "no ONNX Runtime"}}) == "fp32"  # falls back
-    assert peak_key("cuda", "fp16", {"bf16": {"gflops": 1.0}}) == "bf16"
-    assert peak_key("cuda", "int8", {"fp32": {"gflops": 1.0}}) is None  # nothing comparable measured
+    assert peak_key("cuda", "fp16", {"bf16": {"gflops": 1.0}, "fp16": {"gflops": 1.0}}) == "fp16"  # its own dtype
+    assert peak_key("cuda", "fp16", {"bf16": {"gflops": 1.0}, "fp32": {"gflops": 1.0}}) == "fp32"  # named fallback
+    assert peak_key("cuda", "int8", {"bf16": {"gflops": 1.0}}) is None  # nothing comparable measured
+
+
+def test_cpu_peaks_each_dtype_with_its_best_kernel():
+    """Every CPU dtype has its own peak, each naming its kernel and size; int8 keeps the higher of
+    torch._int_mm and ONNX Runtime's MatMulInteger and lists the other."""
+    peaks = measure_peaks("cpu", threads=1, min_time=0.01, size=128)
+    assert set(peaks) == {"fp32", "bf16", "fp16", "int8"}
+    for dtype, peak in peaks.items():
+        assert peak["dtype"] == dtype and peak["gflops"] > 0 and "128x128x128" in peak["kernel"], peak
+    int8 = peaks["int8"]
+    (other,) = int8["others"]
+    kernels = {int8["kernel"].split()[0], other["kernel"].split()[0]}
+    assert kernels == {"torch._int_mm", "onnxruntime"}, kernels
+    assert int8["gflops"] >= other["gflops"]
+    assert "torch.matmul bf16" in peaks["bf16"]["kernel"]
 
 
 def test_results_json(result_file, bundle):

@@ -116,7 +116,7 @@ def test_a_row_remeasures_only_its_own_peak(monkeypatch, tiny_ckpt):
     monkeypatch.setattr(P, "cuda_peaks", fake_cuda_peaks)
     monkeypatch.setattr(RW, "_open_backend", lambda *a, **k: EchoBackend())
     monkeypatch.setattr(RW, "_device_input", lambda x, dev: torch.from_numpy(x))
-    for precision, dtype in (("fp16", "bf16"), ("int8", "int8"), ("fp32", "fp32")):
+    for precision, dtype in (("fp16", "fp16"), ("bf16", "bf16"), ("int8", "int8"), ("fp32", "fp32")):
         spec = {"graph": "decode", "backend": "ort", "precision": precision, "batch": 1, "reference": False}
         row = R.measure_row(spec, _settings(tiny_ckpt, row_peak_time=0.1))
         assert row["local_peak"] == {"dtype": dtype, "gflops": 100.0}
@@ -171,5 +171,5 @@ def test_ort_profile_uses_the_runs_device_and_providers(monkeypatch, bundle_all)
 @pytest.mark.parametrize("device,cuda", [("cpu", False), ("cuda", True), ("cuda:3", True), ("trt:1", True)])
 def test_gpu_devices_and_peak_dtypes(device, cuda):
     assert P.on_cuda(device) is cuda
-    assert P.peak_dtype(device, "fp16") == ("bf16" if cuda else "fp32")
+    assert P.peak_dtype(device, "fp16") == "fp16" and P.peak_dtype(device, "bf16") == "bf16"  # its own dtype
     assert P.peak_dtype(device, "int8") == "int8"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from click.testing import CliRunner
 
 from rpiae.cli import doctor as D
@@ -156,3 +158,17 @@ def test_conclusions_on_a_gpu_machine():
     assert "!! onnxruntime and onnxruntime-gpu are both installed" in D.render(clash)
     assert "no CUDA toolkit" in _row(clash, "aoti", "cuda")["why"]
     assert any("both installed" in p for p in D.strict_problems(clash))  # --strict fails on it
+
+
+def test_openvino_rows_follow_what_its_cpu_plugin_reports():
+    pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install -e '.[openvino]'")
+    report = json.loads(CliRunner().invoke(cli, ["doctor", "--json"]).output)
+    assert report["openvino"]["available"] and "FP32" in report["openvino"]["capabilities"]
+    assert _row(report, "openvino", "cpu")["ok"]
+    for caps, ok in ((["FP32", "INT8"], False), (["FP32", "INT8", "BF16"], True)):
+        report["openvino"]["capabilities"] = caps
+        row = _row({"backends": D.can_run(report)}, "openvino -p bf16", "cpu")
+        assert row["ok"] is ok and (ok or "this CPU has no bf16 (OpenVINO: FP32, INT8)" in row["why"]), row
+    report["openvino"] = {"available": False, "reason": "OpenVINO is not installed: pip install -e '.[openvino]'"}
+    rows = D.can_run(report)
+    assert not _row({"backends": rows}, "openvino", "cpu")["ok"] and not _row({"backends": rows}, "openvino -p bf16", "cpu")["ok"]

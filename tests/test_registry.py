@@ -11,8 +11,8 @@ import pytest
 
 from rpiae.engines import backend_class, load_backend
 from rpiae.engines.base import Backend
-from rpiae.export.backends import BACKENDS, REFERENCE, REGISTRY, BackendInfo, backend_info, bundle_backends
-from rpiae.export.manifest import KIND_ONNX, KIND_WEIGHTS
+from rpiae.export.backends import BACKENDS, REFERENCE, REGISTRY, BackendInfo, backend_info, runnable
+from rpiae.export.manifest import KIND_ONNX
 
 ROOT = Path(__file__).resolve().parents[1]
 # files that read backend names from the registry and must not spell them out again
@@ -32,9 +32,20 @@ def test_every_entry_names_its_class():
         accepted = set(inspect.signature(cls.__init__).parameters)
         assert {"precision", "device", "max_batch", "graphs", *info.options} <= accepted, (name, accepted)
     assert REFERENCE in REGISTRY and REGISTRY[REFERENCE].from_weights
-    assert set(bundle_backends()) == {n for n, b in REGISTRY.items() if b.runs != KIND_WEIGHTS}
+    for info in REGISTRY.values():  # a precision run from another's files names one the backend runs
+        assert set(info.files_of) <= set(info.precisions) and not set(info.files_of.values()) - {"fp32", "fp16", "int8"}
     with pytest.raises(ValueError, match="unknown backend 'nope'; choose one of: torch, ort"):
         backend_info("nope")
+
+
+def test_runnable_precisions_follow_the_files_a_bundle_has():
+    """What a backend can run from a bundle: its precisions whose files (its own kind, or the
+    precision it reads them from) are there; a weights backend runs all of its own."""
+    with_bf16 = next(n for n, b in REGISTRY.items() if "bf16" in b.files_of)
+    assert runnable(with_bf16, ["fp32"]) == ["fp32", "bf16"]  # bf16 from the FP32 graph
+    assert runnable(with_bf16, ["fp16", "int8"]) == ["int8"]
+    assert "bf16" not in runnable("ort", ["fp32", "fp16", "int8"])  # ONNX Runtime has no bf16 graph to run
+    assert runnable(REFERENCE, []) == list(REGISTRY[REFERENCE].precisions)
 
 
 def test_the_command_line_offers_the_registry():
@@ -90,7 +101,7 @@ class EchoBackend(Backend):
 def echo_registered(monkeypatch):
     import rpiae.export.backends as registry
 
-    entry = BackendInfo("echo", f"{__name__}:EchoBackend", KIND_ONNX, ("fp32", "int8"), ("cpu",), "nothing", "a stand-in")
+    entry = BackendInfo("echo", f"{__name__}:EchoBackend", KIND_ONNX, ("fp32", "fp16", "int8"), ("cpu",), "nothing", "a stand-in")
     monkeypatch.setitem(registry.REGISTRY, "echo", entry)
     return entry
 
@@ -108,4 +119,5 @@ def test_a_registered_runtime_is_opened_and_served(echo_registered, bundle_all, 
     from rpiae.bench.runner import _static_skip
 
     assert _static_skip({"backend": "echo", "precision": "fp16"}, True, ["fp32", "int8"]).startswith("the bundle has no fp16")
+    assert _static_skip({"backend": "echo", "precision": "bf16"}, True, ["fp32"]) == "echo runs fp32, fp16, int8, not bf16"
     assert "runs an export bundle" in _static_skip({"backend": "echo", "precision": "fp32"}, False, [])

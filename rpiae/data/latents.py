@@ -24,8 +24,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from rpiae.fileio import atomic_file
+from rpiae.precisions import TORCH_DTYPES
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = TORCH_DTYPES  # how latents may be stored: the float precisions
 # in an extract folder: only shard files match `*.safetensors` at the top level, which is what
 # latent-caching DiT trainers glob; the exact statistics live in a subfolder
 STATS_FILE = "stats/latents_stats.safetensors"

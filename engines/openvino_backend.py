@@ -1,0 +1,154 @@
+"""OpenVINO backend: runs a bundle's ONNX graphs with OpenVINO on the CPU.
+
+Precisions (what runs is read back from the compiled model: `describe()["runtime_precisions"]`):
+- fp32: the FP32 graph with the inference precision hint f32. OpenVINO's CPU default is bf16
+  on CPUs that have it, so the hint is always set: fp32 means fp32 on every machine.
+- bf16: the FP32 graph with the hint bf16 (matmuls and convolutions in bf16, AMX or
+  AVX512-BF16). Refused, with the CPU's capabilities, where OpenVINO does not list BF16: there
+  it ignores the hint and runs f32. After compiling, the runtime model is read back and a bf16
+  backend whose compute layers run no bf16 is refused too.
+- int8: the bundle's Q/DQ graph (OpenVINO runs the quantised matmuls and convolution in
+  int8); its other layers in f32.
+
+Hints: `latency` (default; one request, every thread on one batch) or `throughput` (OpenVINO
+chooses its streams; a batch is split over the compiled model's optimal number of requests
+and run by an `AsyncInferQueue`). `threads` sets INFERENCE_NUM_THREADS. The graphs' batch
+axis is symbolic, so one compiled model takes every batch size.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rpiae.engines.base import Backend, BackendUnavailable, PrecisionUnsupported
+from rpiae.export.backends import backend_info
+from rpiae.export.bundle import Bundle
+from rpiae.export.spec import GRAPHS
+
+OPENVINO_MISSING = "OpenVINO is not installed: pip install -e '.[openvino]'"
+HINTS = ("latency", "throughput")
+_INFERENCE_TYPE = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # OpenVINO inference precision hint per precision
+_COMPUTE_LAYERS = ("FullyConnected", "MatMul", "Convolution")  # where the time goes, and the precision shows
+
+
+def cpu_capabilities(core) -> list[str]:
+    """OpenVINO's OPTIMIZATION_CAPABILITIES of this CPU (FP32, INT8, BF16 where it has AMX or
+    AVX512-BF16, ...)."""
+    return [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+
+
+def unmet(runtime_precisions: dict[str, dict[str, dict[str, int]]], inference: str) -> str | None:
+    """Why a compiled model does not run in `inference` (an OpenVINO type name), or None: a 16-bit
+    hint must show in the precision of at least one compute layer of every graph."""
+    if inference == "f32":
+        return None
+    for graph, layers in runtime_precisions.items():
+        seen = {p for counts in layers.values() for p in counts}
+        if inference not in seen:
+            return f"OpenVINO compiled the {graph} graph's compute layers in {', '.join(sorted(seen)) or 'nothing'}, not {inference}"
+    return None
+
+
+def import_openvino():
+    try:
+        import openvino
+    except ImportError as e:
+        raise BackendUnavailable(OPENVINO_MISSING) from e
+    return openvino
+
+
+class OpenVINOBackend(Backend):
+    name = "openvino"
+    native = "numpy"
+
+    @classmethod
+    def require(cls) -> None:
+        import_openvino()
+
+    def __init__(self, bundle: Bundle, precision: str = "fp32", device: str = "cpu", max_batch: int | None = None,
+                 threads: int | None = None, hint: str = "latency", graphs: tuple[str, ...] = GRAPHS) -> None:
+        ov = import_openvino()
+        import openvino.properties as props
+        import openvino.properties.hint as hints
+
+        info = backend_info(self.name)
+        if precision not in info.precisions:
+            raise PrecisionUnsupported(f"openvino backend runs {', '.join(info.precisions)}, not {precision}")
+        if str(device).split(":")[0] != "cpu":
+            raise BackendUnavailable(f"openvino backend runs on the CPU (device cpu), not {device}")
+        if hint not in HINTS:
+            raise ValueError(f"openvino backend: unknown hint {hint!r}; choose {' or '.join(HINTS)}")
+        super().__init__(bundle.config, precision, max_batch, graphs)
+        self.core = ov.Core()
+        self.cpu = str(self.core.get_property("CPU", "FULL_DEVICE_NAME"))
+        self.capabilities = cpu_capabilities(self.core)
+        inference = _INFERENCE_TYPE[precision]
+        if inference.upper() not in self.capabilities and inference != "f32":
+            raise PrecisionUnsupported(
+                f"openvino backend: this CPU ({self.cpu}) has no native {precision} (OpenVINO's CPU capabilities: "
+                f"{', '.join(self.capabilities)}); {precision} needs AMX or AVX512-BF16 - run fp32 or int8")
+        self.bundle, self.device, self.threads, self.hint = bundle, "cpu", threads, hint
+        # bf16 runs the FP32 graph with another hint (the registry's `files_of`)
+        self._paths: dict[str, Path] = {g: bundle.graph_path(g, info.files_of.get(precision, precision)) for g in self.graphs}
+        config: dict[Any, Any] = {
+            hints.performance_mode: hints.PerformanceMode.THROUGHPUT if hint == "throughput" else hints.PerformanceMode.LATENCY,
+            hints.inference_precision: getattr(ov.Type, inference),
+        }
+        if threads:
+            config[props.inference_num_threads] = int(threads)
+        try:
+            self._compiled = {g: self.core.compile_model(self.core.read_model(str(p)), "CPU", config)
+                              for g, p in self._paths.items()}
+        except RuntimeError as e:
+            raise BackendUnavailable(f"openvino backend: could not compile {precision} graphs: {' '.join(str(e).split())[:300]}") from e
+        problem = unmet({g: self.runtime_precisions(g) for g in self.graphs}, inference)
+        if problem:
+            raise PrecisionUnsupported(f"openvino backend: {problem} on this CPU ({self.cpu}); run fp32 or int8")
+        self._requests = {g: c.create_infer_request() for g, c in self._compiled.items()}
+        self._queues = {g: ov.AsyncInferQueue(c) for g, c in self._compiled.items()} if hint == "throughput" else {}
+
+    def _run(self, graph: str, x: np.ndarray) -> np.ndarray:
+        queue = self._queues.get(graph)
+        if queue is None or len(x) == 1:
+            return self._requests[graph].infer({0: x})[0]  # a copy (share_outputs=False): the next call reuses the tensor
+        chunks = np.array_split(x, min(len(queue), len(x)))
+        outs: list[np.ndarray | None] = [None] * len(chunks)
+
+        def done(request, i: int) -> None:
+            outs[i] = request.get_output_tensor(0).data.copy()
+
+        queue.set_callback(done)
+        for i, chunk in enumerate(chunks):
+            queue.start_async({0: np.ascontiguousarray(chunk)}, userdata=i)
+        queue.wait_all()
+        return np.concatenate(outs)
+
+    def runtime_precisions(self, graph: str) -> dict[str, dict[str, int]]:
+        """Layer type -> {precision it executes in: count}, for the compute layers of the compiled
+        model (OpenVINO's runtime model: what really runs)."""
+        counts: dict[str, Counter] = {}
+        for op in self._compiled[graph].get_runtime_model().get_ordered_ops():
+            rt = op.get_rt_info()
+            kind = rt["layerType"].astype(str)
+            if kind in _COMPUTE_LAYERS:
+                counts.setdefault(kind, Counter())[rt["runtimePrecision"].astype(str)] += 1
+        return {k: dict(v) for k, v in counts.items()}
+
+    def describe(self) -> dict[str, Any]:
+        import openvino as ov
+
+        first = self._compiled[self.graphs[0]]
+        return {**super().describe(), "device": self.device, "cpu": self.cpu, "openvino": ov.get_version(),
+                "hint": self.hint, "inference_precision": first.get_property("INFERENCE_PRECISION_HINT").to_string(),
+                "threads": int(first.get_property("INFERENCE_NUM_THREADS")), "streams": int(first.get_property("NUM_STREAMS")),
+                "capabilities": self.capabilities,
+                "runtime_precisions": {g: self.runtime_precisions(g) for g in self.graphs}}
+
+    def close(self) -> None:
+        self._queues.clear()
+        self._requests.clear()
+        self._compiled.clear()
