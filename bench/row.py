@@ -203,7 +203,7 @@ def run_in_child(fn: Callable[..., dict[str, Any]], *args: Any, threads: int) ->
             return {"status": "error", "reason": "the child process died (killed, e.g. out of memory)"}
 
 
-PROFILED = ("torch", "torch-compile", "ort")  # the rows `_profile_graph` has a profiler for
+PROFILED = ("torch", "torch-compile", "ort", "openvino")  # the rows `_profile_graph` has a profiler for
 
 
 def profile_graph(spec: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
@@ -245,6 +245,19 @@ def _profile_graph(spec: dict[str, Any], settings: dict[str, Any]) -> dict[str, 
                 op = ev.get("args", {}).get("op_name", "?")
                 totals[op] = totals.get(op, 0.0) + ev.get("dur", 0) / 1e6
         tool = f"onnxruntime profiler (kernel time by op type; {', '.join(providers)})"
+    elif spec["backend"] == "openvino":
+        backend = _open_backend(settings["model"], "openvino", precision, settings["device"], threads, profile=True)
+        try:
+            x = _input(backend.config, graph, batch)
+            fn = backend.encode if graph == "encode" else backend.decode
+            fn(x)  # warm
+            for _ in range(runs):
+                fn(x)
+                for op, t in backend.op_times(graph).items():
+                    totals[op] = totals.get(op, 0.0) + t
+            tool = f"OpenVINO performance counters (time by node type and kernel; {backend.describe()['cpu']})"
+        finally:
+            backend.close()
     elif spec["backend"] in ("torch", "torch-compile"):
         from torch.profiler import ProfilerActivity, profile
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rpiae.bench.machine import load_average
+from rpiae.bench.peak import on_cuda
 from rpiae.bench.results import FORMAT, FORMAT_VERSION, load_results, write_results
 from rpiae.bench.row import PROFILED, child_env, measure_row, profile_graph, run_in_child
 from rpiae.bench.settings import BENCH_BACKENDS, BENCH_VARIANTS, BenchSettings
@@ -46,12 +47,16 @@ from rpiae.bench.timing import stats, time_loop
 from rpiae.export.backends import REFERENCE, backend_info, runnable
 from rpiae.export.manifest import KIND_ONNX
 from rpiae.export.spec import TORCH_PRECISIONS
+from rpiae.host import cpu_flags
+from rpiae.precisions import cpu_native, precision_info
 
 __all__ = ["BENCH_BACKENDS", "BenchSettings", "load_results", "measure_row", "profile_graph", "run_benchmark",
            "stats", "time_loop", "write_results"]
 
 
-def _static_skip(spec: dict[str, Any], is_bundle: bool, bundle_precisions: list[str]) -> str | None:
+def _static_skip(spec: dict[str, Any], is_bundle: bool, bundle_precisions: list[str],
+                 cpu_flags: set[str] | None = None) -> str | None:
+    """Why a row cannot run, known before running it; `cpu_flags`: those of a CPU run's CPU."""
     b, p = spec["backend"], spec["precision"]
     info = backend_info(BENCH_VARIANTS.get(b, (b,))[0])
     if info.from_weights and p not in info.precisions:
@@ -60,6 +65,10 @@ def _static_skip(spec: dict[str, Any], is_bundle: bool, bundle_precisions: list[
         return f"{b} runs {', '.join(info.precisions)}, not {p}"
     if not info.from_weights and not is_bundle:
         return f"backend {b!r} runs an export bundle; --model is a checkpoint (run `rpiae export` first)"
+    if info.from_weights and cpu_flags is not None and not cpu_native(p, cpu_flags):
+        # PyTorch's CPU autocast then runs matmuls at ~1 % of fp32's speed (the run's peaks show it)
+        return (f"{p} has no native kernels on this CPU (it has none of {', '.join(precision_info(p).cpu_flags)}): "
+                f"PyTorch would emulate it, far slower than fp32")
     if info.runs == KIND_ONNX and p not in runnable(info.name, bundle_precisions):
         have = ", ".join(bundle_precisions) or "none"
         return f"the bundle has no {p} graphs (has: {have}); export them with `rpiae export --precision {p}`"
@@ -142,9 +151,11 @@ def _measure_rows(settings: BenchSettings, sdict: dict[str, Any], is_bundle: boo
     rows: list[dict[str, Any]] = []
     unavailable: dict[tuple[str, str], str] = {}
     specs = settings.row_specs()
+    flags = None if on_cuda(settings.device) else (cpu_flags() or None)  # None: unknown, nothing skipped
     for i, spec in enumerate(specs, 1):
         label = f"[{i}/{len(specs)}] {spec['graph']} {spec['backend']} {spec['precision']} batch {spec['batch']}"
-        reason = _static_skip(spec, is_bundle, bundle_precisions) or unavailable.get((spec["backend"], spec["precision"]))
+        reason = (_static_skip(spec, is_bundle, bundle_precisions, flags)
+                  or unavailable.get((spec["backend"], spec["precision"])))
         if reason:
             row = {**spec, "device": settings.device, "status": "skipped", "reason": reason}
         else:

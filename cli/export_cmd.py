@@ -17,6 +17,7 @@ from rpiae.cli.common import (
     parse_int_list,
 )
 from rpiae.export.backends import BACKENDS, REFERENCE, REGISTRY
+from rpiae.export.profile import BatchProfile
 from rpiae.precisions import INT8_HIGH_PRECISION, INT8_HIGH_PRECISIONS, ONNX_PRECISIONS, PRECISIONS
 
 
@@ -34,7 +35,7 @@ from rpiae.precisions import INT8_HIGH_PRECISION, INT8_HIGH_PRECISIONS, ONNX_PRE
               help="How many calibration images to use (the first N, sorted by path).")
 @click.option("--int8-high-precision", type=click.Choice(INT8_HIGH_PRECISIONS), default=INT8_HIGH_PRECISION, show_default=True,
               help="Precision of the layers the INT8 graph does not quantise (fp16 for TensorRT, fp32 for CPU speed).")
-@click.option("--batch", default="1:8:32", show_default=True,
+@click.option("--batch", default=str(BatchProfile()), show_default=True,
               help="Batch profile MIN:OPT:MAX for TensorRT engines / AOTInductor packages (ONNX graphs are dynamic).")
 @click.option("--device", default="auto", show_default=True,
               help="aoti target: cpu, cuda (or cuda:N), or auto = cuda when a GPU and the CUDA toolkit are here, else cpu.")
@@ -64,7 +65,6 @@ def export(checkpoint, target, precision, calib, calib_count, int8_high_precisio
     manifest's source sha256); otherwise the command refuses (--overwrite re-exports).
     """
     from rpiae.export.bundle import Bundle
-    from rpiae.export.profile import BatchProfile
     from rpiae.export.spec import parse_precisions
     from rpiae.verify import export_bundle
 

@@ -10,9 +10,12 @@ Precisions (what runs is read back from the compiled model: `describe()["runtime
 - int8: the bundle's Q/DQ graph (OpenVINO runs the quantised matmuls and convolution in
   int8); its other layers in f32.
 
+`profile=True` turns OpenVINO's performance counters on (`op_times`: time per node type and
+kernel, the benchmark's `--profile`).
+
 Hints: `latency` (default; one request, every thread on one batch) or `throughput` (OpenVINO
 chooses its streams; a batch is split over the compiled model's optimal number of requests
-and run by an `AsyncInferQueue`). `threads` sets INFERENCE_NUM_THREADS. The graphs' batch
+and run as that many asynchronous requests). `threads` sets INFERENCE_NUM_THREADS. The graphs' batch
 axis is symbolic, so one compiled model takes every batch size.
 """
 
@@ -70,7 +73,8 @@ class OpenVINOBackend(Backend):
         import_openvino()
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", device: str = "cpu", max_batch: int | None = None,
-                 threads: int | None = None, hint: str = "latency", graphs: tuple[str, ...] = GRAPHS) -> None:
+                 threads: int | None = None, hint: str = "latency", graphs: tuple[str, ...] = GRAPHS,
+                 profile: bool = False) -> None:
         ov = import_openvino()
         import openvino.properties as props
         import openvino.properties.hint as hints
@@ -100,6 +104,8 @@ class OpenVINOBackend(Backend):
         }
         if threads:
             config[props.inference_num_threads] = int(threads)
+        if profile:  # per-node times of each request (`op_times`)
+            config[props.enable_profiling] = True
         try:
             self._compiled = {g: self.core.compile_model(self.core.read_model(str(p)), "CPU", config)
                               for g, p in self._paths.items()}
@@ -109,23 +115,33 @@ class OpenVINOBackend(Backend):
         if problem:
             raise PrecisionUnsupported(f"openvino backend: {problem} on this CPU ({self.cpu}); run fp32 or int8")
         self._requests = {g: c.create_infer_request() for g, c in self._compiled.items()}
-        self._queues = {g: ov.AsyncInferQueue(c) for g, c in self._compiled.items()} if hint == "throughput" else {}
+        # throughput: the compiled model's optimal number of requests, each on its own stream
+        self._pools = {g: [c.create_infer_request() for _ in range(int(c.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))]
+                       for g, c in self._compiled.items()} if hint == "throughput" else {}
 
     def _run(self, graph: str, x: np.ndarray) -> np.ndarray:
-        queue = self._queues.get(graph)
-        if queue is None or len(x) == 1:
+        pool = self._pools.get(graph)
+        if pool is None or len(x) == 1:
             return self._requests[graph].infer({0: x})[0]  # a copy (share_outputs=False): the next call reuses the tensor
-        chunks = np.array_split(x, min(len(queue), len(x)))
-        outs: list[np.ndarray | None] = [None] * len(chunks)
+        chunks = np.array_split(x, min(len(pool), len(x)))
+        # no completion callbacks: a Python callback runs on OpenVINO's own threads, and a
+        # process that had one was seen to crash later (in a fork) under pytest's faulthandler
+        for request, chunk in zip(pool, chunks):
+            request.start_async({0: np.ascontiguousarray(chunk)})
+        for request in pool[: len(chunks)]:
+            request.wait()
+        return np.concatenate([r.get_output_tensor(0).data.copy() for r in pool[: len(chunks)]])
 
-        def done(request, i: int) -> None:
-            outs[i] = request.get_output_tensor(0).data.copy()
-
-        queue.set_callback(done)
-        for i, chunk in enumerate(chunks):
-            queue.start_async({0: np.ascontiguousarray(chunk)}, userdata=i)
-        queue.wait_all()
-        return np.concatenate(outs)
+    def op_times(self, graph: str) -> dict[str, float]:
+        """Seconds per (node type, kernel) of the last latency-hint call of `graph` (needs
+        `profile=True`): OpenVINO's performance counters, the kernel naming its ISA (e.g.
+        `brgemm_avx512_amx`, `jit_avx2`)."""
+        out: dict[str, float] = {}
+        for info in self._requests[graph].profiling_info:
+            if info.status == info.Status.EXECUTED:
+                key = f"{info.node_type} ({info.exec_type})"
+                out[key] = out.get(key, 0.0) + info.real_time.total_seconds()
+        return out
 
     def runtime_precisions(self, graph: str) -> dict[str, dict[str, int]]:
         """Layer type -> {precision it executes in: count}, for the compute layers of the compiled
@@ -145,10 +161,11 @@ class OpenVINOBackend(Backend):
         return {**super().describe(), "device": self.device, "cpu": self.cpu, "openvino": ov.get_version(),
                 "hint": self.hint, "inference_precision": first.get_property("INFERENCE_PRECISION_HINT").to_string(),
                 "threads": int(first.get_property("INFERENCE_NUM_THREADS")), "streams": int(first.get_property("NUM_STREAMS")),
+                "requests": len(self._pools.get(self.graphs[0], [])) or 1,
                 "capabilities": self.capabilities,
                 "runtime_precisions": {g: self.runtime_precisions(g) for g in self.graphs}}
 
     def close(self) -> None:
-        self._queues.clear()
+        self._pools.clear()
         self._requests.clear()
         self._compiled.clear()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rpiae.devices import BackendUnavailable
+from rpiae.export.profile import BatchProfile
 from rpiae.export.tensorrt import (  # noqa: F401 - the runtime's names for them (TRTBackend, tests)
     TRT_MISSING, current_environment, import_tensorrt, require_cuda, tensorrt_available, trt_logger, trt_major,
 )
@@ -25,7 +26,8 @@ class EngineMismatch(BackendUnavailable):
 
 def rebuild_command(bundle_root: str | Path, entry: dict[str, Any]) -> str:
     profile = entry.get("profile") or {}
-    batch = f"{profile['min']}:{profile['opt']}:{profile['max']}" if {"min", "opt", "max"} <= set(profile) else "1:8:32"
+    known = {"min", "opt", "max"} <= set(profile)
+    batch = BatchProfile(profile["min"], profile["opt"], profile["max"]) if known else BatchProfile()
     vc = " --version-compatible" if entry.get("version_compatible") else ""
     return f"rpiae export --target trt --precision {entry.get('precision', 'fp16')} --batch {batch}{vc} --out {bundle_root}"
 

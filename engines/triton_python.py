@@ -92,17 +92,18 @@ class GraphModel:
                 raise InputError(f"images: pixel values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
 
     @torch.inference_mode()
-    def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor | str]:
-        """Each request's output (float32, contiguous, on the CPU) or its one-line error. The
-        good requests run as one batch, in order."""
-        results: list[torch.Tensor | str] = [""] * len(inputs)
+    def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor | Exception]:
+        """Each request's output (float32, contiguous, on the CPU) or its one-line error: an
+        `InputError` for a request that must not run (the client's fault; retrying cannot help), a
+        `RuntimeError` when the runtime failed. The good requests run as one batch, in order."""
+        results: list[torch.Tensor | Exception] = [RuntimeError("not run")] * len(inputs)
         good: list[int] = []
         for i, x in enumerate(inputs):
             try:
                 self.check(x)
                 good.append(i)
             except InputError as e:
-                results[i] = str(e)
+                results[i] = e
         if not good:
             return results
         batch = [inputs[i] for i in good]
@@ -111,7 +112,7 @@ class GraphModel:
         except Exception as e:  # noqa: BLE001 - every request of the batch gets the runtime's reason
             message = " ".join(f"{type(e).__name__}: {e}".split())[:500]
             for i in good:
-                results[i] = f"rpiae {self.graph} failed: {message}"
+                results[i] = RuntimeError(f"rpiae {self.graph} failed: {message}")
             return results
         out = out.float().cpu()
         for i, part in zip(good, torch.split(out, [len(x) for x in batch])):

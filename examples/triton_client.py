@@ -11,7 +11,8 @@ limit are read from the server, so the script works with any repository `rpiae t
 writes, over gRPC (default) or HTTP (`--protocol http --url localhost:8000`).
 
 A request that fails (a restarting model instance, a dropped connection) is reported in one
-line and retried `--retries` times with a growing pause; the exit status is 1 when a batch
+line and retried `--retries` times with a growing pause; one the server refuses as invalid
+(wrong shape, NaN, pixels outside [0, 1]) is not retried; the exit status is 1 when a batch
 still fails, 0 when every image was answered. Needs `pip install "tritonclient[grpc,http]"`
 (and rpiae for the image policy).
 """
@@ -58,12 +59,20 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(text).split()) or type(error).__name__
 
 
+def deterministic(error: BaseException) -> bool:
+    """A request the server refused as invalid (gRPC INVALID_ARGUMENT, HTTP 400: wrong shape or
+    dtype, NaN, pixels outside [0, 1]): sending it again gets the same answer."""
+    status = error.status() if hasattr(error, "status") and callable(error.status) else None
+    return str(status or "") in ("StatusCode.INVALID_ARGUMENT", "400")
+
+
 def infer(client, model: str, images: np.ndarray, retries: int = 0, backoff: float = 0.5,
           report=None) -> dict[str, np.ndarray]:
     """Send float32 (N, C, H, W) arrays to `model` in batches the model accepts (images in
     [0, 1] for the encoder and the ensemble, latents for the decoder). Returns every output,
     concatenated over the batches. A failed request is reported through `report(line)` and
-    retried up to `retries` times; the last error is raised."""
+    retried up to `retries` times, unless the server refused it as invalid; the last error is
+    raised."""
     from tritonclient.utils import InferenceServerException
 
     module = client_module(protocol_of(client))
@@ -80,7 +89,7 @@ def infer(client, model: str, images: np.ndarray, retries: int = 0, backoff: flo
                 response = client.infer(model, [request], outputs=outputs)
                 break
             except (InferenceServerException, ConnectionError, OSError) as e:
-                if attempt == retries:
+                if attempt == retries or deterministic(e):
                     raise
                 if report is not None:
                     report(f"{model}: images {i}..{i + len(batch) - 1} failed ({one_line(e)}); "

@@ -50,7 +50,7 @@ REGISTRY: dict[str, BackendInfo] = {b.name: b for b in (
                 "torch (and a C++ compiler to build the packages)", "AOTInductor packages of the bundle", ("cache_dir",)),
     BackendInfo("openvino", "rpiae.engines.openvino_backend:OpenVINOBackend", KIND_ONNX, ("fp32", "bf16", "int8"), ("cpu",),
                 "pip install -e '.[openvino]'", "OpenVINO on the bundle's ONNX graphs (bf16: its inference hint, on CPUs with bf16)",
-                ("threads", "hint"), files_of={"bf16": "fp32"}),
+                ("threads", "hint", "profile"), files_of={"bf16": "fp32"}),
     BackendInfo("torch-trt", "rpiae.engines.torch_trt_backend:TorchTRTBackend", KIND_WEIGHTS, TORCH_PRECISIONS, ("cuda",),
                 "pip install -c constraints/gpu-cu13.txt -e '.[gpu-cu13]'", "the PyTorch graphs compiled by Torch-TensorRT", ("profile",)),
 )}

@@ -26,6 +26,9 @@ FAMILIES = ("rpiae", "ps-vae")
 ENCODER_TYPES = ("dinov2", "siglip2")
 
 
+LATENT_NORM_EPS = 1e-5  # the authors' eps of the latent normalisation (z - mean) / sqrt(var + eps)
+
+
 @dataclass(frozen=True)
 class RPiAEConfig:
     family: str = "rpiae"  # "rpiae" | "ps-vae": what the model is, and the recipe that trains it
@@ -76,7 +79,7 @@ class RPiAEConfig:
     # `latent_mean`/`latent_var` buffers of shape latent_shape): encode returns
     # (z - mean) / sqrt(var + eps) and decode first applies z * sqrt(var + eps) + mean
     latent_norm: bool = False
-    latent_norm_eps: float = 1e-5
+    latent_norm_eps: float = LATENT_NORM_EPS
 
     name: str = field(default="custom", compare=False)
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from rpiae.checkpoints import CheckpointError, load_strict, read_model_checkpoint, save_model
-from rpiae.config import PRESETS, RPiAEConfig, get_preset
+from rpiae.config import LATENT_NORM_EPS, PRESETS, RPiAEConfig, get_preset
 from rpiae.hub import resolve
 from rpiae.modules import DiagonalGaussian, PixelDecoder, RepresentationEncoder, VBDecoder, VBEncoder
 
@@ -108,9 +108,10 @@ class RPiAE(nn.Module):
             z = z * torch.sqrt(self.latent_var + self.config.latent_norm_eps) + self.latent_mean
         return self.decode_tokens(self.vb_feature_decoder(z))
 
-    def set_latent_stats(self, mean: torch.Tensor, var: torch.Tensor, eps: float = 1e-5) -> "RPiAE":
+    def set_latent_stats(self, mean: torch.Tensor, var: torch.Tensor, eps: float | None = None) -> "RPiAE":
         """Carry per-element latent statistics (each of shape latent_shape) from now on: encode
-        returns (z - mean) / sqrt(var + eps), decode undoes it. Returns self."""
+        returns (z - mean) / sqrt(var + eps), decode undoes it (eps: the authors' default,
+        `LATENT_NORM_EPS`). Returns self."""
         shape = self.config.latent_shape
         for name, t in (("mean", mean), ("var", var)):
             if tuple(t.shape) != shape:
@@ -119,7 +120,8 @@ class RPiAE(nn.Module):
                 )
         if not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()) or bool((var < 0).any()):
             raise ValueError("latent statistics: mean/var must be finite and var >= 0")
-        self.config = dataclasses.replace(self.config, latent_norm=True, latent_norm_eps=float(eps))
+        self.config = dataclasses.replace(self.config, latent_norm=True,
+                                          latent_norm_eps=float(LATENT_NORM_EPS if eps is None else eps))
         ref = next(self.parameters())
         self.register_buffer("latent_mean", mean.detach().to(ref.device, torch.float32).clone())
         self.register_buffer("latent_var", var.detach().to(ref.device, torch.float32).clone())

@@ -245,3 +245,28 @@ def test_only_failed_writes_become_write_errors(tmp_path):
             open(tmp_path / "missing.png")
     assert not isinstance(e.value, WriteError)
     assert not (tmp_path / "out.txt").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_worker_loader_leaves_the_sigchld_handler_as_it_found_it(tmp_path, sample_photos):
+    """torch's DataLoader installs a process-wide SIGCHLD handler for its workers; left behind,
+    it ran on every later child exit (stopping a tritonserver child then crashed the process).
+    rpiae's image loader puts the earlier handler back once its workers are done, every time."""
+    import signal
+
+    from rpiae.data.sources import image_loader, open_source
+    from rpiae.imageio import DEFAULT_CROP, save_image
+
+    for i, img in enumerate(sample_photos[:4]):
+        save_image(img, tmp_path / f"p{i}.png")
+    source = open_source(tmp_path)
+    before = signal.getsignal(signal.SIGCHLD)
+    for _ in range(2):
+        batches = [[0, 1], [2, 3]]
+        got = [ids for ids, images, errors in image_loader(source, batches, DEFAULT_CROP, 256, workers=1)]
+        assert [list(map(int, g)) for g in got] == batches
+        assert signal.getsignal(signal.SIGCHLD) is before
+    # abandoned half way: the workers stop and the handler is restored as well
+    it = iter(image_loader(source, [[0], [1], [2]], DEFAULT_CROP, 256, workers=1))
+    next(it)
+    it.close()
+    assert signal.getsignal(signal.SIGCHLD) is before

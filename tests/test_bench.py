@@ -196,3 +196,19 @@ def test_cli_errors(bundle, tmp_path):
     assert res.exit_code == 1 and "not an rpiae bench result" in res.output and "Traceback" not in res.output
     res = runner.invoke(main, ["bench", "--model", bundle, "--backends", "tensorflow"])
     assert res.exit_code == 1 and "unknown backend" in res.output
+
+
+def test_emulated_cpu_precisions_of_pytorch_are_skipped_with_the_reason():
+    """PyTorch's CPU autocast to bf16/fp16 on a CPU without those kernels runs ~100x slower than
+    fp32 (the run's bf16 peak shows it): such rows are named and skipped, not timed for minutes."""
+    from rpiae.bench.runner import _static_skip
+
+    def skip(backend, precision, flags):
+        return _static_skip({"backend": backend, "precision": precision}, True, ["fp32", "int8"], flags)
+
+    reason = skip("torch", "bf16", {"avx2", "fma"})
+    assert reason.startswith("bf16 has no native kernels on this CPU (it has none of avx512_bf16, amx_bf16)"), reason
+    assert skip("torch-compile", "fp16", {"avx2"}).startswith("fp16 has no native kernels")
+    assert skip("torch", "bf16", {"avx2", "amx_bf16"}) is None and skip("torch", "fp32", {"avx2"}) is None
+    assert skip("torch", "bf16", None) is None  # a GPU run, or flags unknown
+    assert skip("ort", "int8", {"avx2"}) is None  # exported graphs carry their own kernels

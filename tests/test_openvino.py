@@ -94,7 +94,8 @@ def test_bf16_on_this_cpu_passes_parity_or_is_refused(bundle_all, photos):
 def test_throughput_hint_gives_the_latency_answer(bundle_all, photos):
     with load_backend(bundle_all.root, "openvino", "fp32") as lat, \
             load_backend(bundle_all.root, "openvino", "fp32", hint="throughput", threads=2) as thr:
-        assert thr.describe()["hint"] == "throughput"
+        info = thr.describe()
+        assert info["hint"] == "throughput" and info["requests"] >= 1 and lat.describe()["requests"] == 1
         z_lat, z_thr = lat.encode(photos[:5]), thr.encode(photos[:5])
         assert z_thr.shape == (5, *bundle_all.config.latent_shape)
         np.testing.assert_allclose(z_thr, z_lat, rtol=0, atol=1e-5 * float(np.abs(z_lat).max()))
@@ -140,7 +141,8 @@ def test_bench_rows(tmp_path, bundle_all):
 
     settings = BenchSettings(model=str(bundle_all.root), backends=["openvino"], precisions=["fp32", "int8", "fp16"],
                              batches=[2], graphs=["decode"], threads=1, warmup=1, warmup_time=0.0, min_iters=2,
-                             min_time=0.0, max_iters=3, isolate=False, peak_time=0.05, peak_size=256, row_peak_time=0.02)
+                             min_time=0.0, max_iters=3, isolate=False, peak_time=0.05, peak_size=256, row_peak_time=0.02,
+                             profile=True)
     result = run_benchmark(settings, out=tmp_path / "b.json")
     rows = {(r["backend"], r["precision"]): r for r in result["rows"]}
     for p in ("fp32", "int8"):
@@ -148,6 +150,12 @@ def test_bench_rows(tmp_path, bundle_all):
         assert row["status"] == "ok", row
         assert row["peak_dtype"] == p and row["threads"]["backend"] == 1 and row["backend_info"]["threads"] == 1
         assert row["weight_source"] == f"decode.{p}.onnx" and "fp32" in row["speedup_vs_torch"]
+    profiles = {(p["backend"], p["precision"]): p for p in result["profiles"]}
+    for p in ("fp32", "int8"):  # where the time goes, per node type and kernel (the kernel names the ISA)
+        prof = profiles[("openvino", p)]
+        assert prof["status"] == "ok" and prof["tool"].startswith("OpenVINO performance counters"), prof
+        assert prof["ops"] and all(" (" in o["op"] and o["seconds"] > 0 for o in prof["ops"]), prof["ops"]
+    assert any("FullyConnected" in o["op"] for o in profiles[("openvino", "int8")]["ops"])
     assert rows[("openvino", "fp16")]["status"] == "skipped"
     assert rows[("openvino", "fp16")]["reason"] == "openvino runs fp32, bf16, int8, not fp16"
 
@@ -165,17 +173,17 @@ def test_served_by_triton_as_a_python_model(tmp_path, bundle_all, photos):
     assert sorted(Bundle.open(tmp_path / "bf16" / "rpiae_encode" / "bundle").files) == ["encode.fp32.onnx"]
     if find_tritonserver() is None:
         pytest.skip(missing_reason())
-    httpclient = pytest.importorskip("tritonclient.http", reason='pip install "tritonclient[grpc,http]"')
+    grpcclient = pytest.importorskip("tritonclient.grpc", reason='pip install "tritonclient[grpc,http]"')
     repo = tmp_path / "repo"
     write_model_repository(bundle_all, repo, precision="int8", platform="python", backend="openvino", max_batch=4,
                            threads=1)
     assert sorted(Bundle.open(repo / "rpiae_decode" / "bundle").files) == ["decode.int8.onnx"]
     x = np.ascontiguousarray(photos[:3])
     with TritonServer(repo, extra_args=["--exit-timeout-secs=5"]) as server:
-        client = httpclient.InferenceServerClient(server.http_url)
-        inp = httpclient.InferInput("images", list(x.shape), "FP32")
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        inp = grpcclient.InferInput("images", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
-        res = client.infer("rpiae", [inp], outputs=[httpclient.InferRequestedOutput(n) for n in ("latent", "image")])
+        res = client.infer("rpiae", [inp], outputs=[grpcclient.InferRequestedOutput(n) for n in ("latent", "image")])
         z, y = res.as_numpy("latent"), res.as_numpy("image")
     with load_backend(bundle_all.root, "openvino", "int8", threads=1) as b:
         z_ref = b.encode(x)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from rpiae.engines.base import InputError
 from rpiae.engines.triton_server import TritonServer, find_tritonserver, missing_reason
 from rpiae.export.triton import write_model_repository
 
@@ -155,10 +156,17 @@ def test_bad_requests_get_tritons_error_and_the_server_stays_ready(server, sampl
         "Inf latent": ("rpiae_decode", [_request(module, "latent", latent_nan)], "NaN or Inf"),
         "unknown tensor name": ("rpiae", [_request(module, "pixels", good)], "pixels"),
     }
+    example = _client_example()
+    lines: list[str] = []
+    with pytest.raises(InferenceServerException, match="NaN or Inf"):
+        example.infer(client, "rpiae", nan, retries=3, backoff=5.0, report=lines.append)
+    assert lines == []  # answered at once, not retried
     for what, (model, inputs, expected) in cases.items():
         with pytest.raises(InferenceServerException) as e:
             client.infer(model, inputs)
         assert expected in e.value.message(), f"{what}: {e.value.message()}"
+        # refused as invalid (gRPC INVALID_ARGUMENT / HTTP 400), so the example client does not retry it
+        assert example.deterministic(e.value), (what, e.value.status())
         assert client.is_server_ready() and client.is_model_ready(model), what
         answer = client.infer("rpiae", [_request(module, "images", good)])  # the next good request answers
         assert answer.as_numpy("image").shape == (1, 3, 256, 256), what
@@ -308,7 +316,7 @@ def test_graph_model_runs_each_request_and_fails_bad_ones_alone(repo, reference,
     bad = good[:1].clone()
     bad[0, 0, 0, 0] = 1.5
     out = model.run([good[:2], bad, good[2:3]])
-    assert isinstance(out[1], str) and "[0, 1]" in out[1]
+    assert isinstance(out[1], InputError) and "[0, 1]" in str(out[1])
     np.testing.assert_allclose(out[0].numpy(), reference.encode(sample_photos[:2]), rtol=0, atol=1e-6)
     np.testing.assert_allclose(out[2].numpy(), reference.encode(sample_photos[2:3]), rtol=0, atol=1e-6)
     with pytest.raises(Exception, match="opened for the encode graph only"):

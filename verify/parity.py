@@ -3,6 +3,7 @@
 Reference: eager PyTorch FP32 on the same weights. Per precision (`rpiae.precisions`):
 - fp32: latent max|diff| <= 1e-4 * max|z|, per-image cosine >= 0.99999, decoded PSNR >= 60 dB
 - fp16: decoded image PSNR >= 40 dB against the FP32 reference
+- bf16: decoded image PSNR >= 30 dB against the FP32 reference (OpenVINO's bf16 hint)
 - int8: reconstruction PSNR against the input photos within 1 dB of FP32's
 Decoded/reconstructed images are clamped to [0, 1] before PSNR (what a user saves).
 

@@ -11,3 +11,15 @@ STREAM_BATCH = 32  # images or latents per backend call in the dataset jobs, unl
 # `rpiae eval` holds every variant's backend at once and its peak memory follows the batch's
 # activations (tiny model, torch + ort fp32, 200 images: 1.8 GB at 32, 0.86 GB at 8, same time)
 EVAL_BATCH = 8
+
+
+def image_size(model: dict | None, backend: object = None) -> int:
+    """The side images are cropped to: the model config's (`model` as `rpiae.engines.model_info`
+    gives it), else the opened backend's, else the default config's."""
+    from rpiae.config import RPiAEConfig
+
+    config = (model or {}).get("config")
+    if config:
+        return int(config["image_size"])
+    opened = getattr(backend, "config", None)
+    return int(opened.image_size) if opened is not None else RPiAEConfig().image_size

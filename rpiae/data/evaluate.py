@@ -26,7 +26,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from rpiae.data import EVAL_BATCH
+from rpiae.data import EVAL_BATCH, image_size
 from rpiae.data.eval_report import METRICS, REFERENCE, format_table, write_grid
 from rpiae.data.metric_nets import OPTIONAL_METRICS, EvalError, MetricNets, find_metric_weights, load_metric_nets
 from rpiae.data.sources import Source, image_loader
@@ -58,7 +58,7 @@ class EvalOptions:
     batch_size: int = EVAL_BATCH
     workers: int = 4
     crop: str = DEFAULT_CROP
-    size: int = 256
+    size: int | None = None  # None: the model config's image_size (else the reference backend's)
     limit: int | None = None
     skip_bad: bool = False
     grid_images: int = 6
@@ -223,6 +223,8 @@ def evaluate(
     if len(set(names)) != len(names):
         raise ValueError("a variant is listed twice")
     _check_outputs(json_out, grid, save_reference)
+    if opts.size is None:
+        opts = replace(opts, size=image_size(model, variants[names.index(REFERENCE)][1]))
     wanted = set(requested) if requested is not None else set(names)
     rows = [_Row(b, p, (b, p) in wanted) for b, p in names]
     for r in rows:

@@ -31,7 +31,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from rpiae.data import STREAM_BATCH
+from rpiae.data import STREAM_BATCH, image_size
 from rpiae.data.heap import TRIM_EVERY_S, release_free_memory, reuse_heap_blocks
 from rpiae.data.latents import (
     AUTHORS_STATS_FILE, DTYPES, OLD_STATS_FILE, STATS_FILE, TRAINER_STATS_FILE, Moments, shard_name, to_storage,
@@ -69,7 +69,7 @@ class ExtractOptions:
     workers: int = 4
     skip_bad: bool = False
     crop: str = DEFAULT_CROP
-    size: int = 256
+    size: int | None = None  # None: the model config's image_size
 
     def __post_init__(self) -> None:
         if self.shard_size < 1 or self.batch_size < 1 or self.workers < 0:
@@ -89,6 +89,8 @@ class ShardPlan:
     """Which samples each shard holds and what identifies a finished shard."""
 
     def __init__(self, source: Source, out: Path, opts: ExtractOptions, model: dict, backend: dict) -> None:
+        if opts.size is None:
+            opts = replace(opts, size=image_size(model))
         self.source, self.out, self.opts = source, out, opts
         self.n = len(source)
         self.num_shards = math.ceil(self.n / opts.shard_size)

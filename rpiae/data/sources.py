@@ -291,7 +291,7 @@ def image_loader(source: Source, batches: list[list[int]], crop: str, size: int 
     size, size) float32, errors) with reading, decoding and cropping in `workers` processes."""
     import torch
 
-    return torch.utils.data.DataLoader(
+    loader = torch.utils.data.DataLoader(
         CropDataset(source, crop, size),
         batch_sampler=batches,
         num_workers=workers,
@@ -299,6 +299,44 @@ def image_loader(source: Source, batches: list[list[int]], crop: str, size: int 
         prefetch_factor=4 if workers else None,
         worker_init_fn=_init_worker if workers else None,
     )
+    return _RestoringSIGCHLD(loader) if workers else loader
+
+
+class _RestoringSIGCHLD:
+    """A worker DataLoader that leaves the process's SIGCHLD handler as it found it.
+
+    The first DataLoader with workers installs torch's SIGCHLD handler for the rest of the
+    process; when any child exits later (a server this process started and stops, a
+    subprocess), that handler checks the pids of workers long gone. Measured: with it left
+    behind by an in-process `rpiae encode`, stopping a `tritonserver` child later in the same
+    process ended it with SIGSEGV (tests/test_openvino.py, every run). Once the loader is done
+    (or abandoned), its workers are shut down and the earlier handler is put back."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        import signal
+        import threading
+
+        main = threading.current_thread() is threading.main_thread()
+        before = signal.getsignal(signal.SIGCHLD) if main else None
+        it = iter(self.loader)
+        try:
+            yield from it
+        finally:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            del it
+            if main and before is not None and signal.getsignal(signal.SIGCHLD) is not before:
+                signal.signal(signal.SIGCHLD, before)
+                from torch.utils.data._utils import signal_handling
+
+                signal_handling._SIGCHLD_handler_set = False  # the next worker loader installs it again
 
 
 def _init_worker(_worker_id: int) -> None:
