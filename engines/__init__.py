@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from rpiae.engines.base import Backend, BackendUnavailable, InputError
+from rpiae.engines.base import Backend, BackendUnavailable, InputError, PrecisionUnsupported
 from rpiae.export.backends import BACKENDS, REGISTRY, backend_info
 from rpiae.hub import resolve_model
 
@@ -105,6 +105,9 @@ def load_backend(
 def open_backend(source, backend: str, precision: str = "fp32", device: str = "cpu", **kwargs) -> Backend:
     """Open an already-resolved source (a `Bundle`, or a checkpoint `Path` for a backend that
     runs weights) with `backend`."""
+    info = backend_info(backend)
+    if precision not in info.precisions:  # before anything is read: eval and bench skip the pair on this
+        raise PrecisionUnsupported(f"{backend} backend runs {', '.join(info.precisions)}, not {precision}")
     cls = backend_class(backend)
     cls.require()  # a missing runtime fails before the weights are read
     if backend_info(backend).from_weights:

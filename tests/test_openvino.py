@@ -107,6 +107,8 @@ def test_throughput_hint_gives_the_latency_answer(bundle_all, photos):
 def test_refusals_name_what_runs(bundle_all):
     with pytest.raises(PrecisionUnsupported, match="openvino backend runs fp32, bf16, int8, not fp16"):
         load_backend(bundle_all.root, "openvino", "fp16")
+    with pytest.raises(PrecisionUnsupported, match="ort backend runs fp32, fp16, int8, not bf16"):  # eval skips the pair
+        load_backend(bundle_all.root, "ort", "bf16")
     with pytest.raises(Exception, match=r"runs on the CPU \(device cpu\), not cuda"):
         load_backend(bundle_all.root, "openvino", "fp32", device="cuda")
 
