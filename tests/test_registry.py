@@ -121,3 +121,43 @@ def test_a_registered_runtime_is_opened_and_served(echo_registered, bundle_all, 
     assert _static_skip({"backend": "echo", "precision": "fp16"}, True, ["fp32", "int8"]).startswith("the bundle has no fp16")
     assert _static_skip({"backend": "echo", "precision": "bf16"}, True, ["fp32"]) == "echo runs fp32, fp16, int8, not bf16"
     assert "runs an export bundle" in _static_skip({"backend": "echo", "precision": "fp32"}, False, [])
+
+
+def test_every_precision_record_is_complete_and_each_onnx_pass_resolves():
+    """The precision registry (`rpiae.precisions`): each ONNX pass names a real function, the
+    vocabularies follow from the records, and ONNX Runtime's TensorRT flags of a quantised graph
+    include those of its unquantised layers."""
+    import importlib
+
+    from rpiae import precisions as P
+
+    for name, p in P.REGISTRY.items():
+        assert p.name == name and p.bits in (8, 16, 32) and p.tolerances, p
+        if p.onnx_pass:
+            module, _, fn = p.onnx_pass.partition(":")
+            assert callable(getattr(importlib.import_module(module), fn)), p.onnx_pass
+    assert P.ONNX_PRECISIONS == tuple(n for n, p in P.REGISTRY.items() if p.onnx_pass is not None)
+    assert P.TORCH_DTYPES["bf16"] is torch_dtype("bfloat16") and "int8" not in P.TORCH_DTYPES
+    assert P.trt_flags("int8") == ("int8", "fp16") and P.trt_flags("int8", "fp32") == ("int8",)
+    assert P.trt_flags("fp16") == ("fp16",) and P.trt_flags("fp32") == ()
+    assert P.cpu_native("bf16", {"avx2", "amx_bf16"}) and not P.cpu_native("bf16", {"avx2"}) and P.cpu_native("int8", set())
+
+
+def test_a_precision_without_an_onnx_pass_is_refused_by_the_export(tmp_path, monkeypatch):
+    """An export pass is chosen by the precision's record: one without a pass is an error, not
+    quietly another precision's graph."""
+    from types import SimpleNamespace
+
+    from rpiae import precisions as P
+    from rpiae.export import build
+
+    monkeypatch.setitem(P.REGISTRY, "fp8", P.Precision("fp8", 8, None, None))
+    with pytest.raises(ValueError, match="fp8 has no ONNX graph"):
+        build._add_graph(SimpleNamespace(root=tmp_path), "encode", "fp8", None, {})
+    assert list(tmp_path.iterdir()) == []  # refused before any file is written
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
