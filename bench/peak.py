@@ -88,10 +88,6 @@ def cpu_torch_peak(dtype: str, threads: int, n: int = 2048, min_time: float = 1.
     return {**res, "dtype": dtype, "kernel": f"{name} {size}x{size}x{size}", "threads": threads}
 
 
-def cpu_fp32_peak(threads: int, n: int = 2048, min_time: float = 1.0) -> dict[str, Any]:
-    return cpu_torch_peak("fp32", threads, n, min_time)
-
-
 def _int8_matmul_model(n: int):
     import numpy as np
     import onnx
@@ -194,10 +190,13 @@ def measure_peaks(device: str, threads: int, min_time: float = 1.0, quick: bool 
                 found.append(kernel())
             except Exception as e:  # noqa: BLE001 - a kernel this CPU/build cannot run is reported, not fatal
                 found.append({"skipped": f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"})
-        ran = sorted((f for f in found if "gflops" in f), key=lambda f: -f["gflops"])
-        peaks[key] = {**ran[0], "others": [f for f in found if f is not ran[0]]} if ran else found[0]
-        if ran and len(found) == 1:
-            peaks[key].pop("others")
+        ran = [f for f in found if "gflops" in f]
+        if not ran:
+            peaks[key] = found[0]
+            continue
+        best = max(ran, key=lambda f: f["gflops"])
+        others = [f for f in found if f is not best]
+        peaks[key] = {**best, "others": others} if others else best
     return peaks
 
 

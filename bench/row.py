@@ -70,7 +70,7 @@ def graph_weight_bytes(model: str, backend: str, precision: str, graph: str) -> 
         return {"weight_bytes": total or None, "weight_source": "fp32 parameters of the graph's modules"}
     if Bundle.is_bundle(path):
         bundle = Bundle.open(path)
-        name = bundle.find(graph, info.files_of.get(precision, precision), info.runs)
+        name = bundle.find(graph, info.file_precision(precision), info.runs)
         if name is not None:
             files = [name, *bundle.files[name].get("external_data", [])]
             return {"weight_bytes": sum((path / f).stat().st_size for f in files),

@@ -95,9 +95,9 @@ class OpenVINOBackend(Backend):
             raise PrecisionUnsupported(
                 f"openvino backend: this CPU ({self.cpu}) has no native {precision} (OpenVINO's CPU capabilities: "
                 f"{', '.join(self.capabilities)}); {precision} needs AMX or AVX512-BF16 - run fp32 or int8")
-        self.bundle, self.device, self.threads, self.hint = bundle, "cpu", threads, hint
+        self.bundle, self.device, self.hint = bundle, "cpu", hint
         # bf16 runs the FP32 graph with another hint (the registry's `files_of`)
-        self._paths: dict[str, Path] = {g: bundle.graph_path(g, info.files_of.get(precision, precision)) for g in self.graphs}
+        self._paths: dict[str, Path] = {g: bundle.graph_path(g, info.file_precision(precision)) for g in self.graphs}
         config: dict[Any, Any] = {
             hints.performance_mode: hints.PerformanceMode.THROUGHPUT if hint == "throughput" else hints.PerformanceMode.LATENCY,
             hints.inference_precision: getattr(ov.Type, inference),
@@ -111,7 +111,9 @@ class OpenVINOBackend(Backend):
                               for g, p in self._paths.items()}
         except RuntimeError as e:
             raise BackendUnavailable(f"openvino backend: could not compile {precision} graphs: {' '.join(str(e).split())[:300]}") from e
-        problem = unmet({g: self.runtime_precisions(g) for g in self.graphs}, inference)
+        # what the compiled models really run: read once, checked here and reported by describe()
+        self._runtime = {g: self.runtime_precisions(g) for g in self.graphs}
+        problem = unmet(self._runtime, inference)
         if problem:
             raise PrecisionUnsupported(f"openvino backend: {problem} on this CPU ({self.cpu}); run fp32 or int8")
         self._requests = {g: c.create_infer_request() for g, c in self._compiled.items()}
@@ -163,7 +165,7 @@ class OpenVINOBackend(Backend):
                 "threads": int(first.get_property("INFERENCE_NUM_THREADS")), "streams": int(first.get_property("NUM_STREAMS")),
                 "requests": len(self._pools.get(self.graphs[0], [])) or 1,
                 "capabilities": self.capabilities,
-                "runtime_precisions": {g: self.runtime_precisions(g) for g in self.graphs}}
+                "runtime_precisions": self._runtime}
 
     def close(self) -> None:
         self._pools.clear()

@@ -30,6 +30,10 @@ class BackendInfo:
     # precisions it runs from another precision's files (OpenVINO's bf16: the FP32 graph with a bf16 hint)
     files_of: dict[str, str] = field(default_factory=dict, hash=False)
 
+    def file_precision(self, precision: str) -> str:
+        """The precision of the bundle files it runs `precision` from (its own, or `files_of`'s)."""
+        return self.files_of.get(precision, precision)
+
     @property
     def from_weights(self) -> bool:
         """Runs a checkpoint (or a bundle's weights) rather than files exported for it."""
@@ -70,7 +74,7 @@ def runnable(name: str, have: list[str] | tuple[str, ...]) -> list[str]:
     info = backend_info(name)
     if info.from_weights:
         return list(info.precisions)
-    return [p for p in info.precisions if info.files_of.get(p, p) in have]
+    return [p for p in info.precisions if info.file_precision(p) in have]
 
 
 __all__ = ["BACKENDS", "REFERENCE", "REGISTRY", "BackendInfo", "backend_info", "runnable"]

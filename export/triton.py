@@ -286,7 +286,7 @@ def _python_files(bundle: Bundle, backend: str, graph: str, precision: str, devi
         return [WEIGHTS]
     if info.runs == KIND_AOTI_PACKAGE:  # one package per device type
         return [_aoti_package(bundle, graph, precision, device)[0]]
-    name = bundle.find(graph, info.files_of.get(precision, precision), info.runs)
+    name = bundle.find(graph, info.file_precision(precision), info.runs)
     if name is None:
         raise BundleError(f"bundle {bundle.root} has no {precision} {graph} file for the {backend} backend")
     return [name]
