@@ -223,7 +223,8 @@ _PS_VAE = dict(family="ps-vae", latent_channels=96, bridge_encoder_depth=2, brid
 PRESETS.update({
     # DINOv2-B/14-reg4 at 224, semantic encoder/decoder of 3 transformer blocks each, ViT-XL pixel decoder
     "ps-vae": RPiAEConfig(name="ps-vae", **_PS_VAE),
-    # the paper's SigLIP2 variant: SigLIP2-B/16 at 256 (16x16 tokens, no resize), its [-1, 1] input scaling
+    # a SigLIP2 encoder; the papers name no SigLIP2 size: SigLIP2-B/16 at 256 is our choice
+    # (16x16 tokens, no resize), with its [-1, 1] input scaling
     "ps-vae-siglip2": RPiAEConfig(
         name="ps-vae-siglip2",
         **_PS_VAE,

@@ -44,6 +44,10 @@ from PIL import Image
 
 # The recipe's defaults, except the schedule: an "epoch" is `epoch_size` random crops.
 TINY_CONFIG = {
+    # the shipped run predates the authors' image pipeline and decoder init as defaults: pinned to
+    # what it used (this project's earlier defaults), so that this script reproduces it
+    "image_pipeline": "torch",
+    "decoder_init": "normal",
     "batch_size": 8,
     "lr": 4e-4,
     "min_lr": 4e-5,
@@ -334,8 +338,11 @@ def main() -> None:
         "dtype": "float16",
         "weights": weights,
         "recipe": "rpiae train defaults = the RPiAE authors' training code (docs/TRAINING.md: stage II on the posterior "
-        "mean, LR floor at epoch 16, next stage from raw weights, trainable D pos-embed), without LPIPS and GAN, "
-        "with the schedule and augmentation of training_config",
+        "mean, LR floor at epoch 16, stages 2 and 3 from the previous stage's raw weights, trainable D pos-embed), "
+        "except: the stage III fine-tune s4 started from s3's EMA weights (start_from_ema in training_config_s4); "
+        "training images resized by torch on floats and D initialised with normal(0.02) weights "
+        "(image_pipeline=torch, decoder_init=normal: this project's defaults when the shipped run was made); "
+        "without LPIPS and GAN, with the schedule and augmentation of training_config",
         "reproduce": "python scripts/train_tiny.py --work /tmp/train_tiny   (1 CPU thread; fetches the data, runs the "
         "three stages and the stage III fine-tune s4, evaluates, ships; a repeated command continues an interrupted run)",
         "commands": [_command(*s) for s in STAGES],

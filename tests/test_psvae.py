@@ -178,6 +178,10 @@ def test_recipe_defaults_and_stages():
         assert (c.feature_weight, c.feature_cos_weight, c.kl_weight, c.l1_weight, c.lpips_weight) == (1.0, 1.0, 1e-3, 1.0, 1.0)
         assert c.decoder_stage
     assert (s1.gan_weight, s2.gan_weight) == (0.0, 0.75)
+    # E unfreezes progressively in stage 2 only (our reading; the schedule is ours)
+    assert (s1.unfreezes_progressively, s2.unfreezes_progressively) == (False, True)
+    assert (s2.unfreeze_groups, s2.unfreeze_every_epochs) == (4, 2.0)
+    assert not load_train_config(1, overrides={"progressive_unfreeze": True}).unfreezes_progressively  # RPiAE: never
     assert not load_train_config(1, recipe="ps-vae", overrides={"svae_pixel_decoder": False}).decoder_stage
     assert load_train_config(1).recipe == "rpiae" and load_train_config(1).feature_cos_weight == 0.0
     with pytest.raises(ValueError, match="ps-vae recipe has stages 1, 2, got 3"):
@@ -194,10 +198,14 @@ def make_trainer(stage: int, tmp_path, gan: bool = True, lpips: bool = True, mod
                    disc=small_disc() if gan else None, steps_per_epoch=100)
 
 
-@pytest.mark.parametrize("stage,pixel_decoder", [(1, True), (1, False), (2, True)])
-def test_stage_trains_only_its_parameters(stage, pixel_decoder, batch, tmp_path):
-    trainer = make_trainer(stage, tmp_path, svae_pixel_decoder=pixel_decoder)
+@pytest.mark.parametrize("stage,pixel_decoder,progressive", [(1, True, False), (1, False, False), (2, True, True),
+                                                             (2, True, False)])
+def test_stage_trains_only_its_parameters(stage, pixel_decoder, progressive, batch, tmp_path):
+    trainer = make_trainer(stage, tmp_path, svae_pixel_decoder=pixel_decoder, progressive_unfreeze=progressive)
     model = trainer.model
+    # stage 2, progressive (the default): 2 steps at 100 steps per epoch, only E's top group unfrozen
+    waiting = {n for n, group in trainer.unfreeze_plan.items() if group > 0}
+    assert bool(waiting) == progressive
     trains = {1: {"vb_feature_encoder", "vb_feature_decoder"} | ({"decoder"} if pixel_decoder else set()),
               2: set(PARTS)}[stage]
     before, ema_before = snapshot(model), snapshot(trainer.ema)
@@ -216,7 +224,7 @@ def test_stage_trains_only_its_parameters(stage, pixel_decoder, batch, tmp_path)
     expected = {n for n, _ in model.named_parameters() if n.split(".")[0] in trains} - fixed
     assert names == expected
     for k, v in model.state_dict().items():
-        if k in names:
+        if k in names - waiting:
             assert not torch.equal(v, before[k]), f"{k} did not train"
             assert not torch.equal(trainer.ema.state_dict()[k], ema_before[k]), f"EMA of {k} did not move"
         else:
@@ -230,13 +238,63 @@ def test_stage_trains_only_its_parameters(stage, pixel_decoder, batch, tmp_path)
 
 
 def test_siglip2_psvae_trains_its_encoder_in_stage_2(batch, tmp_path):
-    trainer = make_trainer(2, tmp_path, model=make_psvae_tiny(**siglip2_overrides()))
+    trainer = make_trainer(2, tmp_path, model=make_psvae_tiny(**siglip2_overrides()), progressive_unfreeze=False)
     e = trainer.model.encoder.encoder
     assert trainer.last_enc_param is e.post_layernorm.bias  # E's last parameter, for any encoder type
     before = snapshot(e)
     logs = trainer.train_step([batch[:1]])
     assert all(math.isfinite(v) for v in logs.values()) and "w_gan" in logs
     assert all(not torch.equal(v, before[k]) for k, v in e.state_dict().items())
+    # progressive (the default): the top block and the final LayerNorm first, the embeddings last
+    plan = make_trainer(2, tmp_path, gan=False, lpips=False, model=make_psvae_tiny(**siglip2_overrides())).unfreeze_plan
+    assert plan["encoder.encoder.post_layernorm.weight"] == plan["encoder.encoder.encoder.layers.3.mlp.fc1.weight"] == 0
+    assert plan["encoder.encoder.embeddings.patch_embedding.weight"] == plan["encoder.encoder.encoder.layers.0.mlp.fc1.weight"] == 3
+
+
+def _block_params(model: RPiAE, i: int) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if n.startswith(f"encoder.encoder.encoder.layer.{i}.")}
+
+
+def test_psvae_stage2_unfreezes_e_from_its_last_block_down(batch, tmp_path):
+    """ps-vae-tiny's E has 4 blocks, so 4 groups of one block; a new group every 0.01 epoch =
+    every step at 100 steps per epoch. Every block is in the optimiser from the start; a block
+    still frozen gets no gradient and does not move, an unfrozen one trains."""
+    trainer = make_trainer(2, tmp_path, gan=False, lpips=False, unfreeze_every_epochs=0.01)
+    model = trainer.model
+    blocks = [_block_params(model, i) for i in range(4)]
+    embeddings = {n: p for n, p in model.named_parameters() if n.startswith("encoder.encoder.embeddings.")
+                  and not n.endswith("mask_token")}
+    in_opt = {id(p) for g in trainer.opt.param_groups for p in g["params"]}
+    assert all(id(p) in in_opt for b in (*blocks, embeddings) for p in b.values())
+    rebuilt = []
+    trainer._wrap_ddp = lambda: rebuilt.append(trainer.step)  # what a multi-GPU run rebuilds DDP on
+    trainer.world = 2  # one micro-batch: no no_sync, no collective in the generator step
+    for step in range(5):
+        before = [{n: p.detach().clone() for n, p in b.items()} for b in (*blocks, embeddings)]
+        trainer.train_step([batch[:1]])  # sets requires_grad for its step first
+        unfrozen = [3 - i <= step for i in range(4)]  # block 3 first, block 0 last
+        assert [all(p.requires_grad for p in b.values()) for b in blocks] == unfrozen, step
+        assert [any(p.requires_grad for p in b.values()) for b in blocks] == unfrozen, step
+        assert all(p.requires_grad == (step >= 3) for p in embeddings.values()), step  # with the bottom group
+        moved = [any(not torch.equal(p, prev[n]) for n, p in b.items()) for b, prev in zip((*blocks, embeddings), before)]
+        assert moved == unfrozen + [step >= 3], step
+    assert rebuilt == [1, 2, 3]  # at each change; step 4 changes nothing
+    assert len(trainer.opt.state) == len(trainer.params)  # every E parameter has trained by now
+
+
+def test_psvae_unfreezing_schedule_at_full_size():
+    """The default schedule on the `ps-vae` preset (DINOv2-B, 12 blocks): blocks 9-11 train from
+    the start, 6-8 from epoch 2, 3-5 from epoch 4, 0-2 and the embeddings from epoch 6."""
+    from rpiae.training.stages import encoder_groups, unfrozen_groups
+
+    cfg = load_train_config(2, recipe="ps-vae")
+    with torch.device("meta"):
+        model = RPiAE(PRESETS["ps-vae"])
+    plan = encoder_groups(model, cfg.unfreeze_groups)
+    for i in range(12):
+        assert {g for n, g in plan.items() if f".layer.{i}." in n} == {(11 - i) // 3}, i
+    assert {g for n, g in plan.items() if ".embeddings." in n} == {3}
+    assert [unfrozen_groups(cfg, e, 4) for e in (0.0, 1.99, 2.0, 3.0, 4.0, 6.0, 15.9)] == [1, 1, 2, 2, 3, 4, 4]
 
 
 def _written_out(model: RPiAE, tokens: torch.Tensor, target: torch.Tensor) -> dict:
@@ -297,8 +355,10 @@ def test_psvae_loss_targets_the_frozen_encoder_and_reaches_e(batch, tmp_path):
     torch.manual_seed(3)
     loss, logs, _ = trainer._losses(x)
     loss.backward()
-    e_grad = model.encoder.encoder.embeddings.patch_embeddings.projection.weight.grad
+    # the top block trains from the first step (the blocks below join later: progressive unfreezing)
+    e_grad = model.encoder.encoder.encoder.layer[-1].mlp.fc1.weight.grad
     assert e_grad is not None and e_grad.abs().sum() > 0
+    assert model.encoder.encoder.embeddings.patch_embeddings.projection.weight.grad is None
 
     torch.manual_seed(3)
     with torch.no_grad():

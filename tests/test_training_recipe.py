@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torch import nn
 
-from rpiae.training.config import load_train_config
-from rpiae.training.discriminator import BatchNormLocal, DinoFeatures, diff_augment
+from rpiae.imageio import quantize_8bit
+from rpiae.training.config import TrainConfig, load_train_config, parse_override
+from rpiae.training.discriminator import BatchNormLocal, DinoFeatures, SpectralNormVU, diff_augment, spectral_normed
 from rpiae.training.stages import DECODER_POS_EMBED, trainable_names
 from rpiae.training.trainer import Trainer
 from tests.conftest import make_tiny
@@ -89,14 +93,15 @@ def test_lr_schedule_matches_the_authors_configs(stage, epochs, tmp_path):
 
 
 def record_disc_inputs(trainer):
+    """The discriminator's inputs before DiffAug, in the order it augments them, and its mode."""
     calls = []
-    forward = trainer.disc.forward
+    augment = trainer.disc.augment
 
     def recording(x):
         calls.append((x.detach().clone(), trainer.disc.training))
-        return forward(x)
+        return augment(x)
 
-    trainer.disc.forward = recording
+    trainer.disc.augment = recording
     return calls
 
 
@@ -106,9 +111,9 @@ def test_disc_fakes_come_from_the_updated_model_without_noise(stage, batch, tmp_
     x = batch[:2]
     calls = record_disc_inputs(trainer)
     trainer.train_step([x])
-    # generator step (disc in eval mode), then real and fake of the discriminator step (train mode)
+    # generator step (disc in eval mode), then fake and real of the discriminator step (train mode)
     assert [training for _, training in calls] == [False, True, True]
-    gen_fake, real, fake = (c for c, _ in calls)
+    gen_fake, fake, real = (c for c, _ in calls)
     assert torch.equal(real, x * 2 - 1)
 
     m = trainer.model
@@ -128,7 +133,7 @@ def test_disc_fakes_come_from_the_updated_model_without_noise(stage, batch, tmp_
     old = make_trainer(stage, tmp_path, lpips=False, disc_fresh_fakes=False)
     calls = record_disc_inputs(old)
     old.train_step([x])
-    gen_fake, _, fake = (c for c, _ in calls)
+    gen_fake, fake, _ = (c for c, _ in calls)
     assert torch.allclose(fake, torch.round(((gen_fake + 1) / 2).clamp(0, 1) * 255) / 255 * 2 - 1, atol=1e-6)
 
 
@@ -292,3 +297,238 @@ def test_image_gradient_term(batch, tmp_path):
     trainer = make_trainer(3, tmp_path, gan=False, lpips=False, grad_weight=2.0)
     _, logs, _ = trainer.compute_losses(x)
     assert logs["loss"] == pytest.approx(logs["l1"] + 2.0 * logs["grad"], rel=1e-6)
+
+
+# 11. a new run's pixel decoder keeps PyTorch's default Linear init --------------------------------------
+
+
+def _decoder_linears(model) -> dict[str, nn.Linear]:
+    layer = model.decoder.decoder_layers[0]
+    return {"mlp output": layer.output.dense, "query": layer.attention.attention.query,
+            "decoder_pred": model.decoder.decoder_pred}
+
+
+@pytest.mark.parametrize("scheme", ["torch", "normal"])
+def test_new_run_decoder_init(scheme):
+    """PyTorch's default Linear init draws weights and biases from U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    std 1/sqrt(3 fan_in): at rpiae-b's sizes 0.0090 for the MLP output (fan-in 4096) and 0.017 for
+    the query and decoder_pred (1152), the authors' decoder's. "normal" is normal(0.02), zero biases."""
+    from rpiae.training.run import _new_model
+
+    assert TrainConfig().decoder_init == "torch"
+    with pytest.raises(ValueError, match="decoder_init"):
+        TrainConfig(decoder_init="xavier")
+    assert round(1 / math.sqrt(3 * 4096), 4) == 0.0090 and round(1 / math.sqrt(3 * 1152), 3) == 0.017
+    torch.manual_seed(0)
+    model = _new_model("rpiae", "tiny", None, scheme)
+    for name, lin in _decoder_linears(model).items():
+        w, b, fan_in = lin.weight.detach(), lin.bias.detach(), lin.weight.shape[1]
+        if scheme == "torch":
+            bound = 1 / math.sqrt(fan_in)
+            assert float(w.std()) == pytest.approx(bound / math.sqrt(3), rel=0.03), name
+            assert float(b.std()) == pytest.approx(bound / math.sqrt(3), rel=0.25), name
+            assert float(w.abs().max()) <= bound and float(b.abs().max()) <= bound, name
+            assert float(w.abs().max()) > 0.95 * bound, name  # uniform: it reaches its bound
+        else:
+            assert float(w.std()) == pytest.approx(0.02, rel=0.03), name
+            assert float(w.abs().max()) > 3 * 0.02 and torch.all(b == 0), name  # normal: tails past 3 sigma
+    d = model.decoder
+    assert torch.all(d.trainable_cls_token == 0) and torch.all(d.decoder_norm.weight == 1)
+    # "normal" is the constructor's own init: a run with it starts bit-identical to before
+    torch.manual_seed(0)
+    plain = _new_model("rpiae", "tiny", None, "normal")
+    torch.manual_seed(0)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(),
+                                                    type(plain)(plain.config).state_dict().values()))
+
+
+# 12. training images: the authors' 8-bit PIL pipeline ----------------------------------------------------
+
+
+@pytest.fixture
+def rocket_dir(tmp_path):
+    """scikit-image's rocket, 640 x 427: at short side 384 the long side is 384 * 640 / 427 = 575.6,
+    575 truncated (the authors), 576 rounded (ours before)."""
+    from skimage import data
+
+    d = tmp_path / "rocket"
+    d.mkdir()
+    Image.fromarray(data.rocket()).save(d / "rocket.png")
+    return d
+
+
+def test_training_images_are_pil_bicubic_of_8bit_rgb_truncated(rocket_dir):
+    from rpiae.training.data import ImageFolderDataset, resize_short_pil
+
+    assert TrainConfig().image_pipeline == "pil" and parse_override("image_pipeline=torch") == ("image_pipeline", "torch")
+    with pytest.raises(ValueError, match="image_pipeline"):
+        TrainConfig(image_pipeline="cv2")
+    img = Image.open(rocket_dir / "rocket.png").convert("RGB")
+    assert resize_short_pil(img, 384).size == (575, 384)
+    resized = np.asarray(img.resize((575, 384), Image.BICUBIC))  # torchvision Resize(384, BICUBIC) on the PIL image
+    expected = torch.from_numpy(resized.transpose(2, 0, 1).copy()).float() / 255.0  # ToTensor
+    ds = ImageFolderDataset(rocket_dir, crop=384, resize_min=384, resize_max=384)  # all rows, a random column offset
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        x, _ = ds[0]
+        assert any(torch.equal(x, expected[:, :, left : left + 384]) for left in range(575 - 384 + 1)), epoch
+
+    # ours before: torch's bicubic on floats, rounded to 576 columns; no crop of it matches PIL's
+    from rpiae.imageio import resize_short
+
+    ours = ImageFolderDataset(rocket_dir, crop=384, resize_min=384, resize_max=384, pipeline="torch")
+    x, _ = ours[0]
+    floats = torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy()).float() / 255.0
+    wide = resize_short(floats, 384)
+    assert wide.shape == (3, 384, 576)
+    assert any(torch.equal(x, wide[:, :, left : left + 384]) for left in range(576 - 384 + 1))
+    assert not any(torch.equal(x, expected[:, :, left : left + 384]) for left in range(575 - 384 + 1))
+
+
+def test_training_images_ignore_exif_rotation(tmp_path):
+    from skimage import data
+
+    from rpiae.training.data import _decode, _decode_rgb8
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.png"
+    Image.fromarray(data.rocket()[:300, :400]).save(path, exif=exif)  # stored 400 wide, 300 high
+    assert _decode_rgb8(path).size == (400, 300)  # the authors': as stored
+    assert tuple(_decode(path).shape) == (3, 400, 300)  # ours before: turned upright
+
+
+# 13. spectral norm: the authors' variant (no warm-up, v then u) ------------------------------------------
+
+
+def _conv(seed: int = 0) -> nn.Conv1d:
+    torch.manual_seed(seed)
+    return nn.Conv1d(48, 48, 9, padding=4, padding_mode="circular")
+
+
+def test_spectral_norm_is_the_authors_variant():
+    conv, ref = _conv(), _conv()
+    torch.manual_seed(1)
+    spectral_normed(conv, warmup=False)
+    torch.manual_seed(1)
+    torch.nn.utils.spectral_norm(ref)  # the authors' SpectralNorm.apply(n_power_iterations=1, dim=0, eps=1e-12)
+    sn = conv.parametrizations.weight[0]
+    assert isinstance(sn, SpectralNormVU)
+    u0, v0 = ref.weight_u.clone(), ref.weight_v.clone()
+    assert torch.equal(sn._u, u0) and torch.equal(sn._v, v0)  # no warm-up: the normalised random draws
+    w = ref.weight_orig.detach().flatten(1)  # (48, 48 * 9)
+    x = torch.randn(2, 48, 40)
+    assert torch.allclose(conv(x), ref(x), atol=1e-6)  # train mode: one power iteration each
+    v1 = F.normalize(w.t() @ u0, dim=0)  # v first ...
+    u1 = F.normalize(w @ v1, dim=0)  # ... then u
+    assert torch.allclose(sn._v, v1, atol=1e-6) and torch.allclose(sn._u, u1, atol=1e-6)
+    first = float(u1 @ w @ v1)  # the first sigma estimate
+    conv.eval()  # eval: the weight from the current u and v, no further iteration
+    assert torch.allclose(conv.weight, w.view_as(conv.weight) / first, rtol=1e-5)
+    assert torch.allclose(sn._u, u1, atol=1e-6)
+    u_first = F.normalize(w @ v0, dim=0)  # the other order would estimate differently
+    assert abs(float(u_first @ w @ F.normalize(w.t() @ u_first, dim=0)) - first) > 1e-4
+
+
+def test_spectral_norm_warmup_option_is_torchs_parametrization():
+    conv = _conv()
+    torch.manual_seed(1)
+    spectral_normed(conv, warmup=True)
+    w = conv.parametrizations.weight.original.detach().flatten(1)
+    torch.manual_seed(1)
+    u, v = F.normalize(torch.randn(48), dim=0), F.normalize(torch.randn(48 * 9), dim=0)
+    for _ in range(15 + 1 + 1):  # 15 at construction, 1 in the registration's trial forward, 1 now: u, then v
+        u = F.normalize(w @ v, dim=0)
+        v = F.normalize(w.t() @ u, dim=0)
+    conv(torch.randn(2, 48, 40))
+    sn = conv.parametrizations.weight[0]
+    assert not isinstance(sn, SpectralNormVU)
+    assert torch.allclose(sn._u, u, atol=1e-5) and torch.allclose(sn._v, v, atol=1e-5)
+    # the whole discriminator follows `disc_sn_warmup` (default: the authors')
+    assert TrainConfig().disc_sn_warmup is False
+    assert isinstance(small_disc().heads[0].cls.parametrizations.weight[0], SpectralNormVU)
+    from rpiae.training.discriminator import Discriminator
+
+    warm = Discriminator(dim=32, depth=3, heads=2, patch=8, sn_warmup=True)
+    assert not isinstance(warm.heads[0].cls.parametrizations.weight[0], SpectralNormVU)
+    assert set(warm.state_dict()) == set(Discriminator(dim=32, depth=3, heads=2, patch=8).state_dict())
+
+
+# 14. stage III token noise: on E's tokens, before the bridge ----------------------------------------------
+
+
+@pytest.mark.parametrize("after_bridge", [False, True])
+def test_stage3_noise_goes_on_the_encoder_tokens(after_bridge, batch, tmp_path):
+    trainer = make_trainer(3, tmp_path, gan=False, lpips=False, noise_tau=0.5, noise_after_bridge=after_bridge)
+    m, x = trainer.model, batch[:2]
+    trainer.set_modes()
+    torch.manual_seed(4)
+    with torch.no_grad():
+        recon = trainer.fwd(x)["recon"]
+
+    def written_out(noise_encoder_tokens: bool) -> torch.Tensor:
+        torch.manual_seed(4)
+        with torch.no_grad():
+            def noised(t):
+                sigma = 0.5 * torch.rand(t.shape[0], 1, 1)
+                return t + sigma * torch.randn(t.shape)
+
+            tokens = m.tokens(x)
+            tokens = noised(tokens) if noise_encoder_tokens else tokens
+            dec = m.vb_feature_decoder(m.vb_feature_encoder(tokens).mean)
+            return m.decode_tokens(dec if noise_encoder_tokens else noised(dec))
+
+    assert torch.allclose(recon, written_out(not after_bridge), atol=1e-5)
+    assert not torch.allclose(recon, written_out(after_bridge), atol=1e-3)
+
+
+# 15. the discriminator's AdamW: its own betas and weight decay ------------------------------------------------
+
+
+def test_disc_optimiser_has_its_own_betas_and_weight_decay(tmp_path):
+    gen = dict(betas=(0.5, 0.9), weight_decay=0.1, lpips=False)
+    groups = lambda t: [(tuple(g["betas"]), g["weight_decay"]) for g in t.disc_opt.param_groups]
+    trainer = make_trainer(1, tmp_path, **gen)
+    assert groups(trainer) == [((0.9, 0.95), 0.0)]  # the authors' gan.disc.optimizer, not the generator's
+    assert (tuple(trainer.opt.param_groups[0]["betas"]), trainer.opt.param_groups[0]["weight_decay"]) == ((0.5, 0.9), 0.1)
+    assert groups(make_trainer(1, tmp_path, disc_betas=(0.8, 0.99), disc_weight_decay=0.05, **gen)) == [((0.8, 0.99), 0.05)]
+    assert groups(make_trainer(1, tmp_path, disc_optim_tied=True, **gen)) == [((0.5, 0.9), 0.1)]  # ours before
+    assert parse_override("disc_betas=0.8,0.99") == ("disc_betas", (0.8, 0.99))
+
+
+# 16. the discriminator step: the fake batch first -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("fake_first", [True, False])
+def test_disc_step_augments_and_classifies_the_fake_batch_first(fake_first, batch, tmp_path):
+    trainer = make_trainer(1, tmp_path, lpips=False, disc_fresh_fakes=False, disc_fake_first=fake_first)
+    assert TrainConfig().disc_fake_first is True
+    x = batch[:2]
+    recon = (x.flip(-1) * 0.9 + 0.05).clamp(0, 1)  # a stand-in reconstruction
+    real, fake = x * 2 - 1, quantize_8bit(recon) * 2 - 1
+    disc = trainer.disc
+    augment, classify = disc.augment, disc.classify
+    calls, augmented = [], {}
+
+    def recording_augment(t):
+        name = "real" if torch.equal(t, real) else "fake" if torch.equal(t, fake) else "?"
+        augmented[name] = out = augment(t)
+        calls.append(("augment", name))
+        return out
+
+    def recording_classify(t):
+        calls.append(("classify", next(k for k, v in augmented.items() if v is t)))
+        return classify(t)
+
+    disc.augment, disc.classify = recording_augment, recording_classify
+    torch.manual_seed(11)
+    trainer._disc_step([(x, recon)])
+    if fake_first:  # the authors': fake_input = aug(fake); real_input = aug(real); disc(fake_input, real_input)
+        assert calls == [("augment", "fake"), ("augment", "real"), ("classify", "fake"), ("classify", "real")]
+    else:
+        assert calls == [("augment", "real"), ("classify", "real"), ("augment", "fake"), ("classify", "fake")]
+    # the seeded DiffAug draws go to the batches in that order
+    torch.manual_seed(11)
+    first, second = ("fake", "real") if fake_first else ("real", "fake")
+    assert torch.equal(augmented[first], diff_augment({"fake": fake, "real": real}[first]))
+    assert torch.equal(augmented[second], diff_augment({"fake": fake, "real": real}[second]))

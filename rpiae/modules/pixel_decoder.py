@@ -26,6 +26,23 @@ def sincos_pos_embed_2d(dim: int, grid: int, cls_token: bool = True) -> torch.Te
     return emb.float()
 
 
+def init_linears(module: nn.Module, scheme: str) -> None:
+    """(Re-)initialise every Linear in `module`: "normal" draws normal(0.02) weights and zero
+    biases (HF ViT-MAE's init); "torch" restores PyTorch's default (weights kaiming-uniform with
+    a = sqrt(5), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), biases from the same range), which the
+    RPiAE authors' decoder keeps, as it applies no init of its own."""
+    if scheme not in ("normal", "torch"):
+        raise ValueError(f"unknown init scheme {scheme!r}; choose normal or torch")
+    for m in module.modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        if scheme == "torch":
+            m.reset_parameters()
+        else:
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+
 class Intermediate(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -74,10 +91,8 @@ class PixelDecoder(nn.Module):
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_depth))
         self.decoder_norm = nn.LayerNorm(dim, eps=cfg.decoder_ln_eps)
         self.decoder_pred = nn.Linear(dim, cfg.decoder_patch_size**2 * 3)
-        for m in self.modules():  # HF ViT-MAE init
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        # HF ViT-MAE's init; a training run that starts D afresh picks its own (`decoder_init`)
+        init_linears(self, "normal")
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         b, p, g = x.shape[0], self.patch, self.grid

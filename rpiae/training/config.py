@@ -5,7 +5,8 @@ Two recipes, one per model family:
 - `rpiae` (stages 1-3): defaults follow the RPiAE authors' training code (360CVGroup/RPiAE:
   `src/train_stage1_rpiae_s1.py`, `src/train_stage1_rpiae_s23.py` and the stage 1/2/3 yaml
   configs), which produced the released weights; where the paper (arXiv 2603.19206)
-  describes something else, a named field switches to the paper's version.
+  describes something else, a named field switches to the paper's version, and where this
+  project did something else before, a named field keeps that as an option.
 - `ps-vae` (stages 1-2): S-VAE, then PS-VAE (arXiv 2512.17909). No code is public; the
   values the paper leaves open are this project's choices, each a field.
 
@@ -27,6 +28,8 @@ from typing import Any
 
 # the stages of each recipe; a recipe trains the model family of the same name
 RECIPES: dict[str, tuple[int, ...]] = {"rpiae": (1, 2, 3), "ps-vae": (1, 2)}
+IMAGE_PIPELINES = ("pil", "torch")  # `image_pipeline`: the authors', ours before
+DECODER_INITS = ("torch", "normal")  # `decoder_init`: the authors', ours before
 
 
 @dataclass
@@ -55,6 +58,10 @@ class TrainConfig:
     start_from_ema: bool = False
 
     # data: short side to a random size in [resize_min, resize_max] (bicubic), random crop
+    # "pil" (the authors' ImageFolder + torchvision Resize on PIL images): the file as 8-bit RGB
+    # without EXIF rotation, PIL's bicubic, the long side truncated (int(size * long / short));
+    # "torch" (ours before): EXIF rotation, float pixels, torch's bicubic, the long side rounded
+    image_pipeline: str = "pil"
     resize_min: int = 384
     resize_max: int = 384
     crop: int = 256
@@ -63,6 +70,14 @@ class TrainConfig:
 
     # token noise sigma = tau * U(0, 1) on E's tokens (stages I and II)
     noise_tau: float = 0.8
+    # stage III with noise_tau > 0: the noise goes on E's tokens before the bridge (False, the
+    # authors' `RPiAE_VB.encode`, which noises E's tokens in every training stage); True puts it
+    # on the bridge-decoded tokens D reads (ours before)
+    noise_after_bridge: bool = False
+    # D's layers when a new run starts without --init-decoder: "torch" keeps PyTorch's default
+    # Linear init (kaiming-uniform weights, uniform biases; the authors' `GeneralDecoder` applies
+    # no init of its own); "normal" draws normal(0.02) weights and zero biases (HF ViT-MAE; ours before)
+    decoder_init: str = "torch"
 
     # losses
     l1_weight: float = 1.0
@@ -92,9 +107,19 @@ class TrainConfig:
     disc_min_lr: float = 2e-5
     disc_warmup_epochs: float = 1.0
     disc_decay_epochs: float = 16.0
+    # the discriminator's AdamW: its own betas and weight decay (the authors' `gan.disc.optimizer`,
+    # equal to the generator's values in their configs); `disc_optim_tied` uses the generator's
+    # `betas` and `weight_decay` instead (ours before)
+    disc_betas: tuple[float, float] = (0.9, 0.95)
+    disc_weight_decay: float = 0.0
+    disc_optim_tied: bool = False
     # discriminator step: fakes from a fresh no-noise forward of the *updated* model in eval
     # mode (the authors); False reuses the generator step's reconstruction of noised tokens
     disc_fresh_fakes: bool = True
+    # discriminator step: DiffAug draws for the fake batch, then the real one, and the heads see
+    # fake then real (the authors' `discriminator(fake_input, real_input)`); False: real batch
+    # first, augmented and classified, then the fake (ours before)
+    disc_fake_first: bool = True
     # generator step: the discriminator sees the raw reconstruction (the authors); True clamps
     # and rounds it to 8 bits first (straight-through)
     gen_fake_quantize: bool = False
@@ -119,6 +144,21 @@ class TrainConfig:
     disc_diffaug: bool = True
     disc_norm_group: int = 1  # heads' BatchNormLocal: statistics per group of this many samples
     disc_norm_eps: float = 1e-6
+    # heads' spectral norm: u and v drawn at random, no warm-up, each training forward updates v
+    # then u (the authors' `SpectralNorm.apply`); True: torch.nn.utils.parametrizations.spectral_norm,
+    # 15 warm-up iterations at construction, u then v (ours before)
+    disc_sn_warmup: bool = False
+
+    # PS-VAE stage 2 only (on in that stage's defaults, ignored elsewhere): E unfreezes
+    # progressively, from its last block down (our reading of a summary of the PS-VAE paper,
+    # which says "progressively unfrozen"; the schedule is ours): E's blocks are split into
+    # `unfreeze_groups` equal groups from the top; the top group (and anything after the blocks,
+    # such as a final norm) trains from the first step, one more group joins every
+    # `unfreeze_every_epochs` epochs, the embeddings with the bottom group. False: all of E
+    # trains from the first step (ours before)
+    progressive_unfreeze: bool = False
+    unfreeze_groups: int = 4
+    unfreeze_every_epochs: float = 2.0
 
     # bookkeeping
     seed: int = 0
@@ -138,6 +178,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
+        self.disc_betas = tuple(float(b) for b in self.disc_betas)
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose one of: {', '.join(RECIPES)}")
         stages = RECIPES[self.recipe]
@@ -147,6 +188,12 @@ class TrainConfig:
             raise ValueError("batch_size, grad_accum and epochs must be >= 1")
         if self.resize_min < self.crop or self.resize_max < self.resize_min:
             raise ValueError("need crop <= resize_min <= resize_max")
+        for name, value, choices in (("image_pipeline", self.image_pipeline, IMAGE_PIPELINES),
+                                     ("decoder_init", self.decoder_init, DECODER_INITS)):
+            if value not in choices:
+                raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+        if self.unfreeze_groups < 1 or self.unfreeze_every_epochs <= 0:
+            raise ValueError("need unfreeze_groups >= 1 and unfreeze_every_epochs > 0")
 
     @property
     def decoder_stage(self) -> bool:
@@ -156,9 +203,14 @@ class TrainConfig:
             return self.stage == 2 or self.svae_pixel_decoder
         return self.stage in (1, 3)
 
+    @property
+    def unfreezes_progressively(self) -> bool:
+        """Whether E unfreezes block group by block group: PS-VAE stage 2 with `progressive_unfreeze`."""
+        return self.recipe == "ps-vae" and self.stage == 2 and self.progressive_unfreeze
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
+        d["betas"], d["disc_betas"] = list(self.betas), list(self.disc_betas)
         return d
 
     @classmethod
@@ -178,9 +230,10 @@ STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
 }
 
 # PS-VAE: stage 1 = S-VAE (E frozen; semantic encoder/decoder on feature reconstruction + KL,
-# D on the detached reconstruction), stage 2 = PS-VAE (everything trains; pixel losses +
-# feature reconstruction of the frozen E's tokens + KL). Values the paper leaves open are
-# ours (docs/TRAINING.md, "PS-VAE"); the fields not named here keep the shared defaults.
+# D on the detached reconstruction), stage 2 = PS-VAE (everything trains, E progressively
+# from its last block down; pixel losses + feature reconstruction of the frozen E's tokens +
+# KL). Values the paper leaves open are ours (docs/TRAINING.md, "PS-VAE"); the fields not
+# named here keep the shared defaults.
 _PSVAE_SHARED: dict[str, Any] = dict(
     epochs=16, batch_size=256, decay_epochs=0.0, noise_tau=0.0, sample_posterior=True,
     feature_weight=1.0, feature_cos_weight=1.0, kl_weight=1e-3, l1_weight=1.0, lpips_weight=1.0,
@@ -188,7 +241,7 @@ _PSVAE_SHARED: dict[str, Any] = dict(
 )
 PSVAE_STAGE_DEFAULTS: dict[int, dict[str, Any]] = {
     1: dict(_PSVAE_SHARED, gan_weight=0.0),
-    2: dict(_PSVAE_SHARED, gan_weight=0.75),
+    2: dict(_PSVAE_SHARED, gan_weight=0.75, progressive_unfreeze=True),
 }
 RECIPE_DEFAULTS: dict[str, dict[int, dict[str, Any]]] = {"rpiae": STAGE_DEFAULTS, "ps-vae": PSVAE_STAGE_DEFAULTS}
 

@@ -1,5 +1,14 @@
 """Training data: an image folder, resized (short side, bicubic) and randomly cropped.
 
+Two pipelines (`TrainConfig.image_pipeline`):
+
+- "pil", the authors' (torchvision's ImageFolder loader, `Resize(size, BICUBIC)` on the PIL
+  image, `RandomCrop`, `ToTensor`): the file as 8-bit RGB (`convert("RGB")`, no EXIF
+  rotation), resized by PIL's bicubic to a short side of `size` and a long side of
+  int(size * long / short) (truncated), cropped, then / 255.
+- "torch", ours before: EXIF rotation, float pixels (16-bit and alpha as `imageio.to_rgb_float`
+  reads them), torch's bicubic (antialiased when shrinking), the long side rounded.
+
 Augmentation randomness comes from a generator seeded by (seed, epoch, sample index), so a
 run resumed mid-epoch sees exactly the crops it would have seen.
 """
@@ -19,6 +28,7 @@ TRAIN_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 def _decode(path: Path) -> torch.Tensor:
+    """The "torch" pipeline's decode: EXIF rotation, float (3, H, W) in [0, 1]."""
     with Image.open(path) as img:
         img.load()
         img = ImageOps.exif_transpose(img)
@@ -26,6 +36,32 @@ def _decode(path: Path) -> torch.Tensor:
     if arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ValueError("empty image")
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W)
+
+
+def _decode_rgb8(path: Path) -> Image.Image:
+    """The "pil" pipeline's decode, torchvision's `pil_loader`: 8-bit RGB, no EXIF rotation."""
+    with Image.open(path) as img:
+        rgb = img.convert("RGB")
+    if min(rgb.size) < 1:
+        raise ValueError("empty image")
+    return rgb
+
+
+def resize_short_pil(img: Image.Image, size: int) -> Image.Image:
+    """torchvision's `Resize(size, BICUBIC)` of a PIL image: the short side to `size`, the long
+    side to int(size * long / short) (truncated), PIL's bicubic (which filters when shrinking)."""
+    w, h = img.size
+    short, long = min(w, h), max(w, h)
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) == (w, h):
+        return img
+    return img.resize((new_w, new_h), Image.BICUBIC)
+
+
+def pil_to_float(img: Image.Image) -> torch.Tensor:
+    """8-bit RGB PIL image -> float (3, H, W) in [0, 1] (torchvision's `ToTensor`)."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy()).float() / 255.0
 
 
 def jitter_colour(x: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
@@ -56,10 +92,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         seed: int = 0,
         epoch_size: int = 0,
         color_jitter: float = 0.0,
+        pipeline: str = "pil",
     ) -> None:
+        if pipeline not in ("pil", "torch"):
+            raise ValueError(f"unknown image pipeline {pipeline!r}; choose pil or torch")
         self.files = find_images(folder, TRAIN_SUFFIXES)
         if not self.files:
             raise ImageError(f"{folder}: no images (jpg/png/webp) found")
+        self.pipeline = pipeline
         self.crop, self.resize_min, self.resize_max = crop, resize_min, resize_max
         self.hflip, self.seed, self.epoch = hflip, seed, 0
         self.color_jitter = color_jitter
@@ -76,14 +116,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.epoch_size
 
-    def _read(self, index: int) -> tuple[torch.Tensor, int]:
+    def _read(self, index: int) -> tuple[torch.Tensor | Image.Image, int]:
+        """The first readable file from `index` on, decoded per the pipeline, and how many
+        unreadable ones were met first."""
         n, newly_bad = len(self.files), 0
+        decode = _decode_rgb8 if self.pipeline == "pil" else _decode
         for k in range(n):
             path = self.files[(index + k) % n]
             if str(path) in self.bad:
                 continue
             try:
-                return _decode(path), newly_bad
+                return decode(path), newly_bad
             except Exception as e:  # corrupt, truncated, not an image, unreadable
                 self.bad.add(str(path))
                 newly_bad += 1
@@ -93,10 +136,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         """(image, number of unreadable files first met while producing it)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 100_003 + index)
-        x, newly_bad = self._read(index % len(self.files))
+        img, newly_bad = self._read(index % len(self.files))
         size = int(torch.randint(self.resize_min, self.resize_max + 1, (1,), generator=g))
-        x = resize_short(x, size)
-        _, h, w = x.shape
+        x = pil_to_float(resize_short_pil(img, size)) if self.pipeline == "pil" else resize_short(img, size)
+        _, h, w = x.shape  # (3, H, W), short side `size`
         top = int(torch.randint(0, h - self.crop + 1, (1,), generator=g))
         left = int(torch.randint(0, w - self.crop + 1, (1,), generator=g))
         x = x[:, top : top + self.crop, left : left + self.crop]

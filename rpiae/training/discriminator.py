@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 from rpiae.checkpoints import CheckpointError, load_strict, read_file, unwrap_state_dict
@@ -124,9 +125,43 @@ class BatchNormLocal(nn.Module):
         return x * self.weight.view(1, -1, 1) + self.bias.view(1, -1, 1)
 
 
-def _sn_block(channels: int, kernel: int, group: int, eps: float) -> nn.Sequential:
+class SpectralNormVU(nn.Module):
+    """Spectral normalisation as the authors' discriminator applies it (`SpectralNorm.apply`
+    of `torch.nn.utils.spectral_norm`, one power iteration, dim 0): u and v drawn from N(0, I)
+    and normalised, no warm-up; each forward in train mode updates v = W^T u / |.| first, then
+    u = W v / |.|; the weight is divided by sigma = u^T W v. A parametrization with the buffer
+    names of torch's (`_u`, `_v`), so the state-dict layout is the same either way."""
+
+    def __init__(self, weight: torch.Tensor, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.eps = eps
+        h, w = weight.shape[0], weight[0].numel()
+        self.register_buffer("_u", F.normalize(weight.new_empty(h).normal_(0, 1), dim=0, eps=eps))
+        self.register_buffer("_v", F.normalize(weight.new_empty(w).normal_(0, 1), dim=0, eps=eps))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        mat = weight.flatten(1)  # (out, in * kernel)
+        if self.training:
+            with torch.no_grad():  # in place, as torch's: the buffers carry the estimate on
+                F.normalize(torch.mv(mat.t(), self._u), dim=0, eps=self.eps, out=self._v)
+                F.normalize(torch.mv(mat, self._v), dim=0, eps=self.eps, out=self._u)
+        u, v = self._u.clone(), self._v.clone()  # clones: a second forward must not change the first's graph
+        return weight / torch.dot(u, torch.mv(mat, v))
+
+
+def spectral_normed(conv: nn.Conv1d, warmup: bool) -> nn.Conv1d:
+    """`conv` with its weight spectrally normalised: the authors' variant (`SpectralNormVU`) or,
+    with `warmup`, torch's parametrization (15 power iterations at construction, u then v)."""
+    if warmup:
+        return spectral_norm(conv)
+    # unsafe: registering without the trial forward, which would run a power iteration now
+    parametrize.register_parametrization(conv, "weight", SpectralNormVU(conv.weight), unsafe=True)
+    return conv
+
+
+def _sn_block(channels: int, kernel: int, group: int, eps: float, sn_warmup: bool) -> nn.Sequential:
     conv = nn.Conv1d(channels, channels, kernel, padding=kernel // 2, padding_mode="circular")
-    return nn.Sequential(spectral_norm(conv), BatchNormLocal(channels, group, eps), nn.LeakyReLU(0.2))
+    return nn.Sequential(spectral_normed(conv, sn_warmup), BatchNormLocal(channels, group, eps), nn.LeakyReLU(0.2))
 
 
 class Residual(nn.Module):
@@ -139,12 +174,13 @@ class Residual(nn.Module):
 
 
 class DiscHead(nn.Module):
-    def __init__(self, channels: int, norm_group: int = 1, norm_eps: float = 1e-6) -> None:
+    def __init__(self, channels: int, norm_group: int = 1, norm_eps: float = 1e-6, sn_warmup: bool = False) -> None:
         super().__init__()
         self.main = nn.Sequential(
-            _sn_block(channels, 1, norm_group, norm_eps), Residual(_sn_block(channels, 9, norm_group, norm_eps))
+            _sn_block(channels, 1, norm_group, norm_eps, sn_warmup),
+            Residual(_sn_block(channels, 9, norm_group, norm_eps, sn_warmup)),
         )
-        self.cls = spectral_norm(nn.Conv1d(channels, 1, 1))
+        self.cls = spectral_normed(nn.Conv1d(channels, 1, 1), sn_warmup)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cls(self.main(x)).flatten(1)  # (B, N)
@@ -166,17 +202,41 @@ class Discriminator(nn.Module):
         diffaug: bool = True,
         norm_group: int = 1,
         norm_eps: float = 1e-6,
+        sn_warmup: bool = False,
     ) -> None:
         super().__init__()
         self.features = DinoFeatures(dim, depth, heads, patch)
-        self.heads = nn.ModuleList(DiscHead(dim, norm_group, norm_eps) for _ in range(self.features.num_features))
+        self.heads = nn.ModuleList(
+            DiscHead(dim, norm_group, norm_eps, sn_warmup) for _ in range(self.features.num_features)
+        )
         self.diffaug = diffaug
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.diffaug:
-            x = diff_augment(x)
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """DiffAugment (when on) of images in [-1, 1]."""
+        return diff_augment(x) if self.diffaug else x
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, sum of token counts) of already augmented images."""
         feats = self.features(x)
         return torch.cat([h(f) for h, f in zip(self.heads, feats)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.augment(x))
+
+
+def real_fake_logits(
+    disc: Discriminator, real: torch.Tensor, fake: torch.Tensor, fake_first: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(real logits, fake logits) for the discriminator's step. `fake_first` (the authors'):
+    augment the fake batch, then the real one, then classify fake, then real (the random draws
+    and the spectral norm's power iterations in that order); else the real batch is augmented
+    and classified first, then the fake."""
+    if fake_first:
+        fake_in, real_in = disc.augment(fake), disc.augment(real)
+        fake_logits = disc.classify(fake_in)
+        return disc.classify(real_in), fake_logits
+    real_logits = disc(real)
+    return real_logits, disc(fake)
 
 
 def load_dino_features(disc: Discriminator, path: str | Path) -> None:

@@ -56,11 +56,14 @@ class StageForward(nn.Module):
 
     def __init__(
         self, model: RPiAE, stage: int, tau: float, sample_posterior: bool = False, recipe: str = "rpiae",
-        train_decoder: bool = True,
+        train_decoder: bool = True, noise_after_bridge: bool = False,
     ) -> None:
         super().__init__()
         self.model, self.stage, self.tau, self.sample_posterior = model, stage, tau, sample_posterior
-        self.recipe, self.train_decoder = recipe, train_decoder
+        self.recipe, self.train_decoder, self.noise_after_bridge = recipe, train_decoder, noise_after_bridge
+
+    def noised(self, tokens: torch.Tensor) -> torch.Tensor:
+        return RPiAE.add_token_noise(tokens, self.tau) if self.tau > 0 else tokens
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.recipe == "ps-vae":
@@ -84,9 +87,11 @@ class StageForward(nn.Module):
                 "recon": m.decode_tokens(tokens_hat),  # D frozen; gradients reach the VB
             }
         with torch.no_grad():  # stage III: E and VB frozen, D on the posterior mean
+            if not self.noise_after_bridge:
+                tokens = self.noised(tokens)  # the authors': E's tokens, as in stages I and II
             dec_tokens = m.vb_feature_decoder(m.vb_feature_encoder(tokens).mean)
-            if self.tau > 0:
-                dec_tokens = RPiAE.add_token_noise(dec_tokens, self.tau)
+            if self.noise_after_bridge:
+                dec_tokens = self.noised(dec_tokens)
         return {"recon": m.decode_tokens(dec_tokens)}
 
     def semantic_pixel(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from rpiae.checkpoints import CheckpointError, load_encoder_weights, load_pixel_
 from rpiae.config import PRESETS, RPiAEConfig, get_preset
 from rpiae.imageio import ImageError
 from rpiae.model import RPiAE
+from rpiae.modules.pixel_decoder import init_linears
 from rpiae.training.config import TrainConfig, load_train_config
 from rpiae.training.data import ImageFolderDataset, load_eval_images
 from rpiae.training.discriminator import Discriminator, load_dino_features
@@ -101,7 +102,8 @@ def _data(cfg: TrainConfig, data, val_data, world: int) -> tuple[ImageFolderData
     """(training set, held-out images or None, optimiser steps per epoch), checked before anything is built."""
     try:
         dataset = ImageFolderDataset(
-            data, cfg.crop, cfg.resize_min, cfg.resize_max, cfg.hflip, cfg.seed, cfg.epoch_size, cfg.color_jitter
+            data, cfg.crop, cfg.resize_min, cfg.resize_max, cfg.hflip, cfg.seed, cfg.epoch_size, cfg.color_jitter,
+            cfg.image_pipeline,
         )
         val_images = load_eval_images(val_data, cfg.val_images)[0] if val_data is not None else None
         spe = steps_per_epoch(cfg, len(dataset), world)
@@ -138,8 +140,10 @@ def _resumed_model(
     return model, None
 
 
-def _new_model(recipe: str, preset, model_overrides) -> RPiAE:
-    """A randomly initialised model of `preset` (default: the recipe's), with `model_overrides`."""
+def _new_model(recipe: str, preset, model_overrides, decoder_init: str = "torch") -> RPiAE:
+    """A randomly initialised model of `preset` (default: the recipe's), with `model_overrides`;
+    D's Linear layers initialised per `decoder_init` (`TrainConfig.decoder_init`; weights given
+    with --init-decoder replace them afterwards)."""
     name = preset or DEFAULT_PRESETS[recipe]
     try:
         config = get_preset(name)
@@ -147,7 +151,10 @@ def _new_model(recipe: str, preset, model_overrides) -> RPiAE:
             config = RPiAEConfig.from_dict({**config.to_dict(), "name": f"{name}-custom", **model_overrides})
     except (ValueError, TypeError) as e:
         raise TrainingError(str(e)) from None
-    return RPiAE(config)
+    model = RPiAE(config)
+    if decoder_init != "normal":  # the constructor's own init is "normal"
+        init_linears(model.decoder, decoder_init)
+    return model
 
 
 def _initial_weights(model: RPiAE, init_encoder, init_decoder, stage: int, rank: int) -> None:
@@ -170,7 +177,7 @@ def _loss_networks(cfg: TrainConfig, lpips_weights, disc_weights):
         if cfg.decoder_stage and cfg.gan_weight > 0:
             disc = Discriminator(
                 cfg.disc_width, cfg.disc_depth, cfg.disc_heads, cfg.disc_patch, cfg.disc_diffaug,
-                cfg.disc_norm_group, cfg.disc_norm_eps,
+                cfg.disc_norm_group, cfg.disc_norm_eps, cfg.disc_sn_warmup,
             )
             load_dino_features(disc, disc_weights)
     except CheckpointError as e:
@@ -215,7 +222,7 @@ def run_training(
     if resume is not None:
         model, state = _resumed_model(cfg, stage, resume, preset, model_overrides, restart)
     else:
-        model, state = _new_model(recipe, preset, model_overrides), None
+        model, state = _new_model(recipe, preset, model_overrides, cfg.decoder_init), None
     if model.config.family != recipe:
         what = f"{resume}" if resume is not None else f"preset {model.config.name!r}"
         raise TrainingError(

@@ -10,8 +10,9 @@ The PS-VAE recipe (`recipe="ps-vae"`, arXiv 2512.17909) runs on the same machine
 - Stage 1, S-VAE: E frozen; the semantic encoder/decoder (the bridge) on MSE + cosine
   feature reconstruction of E's tokens + KL, with z sampled from the posterior; D learns on
   the semantic decoder's output with its gradient stopped (L1 + LPIPS).
-- Stage 2, PS-VAE: everything trains. L1 + LPIPS + GAN on D(sem-dec(z)), with z sampled
-  from sem-enc(E(x)), + feature reconstruction of a frozen copy of E's tokens + KL.
+- Stage 2, PS-VAE: everything trains, E group by group from its last block down
+  (`progressive_unfreeze`). L1 + LPIPS + GAN on D(sem-dec(z)), with z sampled from
+  sem-enc(E(x)), + feature reconstruction of a frozen copy of E's tokens + KL.
 
 One `Trainer` runs one stage; the next stage starts from the previous stage's raw weights
 (`--resume runs/s1/last` with `--stage 2`), and a stage resumes itself from its own `last`
@@ -46,11 +47,11 @@ from rpiae.metrics import patch_border_ratio, psnr, ssim
 from rpiae.model import RPiAE
 from rpiae.training.checkpoint import CHECKPOINT_NAME, load_trainer_state, trainer_state
 from rpiae.training.config import TrainConfig
-from rpiae.training.discriminator import Discriminator, hinge_d_loss, quantize_fake
+from rpiae.training.discriminator import Discriminator, hinge_d_loss, quantize_fake, real_fake_logits
 from rpiae.training.losses import StageForward, adaptive_weight, image_gradient_l1, patch_seam_loss
 from rpiae.training.lpips import LPIPS, lpips_loss
 from rpiae.training.schedule import disc_lr_lambda, lr_lambda
-from rpiae.training.stages import FROZEN_COPY_STAGE, stage_parts, trainable_names
+from rpiae.training.stages import FROZEN_COPY_STAGE, encoder_groups, stage_parts, trainable_names, unfrozen_groups
 
 
 def configure_kernels(deterministic: bool, device: torch.device) -> None:
@@ -116,10 +117,16 @@ class Trainer:
             self.disc = None
         self.set_modes()
 
-        self.fwd = StageForward(model, self.stage, cfg.noise_tau, cfg.sample_posterior, cfg.recipe, cfg.decoder_stage)
-        if world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.fwd = DDP(self.fwd, device_ids=ids, broadcast_buffers=False)
+        self.stage_forward = StageForward(
+            model, self.stage, cfg.noise_tau, cfg.sample_posterior, cfg.recipe, cfg.decoder_stage, cfg.noise_after_bridge
+        )
+        # PS-VAE stage 2: E's parameter -> its block group (0 = the top); all of them are in the
+        # optimiser from the start, a group still frozen has requires_grad off (no gradient, so
+        # AdamW skips it)
+        self.unfreeze_plan = encoder_groups(model, cfg.unfreeze_groups, names) if cfg.unfreezes_progressively else {}
+        self._unfrozen = -1
+        self.apply_unfreeze()
+        self._wrap_ddp()
 
         self._make_optimisers()
 
@@ -127,6 +134,28 @@ class Trainer:
         # block's layer_scale2) for the pivot, D's last layer for the GAN term
         self.last_enc_param = list(model.encoder.parameters())[-1]
         self.last_dec_param = model.decoder.decoder_pred.weight
+
+    def _wrap_ddp(self) -> None:
+        """`self.fwd`: the stage's forward, in DDP on more than one rank (rebuilt when the set of
+        parameters that need gradients changes, which DDP fixes at construction)."""
+        self.fwd = self.stage_forward
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.fwd = DDP(self.stage_forward, device_ids=ids, broadcast_buffers=False)
+
+    def apply_unfreeze(self) -> bool:
+        """Set requires_grad of E's block groups for the current step (PS-VAE stage 2 with
+        `progressive_unfreeze`); True when the set changed since the last call."""
+        if not self.unfreeze_plan:
+            return False
+        n = unfrozen_groups(self.cfg, self.epoch_float, 1 + max(self.unfreeze_plan.values()))
+        if n == self._unfrozen:
+            return False
+        params = dict(self.model.named_parameters())
+        for name, group in self.unfreeze_plan.items():
+            params[name].requires_grad_(group < n)
+        self._unfrozen = n
+        return True
 
     def _make_optimisers(self) -> None:
         """AdamW and its learning-rate schedule for the trainable parameters, and for the
@@ -140,7 +169,8 @@ class Trainer:
         self.disc_opt = self.disc_sched = None
         if self.disc is not None:
             head_params = [p for p in self.disc.heads.parameters()]
-            self.disc_opt = torch.optim.AdamW(head_params, lr=cfg.disc_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+            betas, wd = (cfg.betas, cfg.weight_decay) if cfg.disc_optim_tied else (cfg.disc_betas, cfg.disc_weight_decay)
+            self.disc_opt = torch.optim.AdamW(head_params, lr=cfg.disc_lr, betas=betas, weight_decay=wd)
             self.disc_sched = torch.optim.lr_scheduler.LambdaLR(self.disc_opt, disc_lr_lambda(cfg, self.steps_per_epoch))
 
     @property
@@ -277,6 +307,8 @@ class Trainer:
     def train_step(self, micro_batches: Sequence[torch.Tensor]) -> dict[str, float]:
         """Generator (and discriminator) update on `grad_accum` micro-batches; returns mean logs."""
         self.set_modes()
+        if self.apply_unfreeze() and self.world > 1:
+            self._wrap_ddp()
         n = len(micro_batches)
         sums: dict[str, torch.Tensor] = {}
         fakes = []
@@ -323,10 +355,9 @@ class Trainer:
         self._d_lr = self.disc_opt.param_groups[0]["lr"]
         d_sum = None
         for x, recon in fakes:
-            fake = quantize_8bit(recon)
+            fake = quantize_8bit(recon).to(x.device)
             with self.autocast:
-                real_logits = self.disc(x * 2 - 1)
-                fake_logits = self.disc(fake.to(x.device) * 2 - 1)
+                real_logits, fake_logits = real_fake_logits(self.disc, x * 2 - 1, fake * 2 - 1, self.cfg.disc_fake_first)
             d_loss = hinge_d_loss(real_logits.float(), fake_logits.float())
             (d_loss / n).backward()
             d_sum = d_loss.detach() / n if d_sum is None else d_sum + d_loss.detach() / n
