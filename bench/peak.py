@@ -17,7 +17,7 @@ before and after the rows, and briefly again right before each row.
 Each is timed by `torch.utils.benchmark.Timer.blocked_autorange` (a fixed, warm kernel).
 
 `dtypes` limits a measurement to the peaks needed (a row re-measures only the one it is
-compared against: `peak_dtype`).
+compared against: its own dtype's, `peak_key`).
 """
 
 from __future__ import annotations
@@ -200,17 +200,10 @@ def measure_peaks(device: str, threads: int, min_time: float = 1.0, quick: bool 
     return peaks
 
 
-def peak_dtype(device: str, precision: str) -> str:
-    """The peak a row of `precision` is compared against: its own dtype's (before falling back,
-    see `peak_key`)."""
-    return precision
-
-
 def peak_key(device: str, precision: str, peaks: dict[str, dict[str, Any]]) -> str | None:
     """Which measured peak a row of `precision` is compared against: its own dtype's, or the
     fp32 peak where that one could not be measured (the result names the one used)."""
-    want = peak_dtype(device, precision)
-    for key in (want, "fp32"):
+    for key in (precision, "fp32"):
         if key in peaks and "gflops" in peaks[key]:
             return key
     return None

@@ -6,7 +6,6 @@ device memory; and the op-type profile of a graph. A row in its own process is
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from pathlib import Path
@@ -113,11 +112,11 @@ def _local_peak(settings: dict[str, Any], precision: str, threads: int) -> dict[
     """The same matmul as the run's peak, right before this row and for this row's dtype only:
     the share of the machine this row had (other processes on a shared machine move it by a
     factor, not by ±20 %)."""
-    from rpiae.bench.peak import measure_peaks, peak_dtype, peak_key
+    from rpiae.bench.peak import measure_peaks, peak_key
 
     device = settings["device"]
     local = measure_peaks(device, threads, min_time=settings["row_peak_time"], size=settings.get("peak_size"),
-                          dtypes=[peak_dtype(device, precision)])
+                          dtypes=[precision])
     key = peak_key(device, precision, local)
     return {"dtype": key, "gflops": local[key]["gflops"]} if key else None
 
@@ -203,9 +202,6 @@ def run_in_child(fn: Callable[..., dict[str, Any]], *args: Any, threads: int) ->
             return {"status": "error", "reason": "the child process died (killed, e.g. out of memory)"}
 
 
-PROFILED = ("torch", "torch-compile", "ort", "openvino")  # the rows `_profile_graph` has a profiler for
-
-
 def profile_graph(spec: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     """Op-type time shares of one (backend, precision, graph) at one batch. Never raises."""
     out = {k: spec[k] for k in ("graph", "backend", "precision", "batch")}
@@ -218,67 +214,22 @@ def profile_graph(spec: dict[str, Any], settings: dict[str, Any]) -> dict[str, A
 
 
 def _profile_graph(spec: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    import tempfile
-
+    """The row's own backend (device, providers, options) opened with its runtime's profiler
+    on where it has one (`op_profiling`), and `Backend.op_profile` (torch.profiler by default)."""
     import torch
+
+    from rpiae.bench.peak import on_cuda
 
     threads = int(settings["threads"])
     torch.set_num_threads(threads)
-    graph, batch, precision = spec["graph"], spec["batch"], spec["precision"]
-    runs = 2
-    totals: dict[str, float] = {}
-    if spec["backend"] == "ort":
-        # the row's own backend on the run's device (providers, device id, I/O binding), profiling on
-        with tempfile.TemporaryDirectory() as tmp:
-            backend = _open_backend(settings["model"], "ort", precision, settings["device"], threads, profile_dir=tmp)
-            try:
-                x = _input(backend.config, graph, batch)
-                fn = backend.encode if graph == "encode" else backend.decode
-                for _ in range(runs):
-                    fn(x)
-                events = json.loads(Path(backend.end_profiling(graph)).read_text())
-                providers = backend.describe()["providers"]
-            finally:
-                backend.close()
-        for ev in events:
-            if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
-                op = ev.get("args", {}).get("op_name", "?")
-                totals[op] = totals.get(op, 0.0) + ev.get("dur", 0) / 1e6
-        tool = f"onnxruntime profiler (kernel time by op type; {', '.join(providers)})"
-    elif spec["backend"] == "openvino":
-        backend = _open_backend(settings["model"], "openvino", precision, settings["device"], threads, profile=True)
-        try:
-            x = _input(backend.config, graph, batch)
-            fn = backend.encode if graph == "encode" else backend.decode
-            fn(x)  # warm
-            for _ in range(runs):
-                fn(x)
-                for op, t in backend.op_times(graph).items():
-                    totals[op] = totals.get(op, 0.0) + t
-            tool = f"OpenVINO performance counters (time by node type and kernel; {backend.describe()['cpu']})"
-        finally:
-            backend.close()
-    elif spec["backend"] in ("torch", "torch-compile"):
-        from torch.profiler import ProfilerActivity, profile
-
-        backend = _open_backend(settings["model"], spec["backend"], precision, settings["device"], threads)
-        x = _input(backend.config, graph, batch)
-        fn = backend.encode if graph == "encode" else backend.decode
-        fn(x)
-        from rpiae.bench.peak import on_cuda
-
-        cuda = on_cuda(settings["device"])
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=acts) as prof:
-            for _ in range(runs):
-                fn(x)
-        for ev in prof.key_averages():
-            t = (ev.self_device_time_total if cuda else ev.self_cpu_time_total) / 1e6
-            if t > 0:
-                totals[ev.key] = totals.get(ev.key, 0.0) + t
-        tool = "torch.profiler (self time by op)"
-    else:
-        raise RuntimeError(f"no profiler hook for backend {spec['backend']}")
+    graph, batch, runs = spec["graph"], spec["batch"], 2
+    name = BENCH_VARIANTS.get(spec["backend"], (spec["backend"],))[0]
+    extra = {"op_profiling": True} if "op_profiling" in backend_info(name).options else {}
+    backend = _open_backend(settings["model"], spec["backend"], spec["precision"], settings["device"], threads, **extra)
+    try:
+        totals, tool = backend.op_profile(graph, _input(backend.config, graph, batch), runs, on_cuda(settings["device"]))
+    finally:
+        backend.close()
     total = sum(totals.values()) or 1.0
     top = sorted(totals.items(), key=lambda kv: -kv[1])[:10]
     return {"tool": tool, "runs": runs, "total_s": total,

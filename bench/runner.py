@@ -40,7 +40,7 @@ from typing import Any, Callable
 from rpiae.bench.machine import load_average
 from rpiae.bench.peak import on_cuda
 from rpiae.bench.results import FORMAT, FORMAT_VERSION, load_results, write_results
-from rpiae.bench.row import PROFILED, child_env, measure_row, profile_graph, run_in_child
+from rpiae.bench.row import child_env, measure_row, profile_graph, run_in_child
 from rpiae.bench.settings import BENCH_BACKENDS, BENCH_VARIANTS, BenchSettings
 from rpiae.bench.targets import evaluate_targets
 from rpiae.bench.timing import stats, time_loop
@@ -181,7 +181,7 @@ def _profiles(settings: BenchSettings, sdict: dict[str, Any], rows: list[dict[st
     smallest = min(settings.batches)
     for r in rows:
         key = (r["graph"], r["backend"], r["precision"])
-        if r.get("status") == "ok" and r["backend"] in PROFILED and key not in seen:
+        if r.get("status") == "ok" and key not in seen:
             seen.add(key)
             spec = {"graph": r["graph"], "backend": r["backend"], "precision": r["precision"], "batch": smallest}
             say(f"profiling {r['graph']} {r['backend']} {r['precision']} batch {smallest}")

@@ -19,6 +19,7 @@ import click
 from rpiae.data import STREAM_BATCH  # images per backend call when --batch-size is not given
 from rpiae.export.backends import BACKENDS, REFERENCE, REGISTRY
 from rpiae.export.spec import PRECISIONS
+from rpiae.imageio import CROPS, DEFAULT_CROP
 
 EXIT_ERROR, EXIT_USAGE, EXIT_CHECK_FAILED = 1, 2, 3
 
@@ -117,7 +118,7 @@ latent_stats_option = click.option(
     "With a bundle, only the statistics it was exported with.",
 )
 crop_option = click.option(
-    "--crop", type=click.Choice(["adm", "torch-aa"]), default="adm", show_default=True,
+    "--crop", type=click.Choice(CROPS), default=DEFAULT_CROP, show_default=True,
     help="Image preprocessing: adm = the RPiAE authors' (PIL RGB, ADM center_crop_arr to 256); "
     "torch-aa = EXIF rotation, alpha over white, 16-bit aware, torch antialiased bicubic, centre crop.",
 )

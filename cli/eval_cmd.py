@@ -1,5 +1,5 @@
 """`rpiae eval`: reconstruction quality of each runtime and precision (thin command over
-`rpiae.data.evaluate`)."""
+`rpiae.jobs.evaluate`)."""
 
 from __future__ import annotations
 
@@ -65,9 +65,10 @@ def eval_cmd(model, backend, precision, device, batch_size, crop, workers, data,
     weights; without them their column says `skipped: <what to supply>`, unless --require
     names them. Outputs are written only when the whole run has succeeded.
     """
-    from rpiae.data.evaluate import OPTIONAL_METRICS, REFERENCE, EvalOptions, evaluate, format_table, load_metric_nets
     from rpiae.data.sources import open_source
-    from rpiae.engines import BACKENDS, load_backend, model_info
+    from rpiae.engines import BACKENDS
+    from rpiae.jobs import job_model
+    from rpiae.jobs.evaluate import OPTIONAL_METRICS, EvalOptions, evaluate, format_table, load_metric_nets, open_variants
 
     backends = _names(backend, BACKENDS, "--backend")
     precisions = _names(precision, PRECISIONS, "--precision")
@@ -78,24 +79,11 @@ def eval_cmd(model, backend, precision, device, batch_size, crop, workers, data,
     metric_device = "cuda" if device == "trt" else device  # `trt` is ONNX Runtime's provider, torch runs on CUDA
     nets = load_metric_nets(inception_weights, lpips_weights, required, metric_device)
     requested = [(b, p) for b in backends for p in precisions]
-    names = [REFERENCE] + [v for v in requested if v != REFERENCE]
-    from rpiae.engines.base import PrecisionUnsupported
-
     with contextlib.ExitStack() as stack:
-        variants, skipped = [], []
-        for b, p in names:  # all opened before any image is read: a missing graph fails at once
-            dev = metric_device if b == "torch" else device
-            try:
-                variants.append(((b, p), stack.enter_context(load_backend(model, b, p, dev, max_batch=batch_size))))
-            except PrecisionUnsupported as e:  # a combination the backend never runs: skipped, with why
-                if (b, p) == REFERENCE:
-                    raise
-                skipped.append({"backend": b, "precision": p, "reason": str(e)})
-                click.echo(f"skipped {b}/{p}: {e}", err=True)
-        if not [v for v in variants if v[0] != REFERENCE] and requested != [REFERENCE]:
-            raise click.ClickException("no backend x precision asked for can run: " + "; ".join(
-                f"{s['backend']}/{s['precision']}: {s['reason']}" for s in skipped))
-        report = evaluate(source, variants, nets, opts, model=model_info(model), json_out=json_out, grid=grid,
+        variants, skipped = open_variants(stack, model, requested, device, metric_device, batch_size)
+        for s in skipped:
+            click.echo(f"skipped {s['backend']}/{s['precision']}: {s['reason']}", err=True)
+        report = evaluate(source, variants, nets, opts, model=job_model(variants[0][1], model), json_out=json_out, grid=grid,
                           save_reference=save_reference, requested=[v for v in requested if v not in
                                                                     {(s["backend"], s["precision"]) for s in skipped}],
                           progress=not quiet, skipped_variants=skipped)

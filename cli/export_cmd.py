@@ -18,15 +18,16 @@ from rpiae.cli.common import (
 )
 from rpiae.export.backends import BACKENDS, REFERENCE, REGISTRY
 from rpiae.export.profile import BatchProfile
+from rpiae.export.targets import ONNX_TARGET, TARGETS
 from rpiae.precisions import INT8_HIGH_PRECISION, INT8_HIGH_PRECISIONS, ONNX_PRECISIONS, PRECISIONS
 
 
 @click.command()
 @click.option("--checkpoint", "-c", type=click.Path(path_type=Path), default=None,
               help="Checkpoint to export (.safetensors of ours or the authors' .pt). Default: the shipped small checkpoint.")
-@click.option("--target", "-t", type=click.Choice(["onnx", "trt", "aoti"]), default="onnx", show_default=True,
-              help="onnx: the ONNX bundle only; trt: also build TensorRT engines from its graphs; "
-              "aoti: also compile AOTInductor packages.")
+@click.option("--target", "-t", type=click.Choice(list(TARGETS)), default=ONNX_TARGET, show_default=True,
+              help="; ".join(f"{t.name}: {t.summary} (parity on the {t.checked_by} backend)" for t in TARGETS.values())
+              + ". Every target records its parity against PyTorch in the manifest.")
 @click.option("--precision", "-p", default="fp32", show_default=True,
               help=f"Comma-separated precisions: {', '.join(ONNX_PRECISIONS)}. FP32 is always included (the others derive from it).")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
@@ -38,7 +39,8 @@ from rpiae.precisions import INT8_HIGH_PRECISION, INT8_HIGH_PRECISIONS, ONNX_PRE
 @click.option("--batch", default=str(BatchProfile()), show_default=True,
               help="Batch profile MIN:OPT:MAX for TensorRT engines / AOTInductor packages (ONNX graphs are dynamic).")
 @click.option("--device", default="auto", show_default=True,
-              help="aoti target: cpu, cuda (or cuda:N), or auto = cuda when a GPU and the CUDA toolkit are here, else cpu.")
+              help="Where the target's files are built and checked: trt: cuda or cuda:N (auto = cuda); aoti: cpu, cuda "
+              "(or cuda:N), or auto = cuda when a GPU and the CUDA toolkit are here, else cpu. Unused by onnx.")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="aoti: directory for compiler caches and temporary files (default $RPIAE_CACHE_DIR or ~/.cache/rpiae).")
 @click.option("--workspace-gb", type=click.FloatRange(0.1), default=8.0, show_default=True,
@@ -59,34 +61,27 @@ def export(checkpoint, target, precision, calib, calib_count, int8_high_precisio
     """Export the encode/decode graphs into a self-describing bundle, checked against PyTorch.
 
     Writes OUT/manifest.json, OUT/model.safetensors and OUT/{encode,decode}.<precision>.onnx;
-    with --target trt/aoti also the engines/packages. The bundle is built in a hidden
-    temporary directory and renamed when complete. With --target trt/aoti and an existing
-    bundle at --out, its ONNX graphs are reused if it was exported from --checkpoint (the
-    manifest's source sha256); otherwise the command refuses (--overwrite re-exports).
+    with --target trt/aoti also the engines/packages. Each target is built, then run on real
+    photos against eager PyTorch FP32, and the result is recorded in the manifest (exit code 3
+    when a check fails). The bundle is built in a hidden temporary directory and renamed when
+    complete. With --target trt/aoti and an existing bundle at --out, its ONNX graphs are reused
+    if it was exported from --checkpoint (the manifest's source sha256); otherwise the command
+    refuses (--overwrite re-exports).
     """
-    from rpiae.export.bundle import Bundle
     from rpiae.export.spec import parse_precisions
-    from rpiae.verify import export_bundle
+    from rpiae.verify import export_target
 
-    precisions = parse_precisions(precision)
-    profile = BatchProfile.parse(batch)
-    if target == "aoti":
-        device = _aoti_device(device)
-    if target != "onnx" and Bundle.is_bundle(out) and not overwrite:
-        bundle = _reusable_bundle(out, checkpoint, precisions, latent_stats)
-    else:
-        bundle = export_bundle(checkpoint, out, precisions=precisions, calib=calib, calib_count=calib_count,
-                               int8_high_precision=int8_high_precision, overwrite=overwrite, latent_stats=latent_stats)
-    if target == "trt":
-        from rpiae.export.tensorrt import build_bundle_engines
-
-        build_bundle_engines(bundle, precisions=[p for p in precisions if p != "fp32"] or ["fp32"], profile=profile,
-                             workspace_gb=workspace_gb, timing_cache=timing_cache, opt_level=opt_level,
-                             version_compatible=version_compatible)
-    elif target == "aoti":
-        from rpiae.verify import package_bundle
-
-        package_bundle(bundle, device=device, profile=profile, cache_dir=cache_dir)
+    spec = TARGETS[target]
+    given = {"workspace_gb": workspace_gb, "timing_cache": timing_cache, "opt_level": opt_level,
+             "version_compatible": version_compatible, "cache_dir": cache_dir}
+    precisions, profile = parse_precisions(precision), BatchProfile.parse(batch)
+    resolved, note = spec.resolve(device)  # the target's early check, before the ONNX export
+    if note:
+        click.echo(f"note: {note}", err=True)
+    bundle = export_target(checkpoint, out, target, precisions=precisions, profile=profile,
+                        device=resolved, overwrite=overwrite, latent_stats=latent_stats,
+                        target_options={k: given[k] for k in spec.options}, calib=calib, calib_count=calib_count,
+                        int8_high_precision=int8_high_precision)
     failed = [r for r in bundle.manifest.parity if not r["ok"]]
     engines = bundle.manifest.engines
     click.echo(f"bundle {out}: precisions {', '.join(bundle.precisions())}"
@@ -94,42 +89,6 @@ def export(checkpoint, target, precision, calib, calib_count, int8_high_precisio
     _print_results(bundle.manifest.parity)
     if failed:
         raise CheckFailed(f"parity failed for {', '.join(r['precision'] for r in failed)} (see the table above)")
-
-
-def _aoti_device(device: str) -> str:
-    """`--device auto` resolved, and the target checked before the (long) ONNX export."""
-    from rpiae.export.aoti import auto_device, check_target
-
-    if device == "auto":
-        device, note = auto_device()
-        if note:
-            click.echo(f"note: {note}", err=True)
-    check_target(device)
-    return device
-
-
-def _reusable_bundle(out: Path, checkpoint, precisions: list[str], latent_stats):
-    """The bundle at `out`, whose graphs `--target trt|aoti` reuses: only if it came from
-    `checkpoint` (its sha256 is the manifest's source), with these latent statistics and
-    every asked precision."""
-    from rpiae.checkpoints import checkpoint_sha256
-    from rpiae.engines import check_bundle_latent_stats
-    from rpiae.export.bundle import Bundle
-    from rpiae.hub import resolve_model
-
-    bundle = Bundle.open(out)
-    path = resolve_model(checkpoint)
-    source = bundle.manifest.source
-    if source.get("sha256") != checkpoint_sha256(path):
-        came_from = (f"{source.get('path')} (sha256 {source['sha256'][:12]}...)" if source.get("sha256")
-                     else "a model in memory (no source hash)")
-        raise click.ClickException(f"{out} was exported from {came_from}, not from {path}: pass that --checkpoint, "
-                                   "or --overwrite to export this one")
-    check_bundle_latent_stats(bundle, latent_stats)
-    missing = [p for p in precisions if p not in bundle.precisions()]
-    if missing:
-        raise click.ClickException(f"{out} has no {', '.join(missing)} graphs; re-export with --overwrite")
-    return bundle
 
 
 def _print_results(rows) -> None:

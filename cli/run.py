@@ -1,4 +1,4 @@
-"""`rpiae encode`, `rpiae decode` and `rpiae extract`: thin commands over `rpiae.data`."""
+"""`rpiae encode`, `rpiae decode` and `rpiae extract`: thin commands over `rpiae.jobs`."""
 
 from __future__ import annotations
 
@@ -6,23 +6,13 @@ import os
 from pathlib import Path
 
 import click
-import numpy as np
 
 from rpiae.cli.common import STREAM_BATCH, crop_option, friendly_errors, runtime_options, workers_option
-from rpiae.data.extract import LATENT_DTYPES
-from rpiae.fileio import atomic_file
-
-
-
-def _open(model, backend, precision, device, batch_size, latent_stats):
-    from rpiae.engines import load_backend
-
-    return load_backend(model, backend=backend, precision=precision, device=device, max_batch=batch_size,
-                        latent_stats=latent_stats)
-
+from rpiae.jobs import ENGINES
+from rpiae.jobs.shards import LATENT_DTYPES
 
 engine_option = click.option(
-    "--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+    "--engine", type=click.Choice(ENGINES), default=ENGINES[0], show_default=True,
     help="local: this process (and its loader workers); ray: a Ray cluster with Ray Data (pip install -e '.[ray]').",
 )
 address_option = click.option(
@@ -47,34 +37,22 @@ def _check_engine(engine, address, workers_per_gpu) -> None:
     if engine == "local" and (address is not None or workers_per_gpu is not None):
         raise click.UsageError("--address and --workers-per-gpu go with --engine ray")
     if engine == "ray":
-        from rpiae.data.ray_engine import import_ray
+        from rpiae.jobs.ray_engine import import_ray
 
         import_ray()
 
 
-def _backend(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats):
-    """The local backend, or a `RayEngine` (device: the --device given, else what the cluster has)."""
-    if engine == "local":
-        return _open(model, backend, precision, device, batch_size, latent_stats)
+def _engine(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats):
+    """The job's engine: the local backend, or a `RayEngine` (device: the --device given, else
+    what the cluster has)."""
     from click.core import ParameterSource
 
-    from rpiae.data.ray_engine import RayEngine
-    from rpiae.engines import load_backend
+    from rpiae.jobs import open_engine
 
-    if click.get_current_context().get_parameter_source("device") == ParameterSource.DEFAULT:
+    if engine == "ray" and click.get_current_context().get_parameter_source("device") == ParameterSource.DEFAULT:
         device = None
-    return RayEngine(load_backend, model, backend, precision, device, max_batch=batch_size, latent_stats=latent_stats,
-                     address=address, workers_per_gpu=workers_per_gpu or 1)
-
-
-def _model_info(model, latent_stats) -> dict:
-    from rpiae.engines import model_info
-    from rpiae.fileio import sha256_file
-
-    info = model_info(model)
-    if latent_stats is not None:
-        info["latent_stats"] = {"path": str(latent_stats), "sha256": sha256_file(latent_stats)}
-    return info
+    return open_engine(model, backend, precision, device, max_batch=batch_size, latent_stats=latent_stats, engine=engine,
+                       address=address, workers_per_gpu=workers_per_gpu)
 
 
 @click.command()
@@ -93,29 +71,15 @@ def encode(model, backend, precision, device, batch_size, latent_stats, crop, wo
     file and renamed when complete. One bad image is named and nothing is written. For whole
     datasets (shards, labels, statistics, resume, many GPUs) use `rpiae extract`.
     """
-    from tqdm.auto import tqdm
-
-    from rpiae.data.sources import files_source, image_loader
+    from rpiae.jobs.encode import encode_files
 
     if output.suffix != ".npy":
         raise click.BadParameter("the output must be a .npy file", param_hint="--output")
-    source = files_source(images)
-    n, step = len(source), batch_size or STREAM_BATCH
-    batches = [list(range(i, min(i + step, n))) for i in range(0, n, step)]
-    with _open(model, backend, precision, device, batch_size, latent_stats) as be, atomic_file(output) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, *be.config.latent_shape))
-        with tqdm(total=n, unit="img", desc="encode", disable=n < 64) as bar:
-            for ids, x, errors in image_loader(source, batches, crop, be.config.image_size, min(workers, len(batches))):
-                bad = next((e for e in errors if e), None)
-                if bad:
-                    raise click.ClickException(f"{bad}; nothing was written")
-                z = be.encode(x)
-                out[ids[0] : ids[-1] + 1] = z.detach().float().cpu().numpy() if hasattr(z, "detach") else z
-                bar.update(len(ids))
-        out.flush()
-        del out
+    with _engine("local", None, None, model, backend, precision, device, batch_size, latent_stats) as be:
+        s = encode_files(images, output, be, crop, workers, batch_size)
+    n, shape = s["images"], s["shape"][1:]
     click.echo(f"encoded {n} image(s) with {backend}/{precision} ({crop} crop) -> {output} ({n}, "
-               f"{', '.join(map(str, be.config.latent_shape))})")
+               f"{', '.join(map(str, shape))})")
 
 
 @click.command()
@@ -141,12 +105,12 @@ def decode(model, backend, precision, device, batch_size, latent_stats, latents,
     With --engine ray, Ray tasks stream the latents and write the PNGs and a pool of actors
     decodes: LATENTS and the output folder must be at the same path on every node.
     """
-    from rpiae.data.decode import decode_latents
+    from rpiae.jobs.decode import decode_latents
     from rpiae.data.latents import LatentFile
 
     _check_engine(engine, address, workers_per_gpu)
     src = LatentFile(latents, key)
-    with _backend(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats) as be:
+    with _engine(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats) as be:
         s = decode_latents(src, output, be, batch_size or STREAM_BATCH, npz=npz, overwrite=overwrite, progress=not quiet)
         where = f" ({be.summary()})" if engine == "ray" else ""
     kept = f", {s['kept']} already there" if s["kept"] else ""
@@ -205,8 +169,9 @@ def extract(model, backend, precision, device, batch_size, latent_stats, crop, w
     actors (one per GPU of the cluster, or per node without GPUs), and this process writes the
     same files as the local engine; DATA and the model must be at the same path on every node.
     """
-    from rpiae.data.extract import ExtractOptions
-    from rpiae.data.extract import extract as run
+    from rpiae.jobs.shards import ExtractOptions
+    from rpiae.jobs import job_model
+    from rpiae.jobs.extract import extract as run
     from rpiae.data.sources import open_source
 
     _check_engine(engine, address, workers_per_gpu)
@@ -218,9 +183,8 @@ def extract(model, backend, precision, device, batch_size, latent_stats, crop, w
     opts = ExtractOptions(shard_size=shard_size, batch_size=batch_size or STREAM_BATCH, flip=flip, dtype=dtype,
                           workers=workers, skip_bad=skip_bad, crop=crop)
     source = open_source(data, no_labels=no_labels)
-    info = _model_info(model, latent_stats)
-    with _backend(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats) as be:
-        s = run(source, out, be, info, opts, rank=rank, world=world, barrier=barrier, progress=not quiet,
+    with _engine(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats) as be:
+        s = run(source, out, be, job_model(be, model, latent_stats), opts, rank=rank, world=world, barrier=barrier, progress=not quiet,
                 overwrite=overwrite)
         where = f"; {be.summary()}" if engine == "ray" else ""
     if rank == 0:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rpiae.engines.base import Backend, BackendUnavailable, InputError, PrecisionUnsupported
 from rpiae.export.backends import BACKENDS, REGISTRY, backend_info
+from rpiae.export.bundle import model_info
 from rpiae.hub import resolve_model
 
 FROM_WEIGHTS = tuple(n for n, b in REGISTRY.items() if b.from_weights)  # also open a checkpoint
@@ -32,20 +33,6 @@ def _weights(source, latent_stats=None):
 
         model.set_latent_stats(*read_latent_stats(latent_stats))
     return model
-
-
-def model_info(model: str | Path | None) -> dict:
-    """What a job ran: {"path", "sha256", "config"} of a checkpoint or bundle (for a bundle, the
-    sha256 of its manifest, which lists every file's sha256)."""
-    from rpiae.checkpoints import checkpoint_sha256, read_config
-    from rpiae.export.bundle import MANIFEST, Bundle
-    from rpiae.fileio import sha256_file
-
-    path = resolve_model(model)
-    if Bundle.is_bundle(path):
-        return {"path": str(path), "sha256": sha256_file(path / MANIFEST), "config": Bundle.open(path).config.to_dict()}
-    cfg = read_config(path)
-    return {"path": str(path), "sha256": checkpoint_sha256(path), "config": cfg.to_dict() if cfg else None}
 
 
 def check_bundle_latent_stats(bundle, latent_stats: str | Path | None) -> None:
@@ -105,17 +92,18 @@ def load_backend(
 def open_backend(source, backend: str, precision: str = "fp32", device: str = "cpu", **kwargs) -> Backend:
     """Open an already-resolved source (a `Bundle`, or a checkpoint `Path` for a backend that
     runs weights) with `backend`."""
-    info = backend_info(backend)
-    if precision not in info.precisions:  # before anything is read: eval and bench skip the pair on this
-        raise PrecisionUnsupported(f"{backend} backend runs {', '.join(info.precisions)}, not {precision}")
     cls = backend_class(backend)
+    cls.check_precision(precision)  # before anything is read: eval and bench skip the pair on this
     cls.require()  # a missing runtime fails before the weights are read
+    opened_from = source
     if backend_info(backend).from_weights:
         source = _weights(source, kwargs.pop("latent_stats", None))
-    return cls(source, precision=precision, device=device, **kwargs)
+    be = cls(source, precision=precision, device=device, **kwargs)
+    be.opened_from = opened_from  # what `model_info` describes without opening it again
+    return be
 
 
 __all__ = [
-    "BACKENDS", "FROM_WEIGHTS", "Backend", "BackendUnavailable", "InputError", "backend_class", "load_backend",
-    "model_info", "open_backend", "resolve_model",
+    "BACKENDS", "FROM_WEIGHTS", "Backend", "BackendUnavailable", "InputError", "PrecisionUnsupported", "backend_class",
+    "load_backend", "model_info", "open_backend", "resolve_model",
 ]

@@ -27,7 +27,7 @@ from typing import Any
 
 from rpiae.cache import compiler_workdir
 from rpiae.engines.base import (
-    Backend, BackendUnavailable, InputError, PrecisionUnsupported, check_graphs, device_scope, precision_context,
+    Backend, BackendUnavailable, InputError, check_graphs, device_scope, precision_context,
 )
 from rpiae.export.aoti import CPU_LEVELS, PRECISION, cuda_target, target_device, torch_minor, torch_version
 from rpiae.export.bundle import Bundle
@@ -100,11 +100,11 @@ def find_packages(bundle: Bundle, device: str = "cpu", precision: str = PRECISIO
     kind, _ = target_device(device)
     found: dict[str, tuple[str, dict[str, Any]]] = {}
     for name, entry in bundle.files.items():
-        if (entry.kind == KIND_AOTI_PACKAGE and entry.get("device") == kind and entry.precision == precision
+        if (entry.kind == KIND_AOTI_PACKAGE and entry.facts.device == kind and entry.precision == precision
                 and entry.graph in graphs):
             found.setdefault(entry.graph, (name, entry))
     if set(found) != set(graphs):
-        have = sorted({f"{e.get('device')}/{e.precision}" for e in bundle.files.values() if e.kind == KIND_AOTI_PACKAGE})
+        have = sorted({f"{e.facts.device}/{e.precision}" for e in bundle.files.values() if e.kind == KIND_AOTI_PACKAGE})
         raise BackendUnavailable(
             f"bundle {bundle.root} has no {precision} AOTInductor packages for {kind} "
             f"(has: {', '.join(have) or 'none'}); run `rpiae export --target aoti --device {kind} --out {bundle.root}`"
@@ -128,8 +128,7 @@ class AOTIBackend(Backend):
         self, bundle: Bundle, precision: str = "fp32", device: str = "cpu", max_batch: int | None = None,
         cache_dir: str | None = None, graphs: tuple[str, ...] = GRAPHS,
     ) -> None:
-        if precision != PRECISION:
-            raise PrecisionUnsupported(f"aoti backend runs fp32 packages only, not {precision}")
+        self.check_precision(precision)
         try:
             kind, index = target_device(device)
         except ValueError as e:

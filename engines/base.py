@@ -73,9 +73,11 @@ def _finite_flag(x: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(lo) & torch.isfinite(hi)
 
 
-def _check(x: Array, shape: tuple[int, ...], what: str) -> torch.Tensor | None:
-    """Validate `x`; raise InputError. For a tensor on an accelerator the NaN/Inf test is left
-    pending: the returned device flag goes to `_finish` once the work is queued."""
+def _check(x: Array, shape: tuple[int, ...], what: str,
+           value_range: tuple[float, float] | None = None) -> torch.Tensor | None:
+    """Validate `x` (and, with `value_range`, that its values lie in it); raise InputError. For
+    a tensor on an accelerator the NaN/Inf test is left pending: the returned device flag goes
+    to `_finish` once the work is queued."""
     if isinstance(x, torch.Tensor):
         dtype_ok = x.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
         dtype = str(x.dtype).replace("torch.", "")
@@ -88,15 +90,23 @@ def _check(x: Array, shape: tuple[int, ...], what: str) -> torch.Tensor | None:
         raise InputError(f"{what}: expected a floating-point array, got dtype {dtype}")
     if x.ndim != 4 or tuple(x.shape[1:]) != shape or x.shape[0] < 1:
         raise InputError(f"{what}: expected shape (N, {', '.join(map(str, shape))}), got {tuple(x.shape)}")
-    if isinstance(x, torch.Tensor):
+    lo = hi = None
+    if isinstance(x, torch.Tensor) and value_range is None:
         flag = _finite_flag(x)
         if x.device.type != "cpu":
             return flag
         finite = bool(flag)
+    elif isinstance(x, torch.Tensor):  # the range needs the extremes on the host: one pass for both
+        lo, hi = torch.aminmax(x.detach())
+        finite = bool(torch.isfinite(lo) & torch.isfinite(hi))
     else:
         finite = _finite_numpy(x)
     if not finite:
         raise InputError(f"{what}: contains NaN or Inf values")
+    if value_range is not None:
+        lo, hi = (float(v) for v in ((lo, hi) if lo is not None else (x.min(), x.max())))
+        if lo < value_range[0] or hi > value_range[1]:
+            raise InputError(f"{what}: values must lie in [{value_range[0]:g}, {value_range[1]:g}], got [{lo:.4g}, {hi:.4g}]")
     return None
 
 
@@ -110,6 +120,7 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     native: ClassVar[str] = "numpy"  # the array type `_run` takes: "numpy" or "torch"
+    opened_from: Any = None  # the Bundle or checkpoint Path `rpiae.engines.load_backend` opened it from
 
     def __init__(self, config: RPiAEConfig, precision: str = "fp32", max_batch: int | None = None,
                  graphs: tuple[str, ...] = GRAPHS) -> None:
@@ -139,14 +150,25 @@ class Backend(abc.ABC):
         """Raise BackendUnavailable (one line, with what to install) when this runtime is missing;
         called before anything is loaded. Runtimes imported in `__init__` need nothing here."""
 
+    @classmethod
+    def check_precision(cls, precision: str) -> None:
+        """PrecisionUnsupported (one line) for a precision outside this backend's registry entry;
+        the first thing `load_backend` and each constructor do, before anything is read."""
+        from rpiae.export.backends import backend_info
+
+        runs = backend_info(cls.name).precisions
+        if precision not in runs:
+            raise PrecisionUnsupported(f"{cls.name} backend runs {', '.join(runs)}, not {precision}")
+
     # subclasses implement this on a batch of at most `max_batch`, in their native type
     @abc.abstractmethod
     def _run(self, graph: str, x: Array) -> Array: ...
 
-    def check(self, graph: str, x: Array) -> None:
-        """Validate one input of `graph` (shape, dtype, NaN/Inf) without running it; InputError."""
+    def check(self, graph: str, x: Array, value_range: tuple[float, float] | None = None) -> None:
+        """Validate one input of `graph` (shape, dtype, NaN/Inf, and its values in `value_range`
+        when given) without running it; InputError."""
         shape = self.config.image_shape if graph == "encode" else self.config.latent_shape
-        _finish(_check(x, shape, "images" if graph == "encode" else "latents"), graph)
+        _finish(_check(x, shape, "images" if graph == "encode" else "latents", value_range), graph)
 
     def _opened(self, graph: str) -> None:
         if graph not in self.graphs:
@@ -182,6 +204,26 @@ class Backend(abc.ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "precision": self.precision, "max_batch": self.max_batch}
+
+    def op_profile(self, graph: str, x: Array, runs: int = 2, cuda: bool = False) -> tuple[dict[str, float], str]:
+        """Seconds per op over `runs` calls of `graph` on `x` (after one warm call), and the tool
+        that measured them. Here: torch.profiler (self time of what runs through torch; with
+        `cuda`, device time). A runtime with its own profiler overrides it (and takes an
+        `op_profiling` option that turns that profiler on when it is opened)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        run = self.encode if graph == "encode" else self.decode
+        run(x)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=acts) as prof:
+            for _ in range(runs):
+                run(x)
+        totals: dict[str, float] = {}
+        for ev in prof.key_averages():
+            t = (ev.self_device_time_total if cuda else ev.self_cpu_time_total) / 1e6
+            if t > 0:
+                totals[ev.key] = totals.get(ev.key, 0.0) + t
+        return totals, "torch.profiler (self time by op)"
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release runtime resources (sessions, engines, CUDA contexts)."""

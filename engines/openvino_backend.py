@@ -10,8 +10,8 @@ Precisions (what runs is read back from the compiled model: `describe()["runtime
 - int8: the bundle's Q/DQ graph (OpenVINO runs the quantised matmuls and convolution in
   int8); its other layers in f32.
 
-`profile=True` turns OpenVINO's performance counters on (`op_times`: time per node type and
-kernel, the benchmark's `--profile`).
+`op_profiling=True` turns OpenVINO's performance counters on (`op_profile`: time per node
+type and kernel, the benchmark's `--profile`).
 
 Hints: `latency` (default; one request, every thread on one batch) or `throughput` (OpenVINO
 chooses its streams; a batch is split over the compiled model's optimal number of requests
@@ -74,14 +74,13 @@ class OpenVINOBackend(Backend):
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", device: str = "cpu", max_batch: int | None = None,
                  threads: int | None = None, hint: str = "latency", graphs: tuple[str, ...] = GRAPHS,
-                 profile: bool = False) -> None:
+                 op_profiling: bool = False) -> None:
         ov = import_openvino()
         import openvino.properties as props
         import openvino.properties.hint as hints
 
+        self.check_precision(precision)
         info = backend_info(self.name)
-        if precision not in info.precisions:
-            raise PrecisionUnsupported(f"openvino backend runs {', '.join(info.precisions)}, not {precision}")
         if str(device).split(":")[0] != "cpu":
             raise BackendUnavailable(f"openvino backend runs on the CPU (device cpu), not {device}")
         if hint not in HINTS:
@@ -104,7 +103,7 @@ class OpenVINOBackend(Backend):
         }
         if threads:
             config[props.inference_num_threads] = int(threads)
-        if profile:  # per-node times of each request (`op_times`)
+        if op_profiling:  # per-node times of each request (`op_profile`)
             config[props.enable_profiling] = True
         try:
             self._compiled = {g: self.core.compile_model(self.core.read_model(str(p)), "CPU", config)
@@ -136,7 +135,7 @@ class OpenVINOBackend(Backend):
 
     def op_times(self, graph: str) -> dict[str, float]:
         """Seconds per (node type, kernel) of the last latency-hint call of `graph` (needs
-        `profile=True`): OpenVINO's performance counters, the kernel naming its ISA (e.g.
+        `op_profiling=True`): OpenVINO's performance counters, the kernel naming its ISA (e.g.
         `brgemm_avx512_amx`, `jit_avx2`)."""
         out: dict[str, float] = {}
         for info in self._requests[graph].profiling_info:
@@ -144,6 +143,17 @@ class OpenVINOBackend(Backend):
                 key = f"{info.node_type} ({info.exec_type})"
                 out[key] = out.get(key, 0.0) + info.real_time.total_seconds()
         return out
+
+    def op_profile(self, graph: str, x, runs: int = 2, cuda: bool = False) -> tuple[dict[str, float], str]:
+        """`op_times` summed over `runs` calls of `graph` on `x`, after one warm call."""
+        run = self.encode if graph == "encode" else self.decode
+        run(x)
+        totals: dict[str, float] = {}
+        for _ in range(runs):
+            run(x)
+            for op, t in self.op_times(graph).items():
+                totals[op] = totals.get(op, 0.0) + t
+        return totals, f"OpenVINO performance counters (time by node type and kernel; {self.cpu})"
 
     def runtime_precisions(self, graph: str) -> dict[str, dict[str, int]]:
         """Layer type -> {precision it executes in: count}, for the compute layers of the compiled

@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -126,11 +128,11 @@ def bundle_profile(bundle: Bundle) -> BatchProfile:
     """The batch profile engines of this bundle were built for (TensorRT engines first, then
     AOTInductor packages), else the default 1:8:32."""
     for entry in bundle.files.values():
-        p = entry.get("profile") if entry.kind == KIND_TRT_ENGINE else None
+        p = entry.facts.profile if entry.kind == KIND_TRT_ENGINE else None
         if p and {"min", "opt", "max"} <= set(p):
             return BatchProfile(int(p["min"]), int(p["opt"]), int(p["max"]))
     for entry in bundle.files.values():
-        b = entry.get("batch") if entry.kind == KIND_AOTI_PACKAGE else None
+        b = entry.facts.batch if entry.kind == KIND_AOTI_PACKAGE else None
         if b and {"min", "max"} <= set(b):
             return BatchProfile(int(b["min"]), min(max(8, int(b["min"])), int(b["max"])), int(b["max"]))
     return BatchProfile()
@@ -168,7 +170,7 @@ class ORTBackend(Backend):
     def __init__(
         self, bundle: Bundle, precision: str = "fp32", device: str = "cpu", threads: int | None = None,
         max_batch: int | None = None, allow_fallback: bool | None = None, io_binding: bool | None = None,
-        profile_dir: str | Path | None = None, profile=None, graphs: tuple[str, ...] = GRAPHS, spinning: bool = True,
+        op_profiling: bool = False, profile=None, graphs: tuple[str, ...] = GRAPHS, spinning: bool = True,
     ) -> None:
         ort = import_onnxruntime()
         super().__init__(bundle.config, precision, max_batch, graphs)
@@ -213,7 +215,8 @@ class ORTBackend(Backend):
         self.trt_fp32_islands = {g: fp32_islands(self._paths[g]) for g in self.graphs} if self.kind == "trt" else {}
         self._provider_lists = {g: self._provider_list(g) for g in self.graphs}
         self.providers_requested = self._provider_lists[self.graphs[0]]
-        self._profile_dir = Path(profile_dir) if profile_dir is not None else None
+        # op_profiling: ONNX Runtime's profiler on every session, its traces in a directory of ours
+        self._profile_dir = Path(tempfile.mkdtemp(prefix="rpiae-ort-profile-")) if op_profiling else None
         self._run_options = ort.RunOptions()
         if self.stream is not None and self.io_binding:
             # ordering with torch's streams is by events (below); no host wait at the end of a run
@@ -356,9 +359,22 @@ class ORTBackend(Backend):
             out.record_stream(self.stream)
         return out
 
-    def end_profiling(self, graph: str) -> str:
-        """Stop ONNX Runtime's profiler of one graph's session; the path of its JSON trace."""
-        return self._sessions[graph].end_profiling()
+    def op_profile(self, graph: str, x, runs: int = 2, cuda: bool = False) -> tuple[dict[str, float], str]:
+        """Kernel seconds by op type from ONNX Runtime's profiler (needs `op_profiling=True`)
+        over `runs` calls of `graph` on `x` (the first calls of a session: no warm call, the
+        session's own warm-up is in ONNX Runtime's trace as `session_initialization`)."""
+        if self._profile_dir is None:
+            raise BackendUnavailable("ort backend: op_profile needs the backend opened with op_profiling=True")
+        run = self.encode if graph == "encode" else self.decode
+        for _ in range(runs):
+            run(x)
+        events = json.loads(Path(self._sessions[graph].end_profiling()).read_text())
+        totals: dict[str, float] = {}
+        for ev in events:
+            if ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
+                op = ev.get("args", {}).get("op_name", "?")
+                totals[op] = totals.get(op, 0.0) + ev.get("dur", 0) / 1e6
+        return totals, f"onnxruntime profiler (kernel time by op type; {', '.join(self.providers)})"
 
     def describe(self) -> dict:
         info = {**super().describe(), "device": self.device, "providers": self.providers,
@@ -379,6 +395,8 @@ class ORTBackend(Backend):
 
     def close(self) -> None:
         self._sessions.clear()
+        if self._profile_dir is not None:
+            shutil.rmtree(self._profile_dir, ignore_errors=True)
 
 
 def cuda_provider_options(device_id: int, stream: int | None = None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from rpiae.engines.base import Backend, BackendUnavailable, PrecisionUnsupported, device_scope, precision_context, torch_device
+from rpiae.engines.base import Backend, BackendUnavailable, device_scope, precision_context, torch_device
 from rpiae.export.spec import GRAPHS
 from rpiae.model import RPiAE
 from rpiae.precisions import TORCH_DTYPES as _DTYPES
@@ -24,8 +24,7 @@ class TorchBackend(Backend):
         self, model: RPiAE, precision: str = "fp32", device: str = "cpu", max_batch: int | None = None,
         compile: bool = False, graphs: tuple[str, ...] = GRAPHS,
     ) -> None:
-        if precision not in _DTYPES:
-            raise PrecisionUnsupported(f"torch backend runs {', '.join(_DTYPES)}, not {precision}")
+        self.check_precision(precision)
         dev = torch_device(device)
         if dev.type == "cuda":
             if not torch.cuda.is_available():

@@ -27,7 +27,7 @@ import torch
 
 from rpiae.engines.base import InputError
 from rpiae.export.backends import backend_info
-from rpiae.export.spec import GRAPHS
+from rpiae.export.spec import GRAPHS, graph_spec
 from rpiae.export.triton import PYTHON_PARAMETERS
 
 
@@ -81,15 +81,12 @@ class GraphModel:
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
         self._run = self.backend.encode if self.graph == "encode" else self.backend.decode
+        self.spec = graph_spec(self.backend.config, self.graph)
 
     def check(self, x: torch.Tensor) -> None:
         """InputError for an input this graph must not run: wrong shape or dtype, NaN/Inf, and
         for images, values outside [0, 1]."""
-        self.backend.check(self.graph, x)
-        if self.graph == "encode":
-            lo, hi = (float(v) for v in torch.aminmax(x))
-            if lo < 0.0 or hi > 1.0:
-                raise InputError(f"images: pixel values must lie in [0, 1], got [{lo:.4g}, {hi:.4g}]")
+        self.backend.check(self.graph, x, self.spec.input_range)  # one pass over x
 
     @torch.inference_mode()
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor | Exception]:

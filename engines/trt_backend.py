@@ -57,9 +57,9 @@ class TRTBackend(Backend):
 
     def describe(self) -> dict:
         r = self._runners[self.graphs[0]]
-        entry = self.bundle.files[self.bundle.find(self.graphs[0], self.precision, KIND_TRT_ENGINE)]
+        facts = self.bundle.files[self.bundle.find(self.graphs[0], self.precision, KIND_TRT_ENGINE)].facts
         return {**super().describe(), "device": str(self.device), "profile": f"{r.min_batch}:{r.opt_batch}:{r.max_batch}",
-                "tensorrt": entry.get("tensorrt"), "version_compatible": bool(entry.get("version_compatible"))}
+                "tensorrt": facts.tensorrt, "version_compatible": facts.version_compatible}
 
     def close(self) -> None:
         for r in self._runners.values():

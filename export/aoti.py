@@ -9,7 +9,7 @@ compiles each with AOTInductor and writes
     BUNDLE/engines/aoti/{encode,decode}.fp32.<target>.pt2     target: cpu-x86-64-v3 | cuda-sm90 ...
 
 with a manifest entry per file (kind "aoti-package": device, CPU level and flags or GPU
-capability, torch version, batch range) and a summary under manifest["engines"]. The same
+capability, torch version, batch range: `rpiae.export.manifest.PackageFacts`). The same
 facts are embedded in each package's metadata (`rpiae_*` keys), so the C++ runner can
 check them too. A package loads from Python (`rpiae.engines.aoti_backend`, which also
 checks that this machine can run it) and from C++ through libtorch (`engines/cpp`).
@@ -235,7 +235,7 @@ def package_metadata(bundle: Bundle, graph: str, target: dict[str, Any], profile
 def _drop_packages(bundle: Bundle, graph: str, kind: str, keep: str) -> None:
     """Forget (and delete) the bundle's earlier packages of `graph` for this device type."""
     for old, e in list(bundle.files.items()):
-        if e.get("kind") == KIND and e.get("graph") == graph and e.get("device") == kind and e.get("precision") == PRECISION:
+        if e.kind == KIND and e.graph == graph and e.facts.device == kind and e.precision == PRECISION:
             bundle.remove_file(old)
             if old != keep:
                 (bundle.root / old).unlink(missing_ok=True)
@@ -264,7 +264,6 @@ def compile_packages(
     tag = target.pop("tag")
     model = RPiAE.from_checkpoint(bundle.weights_path())
     base = {"precision": PRECISION, **target, "torch": torch_version(), "batch": profile.to_dict()}
-    names = []
     bar = tqdm(graphs, desc=f"aoti {tag}", unit="graph", disable=not progress)
     for graph in bar:
         bar.set_postfix_str(graph)
@@ -273,16 +272,30 @@ def compile_packages(
         timings = compile_graph(model, graph, bundle.root / name, device=device, profile=profile, cpu_level=cpu_level,
                                 metadata=package_metadata(bundle, graph, target, profile), cache_dir=cache_dir)
         bundle.add_file(name, kind=KIND, graph=graph, **base, **timings)
-        names.append(name)
-    bundle.manifest.engines[f"aoti-{tag}"] = {
-        "kind": KIND, "files": names, **base,
-        "input_checks": "AOTI_RUNTIME_CHECK_INPUTS=1 (shape, dtype, batch <= max); batch >= min checked by the runners",
-    }
     bundle.write_manifest()
     return bundle
 
 
+def prepare_target(device: str) -> tuple[str, str | None]:
+    """`--target aoti`'s early check: `--device auto` resolved (`auto_device`) and the target
+    checked (`check_target`)."""
+    note = None
+    if device == "auto":
+        device, note = auto_device()
+    check_target(device)
+    return device, note
+
+
+def build_target(bundle: Bundle, precisions: list[str], profile: BatchProfile, device: str = "cpu",
+                 progress: bool = True, cache_dir: str | Path | None = None):
+    """`--target aoti`: FP32 packages of both graphs for `device` (whatever `precisions` asks)."""
+    from rpiae.export.targets import Built
+
+    compile_packages(bundle, device=device, profile=profile, cache_dir=cache_dir, progress=progress)
+    return Built([PRECISION], device)
+
+
 __all__ = [
-    "CPU_LEVELS", "DEFAULT_CPU_LEVEL", "KIND", "PRECISION", "auto_device", "check_target", "compile_graph",
+    "CPU_LEVELS", "DEFAULT_CPU_LEVEL", "KIND", "PRECISION", "auto_device", "build_target", "check_target", "compile_graph",
     "compile_packages", "cuda_target", "cuda_toolkit", "target_device", "torch_minor", "torch_version",
 ]

@@ -29,6 +29,10 @@ class BackendInfo:
     options: tuple[str, ...] = ()  # keyword options of its constructor beyond precision, device, max_batch, graphs
     # precisions it runs from another precision's files (OpenVINO's bf16: the FP32 graph with a bf16 hint)
     files_of: dict[str, str] = field(default_factory=dict, hash=False)
+    # what it needs on this machine, per device kind and per precision that needs more (names of
+    # `REQUIREMENTS`; `rpiae doctor` says, for each, whether this machine has it)
+    requires: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+    precision_requires: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
 
     def file_precision(self, precision: str) -> str:
         """The precision of the bundle files it runs `precision` from (its own, or `files_of`'s)."""
@@ -42,21 +46,37 @@ class BackendInfo:
 
 REFERENCE = "torch"  # the backend every other one is compared with (eager PyTorch, fp32)
 
+# what a backend can need on a machine (`BackendInfo.requires`): `rpiae doctor` probes each one
+REQUIREMENTS = {
+    "gpu": "a CUDA GPU visible to torch",
+    "ort-cpu": "ONNX Runtime's CPU provider", "ort-cuda": "ONNX Runtime's CUDA provider, proven to start",
+    "ort-trt": "ONNX Runtime's TensorRT provider, proven to start",
+    "tensorrt": "the TensorRT Python package", "polygraphy": "polygraphy", "torch-tensorrt": "Torch-TensorRT",
+    "openvino": "OpenVINO", "openvino-bf16": "a CPU OpenVINO computes bf16 on (AMX or AVX512-BF16)",
+    "compiler": "a C++ compiler on PATH", "cpu-level": "the CPU level AOTInductor packages are compiled for",
+    "cuda-toolkit": "the CUDA toolkit (nvcc and headers)",
+}
+
 REGISTRY: dict[str, BackendInfo] = {b.name: b for b in (
     BackendInfo("torch", "rpiae.engines.torch_backend:TorchBackend", KIND_WEIGHTS, TORCH_PRECISIONS, ("cpu", "cuda"),
-                "torch", "eager PyTorch (autocast for fp16/bf16)", ("compile",)),
+                "torch", "eager PyTorch (autocast for fp16/bf16)", ("compile",), requires={"cuda": ("gpu",)}),
     BackendInfo("ort", "rpiae.engines.ort_backend:ORTBackend", KIND_ONNX, ONNX_PRECISIONS, ("cpu", "cuda", "trt"),
                 "pip install -e '.[cpu]' (CPU) or the gpu-cu13 / gpu-cu12 extra", "ONNX Runtime on the bundle's ONNX graphs",
-                ("threads", "spinning", "io_binding", "allow_fallback", "profile_dir", "profile")),
+                ("threads", "spinning", "io_binding", "allow_fallback", "op_profiling", "profile"),
+                requires={"cpu": ("ort-cpu",), "cuda": ("ort-cuda", "gpu"), "trt": ("ort-trt", "gpu", "tensorrt")}),
     BackendInfo("trt", "rpiae.engines.trt_backend:TRTBackend", KIND_TRT_ENGINE, ONNX_PRECISIONS,
-                ("cuda",), "pip install -c constraints/gpu-cu13.txt -e '.[gpu-cu13]'", "TensorRT engines of the bundle"),
+                ("cuda",), "pip install -c constraints/gpu-cu13.txt -e '.[gpu-cu13]'", "TensorRT engines of the bundle",
+                requires={"cuda": ("tensorrt", "polygraphy", "gpu")}),
     BackendInfo("aoti", "rpiae.engines.aoti_backend:AOTIBackend", KIND_AOTI_PACKAGE, ("fp32",), ("cpu", "cuda"),
-                "torch (and a C++ compiler to build the packages)", "AOTInductor packages of the bundle", ("cache_dir",)),
+                "torch (and a C++ compiler to build the packages)", "AOTInductor packages of the bundle", ("cache_dir",),
+                requires={"cpu": ("compiler", "cpu-level"), "cuda": ("gpu", "compiler", "cuda-toolkit")}),
     BackendInfo("openvino", "rpiae.engines.openvino_backend:OpenVINOBackend", KIND_ONNX, ("fp32", "bf16", "int8"), ("cpu",),
                 "pip install -e '.[openvino]'", "OpenVINO on the bundle's ONNX graphs (bf16: its inference hint, on CPUs with bf16)",
-                ("threads", "hint", "profile"), files_of={"bf16": "fp32"}),
+                ("threads", "hint", "op_profiling"), files_of={"bf16": "fp32"}, requires={"cpu": ("openvino",)},
+                precision_requires={"bf16": ("openvino-bf16",)}),
     BackendInfo("torch-trt", "rpiae.engines.torch_trt_backend:TorchTRTBackend", KIND_WEIGHTS, TORCH_PRECISIONS, ("cuda",),
-                "pip install -c constraints/gpu-cu13.txt -e '.[gpu-cu13]'", "the PyTorch graphs compiled by Torch-TensorRT", ("profile",)),
+                "pip install -c constraints/gpu-cu13.txt -e '.[gpu-cu13]'", "the PyTorch graphs compiled by Torch-TensorRT", ("profile",),
+                requires={"cuda": ("torch-tensorrt", "gpu")}),
 )}
 BACKENDS = tuple(REGISTRY)
 
@@ -77,4 +97,4 @@ def runnable(name: str, have: list[str] | tuple[str, ...]) -> list[str]:
     return [p for p in info.precisions if info.file_precision(p) in have]
 
 
-__all__ = ["BACKENDS", "REFERENCE", "REGISTRY", "BackendInfo", "backend_info", "runnable"]
+__all__ = ["BACKENDS", "REFERENCE", "REGISTRY", "REQUIREMENTS", "BackendInfo", "backend_info", "runnable"]

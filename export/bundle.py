@@ -117,7 +117,7 @@ class Bundle:
                 raise BundleError(f"{self.root}: listed file {name} is missing")
             if sha256_file(p) != entry.sha256:
                 raise BundleError(f"{self.root}: {name} fails its sha256 check (tampered or corrupted); re-export the bundle")
-            for dep in entry.get("external_data", []):
+            for dep in getattr(entry.facts, "external_data", []):
                 self.verify_file(dep)
             self._verified.add(name)
         return p
@@ -156,8 +156,10 @@ class Bundle:
                  **facts: Any) -> FileEntry:
         """Record a file that already sits at its final place inside the bundle."""
         p = self.root / name
-        entry = FileEntry(sha256_file(p), p.stat().st_size, kind, graph, precision, facts)
-        self.files[name] = FileEntry.from_dict(entry.to_dict(), str(self.root / MANIFEST), name)
+        entry = {"sha256": sha256_file(p), "bytes": p.stat().st_size, "kind": kind, "graph": graph,
+                 "precision": precision, **facts}
+        self.files[name] = FileEntry.from_dict({k: v for k, v in entry.items() if v is not None},
+                                               str(self.root / MANIFEST), name)
         self._verified.add(name)
         return self.files[name]
 
@@ -179,12 +181,11 @@ class Bundle:
         keep = set()
         for name in names:
             self.verify_file(name)
-            keep |= {name, *self.files[name].get("external_data", [])}
+            keep |= {name, *getattr(self.files[name].facts, "external_data", [])}
         dest = Path(dest)
         dest.mkdir(parents=True)
         manifest = copy.deepcopy(self.manifest)
         manifest.files = {k: v for k, v in manifest.files.items() if k in keep}
-        manifest.engines = {k: v for k, v in manifest.engines.items() if k in keep}
         for name in manifest.files:
             target = dest / name
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -210,6 +211,23 @@ class Bundle:
             "opset": m.opset,
             "files": {k: {kk: v[kk] for kk in ("kind", "graph", "precision", "bytes", "sha256") if kk in v}
                       for k, v in self.files.items()},
-            "engines": m.engines,
+            "engines": {name: e.to_dict() for name, e in m.engines.items()},
             "parity": m.parity,
         }
+
+
+def model_info(model: "Bundle | str | Path | None") -> dict[str, Any]:
+    """What a job ran: {"path", "sha256", "config"} of a checkpoint or bundle (for a bundle, the
+    sha256 of its manifest, which lists every file's sha256). An open `Bundle` is described as
+    it is, without opening it again."""
+    from rpiae.checkpoints import checkpoint_sha256, read_config
+    from rpiae.hub import resolve_model
+
+    bundle = model if isinstance(model, Bundle) else None
+    path = bundle.root if bundle is not None else resolve_model(model)
+    if bundle is None and Bundle.is_bundle(path):
+        bundle = Bundle.open(path)
+    if bundle is not None:
+        return {"path": str(path), "sha256": sha256_file(path / MANIFEST), "config": bundle.config.to_dict()}
+    cfg = read_config(path)
+    return {"path": str(path), "sha256": checkpoint_sha256(path), "config": cfg.to_dict() if cfg else None}

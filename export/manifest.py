@@ -5,21 +5,24 @@ manifest is written and when one is opened, and the vocabulary of the files a bu
      "config": RPiAEConfig.to_dict(), "io": the graphs' I/O conventions (from GraphSpec),
      "source": {"path", "sha256"} of the checkpoint, "opset": 18, "precisions": [...],
      "files": {name: {"sha256", "bytes", "kind", "graph"?, "precision"?, ...kind-specific facts}},
-     "tools": {library: version}, "parity": [row, ...], "engines": {name: summary},
-     "latent_stats"?: {"file", "sha256", "eps"}}
+     "tools": {library: version}, "parity": [row, ...], "latent_stats"?: {"file", "sha256", "eps"}}
 
-A file entry's common facts are typed fields of `FileEntry`; what only one kind has (an ONNX
-graph's `precision_report`, an engine's `profile` and TensorRT version, a package's CPU level)
-stays in `facts`. Entries read like the JSON they come from (`entry["kind"]`, `entry.get(...)`).
-A manifest that breaks the schema is refused with one line naming the field.
+A file entry's common facts are typed fields of `FileEntry`; what only one kind has is its
+kind's facts dataclass (`KIND_FACTS`: an ONNX graph's `precision_report`, an engine's `profile`
+and TensorRT version, a package's CPU level), `entry.facts`. A manifest that breaks the schema
+is refused with one line naming the field. Earlier writers of this format also put an
+`engines` section that repeats the engine files' facts; it is read and dropped (the files hold
+them; `Manifest.engines` lists them).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import re
+import types
+import typing
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from rpiae.config import RPiAEConfig
@@ -38,8 +41,6 @@ KIND_ONNX_DATA = "onnx-external-data"
 KIND_TRT_ENGINE = "trt-engine"
 KIND_AOTI_PACKAGE = "aoti-package"
 FILE_KINDS = (KIND_WEIGHTS, KIND_ONNX, KIND_ONNX_DATA, KIND_TRT_ENGINE, KIND_AOTI_PACKAGE)
-# the `rpiae export --target` that builds each file kind (what runs each: rpiae.export.backends)
-FILE_KIND_TARGET = {KIND_ONNX: "onnx", KIND_TRT_ENGINE: "trt", KIND_AOTI_PACKAGE: "aoti"}
 
 TOOLS = ("rpiae", "torch", "onnx", "onnxruntime", "onnxslim", "onnxscript", "nvidia-modelopt", "tensorrt", "polygraphy")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -70,7 +71,7 @@ def io_conventions(config: RPiAEConfig) -> dict[str, Any]:
     image = {"dtype": "float32", "layout": "NCHW", "colour": "RGB"}
     return {
         "encode": {
-            "input": {"name": enc.input_name, "shape": ["batch", *enc.input_shape], **image, "range": [0.0, 1.0]},
+            "input": {"name": enc.input_name, "shape": ["batch", *enc.input_shape], **image, "range": list(enc.input_range)},
             "output": {"name": enc.output_name, "shape": ["batch", *enc.output_shape], "dtype": "float32", "meaning": meaning},
         },
         "decode": {
@@ -101,16 +102,124 @@ def _typed(d: Mapping, key: str, types: type | tuple[type, ...], where: str, pre
     return value
 
 
+# -- what each kind of file records beyond its hash: one dataclass per kind -----------------------
+def _type_ok(value: Any, hint: Any) -> bool:
+    """`value` fits a field annotation of the facts dataclasses (plain types, `X | None`)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for t in options:
+        t = typing.get_origin(t) or t
+        if value is None and t is type(None):
+            return True
+        if t is float and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if t is not type(None) and isinstance(value, t) and (t is bool or not isinstance(value, bool)):
+            return True
+    return False
+
+
+def _type_name(hint: Any) -> str:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return " | ".join("None" if t is type(None) else getattr(typing.get_origin(t) or t, "__name__", str(t)) for t in options)
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a kind of file records beyond its hash, size, graph and precision. Fields are the
+    JSON keys; keys an rpiae version of the same format adds later are kept in `extra`, so a
+    manifest written by a newer rpiae reads and writes back unchanged."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str, prefix: str) -> "Facts":
+        hints = typing.get_type_hints(cls)
+        known = {f.name: f for f in fields(cls) if f.name != "extra"}
+        for name, f in known.items():
+            missing = f.default is MISSING and f.default_factory is MISSING
+            _expect(not (missing and name not in d), where, f"{prefix}{name}", "missing")
+            if name in d:
+                _expect(_type_ok(d[name], hints[name]), where, f"{prefix}{name}",
+                        f"expected {_type_name(hints[name])}, got {type(d[name]).__name__}")
+        return cls(**{k: v for k, v in d.items() if k in known}, extra={k: v for k, v in d.items() if k not in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**{k: v for k, v in out.items() if v is not None}, **self.extra}
+
+
+@dataclass(frozen=True)
+class WeightsFacts(Facts):
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class OnnxFacts(Facts):
+    opset: int | None = None
+    external_data: list = field(default_factory=list)  # names of the graph's external-data files
+    precision_report: dict | None = None  # op types per precision, Q/DQ counts (rpiae.export.precision)
+    calibration: dict | None = None  # quantised graphs: {"images", "method", "high_precision", "source"}
+
+
+@dataclass(frozen=True)
+class OnnxDataFacts(Facts):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineFacts(Facts):
+    """A TensorRT plan: where it runs (TensorRT version, GPU) and how it was built."""
+
+    profile: dict = field(default_factory=dict)  # {"min", "opt", "max"} batch
+    tensorrt: str | None = None
+    gpu: str | None = None
+    compute_capability: str | None = None
+    onnx: str | None = None  # the ONNX graph it was built from, and that graph's sha256
+    onnx_sha256: str | None = None
+    version_compatible: bool = False
+    strongly_typed: bool | None = None
+    tf32: bool | None = None
+    builder_optimization_level: int | None = None
+    workspace_gb: float | None = None
+    input: str | None = None
+    built_with: str | None = None
+    layer_precisions: dict | None = None  # {"by_precision", "fp32_share", ...} of the built engine
+
+
+@dataclass(frozen=True)
+class PackageFacts(Facts):
+    """An AOTInductor package: the device type and CPU level or GPU it was compiled for."""
+
+    device: str = "cpu"
+    torch: str | None = None
+    batch: dict | None = None  # {"min", "opt", "max"}
+    cpu_level: str | None = None
+    isa: str | None = None
+    march: str | None = None
+    cpu_flags: list | None = None
+    capability: str | None = None
+    sm: str | None = None
+    gpu: str | None = None
+    cuda: str | None = None
+    export_s: float | None = None
+    compile_s: float | None = None
+
+
+KIND_FACTS: dict[str, type[Facts]] = {KIND_WEIGHTS: WeightsFacts, KIND_ONNX: OnnxFacts, KIND_ONNX_DATA: OnnxDataFacts,
+                                      KIND_TRT_ENGINE: EngineFacts, KIND_AOTI_PACKAGE: PackageFacts}
+ENGINE_KINDS = (KIND_TRT_ENGINE, KIND_AOTI_PACKAGE)  # built for one machine kind by `--target trt|aoti`
+
+
 @dataclass
 class FileEntry(Mapping):
-    """One file of a bundle; reads like its JSON object."""
+    """One file of a bundle: its common fields and its kind's typed `facts`; reads like its
+    JSON object too (`entry["kind"]`, `entry.get(...)`)."""
 
     sha256: str
     bytes: int
     kind: str
     graph: str | None = None
     precision: str | None = None
-    facts: dict[str, Any] = field(default_factory=dict)
+    facts: Facts = field(default_factory=Facts)
 
     @classmethod
     def from_dict(cls, d: Any, where: str, name: str) -> "FileEntry":
@@ -127,13 +236,13 @@ class FileEntry(Mapping):
         precision = _typed(d, "precision", str, where, p, optional=True)
         _expect(precision is None or precision in PRECISIONS, where, f"{p}precision",
                 f"{precision!r} is not one of {', '.join(PRECISIONS)}")
-        facts = {k: v for k, v in d.items() if k not in ("sha256", "bytes", "kind", "graph", "precision")}
-        return cls(sha, size, kind, graph, precision, facts)
+        rest = {k: v for k, v in d.items() if k not in ("sha256", "bytes", "kind", "graph", "precision")}
+        return cls(sha, size, kind, graph, precision, KIND_FACTS[kind].from_dict(rest, where, p))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"sha256": self.sha256, "bytes": self.bytes, "kind": self.kind}
         out.update({k: v for k, v in (("graph", self.graph), ("precision", self.precision)) if v is not None})
-        return {**out, **self.facts}
+        return {**out, **self.facts.to_dict()}
 
     def __getitem__(self, key: str) -> Any:
         return self.to_dict()[key]
@@ -153,7 +262,6 @@ class Manifest:
     files: dict[str, FileEntry] = field(default_factory=dict)
     precisions: list[str] = field(default_factory=list)
     parity: list[dict[str, Any]] = field(default_factory=list)
-    engines: dict[str, dict[str, Any]] = field(default_factory=dict)
     tools: dict[str, str] = field(default_factory=lambda: library_versions(TOOLS))
     io: dict[str, Any] | None = None
     latent_stats: dict[str, Any] | None = None
@@ -188,22 +296,26 @@ class Manifest:
             _typed(row, "precision", str, where, f"parity[{i}].")
             _typed(row, "ok", bool, where, f"parity[{i}].")
             _typed(row, "checks", dict, where, f"parity[{i}].")
-        engines = _typed(d, "engines", dict, where) if "engines" in d else {}
-        _expect(all(isinstance(v, dict) for v in engines.values()), where, "engines", "expected an object per engine")
+        _typed(d, "engines", dict, where, optional=True)  # earlier writers: a copy of the engine files' facts, dropped
         stats = _typed(d, "latent_stats", dict, where, optional=True)
         if stats is not None:
             _typed(stats, "sha256", str, where, "latent_stats.")
         return cls(config=config, source=dict(source), opset=_typed(d, "opset", int, where), files=files,
-                   precisions=list(precisions), parity=list(parity), engines=dict(engines),
+                   precisions=list(precisions), parity=list(parity),
                    tools=dict(_typed(d, "tools", dict, where)), io=_typed(d, "io", dict, where, optional=True),
                    latent_stats=stats, created=str(d.get("created", "")), format_version=version)
+
+    @property
+    def engines(self) -> dict[str, FileEntry]:
+        """The files built for one kind of machine (TensorRT plans, AOTInductor packages)."""
+        return {name: e for name, e in self.files.items() if e.kind in ENGINE_KINDS}
 
     def to_dict(self) -> dict[str, Any]:
         out = {
             "format": FORMAT, "format_version": self.format_version, "created": self.created,
             "config": self.config.to_dict(), "io": self.io, "source": self.source, "opset": self.opset,
             "precisions": self.precisions, "files": {k: v.to_dict() for k, v in self.files.items()},
-            "tools": self.tools, "parity": self.parity, "engines": self.engines,
+            "tools": self.tools, "parity": self.parity,
         }
         if self.latent_stats is not None:
             out["latent_stats"] = self.latent_stats

@@ -35,6 +35,7 @@ class GraphSpec:
     input_shape: tuple[int, ...]  # one item, without the batch axis
     output_shape: tuple[int, ...]
     dtype: str = "float32"  # of the input and the output, whatever the graph's precision
+    input_range: tuple[float, float] | None = None  # the values the input must lie in (images: [0, 1])
 
     def sample(self, batch: int = 2, seed: int = 0) -> torch.Tensor:
         """A seeded input of `batch` items: images uniform in [0, 1], latents standard normal."""
@@ -49,7 +50,7 @@ class GraphSpec:
 
 def graph_spec(config: RPiAEConfig, graph: str) -> GraphSpec:
     if graph == "encode":
-        return GraphSpec("encode", "images", "latent", config.image_shape, config.latent_shape)
+        return GraphSpec("encode", "images", "latent", config.image_shape, config.latent_shape, input_range=(0.0, 1.0))
     if graph == "decode":
         return GraphSpec("decode", "latent", "image", config.latent_shape, config.image_shape)
     raise ValueError(f"unknown graph {graph!r}; expected one of {', '.join(GRAPHS)}")

@@ -270,7 +270,7 @@ def build_bundle_engines(bundle, precisions: list[str], profile, workspace_gb: f
         onnx_path = bundle.graph_path(graph, precision)  # sha256-checked
         label = f"{graph}.{precision}"
         onnx_entry = bundle.files[onnx_file]
-        high = (onnx_entry.get("calibration") or {}).get("high_precision", INT8_HIGH_PRECISION)
+        high = (onnx_entry.facts.calibration or {}).get("high_precision", INT8_HIGH_PRECISION)
         limit = 1.0 if precision_info(precision).quantized and high == "fp32" else max_fp32_share
         name = engine_name(graph, precision)
         # the plan is saved to a temporary file and renamed only after its layer precisions pass
@@ -288,22 +288,36 @@ def build_bundle_engines(bundle, precisions: list[str], profile, workspace_gb: f
         entry = bundle.add_file(
             name, kind=KIND_TRT_ENGINE, graph=graph, precision=precision, profile=profile.to_dict(),
             tensorrt=env["tensorrt"], gpu=env["gpu"], compute_capability=env["compute_capability"],
-            onnx=onnx_file, onnx_sha256=onnx_entry["sha256"], **{k: v for k, v in info.items() if k != "tensorrt"},
+            onnx=onnx_file, onnx_sha256=onnx_entry.sha256, **{k: v for k, v in info.items() if k != "tensorrt"},
         )
-        lp = info["layer_precisions"]
-        built[f"trt:{label}"] = {
-            "file": name, "graph": graph, "precision": precision, "profile": str(profile), "tensorrt": env["tensorrt"],
-            "gpu": env["gpu"], "compute_capability": env["compute_capability"], "bytes": entry["bytes"],
-            "version_compatible": bool(version_compatible),
-            "layer_precisions": {"by_precision": lp["by_precision"], "fp32_share": lp["fp32_share"]},
-        }
-        bundle.manifest.engines.update({f"trt:{label}": built[f"trt:{label}"]})
+        built[name] = entry
         bundle.write_manifest()
     return built
 
 
+def prepare_target(device: str) -> tuple[str, None]:
+    """`--target trt`'s early check: TensorRT, polygraphy and a CUDA GPU here (`auto` -> cuda)."""
+    device = "cuda" if device == "auto" else device
+    if not device.startswith("cuda"):
+        raise ValueError(f"TensorRT engines are built and checked on a GPU: --device cuda or cuda:N, not {device}")
+    import_tensorrt()
+    import_polygraphy()
+    require_cuda(device)
+    return device, None
+
+
+def build_target(bundle, precisions: list[str], profile, device: str = "cuda", progress: bool = True,
+                 **options: Any):
+    """`--target trt`: engines of the asked precisions (FP32 only when it is the only one asked)."""
+    from rpiae.export.targets import Built
+
+    wanted = [p for p in precisions if p != "fp32"] or ["fp32"]
+    build_bundle_engines(bundle, wanted, profile, progress=progress, **options)
+    return Built(wanted, device)
+
+
 __all__ = [
     "CUDA_MISSING", "MAX_FP32_SHARE", "POLYGRAPHY_MISSING", "TRT_MISSING", "EngineBuildError", "EnginePrecisionError",
-    "build_bundle_engines", "build_engine", "current_environment", "import_polygraphy", "import_tensorrt",
+    "build_bundle_engines", "build_engine", "build_target", "prepare_target", "current_environment", "import_polygraphy", "import_tensorrt",
     "require_cuda", "tensorrt_available", "trt_logger", "trt_major",
 ]

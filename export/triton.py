@@ -34,7 +34,8 @@ from typing import Any
 
 from rpiae.export.bundle import Bundle, BundleError
 from rpiae.export.backends import backend_info, runnable
-from rpiae.export.manifest import FILE_KIND_TARGET, KIND_AOTI_PACKAGE, KIND_ONNX, KIND_TRT_ENGINE, WEIGHTS
+from rpiae.export.manifest import KIND_AOTI_PACKAGE, KIND_ONNX, KIND_TRT_ENGINE, WEIGHTS
+from rpiae.export.targets import FILE_KIND_TARGET
 from rpiae.export.spec import GRAPHS, graph_specs
 from rpiae.fileio import atomic_dir
 from rpiae.precisions import DEFAULT_ORDER
@@ -238,31 +239,31 @@ def choose(bundle: Bundle, platform: str = "auto", precision: str | None = None,
 def _engine_model(bundle: Bundle, graph: str, precision: str, max_batch: int | None) -> dict[str, Any]:
     """What serving one graph's TensorRT engine takes: its file, batch limits, comment, server args."""
     name = bundle.find(graph, precision, KIND_TRT_ENGINE)
-    entry = bundle.files[name]
-    prof = entry["profile"]
+    facts = bundle.files[name].facts
+    prof = facts.profile
     if prof["min"] > 1:
         raise ValueError(f"{name}: its profile starts at batch {prof['min']} and Triton sends batches from 1; "
                          f"rebuild with --batch 1:{prof['opt']}:{prof['max']}")
     batch_max = prof["max"] if max_batch is None else max_batch
     if batch_max > prof["max"]:
         raise ValueError(f"--max-batch {batch_max} exceeds the engine profile's maximum {prof['max']} ({name})")
-    built = (f"TensorRT {entry['tensorrt']} engine for compute capability {entry['compute_capability']} ({entry['gpu']}), "
+    built = (f"TensorRT {facts.tensorrt} engine for compute capability {facts.compute_capability} ({facts.gpu}), "
              f"profile {prof['min']}:{prof['opt']}:{prof['max']}")
-    if entry.get("version_compatible"):
-        note = (f"version-compatible {built}: serve it with a Triton whose TensorRT is {entry['tensorrt']} or later, "
+    if facts.version_compatible:
+        note = (f"version-compatible {built}: serve it with a Triton whose TensorRT is {facts.tensorrt} or later, "
                 f"started with {VERSION_COMPATIBLE_ARG}, on a GPU of that compute capability")
     else:
-        note = f"{built}: serve it with a Triton whose TensorRT is {entry['tensorrt']}, on a GPU of that compute capability"
+        note = f"{built}: serve it with a Triton whose TensorRT is {facts.tensorrt}, on a GPU of that compute capability"
     return {"files": [(bundle.verify_file(name), MODEL_FILES["tensorrt_plan"])], "batch_max": batch_max,
             "preferred": [prof["opt"], batch_max], "comment": note,
-            "server_args": [VERSION_COMPATIBLE_ARG] if entry.get("version_compatible") else []}
+            "server_args": [VERSION_COMPATIBLE_ARG] if facts.version_compatible else []}
 
 
 def _onnx_model(bundle: Bundle, graph: str, precision: str, max_batch: int | None) -> dict[str, Any]:
     """What serving one graph's ONNX file takes (with its external data, which keeps its file
     name: the ONNX file refers to it by that name)."""
     onnx_name = bundle.find(graph, precision, KIND_ONNX)
-    deps = bundle.files[onnx_name].get("external_data", [])
+    deps = bundle.files[onnx_name].facts.external_data
     batch_max = max_batch or 32
     files = [(bundle.graph_path(graph, precision), MODEL_FILES["onnxruntime_onnx"])]
     return {"files": files + [(bundle.verify_file(d), Path(d).name) for d in deps], "batch_max": batch_max,
@@ -273,7 +274,7 @@ def _aoti_package(bundle: Bundle, graph: str, precision: str, device: str) -> tu
     """(name, manifest entry) of the bundle's AOTInductor package of a graph for a device type."""
     for name, entry in bundle.files.items():
         if (entry.kind == KIND_AOTI_PACKAGE and entry.graph == graph and entry.precision == precision
-                and entry.get("device") == device):
+                and entry.facts.device == device):
             return name, entry
     raise BundleError(f"bundle {bundle.root} has no {precision} AOTInductor {graph} package for {device}; "
                       f"run `rpiae export --target aoti --device {device} --out {bundle.root}`")
@@ -301,9 +302,9 @@ def _python_model(bundle: Bundle, graph: str, precision: str, max_batch: int | N
     device = "cuda" if kind == "KIND_GPU" else "cpu"
     limit = None  # the batch limit of files built for a batch range
     if info.runs == KIND_TRT_ENGINE:
-        limit = bundle.files[bundle.find(graph, precision, KIND_TRT_ENGINE)]["profile"]["max"]
+        limit = bundle.files[bundle.find(graph, precision, KIND_TRT_ENGINE)].facts.profile["max"]
     elif info.runs == KIND_AOTI_PACKAGE:
-        limit = _aoti_package(bundle, graph, precision, device)[1]["batch"]["max"]
+        limit = _aoti_package(bundle, graph, precision, device)[1].facts.batch["max"]
     batch_max = max_batch or min(32, limit or 32)
     if limit is not None and batch_max > limit:
         raise ValueError(f"--max-batch {batch_max} exceeds the {backend} {graph} file's maximum batch {limit}")

@@ -42,8 +42,7 @@ def test_manifest_records_packages(packaged):
         assert {"avx2", "fma", "f16c", "bmi2"} <= set(e["cpu_flags"])
         assert e["torch"] == torch.__version__.split("+")[0]
         assert e["batch"] == {"min": 1, "opt": 2, "max": 8} and e["precision"] == "fp32"
-    engine = bundle.manifest.engines["aoti-cpu-x86-64-v3"]
-    assert sorted(engine["files"]) == sorted(n for n, _ in entries.values())
+    assert sorted(bundle.manifest.engines) == sorted(n for n, _ in entries.values())
     assert bundle.precisions("aoti-package") == ["fp32"]
     rows = [r for r in bundle.manifest.parity if r.get("backend") == "aoti"]
     assert rows and all(r["ok"] for r in rows)
@@ -71,7 +70,8 @@ def test_package_metadata_for_cpp(backend):
 
 def test_export_command_output(aoti_export):
     out = aoti_export.output
-    assert "engines: aoti-cpu-x86-64-v3" in out
+    listed = next(line for line in out.splitlines() if "; engines: " in line).split("; engines: ")[1].split(", ")
+    assert sorted(listed) == [f"engines/aoti/{g}.fp32.cpu-x86-64-v3.pt2" for g in ("decode", "encode")]
     assert any(line.startswith("aoti") and line.rstrip().endswith("yes") for line in out.splitlines())
 
 
@@ -136,7 +136,7 @@ def test_refused_on_a_machine_it_cannot_run_on(packaged, monkeypatch):
         aoti_backend.check_runnable({**entry, "torch": "2.99.0"})
     with pytest.raises(BackendUnavailable, match="no fp32 AOTInductor packages for cuda"):
         AOTIBackend(bundle, device="cuda")
-    with pytest.raises(BackendUnavailable, match="fp32 packages only"):
+    with pytest.raises(BackendUnavailable, match="aoti backend runs fp32, not int8"):
         AOTIBackend(bundle, precision="int8")
     if not torch.cuda.is_available():
         cuda_entry = {**entry, "device": "cuda", "capability": "9.0", "gpu": "NVIDIA H100"}

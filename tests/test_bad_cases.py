@@ -133,8 +133,8 @@ def test_a_folder_finished_before_run_json_is_recognised(tmp_path, images, train
 def test_full_disk_is_one_line_for_shards_and_statistics(tmp_path, images, trained_or_tiny_ckpt, monkeypatch):
     from safetensors import SafetensorError
 
-    from rpiae.data import extract as X
     from rpiae.data import latents as L
+    from rpiae.jobs import shards as X
 
     data = _folder(tmp_path, images, 2)
 

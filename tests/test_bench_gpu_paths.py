@@ -164,12 +164,13 @@ def test_ort_profile_uses_the_runs_device_and_providers(monkeypatch, bundle_all)
     spec = {"graph": "encode", "backend": "ort", "precision": "fp32", "batch": 1}
     out = R.profile_graph(spec, {"threads": 1, "device": "cuda:1", "model": str(bundle_all.root)})
     assert out["status"] == "ok", out
-    assert opened == [("ort", "cuda:1", ["profile_dir"])]
+    assert opened == [("ort", "cuda:1", ["op_profiling"])]
     assert "CPUExecutionProvider" in out["tool"] and out["ops"] and abs(sum(o["share"] for o in out["ops"]) - 1) < 0.5
 
 
 @pytest.mark.parametrize("device,cuda", [("cpu", False), ("cuda", True), ("cuda:3", True), ("trt:1", True)])
 def test_gpu_devices_and_peak_dtypes(device, cuda):
     assert P.on_cuda(device) is cuda
-    assert P.peak_dtype(device, "fp16") == "fp16" and P.peak_dtype(device, "bf16") == "bf16"  # its own dtype
-    assert P.peak_dtype(device, "int8") == "int8"
+    peaks = {"fp32": {"gflops": 1.0}, "fp16": {"gflops": 2.0}, "int8": {"error": "no kernel"}}
+    assert P.peak_key(device, "fp16", peaks) == "fp16" and P.peak_key(device, "bf16", peaks) == "fp32"  # its own, else fp32
+    assert P.peak_key(device, "int8", peaks) == "fp32" and P.peak_key(device, "fp32", {}) is None

@@ -111,7 +111,8 @@ def test_runner_errors_are_one_line(runner_exe, packaged, tmp_path):
     Image.new("RGB", (200, 256)).save(small)
     res = _run(runner_exe["exe"], enc, dec, small, tmp_path / "o.ppm", cache=cache)
     assert res.returncode == 1 and "256x256" in res.stderr
-    res = _run(runner_exe["exe"], enc, enc, tmp_path / "missing.ppm", cache=cache)
+    assert "the graphs take 256x256 (resize the short side to 256" in res.stderr  # the size the package declares
+    res = _run(runner_exe["exe"], enc, dec, tmp_path / "missing.ppm", cache=cache)
     assert res.returncode == 1 and "cannot open" in res.stderr
     good = tmp_path / "good.ppm"
     Image.new("RGB", (256, 256), (90, 120, 200)).save(good)

@@ -172,3 +172,24 @@ def test_openvino_rows_follow_what_its_cpu_plugin_reports():
     report["openvino"] = {"available": False, "reason": "OpenVINO is not installed: pip install -e '.[openvino]'"}
     rows = D.can_run(report)
     assert not _row({"backends": rows}, "openvino", "cpu")["ok"] and not _row({"backends": rows}, "openvino -p bf16", "cpu")["ok"]
+
+
+def test_rows_come_from_the_registry_and_every_requirement_is_probed():
+    """One row per registered backend and device (and per precision that needs more), each
+    decided by the requirements its registry entry declares; a requirement the doctor cannot
+    probe, or a backend needing an unknown one, fails here."""
+    from rpiae.export.backends import REGISTRY, REQUIREMENTS
+
+    report = json.loads(CliRunner().invoke(cli, ["doctor", "--json"]).output)
+    assert set(D.requirement_problems(report)) == set(REQUIREMENTS)
+    for info in REGISTRY.values():
+        needs = {n for names in (*info.requires.values(), *info.precision_requires.values()) for n in names}
+        assert needs <= set(REQUIREMENTS), (info.name, needs - set(REQUIREMENTS))
+    rows = {(r["backend"], r["device"]) for r in D.can_run(report)}
+    expected = {(i.name, d) for i in REGISTRY.values() for d in i.devices}
+    expected |= {(f"{i.name} -p {p}", d) for i in REGISTRY.values() for d in i.devices for p in i.precision_requires}
+    assert expected <= rows and len([r for r in rows if r[1] != "-"]) == len(expected)
+    # a requirement that fails makes exactly the rows that declare it fail, with its reason
+    report["tools"]["compiler"]["path"] = None
+    failed = {(r["backend"], r["device"]): r["why"] for r in D.can_run(report) if not r["ok"]}
+    assert failed[("aoti", "cpu")] == "no C++ compiler (g++/clang++) on PATH" and failed[("C++ runner", "-")]

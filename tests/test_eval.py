@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from rpiae.data.evaluate import EvalError, EvalOptions, MetricNets, evaluate, find_metric_weights, load_metric_nets
+from rpiae.jobs.evaluate import EvalError, EvalOptions, MetricNets, evaluate, find_metric_weights, load_metric_nets
 from rpiae.data.sources import open_source
 from rpiae.metrics import FeatureMoments, fid, frechet_distance
 

@@ -1,11 +1,12 @@
 """The layers of the code base point one way, and no module imports itself back.
 
-    cli ─▶ bench ─▶ engines ─▶ export ─▶ core (rpiae/)
-      └──▶ verify ─┘
+    cli ─▶ bench  ─▶ engines ─▶ export ─▶ core (rpiae/)
+      ├──▶ verify ─┤
+      └──▶ jobs ───┘
 
 Every import statement counts, at module level or inside a function (a lazy import is still a
 dependency), read from the source with `ast`: a layer may import its own modules and the layers
-below it, never one above, and `bench` and `verify` not each other. docs/ARCHITECTURE.md
+below it, never one above, and `bench`, `verify` and `jobs` not each other. docs/ARCHITECTURE.md
 explains what lives in each layer.
 """
 
@@ -19,8 +20,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # folder -> import package (pyproject's package-dir), lowest layer first
 FOLDERS = {"rpiae": "rpiae", "export": "rpiae.export", "engines": "rpiae.engines", "verify": "rpiae.verify",
-           "bench": "rpiae.bench", "cli": "rpiae.cli"}
-RANK = {"rpiae": 0, "rpiae.export": 1, "rpiae.engines": 2, "rpiae.verify": 3, "rpiae.bench": 3, "rpiae.cli": 4}
+           "jobs": "rpiae.jobs", "bench": "rpiae.bench", "cli": "rpiae.cli"}
+RANK = {"rpiae": 0, "rpiae.export": 1, "rpiae.engines": 2, "rpiae.verify": 3, "rpiae.jobs": 3, "rpiae.bench": 3,
+        "rpiae.cli": 4}
 
 
 def module_files(root: Path = ROOT) -> dict[str, Path]:
@@ -118,8 +120,8 @@ def test_no_import_cycles_between_modules():
 
 def test_every_module_is_in_a_layer():
     files = module_files()
-    assert {"rpiae.model", "rpiae.export.bundle", "rpiae.engines.base", "rpiae.verify.parity", "rpiae.bench.runner",
-            "rpiae.cli.main"} <= set(files)
+    assert {"rpiae.model", "rpiae.export.bundle", "rpiae.engines.base", "rpiae.verify.parity", "rpiae.jobs.extract",
+            "rpiae.bench.runner", "rpiae.cli.main"} <= set(files)
     assert all(layer(m) in RANK for m in files)
 
 
@@ -129,6 +131,10 @@ def test_every_module_is_in_a_layer():
     ("bench/late.py", "import rpiae.verify.parity", True),  # siblings stay apart
     ("verify/late.py", "from rpiae.engines import open_backend", False),
     ("cli/late.py", "from rpiae.bench import runner", False),
+    ("rpiae/data/late.py", "from rpiae.jobs import extract", True),  # the core does not run jobs
+    ("jobs/late.py", "from rpiae.verify import parity", True),
+    ("jobs/late.py", "from rpiae.engines.base import Backend", False),  # jobs call the runtimes directly
+    ("bench/late.py", "from rpiae.jobs.late import x", True),
 ])
 def test_the_check_catches_an_upward_import(tmp_path, source, target, bad):
     for folder in FOLDERS:
@@ -138,6 +144,8 @@ def test_the_check_catches_an_upward_import(tmp_path, source, target, bad):
     (tmp_path / "export" / "bundle.py").write_text("")
     (tmp_path / "verify" / "parity.py").write_text("")
     (tmp_path / "bench" / "runner.py").write_text("")
+    (tmp_path / "rpiae" / "data").mkdir()
+    (tmp_path / "jobs" / "extract.py").write_text("")
     (tmp_path / source).write_text(target + "\n")
     assert bool(upward(graph(tmp_path))) == bad
 

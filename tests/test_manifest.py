@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import onnx
 import pytest
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from rpiae.cli.main import main as cli
 from rpiae.config import RPiAEConfig, get_preset
 from rpiae.export import Bundle, BundleError
-from rpiae.export.manifest import MANIFEST, Manifest, ManifestError
+from rpiae.export.manifest import MANIFEST, EngineFacts, Manifest, ManifestError, OnnxFacts, PackageFacts
 from rpiae.export.onnx_export import read_metadata, set_metadata
 from rpiae.export.spec import GRAPHS, graph_spec
 from rpiae.fileio import sha256_file
@@ -81,6 +82,10 @@ def test_a_bundle_whose_config_copies_disagree_is_refused_naming_the_copy(copy):
     (lambda m: m.update(parity=[{"precision": "fp32"}]), "parity[0].ok: expected bool, got nothing"),
     (lambda m: m.update(format_version=99), "format_version: 99 is newer than this rpiae"),
     (lambda m: m.update(format="something-else"), "format: 'something-else': not an rpiae bundle manifest"),
+    # each kind's facts are typed
+    (lambda m: m["files"]["encode.fp32.onnx"].update(opset="18"), "files['encode.fp32.onnx'].opset: expected int | None, got str"),
+    (lambda m: m["files"]["encode.fp32.onnx"].update(external_data="x.data"), ".external_data: expected list, got str"),
+    (lambda m: m["files"]["model.safetensors"].update(dtype=32), "files['model.safetensors'].dtype: expected str, got int"),
 ])
 def test_a_malformed_manifest_is_refused_in_one_line(copy, edit, words):
     m = json.loads((copy / MANIFEST).read_text())
@@ -126,8 +131,48 @@ def test_graph_specs_follow_the_config_and_the_graphs(bundle_all):
 
 
 def test_reusing_a_bundle_needs_the_checkpoint_it_came_from(bundle_all, tiny_ckpt):
-    r = CliRunner().invoke(cli, ["export", "--target", "trt", "--checkpoint", tiny_ckpt, "--out", str(bundle_all.root)])
+    # (aoti: a target this machine can build, so that its early check passes and the reuse check speaks)
+    r = CliRunner().invoke(cli, ["export", "--target", "aoti", "--device", "cpu", "--checkpoint", tiny_ckpt,
+                                 "--out", str(bundle_all.root)])
     assert r.exit_code == 1, r.output
     error = [line for line in r.output.splitlines() if line.startswith("Error: ")]
     assert len(error) == 1 and f"was exported from {bundle_all.manifest.source['path']}" in error[0]
     assert f"not from {tiny_ckpt}" in error[0] and "--overwrite" in error[0]
+
+
+FORMAT1 = Path(__file__).parent / "data" / "manifest-format1.json"
+
+
+def test_a_manifest_of_earlier_writers_reads_and_writes_back_every_fact():
+    """tests/data/manifest-format1.json: a real tiny export (fp32 + int8) as this format's first
+    writer recorded it, with TensorRT and AOTInductor entries and its `engines` section (a copy of
+    the engine files' facts, no longer written)."""
+    old = json.loads(FORMAT1.read_text())
+    m = Manifest.from_dict(old)
+    plan, pt2 = m.files["engines/encode.int8.plan"], m.files["engines/aoti/encode.fp32.cpu-x86-64-v3.pt2"]
+    assert isinstance(plan.facts, EngineFacts) and plan.facts.profile == {"min": 1, "opt": 8, "max": 32}
+    assert plan.facts.tensorrt == "10.13.0.35" and plan.facts.layer_precisions["fp32_share"] == 0.05
+    assert isinstance(pt2.facts, PackageFacts) and pt2.facts.cpu_level == "x86-64-v3" and pt2.facts.compile_s == 30.25
+    onnx_int8 = m.files["encode.int8.onnx"].facts
+    assert isinstance(onnx_int8, OnnxFacts) and onnx_int8.calibration["images"] == 4 and onnx_int8.opset == 18
+    assert set(m.engines) == {n for n, e in old["files"].items() if e["kind"] in ("trt-engine", "aoti-package")}
+    new = m.to_dict()
+    assert "engines" not in new and new["files"] == old["files"]  # every fact kept, in `files` only
+    assert {k: v for k, v in new.items() if k != "created"} == {k: v for k, v in old.items() if k not in ("engines", "created")}
+
+
+def test_facts_of_a_later_writer_are_kept(copy):
+    """A key a later rpiae adds to a kind's facts reads back and writes back unchanged."""
+    _rewrite_manifest(copy, lambda m: m["files"]["encode.fp32.onnx"].update(producer_note={"by": "rpiae 9"}))
+    b = Bundle.open(copy)
+    assert b.files["encode.fp32.onnx"].facts.extra == {"producer_note": {"by": "rpiae 9"}}
+    b.write_manifest()
+    assert json.loads((copy / MANIFEST).read_text())["files"]["encode.fp32.onnx"]["producer_note"] == {"by": "rpiae 9"}
+
+
+def test_a_bundle_with_the_engines_section_still_opens(copy):
+    _rewrite_manifest(copy, lambda m: m.update(engines={"trt:encode.fp16": {"file": "engines/encode.fp16.plan"}}))
+    b = Bundle.open(copy)
+    assert b.manifest.engines == {} and b.precisions() == ["fp32"]
+    b.write_manifest()
+    assert "engines" not in json.loads((copy / MANIFEST).read_text())

@@ -161,3 +161,17 @@ def torch_dtype(name: str):
     import torch
 
     return getattr(torch, name)
+
+
+def test_every_export_target_is_checked_by_a_backend_that_runs_what_it_builds():
+    from rpiae.export.targets import FILE_KIND_TARGET, ONNX_TARGET, TARGETS, target_info
+
+    assert ONNX_TARGET in TARGETS and not TARGETS[ONNX_TARGET].builder
+    for t in TARGETS.values():
+        runner = REGISTRY[t.checked_by]
+        assert runner.runs == t.kind and not runner.from_weights, t
+        assert bool(t.builder) == (t.name != ONNX_TARGET) and FILE_KIND_TARGET[t.kind] == t.name
+    with pytest.raises(ValueError, match="unknown export target 'fp8'; choose one of: onnx, trt, aoti"):
+        target_info("fp8")
+    with pytest.raises(TypeError, match="--target aoti takes no workspace_gb"):
+        TARGETS["aoti"].build(None, ["fp32"], None, "cpu", workspace_gb=1.0)

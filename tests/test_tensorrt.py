@@ -562,7 +562,7 @@ def test_engines_are_recorded_and_typed(engine_bundle):
                 assert lp["fp32_share"] <= T.MAX_FP32_SHARE, lp
             if precision == "int8":
                 assert lp["by_precision"].get("int8", 0) > 0, lp
-            assert f"trt:{graph}.{precision}" in engine_bundle.manifest.engines
+            assert engine_name(graph, precision) in engine_bundle.manifest.engines
     assert (engine_bundle.root.parent / "timing.cache").stat().st_size > 0
 
 
@@ -612,7 +612,10 @@ def test_cli_trt_end_to_end(tmp_path, engine_bundle, photos):
     runner = CliRunner()
     r = runner.invoke(cli, ["export", "--target", "trt", "--precision", "fp16", "--batch", "1:2:4", "--out", str(bundle)])
     assert r.exit_code == 0, r.output
-    assert Bundle.open(bundle).files[engine_name("encode", "fp16")]["profile"]["max"] == 4
+    b = Bundle.open(bundle)
+    assert b.files[engine_name("encode", "fp16")]["profile"]["max"] == 4
+    trt_rows = [row for row in b.manifest.parity if row.get("backend") == "trt"]  # the target's recorded parity
+    assert trt_rows and all(row["ok"] and row["precision"] == "fp16" for row in trt_rows), trt_rows
     imgs = [str(save_image(p, tmp_path / f"{i}.png")) for i, p in enumerate(photos[:3])]
     r = runner.invoke(cli, ["encode", "-m", str(bundle), "-b", "trt", "-p", "fp16", "-d", "cuda", *imgs, "-o", str(tmp_path / "z.npy")])
     assert r.exit_code == 0, r.output
@@ -959,7 +962,7 @@ def test_build_bundle_engines_with_stand_in_tensorrt(tmp_path, fake_trt, fake_gp
     assert rec["config"].builder_optimization_level == 5 and rec["config"].profiling_verbosity == "ProfilingVerbosity.DETAILED"
     assert [Path(p).name for p in rec["parsed"]] == ["encode.fp16.onnx", "decode.fp16.onnx"] and rec["phases"]
     assert cache.read_bytes() == b"timing cache after timing cache after old"  # read, updated, written per engine
-    assert sorted(built) == ["trt:decode.fp16", "trt:encode.fp16"]
+    assert sorted(built) == [engine_name("decode", "fp16"), engine_name("encode", "fp16")]
     b = Bundle.open(bundle.root)
     b.verify_all()
     for graph in ("encode", "decode"):
@@ -972,7 +975,9 @@ def test_build_bundle_engines_with_stand_in_tensorrt(tmp_path, fake_trt, fake_gp
         assert e["onnx_sha256"] == b.files[f"{graph}.fp16.onnx"]["sha256"] and e["strongly_typed"] is True
         assert e["layer_precisions"]["by_precision"] == {"fp16": 17, "fp32": 4}
         assert e["version_compatible"] is False and e["tf32"] is False and e["built_with"] == "polygraphy"
-        assert b.manifest.engines[f"trt:{graph}.fp16"]["layer_precisions"]["fp32_share"] == e["layer_precisions"]["fp32_share"]
+        assert e.facts.layer_precisions == e["layer_precisions"] and e.facts.profile == e["profile"]
+        assert built[name].to_dict() == e.to_dict() and set(b.manifest.engines) == set(built)
+    assert "engines" not in json.loads((b.root / "manifest.json").read_text())  # the facts live in `files` only
     assert b.precisions("trt-engine") == ["fp16"]
 
 
@@ -1000,7 +1005,7 @@ def test_version_compatible_engines(tmp_path, fake_trt, fake_gpu):
     assert "BuilderFlag.VERSION_COMPATIBLE" in fake.record["config"].flags
     b = Bundle.open(bundle.root)
     entry = b.files[engine_name("encode", "fp16")]
-    assert entry["version_compatible"] is True and built["trt:encode.fp16"]["version_compatible"] is True
+    assert entry["version_compatible"] is True and built[engine_name("encode", "fp16")].facts.version_compatible is True
     assert T.rebuild_command(b.root, entry).endswith("--version-compatible --out " + str(b.root))
     # a TensorRT runtime may only run the lean runtime inside such a plan when told to
     fake.record["host_code"].clear()  # (polygraphy allows it when it deserializes after the build)
@@ -1078,3 +1083,29 @@ def test_engine_runner_with_stand_in_tensorrt(tmp_path, fake_trt, fake_gpu, prof
         assert fake.record["waits"] == [(first + 1, first)]
         assert fake.record["host_code"] == []  # not a version-compatible engine: no host code allowed
     assert fake.record["synchronized"] == 2  # closing waits for each engine's last enqueue
+
+
+def test_the_trt_target_records_its_parity_on_the_trt_backend(tmp_path, fake_trt, fake_gpu, tiny_model, tiny_ckpt,
+                                                               monkeypatch):
+    """`rpiae export --target trt`: build (stand-in TensorRT) -> check (on the trt backend, on the
+    GPU, the built precisions, a batch inside the profile) -> record (manifest.parity)."""
+    from rpiae.checkpoints import checkpoint_sha256
+    import rpiae.verify.export as E
+
+    fake_trt()
+    bundle = fake_bundle(tmp_path / "b", model=tiny_model, engines=(),
+                         source={"path": tiny_ckpt, "sha256": checkpoint_sha256(tiny_ckpt)})
+    calls = []
+
+    def measured(bundle, backend, images, batches, precisions, device):
+        calls.append((backend, batches, precisions, device, sorted(bundle.manifest.engines)))
+        return {"results": [{"backend": backend, "device": device, "precision": p, "ok": True, "checks": {},
+                             "metrics": {"batch": batches[0]}} for p in precisions]}
+
+    monkeypatch.setattr(E, "verify_bundle", measured)
+    b = E.export_target(tiny_ckpt, bundle.root, "trt", precisions=["fp16"], profile=BatchProfile(1, 2, 3), device="auto",
+                 progress=False)
+    assert calls == [("trt", [3], ["fp16"], "cuda", [engine_name("decode", "fp16"), engine_name("encode", "fp16")])]
+    assert [r["backend"] for r in Bundle.open(b.root).manifest.parity] == ["trt"]  # written to the manifest
+    with pytest.raises(ValueError, match="TensorRT engines are built and checked on a GPU: --device cuda"):
+        E.export_target(tiny_ckpt, bundle.root, "trt", precisions=["fp16"], device="cpu")

@@ -25,7 +25,8 @@ from rpiae.engines.base import Backend, PrecisionUnsupported
 from rpiae.engines.torch_backend import TorchBackend
 from rpiae.export.bundle import Bundle, BundleError
 from rpiae.export.backends import backend_info, runnable
-from rpiae.export.manifest import FILE_KIND_TARGET, KIND_ONNX
+from rpiae.export.manifest import KIND_ONNX
+from rpiae.export.targets import FILE_KIND_TARGET
 from rpiae.metrics import psnr
 from rpiae.model import RPiAE
 from rpiae.precisions import TOLERANCES  # declared with each precision

@@ -7,11 +7,13 @@
 // backends exist depends on what CMake found (see README.md): `.plan` needs TensorRT and
 // CUDA (RPIAE_WITH_TENSORRT), `.pt2` needs libtorch (RPIAE_WITH_AOTI).
 //
-// INPUT is a binary PPM (P6, 8-bit) of exactly 256x256 pixels: resizing and cropping are the
-// caller's job (rpiae.imageio's policy; `rpiae samples` writes PNGs, any tool converts).
-// OUTPUT (default: reconstruction.ppm) is the decoded image clamped to [0, 1] and rounded to
-// 8 bits. --latent writes the (1, C, 16, 16) latent and --raw the unclamped decoded
-// (1, 3, 256, 256) image, both as little-endian float32 in NCHW order, for comparisons.
+// INPUT is a binary PPM (P6, 8-bit) of exactly the encoder's image size (the model config's
+// image_size, 256 for RPiAE: the package's rpiae_input_shape, the engine's input shape):
+// resizing and cropping are the caller's job (rpiae.imageio's policy; `rpiae samples` writes
+// PNGs, any tool converts). OUTPUT (default: reconstruction.ppm) is the decoded image clamped
+// to [0, 1] and rounded to 8 bits. --latent writes the (1, C, H, W) latent and --raw the
+// unclamped decoded (1, 3, S, S) image, both as little-endian float32 in NCHW order, for
+// comparisons.
 //
 // Exit codes: 0 success, 1 runtime failure (unreadable file, package refused), 2 usage.
 
@@ -41,8 +43,6 @@
 #endif
 
 namespace {
-
-constexpr int kImage = 256;
 
 struct Array {  // float32 NCHW
   std::vector<int64_t> shape;
@@ -77,7 +77,8 @@ void skip_space_and_comments(std::istream& in) {
   }
 }
 
-Array read_ppm(const std::string& path) {
+// an 8-bit binary PPM of exactly `want_h` x `want_w` pixels -> (1, 3, H, W) in [0, 1]
+Array read_ppm(const std::string& path, int64_t want_h, int64_t want_w) {
   std::ifstream in(path, std::ios::binary);
   if (!in) fail(path + ": cannot open");
   std::string magic;
@@ -92,9 +93,10 @@ Array read_ppm(const std::string& path) {
   in >> maxval;
   if (!in || maxval != 255) fail(path + ": only 8-bit PPM (maxval 255) is supported");
   in.get();  // the single whitespace byte before the pixels
-  if (w != kImage || h != kImage)
-    fail(path + ": image is " + std::to_string(w) + "x" + std::to_string(h) + ", the graphs take 256x256 " +
-         "(resize the short side to 256 and centre-crop first)");
+  if (w != want_w || h != want_h)
+    fail(path + ": image is " + std::to_string(w) + "x" + std::to_string(h) + ", the graphs take " +
+         std::to_string(want_w) + "x" + std::to_string(want_h) + " (resize the short side to " +
+         std::to_string(std::min(want_w, want_h)) + " and centre-crop first)");
   std::vector<unsigned char> px(static_cast<size_t>(w * h * 3));
   in.read(reinterpret_cast<char*>(px.data()), static_cast<std::streamsize>(px.size()));
   if (in.gcount() != static_cast<std::streamsize>(px.size())) fail(path + ": truncated pixel data");
@@ -140,6 +142,8 @@ class Graph {
   virtual ~Graph() = default;
   virtual Array run(const Array& x) = 0;
   virtual std::string describe() const = 0;
+  // one sample's input shape, from the graph itself: (3, S, S) for the encoder
+  virtual std::vector<int64_t> input_shape() const = 0;
 };
 
 #ifdef RPIAE_WITH_AOTI
@@ -185,6 +189,9 @@ class AOTIGraph : public Graph {
       at::globalContext().setAllowTF32CuDNN(false);
       at::globalContext().setAllowTF32CuBLAS(false);
     }
+    std::istringstream dims(get("rpiae_input_shape"));
+    for (std::string d; std::getline(dims, d, ',');) input_shape_.push_back(std::stoll(d));
+    if (input_shape_.empty()) fail(path + ": carries no rpiae_input_shape (re-export it with `rpiae export --target aoti`)");
     batch_min_ = std::stoll(get("rpiae_batch_min").empty() ? "1" : get("rpiae_batch_min"));
     batch_max_ = std::stoll(get("rpiae_batch_max").empty() ? "1" : get("rpiae_batch_max"));
     level_ = dev == "cpu" ? get("rpiae_cpu_level") : "sm " + get("rpiae_capability");
@@ -212,9 +219,12 @@ class AOTIGraph : public Graph {
     return "AOTInductor " + level_ + ", batch " + std::to_string(batch_min_) + ".." + std::to_string(batch_max_);
   }
 
+  std::vector<int64_t> input_shape() const override { return input_shape_; }
+
  private:
   std::string path_, level_;
   int64_t batch_min_ = 1, batch_max_ = 1;
+  std::vector<int64_t> input_shape_;
   torch::Device device_{torch::kCPU};
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader_;
 };
@@ -332,6 +342,11 @@ class TRTGraph : public Graph {
 
   std::string describe() const override { return "TensorRT " + std::to_string(NV_TENSORRT_MAJOR) + " engine"; }
 
+  std::vector<int64_t> input_shape() const override {  // the engine's input dims without the batch axis
+    const nvinfer1::Dims d = engine_->getTensorShape(input_.c_str());
+    return std::vector<int64_t>(d.d + 1, d.d + d.nbDims);
+  }
+
  private:
   std::string path_, input_, output_;
   std::unique_ptr<nvinfer1::IRuntime> runtime_;
@@ -378,7 +393,7 @@ int usage(const char* argv0) {
             << " ENCODER DECODER INPUT.ppm [OUTPUT.ppm] [--latent FILE] [--raw FILE] [--device cpu|cuda[:N]]"
                " [--version-compatible]\n"
                "  ENCODER/DECODER: TensorRT .plan files or AOTInductor .pt2 packages (both the same kind)\n"
-               "  INPUT: 256x256 binary PPM (P6); OUTPUT defaults to reconstruction.ppm\n"
+               "  INPUT: binary PPM (P6) of the encoder's image size (256x256 for RPiAE); OUTPUT defaults to reconstruction.ppm\n"
                "  --latent / --raw: also write the latent / unclamped image as float32 NCHW\n"
                "  --version-compatible: the .plan files were exported with --version-compatible (lets TensorRT\n"
                "    run the lean runtime they carry: only for plans you trust, e.g. from your own export)\n"
@@ -425,16 +440,18 @@ int main(int argc, char** argv) {
   // library reads this once, on its first run
   setenv("AOTI_RUNTIME_CHECK_INPUTS", "1", 1);
   try {
-    Array image = read_ppm(pos[2]);
     auto encoder = open_graph(pos[0], "encode", device, version_compatible);
     auto decoder = open_graph(pos[1], "decode", device, version_compatible);
+    const std::vector<int64_t> in = encoder->input_shape();
+    if (in.size() != 3 || in[0] != 3) fail(pos[0] + ": expected a (3, H, W) image input, got " + shape_str(in));
+    Array image = read_ppm(pos[2], in[1], in[2]);
     Array latent = encoder->run(image);
     // the latent's channels and grid are the model's (its config's latent_shape): whatever
     // the encoder graph gives, which the decoder graph checks as its input
     if (latent.shape.size() != 4 || latent.shape[0] != 1)
       fail("encoder output: expected a (1, C, H, W) latent, got " + shape_str(latent.shape));
     Array decoded = decoder->run(latent);
-    check_shape(decoded, {1, 3, kImage, kImage}, "decoder output");
+    check_shape(decoded, {1, 3, in[1], in[2]}, "decoder output");
     write_ppm(out_path, decoded);
     if (!latent_path.empty()) write_raw(latent_path, latent);
     if (!raw_path.empty()) write_raw(raw_path, decoded);

@@ -75,6 +75,15 @@ class ICudaEngine {
   int32_t getNbIOTensors() const noexcept { return 2; }
   const char* getIOTensorName(int32_t index) const noexcept { return index == 0 ? "input" : "output"; }
   DataType getTensorDataType(const char*) const noexcept { return DataType::kFLOAT; }
+  // the engine's I/O shape, -1 for the dynamic batch (an encoder's input: images, a decoder's: latents)
+  Dims64 getTensorShape(const char* name) const noexcept {
+    Dims64 out{};
+    out.nbDims = 4;
+    const bool images = encode_ == (std::strcmp(name, "input") == 0);
+    const int64_t item[4] = {-1, images ? 3 : 64, images ? 256 : 16, images ? 256 : 16};
+    for (int i = 0; i < 4; ++i) out.d[i] = item[i];
+    return out;
+  }
   TensorIOMode getTensorIOMode(const char* name) const noexcept {
     return std::strcmp(name, "input") == 0 ? TensorIOMode::kINPUT : TensorIOMode::kOUTPUT;
   }

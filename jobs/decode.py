@@ -4,40 +4,24 @@ Latents are read batch by batch (`LatentFile`), decoded, and written as they com
 is written atomically, so PNGs already present are complete and a re-run skips them. The
 `.npz` of the ADM evaluation suite (uint8 `arr_0`, shape (N, 256, 256, 3)) is packed from the
 PNGs afterwards, one image at a time, into a temporary file renamed when complete: it holds
-exactly the PNGs' pixels and memory does not grow with N. `rpiae.data.ray_engine` runs the
+exactly the PNGs' pixels and memory does not grow with N. `rpiae.jobs.ray_engine` runs the
 same batches on a Ray cluster.
 """
 
 from __future__ import annotations
 
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from rpiae.data import STREAM_BATCH
 from rpiae.data.heap import release_free_memory
 from rpiae.data.latents import LatentFile
-from rpiae.fileio import atomic_file, remove_stale_temps
-from rpiae.imageio import save_image
-
-
-def png_names(ids: np.ndarray, width: int) -> list[str]:
-    return [f"{int(i):0{width}d}.png" for i in ids]
-
-
-def pending(out_dir: Path, names: list[str], overwrite: bool) -> bool:
-    """Whether a batch still needs decoding: some PNG is missing (or `overwrite`)."""
-    return overwrite or not all((out_dir / n).is_file() for n in names)
-
-
-def write_pngs(out_dir: Path, names: list[str], images: np.ndarray) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, img in zip(names, images):
-        save_image(img, out_dir / name)
+from rpiae.fileio import remove_stale_temps
+from rpiae.jobs.ray_engine import RayEngine
+from rpiae.jobs.pngs import pack_npz, pending, png_names, write_pngs
 
 
 def sample_ids(latents: LatentFile) -> np.ndarray:
@@ -62,9 +46,8 @@ def decode_latents(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Decode every latent of `latents` with `backend` (anything with `decode` and `config`, or
-    an engine that writes the PNGs itself with `config` and `decode_pngs(latents, out_dir,
-    width, batch_size, overwrite, bar) -> number decoded`, as `rpiae.data.ray_engine.RayEngine`)."""
+    """Decode every latent of `latents` with `backend`: an `rpiae.engines` Backend (here) or a
+    `RayEngine` (its actors decode, its tasks write the PNGs)."""
     out_dir = Path(out_dir)
     latents.check(tuple(backend.config.latent_shape))
     remove_stale_temps(out_dir)  # PNGs (and .npz parts) a killed run left half-written
@@ -73,7 +56,7 @@ def decode_latents(
     width = max(6, len(str(max(len(latents), _last_index(latents)))))
     t0 = time.time()
     with tqdm(total=len(latents), unit="img", desc="decode", disable=not progress, dynamic_ncols=True) as bar:
-        if hasattr(backend, "decode_pngs"):
+        if isinstance(backend, RayEngine):
             decoded = backend.decode_pngs(latents, out_dir, width, batch_size, overwrite, bar)
             bar.update(len(latents) - decoded)
         else:
@@ -104,27 +87,3 @@ def _last_index(latents: LatentFile) -> int:
 
         return int(json.loads((latents.path / "manifest.json").read_text())["samples"]) - 1
     return len(latents) - 1
-
-
-def pack_npz(pngs: list[Path], out: str | Path, progress: bool = True) -> Path:
-    """PNG files (all the same size, RGB) -> `.npz` with uint8 `arr_0` (N, H, W, 3), streamed."""
-    out = Path(out)
-    if out.suffix != ".npz":
-        raise ValueError(f"{out}: the ADM sample file must end in .npz")
-    if not pngs:
-        raise ValueError("no images to pack")
-    with Image.open(pngs[0]) as first:
-        h, w = first.height, first.width
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-              "shape": (len(pngs), h, w, 3)}
-    with atomic_file(out) as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array_header_1_0(f, header)
-                for p in tqdm(pngs, unit="img", desc="pack npz", disable=not progress, dynamic_ncols=True):
-                    with Image.open(p) as img:
-                        a = np.asarray(img.convert("RGB"), dtype=np.uint8)
-                    if a.shape != (h, w, 3):
-                        raise ValueError(f"{p}: {a.shape[1]}x{a.shape[0]}, the others are {w}x{h}")
-                    f.write(a.tobytes())
-    return out

@@ -35,9 +35,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from rpiae.data import EVAL_BATCH, image_size
-from rpiae.data.eval_report import METRICS, REFERENCE, format_table, write_grid
+from rpiae.jobs.eval_report import METRICS, REFERENCE, format_table, write_grid
 from rpiae.data.metric_nets import OPTIONAL_METRICS, EvalError, MetricNets, find_metric_weights, load_metric_nets
 from rpiae.data.sources import Source, image_loader
+from rpiae.engines import PrecisionUnsupported, load_backend
+from rpiae.export.backends import backend_info
 from rpiae.fileio import atomic_file
 from rpiae.imageio import CROPS, DEFAULT_CROP, to_8bit
 from rpiae.metrics import FeatureMoments, fid, psnr, ssim
@@ -195,6 +197,27 @@ def _measure(source: Source, opts: EvalOptions, rows: list[_Row], backends: list
     return skipped_images
 
 
+def open_variants(stack: contextlib.ExitStack, model, requested: Sequence[tuple[str, str]], device: str,
+                  metric_device: str, max_batch: int | None = None) -> tuple[list, list[dict]]:
+    """(variants, skipped): the reference and every requested (backend, precision) opened on
+    `stack` before any image is read (a missing graph fails at once), each on `device`, or on
+    `metric_device` for a backend that does not run there (torch beside ONNX Runtime's `trt`);
+    a pair the backend never runs is skipped with why. ValueError when none of `requested` runs."""
+    variants, skipped = [], []
+    for b, p in [REFERENCE] + [v for v in requested if v != REFERENCE]:
+        dev = device if str(device).split(":")[0] in backend_info(b).devices else metric_device
+        try:
+            variants.append(((b, p), stack.enter_context(load_backend(model, b, p, dev, max_batch=max_batch))))
+        except PrecisionUnsupported as e:
+            if (b, p) == REFERENCE:
+                raise
+            skipped.append({"backend": b, "precision": p, "reason": str(e)})
+    if not [v for v in variants if v[0] != REFERENCE] and list(requested) != [REFERENCE]:
+        raise ValueError("no backend x precision asked for can run: " + "; ".join(
+            f"{s['backend']}/{s['precision']}: {s['reason']}" for s in skipped))
+    return variants, skipped
+
+
 def evaluate(
     source: Source,
     variants: Sequence[tuple[tuple[str, str], object]],
@@ -250,7 +273,7 @@ def evaluate(
             "seconds": round(time.time() - t_start, 2),
         }
         if png_dir is not None:
-            from rpiae.data.decode import pack_npz
+            from rpiae.jobs.pngs import pack_npz
 
             pack_npz(originals.pngs, save_reference, progress=progress)
             report["reference_npz"] = str(save_reference)

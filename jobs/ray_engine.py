@@ -32,11 +32,11 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 
-from rpiae.data.extract import EncodedBatch, ExtractError, ShardPlan, ShardWriter, encode_batch
+from rpiae.export.backends import REFERENCE
+from rpiae.jobs.shards import EncodedBatch, ExtractError, ShardPlan, ShardWriter, encode_batch
 
 RAY_MISSING = "the Ray engine needs Ray Data: pip install -e '.[ray]' (or pip install 'ray[data]')"
 ACTOR_CPUS = 0.5  # logical CPUs per actor: the rest of a node reads and writes
@@ -76,13 +76,12 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _open_backend(spec: dict, threads: int | None):
-    """`spec["opener"](**rest of spec)` on a worker (the opener is `rpiae.engines.load_backend`,
-    handed in by the command: this layer runs backends without importing the runtimes)."""
-    spec = dict(spec)
-    opener = spec.pop("opener")
+    """`rpiae.engines.load_backend(**spec)` on a worker."""
+    from rpiae.engines import load_backend
+
     if spec["device"] == "cpu":
         _set_threads(threads)
-    return opener(**spec)
+    return load_backend(**spec)
 
 
 def _probe(spec: dict, threads: int | None) -> tuple[dict, object]:
@@ -155,7 +154,7 @@ def _encoded(row: dict) -> EncodedBatch:
 def _read_latents(batch: dict, path: str, key: str | None, size: int, out_dir: str, width: int, overwrite: bool):
     """Ray task (a generator): the batches of a latent file that still need decoding, one per
     output row, as `decode_latents` forms them."""
-    from rpiae.data.decode import pending, png_names
+    from rpiae.jobs.pngs import pending, png_names
     from rpiae.data.latents import LatentFile
 
     for ids, z in LatentFile(path, key).batches(size):
@@ -180,7 +179,7 @@ class _Decoder:
 
 def _write_pngs(row: dict, out_dir: str, width: int) -> dict:
     """Ray task: write one decoded batch as PNGs (each atomically)."""
-    from rpiae.data.decode import png_names, write_pngs
+    from rpiae.jobs.pngs import png_names, write_pngs
 
     n = int(row["n"])
     write_pngs(Path(out_dir), png_names(row["ids"][:n], width), row["images"][:n])
@@ -195,10 +194,10 @@ class RayEngine:
 
     Connects to `address` (or `RAY_ADDRESS`); with neither, starts a local Ray instance and
     shuts it down on close. `device=None` picks CUDA when the cluster has GPUs, else the CPU.
-    Each actor opens its backend with `opener(model=..., backend=..., ...)` (`load_backend`).
+    Each actor opens its backend with `rpiae.engines.load_backend(model=..., backend=..., ...)`.
     """
 
-    def __init__(self, opener: Callable[..., Any], model: str | None = None, backend: str = "torch",
+    def __init__(self, model: str | None = None, backend: str = REFERENCE,
                  precision: str = "fp32", device: str | None = None, max_batch: int | None = None,
                  latent_stats: str | None = None, address: str | None = None, workers_per_gpu: int = 1) -> None:
         if workers_per_gpu < 1:
@@ -211,7 +210,7 @@ class RayEngine:
         if latent_stats is not None and not Path(latent_stats).is_file():
             raise FileNotFoundError(f"{latent_stats}: no such latent statistics file")
         self.spec = {  # what each actor opens; paths absolute: workers do not share our cwd
-            "opener": opener, "model": str(Path(model).resolve()) if model is not None else None, "backend": backend,
+            "model": str(Path(model).resolve()) if model is not None else None, "backend": backend,
             "precision": precision, "device": device, "max_batch": max_batch,
             "latent_stats": str(Path(latent_stats).resolve()) if latent_stats is not None else None,
         }

@@ -1,0 +1,56 @@
+"""Jobs: the dataset-scale work above the runtimes. Each job opens its engine once
+(`open_engine`: a backend of `rpiae.engines` here, or a `RayEngine` on a cluster) and streams
+through it with bounded memory.
+
+- `encode.encode_files`: image files -> one `.npy` of latents (`rpiae encode`).
+- `extract.extract`: a dataset -> latent shards + exact statistics + manifest, resumable, by
+  rank (`rpiae extract`; the shard format is `shards`'s and `rpiae.data.latents`').
+- `decode.decode_latents`: latents -> PNGs (+ the ADM `.npz`, `pngs`), streaming, resumable.
+- `evaluate.evaluate`: reconstruction quality (PSNR/SSIM/LPIPS/rFID) of several runtimes and
+  precisions on real images (`rpiae eval`).
+- `ray_engine.RayEngine`: extract and decode spread over a Ray cluster.
+
+The sources they read (folders, ImageFolder trees, lists, WebDataset shards) and the latent
+file formats are the core's (`rpiae.data`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rpiae.engines import Backend, load_backend, model_info
+from rpiae.jobs.ray_engine import RayEngine
+
+ENGINES = ("local", "ray")  # where a job runs: this process (and its loader workers), or a Ray cluster
+
+
+def open_engine(model: str | Path | None, backend: str, precision: str = "fp32", device: str | None = "cpu",
+                max_batch: int | None = None, latent_stats: str | Path | None = None, engine: str = "local",
+                address: str | None = None, workers_per_gpu: int | None = None) -> Backend | RayEngine:
+    """The engine a job streams through: `load_backend(...)` here, or a `RayEngine` (its actors
+    open the same backend; `device=None` lets it pick CUDA when the cluster has GPUs)."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    if engine == "local":
+        if address is not None or workers_per_gpu is not None:
+            raise ValueError("--address and --workers-per-gpu go with --engine ray")
+        return load_backend(model, backend=backend, precision=precision, device=device or "cpu", max_batch=max_batch,
+                            latent_stats=latent_stats)
+    return RayEngine(model, backend, precision, device, max_batch=max_batch, latent_stats=latent_stats, address=address,
+                     workers_per_gpu=workers_per_gpu or 1)
+
+
+def job_model(engine: Backend | RayEngine, model: str | Path | None = None,
+              latent_stats: str | Path | None = None) -> dict:
+    """{"path", "sha256", "config"[, "latent_stats"]} of what `engine` runs, for a job's records:
+    from what a local backend was opened from (no second open), else from `model`."""
+    from rpiae.fileio import sha256_file
+
+    opened = engine.opened_from if isinstance(engine, Backend) else None
+    info = model_info(opened if opened is not None else model)
+    if latent_stats is not None:
+        info["latent_stats"] = {"path": str(latent_stats), "sha256": sha256_file(latent_stats)}
+    return info
+
+
+__all__ = ["ENGINES", "RayEngine", "job_model", "open_engine"]
