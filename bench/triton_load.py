@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from rpiae.export.triton import DEFAULT_PYTHON_BACKEND as BACKEND  # what the served python models run
+
 MODELS = {"ensemble": ("rpiae", ("rpiae_encode", "rpiae_decode")), "encode": ("rpiae_encode", ("rpiae_encode",))}
 
 
@@ -121,7 +123,7 @@ def _in_process(bundle, precision: str, threads: int | None, which: str, batch: 
     from rpiae.engines import load_backend
 
     x = np.repeat(image, batch, axis=0)
-    with load_backend(bundle.root, backend="ort", precision=precision, threads=threads) as backend:
+    with load_backend(bundle.root, backend=BACKEND, precision=precision, threads=threads) as backend:
         def once() -> None:
             z = backend.encode(x)
             if which == "ensemble":
@@ -156,7 +158,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         work = Path(tmp)
         bundle = _bundle(a.model, a.precision, work)
         repo = work / "repo"
-        write_model_repository(bundle, repo, precision=a.precision, platform="python", backend="ort",
+        write_model_repository(bundle, repo, precision=a.precision, platform="python", backend=BACKEND,
                                instances=a.instances, max_batch=a.max_batch, max_queue_delay_us=a.max_queue_delay_us,
                                threads=a.threads)
         with TritonServer(repo, extra_args=["--exit-timeout-secs=10"]) as server:
@@ -191,7 +193,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             r["ratio"] = r["images_per_s"] / cache[key]
     return {"format": "rpiae-bench", "kind": "triton-load", "started": started,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": facts,
-            "settings": {"model": bundle.config.name, "precision": a.precision, "backend": "ort", "platform": "python",
+            "settings": {"model": bundle.config.name, "precision": a.precision, "backend": BACKEND, "platform": "python",
                          "duration_s": a.duration, "warmup_s": a.warmup, "instances": a.instances,
                          "max_batch": a.max_batch, "max_queue_delay_us": a.max_queue_delay_us, "threads": a.threads,
                          "protocol": "grpc", "request": "1 image (1x3x256x256 float32) per request, closed loop"},

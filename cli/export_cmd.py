@@ -105,7 +105,8 @@ def _print_results(rows) -> None:
 
 @click.command()
 @click.option("--model", "-m", type=click.Path(path_type=Path), required=True, help="Export bundle directory.")
-@click.option("--backend", "-b", type=click.Choice([b for b in BACKENDS if b != REFERENCE]), default="ort",
+@click.option("--backend", "-b", type=click.Choice([b for b in BACKENDS if b != REFERENCE]),
+              default=TARGETS[ONNX_TARGET].checked_by,
               show_default=True,
               help="Which runtime's graphs to check against PyTorch (the reference, eager fp32): "
               + "; ".join(f"{b.name}: {b.summary}" for b in REGISTRY.values() if b.name != REFERENCE) + ".")
@@ -145,10 +146,11 @@ def verify(model, backend, device, images, batch, precision, json_out, compare, 
     batches = parse_int_list(batch, "--batch")
     with fallback_allowed(allow_fallback):
         if compare == "polygraphy":
-            from rpiae.verify.polygraphy import BACKENDS, compare_bundle
+            from rpiae.verify.polygraphy import compare_bundle, polygraphy_backends
 
-            if backend not in BACKENDS:
-                raise click.UsageError(f"--compare polygraphy runs --backend {' or '.join(BACKENDS)}, not {backend}")
+            if backend not in polygraphy_backends():
+                raise click.UsageError(f"--compare polygraphy runs --backend {' or '.join(polygraphy_backends())}, "
+                                       f"not {backend}")
             report = compare_bundle(model, backend=backend, images=x, batch=batches[0], device=device,
                                     precisions=parse_precisions(precision) if precision else None)
         else:

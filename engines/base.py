@@ -225,6 +225,11 @@ class Backend(abc.ABC):
                 totals[ev.key] = totals.get(ev.key, 0.0) + t
         return totals, "torch.profiler (self time by op)"
 
+    def polygraphy_runner(self, graph: str) -> Any:
+        """A polygraphy runner over this backend's own session or engine of `graph`, for
+        `rpiae verify --compare polygraphy`; only runtimes polygraphy can drive override it."""
+        raise BackendUnavailable(f"{self.name} backend: polygraphy has no runner for it")
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release runtime resources (sessions, engines, CUDA contexts)."""
 

@@ -359,6 +359,11 @@ class ORTBackend(Backend):
             out.record_stream(self.stream)
         return out
 
+    def polygraphy_runner(self, graph: str):
+        from polygraphy.backend.onnxrt import OnnxrtRunner
+
+        return OnnxrtRunner(self.session(graph), name=f"onnxrt-{self.kind}-{self.precision}")
+
     def op_profile(self, graph: str, x, runs: int = 2, cuda: bool = False) -> tuple[dict[str, float], str]:
         """Kernel seconds by op type from ONNX Runtime's profiler (needs `op_profiling=True`)
         over `runs` calls of `graph` on `x` (the first calls of a session: no warm call, the

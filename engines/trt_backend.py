@@ -55,6 +55,11 @@ class TRTBackend(Backend):
     def _run(self, graph: str, x: torch.Tensor) -> torch.Tensor:
         return self._runners[graph](x)
 
+    def polygraphy_runner(self, graph: str):
+        from polygraphy.backend.trt import TrtRunner
+
+        return TrtRunner(self.runner(graph).engine, name=f"tensorrt-{self.precision}")
+
     def describe(self) -> dict:
         r = self._runners[self.graphs[0]]
         facts = self.bundle.files[self.bundle.find(self.graphs[0], self.precision, KIND_TRT_ENGINE)].facts

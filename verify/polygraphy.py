@@ -17,20 +17,28 @@ verify`'s PyTorch parity (whose int8 criterion is reconstruction PSNR), it does 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 from typing import Any
 
 import numpy as np
 
 from rpiae.engines.base import BackendUnavailable
-from rpiae.export.backends import backend_info
+from rpiae.export.backends import REGISTRY, backend_info
 from rpiae.export.bundle import Bundle
 from rpiae.export.spec import GRAPHS
 from rpiae.verify.parity import repeat_to
 
 BOUNDS = {"fp32": ("max", 1e-4), "fp16": ("mean", 1e-3), "bf16": ("mean", 1e-3), "int8": ("mean", 2e-2)}
 REFERENCE = "onnxrt-cpu-fp32"
-BACKENDS = ("ort", "trt")
+
+
+@functools.cache
+def polygraphy_backends() -> tuple[str, ...]:
+    """The backends polygraphy can drive: those whose class gives a runner of its own."""
+    from rpiae.engines import Backend, backend_class
+
+    return tuple(n for n in REGISTRY if backend_class(n).polygraphy_runner is not Backend.polygraphy_runner)
 
 
 def _polygraphy():
@@ -50,21 +58,18 @@ def _quiet(log):
         yield
 
 
-def _candidate(bundle: Bundle, backend: str, precision: str, device: str, OnnxrtRunner):
-    """(opened rpiae backend, graph -> polygraphy runner) for the backend under test."""
-    if backend == "ort":
-        from rpiae.engines.ort_backend import ORTBackend
+def _candidate(bundle: Bundle, backend: str, precision: str, device: str):
+    """(opened rpiae backend, graph -> polygraphy runner) for the backend under test: its own
+    sessions or engines, as `Backend.polygraphy_runner` hands them to polygraphy."""
+    from rpiae.engines import open_backend
 
-        be = ORTBackend(bundle, precision=precision, device=device, io_binding=False)
-        return be, {g: OnnxrtRunner(be.session(g), name=f"onnxrt-{be.kind}-{precision}") for g in GRAPHS}
-    if backend == "trt":
-        from polygraphy.backend.trt import TrtRunner
-
-        from rpiae.engines.trt_backend import TRTBackend
-
-        be = TRTBackend(bundle, precision=precision, device=device)
-        return be, {g: TrtRunner(be.runner(g).engine, name=f"tensorrt-{precision}") for g in GRAPHS}
-    raise BackendUnavailable(f"--compare polygraphy runs the ort and trt backends, not {backend!r}")
+    if backend not in polygraphy_backends():
+        raise BackendUnavailable(f"--compare polygraphy runs the {' and '.join(polygraphy_backends())} backends, "
+                                 f"not {backend!r}")
+    # polygraphy feeds host arrays: the backend's own I/O binding stays off where it has one
+    options = {"io_binding": False} if "io_binding" in backend_info(backend).options else {}
+    be = open_backend(bundle, backend, precision, device, **options)
+    return be, {g: be.polygraphy_runner(g) for g in GRAPHS}
 
 
 def compare_bundle(bundle: Bundle | str, backend: str = "ort", images: np.ndarray | None = None,
@@ -90,7 +95,7 @@ def compare_bundle(bundle: Bundle | str, backend: str = "ort", images: np.ndarra
     results = []
     for precision in precisions:
         stat, bound = BOUNDS[precision]
-        be, runners = _candidate(bundle, backend, precision, device, OnnxrtRunner)
+        be, runners = _candidate(bundle, backend, precision, device)
         checks: dict[str, dict[str, Any]] = {}
         try:
             for graph in GRAPHS:
