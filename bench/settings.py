@@ -6,12 +6,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from rpiae.export.backends import BACKENDS, REFERENCE
+from rpiae.export.backends import BACKENDS, BUNDLE_DEFAULT, REFERENCE
 from rpiae.export.spec import GRAPHS, PRECISIONS
 
 # benchmark rows that run a registered backend another way: name -> (the backend, its options)
 BENCH_VARIANTS = {"torch-compile": (REFERENCE, {"compile": True})}
-DEFAULT_BACKENDS = ("torch", "ort")  # the rows of a plain `rpiae bench`
+DEFAULT_BACKENDS = (REFERENCE, BUNDLE_DEFAULT)  # the rows of a plain `rpiae bench`
 BENCH_BACKENDS = (*BACKENDS[:1], *BENCH_VARIANTS, *BACKENDS[1:])
 
 

@@ -45,6 +45,9 @@ class BackendInfo:
 
 
 REFERENCE = "torch"  # the backend every other one is compared with (eager PyTorch, fp32)
+# what runs a bundle's ONNX graphs unless told: the onnx export target's check, `rpiae verify`,
+# Triton python models, a plain `rpiae bench`'s second row
+BUNDLE_DEFAULT = "ort"
 
 # what a backend can need on a machine (`BackendInfo.requires`): `rpiae doctor` probes each one
 REQUIREMENTS = {
@@ -97,4 +100,4 @@ def runnable(name: str, have: list[str] | tuple[str, ...]) -> list[str]:
     return [p for p in info.precisions if info.file_precision(p) in have]
 
 
-__all__ = ["BACKENDS", "REFERENCE", "REGISTRY", "REQUIREMENTS", "BackendInfo", "backend_info", "runnable"]
+__all__ = ["BACKENDS", "BUNDLE_DEFAULT", "REFERENCE", "REGISTRY", "REQUIREMENTS", "BackendInfo", "backend_info", "runnable"]

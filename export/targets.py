@@ -15,6 +15,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
+from rpiae.export.backends import BUNDLE_DEFAULT
 from rpiae.export.manifest import KIND_AOTI_PACKAGE, KIND_ONNX, KIND_TRT_ENGINE
 
 
@@ -57,7 +58,7 @@ def _call(spec: str, *args: Any, **kwargs: Any) -> Any:
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
-    Target("onnx", KIND_ONNX, "ort", "the ONNX bundle only (FP32 and each asked precision's graph)"),
+    Target("onnx", KIND_ONNX, BUNDLE_DEFAULT, "the ONNX bundle only (FP32 and each asked precision's graph)"),
     Target("trt", KIND_TRT_ENGINE, "trt", "also TensorRT engines of the asked precisions, for this machine's GPU",
            builder="rpiae.export.tensorrt:build_target", prepare="rpiae.export.tensorrt:prepare_target",
            options=("workspace_gb", "timing_cache", "opt_level", "version_compatible")),

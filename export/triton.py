@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from rpiae.export.bundle import Bundle, BundleError
-from rpiae.export.backends import backend_info, runnable
+from rpiae.export.backends import BUNDLE_DEFAULT, backend_info, runnable
 from rpiae.export.manifest import KIND_AOTI_PACKAGE, KIND_ONNX, KIND_TRT_ENGINE, WEIGHTS
 from rpiae.export.targets import FILE_KIND_TARGET
 from rpiae.export.spec import GRAPHS, graph_specs
@@ -42,7 +42,7 @@ from rpiae.precisions import DEFAULT_ORDER
 
 PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx", "python": "python"}
 MODEL_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx", "python": "model.py"}
-DEFAULT_PYTHON_BACKEND = "ort"  # what python models run unless told (any registered backend can)
+DEFAULT_PYTHON_BACKEND = BUNDLE_DEFAULT  # what python models run unless told (any registered backend can)
 # the config parameters a python model needs (rpiae.engines.triton_python reads them)
 PYTHON_PARAMETERS = ("rpiae_graph", "rpiae_backend", "rpiae_precision", "rpiae_bundle")
 BUNDLE_DIR = "bundle"  # inside a python model's directory

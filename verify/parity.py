@@ -22,13 +22,11 @@ from tqdm.auto import tqdm
 
 from rpiae.engines import open_backend
 from rpiae.engines.base import Backend, PrecisionUnsupported
-from rpiae.engines.torch_backend import TorchBackend
 from rpiae.export.bundle import Bundle, BundleError
-from rpiae.export.backends import backend_info, runnable
+from rpiae.export.backends import BUNDLE_DEFAULT, REFERENCE, backend_info, runnable
 from rpiae.export.manifest import KIND_ONNX
 from rpiae.export.targets import FILE_KIND_TARGET
 from rpiae.metrics import psnr
-from rpiae.model import RPiAE
 from rpiae.precisions import TOLERANCES  # declared with each precision
 
 AT_MOST = ("latent_max_abs_rel", "recon_psnr_drop_db")  # the bounds that are upper bounds
@@ -84,7 +82,7 @@ def repeat_to(images: np.ndarray, batch: int) -> np.ndarray:
 
 def verify_bundle(
     bundle: Bundle | str | Path,
-    backend: str = "ort",
+    backend: str = BUNDLE_DEFAULT,
     images: np.ndarray | None = None,
     batches: list[int] | None = None,
     precisions: list[str] | None = None,
@@ -109,7 +107,7 @@ def verify_bundle(
     if not precisions:
         raise BundleError(f"bundle {bundle.root} has no {kind} files to verify; build them with "
                           f"`rpiae export --target {FILE_KIND_TARGET[kind]}`")
-    reference: Backend = TorchBackend(RPiAE.from_checkpoint(bundle.weights_path()), device=device)
+    reference: Backend = open_backend(bundle, REFERENCE, "fp32", device)
     results = []
     jobs = [(p, b) for p in precisions for b in batches]
     unsupported: dict[str, str] = {}

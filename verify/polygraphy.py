@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from rpiae.engines.base import BackendUnavailable
-from rpiae.export.backends import REGISTRY, backend_info
+from rpiae.export.backends import BUNDLE_DEFAULT, REGISTRY, backend_info
 from rpiae.export.bundle import Bundle
 from rpiae.export.spec import GRAPHS
 from rpiae.verify.parity import repeat_to
@@ -72,7 +72,7 @@ def _candidate(bundle: Bundle, backend: str, precision: str, device: str):
     return be, {g: be.polygraphy_runner(g) for g in GRAPHS}
 
 
-def compare_bundle(bundle: Bundle | str, backend: str = "ort", images: np.ndarray | None = None,
+def compare_bundle(bundle: Bundle | str, backend: str = BUNDLE_DEFAULT, images: np.ndarray | None = None,
                    precisions: list[str] | None = None, device: str = "cpu", batch: int = 4) -> dict[str, Any]:
     """polygraphy's comparison of every precision (default: all the backend has) against the
     FP32 ONNX graph. Returns {"bundle", "results" (one row per precision), "ok"}."""
