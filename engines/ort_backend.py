@@ -54,6 +54,7 @@ import torch
 from rpiae.cache import default_cache_dir
 from rpiae.engines.base import Backend, BackendUnavailable, cuda_index
 from rpiae.export.bundle import Bundle
+from rpiae.export.checks import fp32_islands
 from rpiae.export.manifest import KIND_AOTI_PACKAGE, KIND_ONNX, KIND_TRT_ENGINE
 from rpiae.export.profile import BatchProfile
 from rpiae.export.spec import GRAPHS, graph_specs
@@ -417,40 +418,6 @@ def tf32_off_for_tensorrt() -> None:
     """TF32 off for TensorRT in this process (the TensorRT provider has no option for it):
     TensorRT, cuBLAS and cuDNN honour NVIDIA_TF32_OVERRIDE=0. Set before a session is made."""
     os.environ[TF32_OVERRIDE_ENV] = "0"
-
-
-# fp16 graphs keep these operator types in fp32 where the export's rule says so
-_ISLAND_TYPES = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Erf", "Add", "MatMul", "Gemm", "Conv")
-
-
-def fp32_islands(path: str | Path) -> dict[str, list[str]]:
-    """The fp32 compute nodes of a graph that also computes in fp16 (an fp16 graph, or an int8
-    graph whose unquantised layers are fp16), by operator type: `by_type` lists the types whose
-    every node is fp32 (they can be kept away from TensorRT's fp16 by type), `mixed` the types
-    with fp32 and fp16 nodes. Empty for an all-fp32 graph. Reads the graph without its weights."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    g = model.graph
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.input, *g.output, *g.value_info]}
-    for init in g.initializer:
-        types[init.name] = init.data_type
-    for node in g.node:  # Cast and DequantizeLinear say their output types themselves
-        if node.op_type == "Cast":
-            to = next((a.i for a in node.attribute if a.name == "to"), None)
-            types.update({o: to for o in node.output})
-    f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
-    per_type: dict[str, set[int]] = {}
-    for node in g.node:
-        if node.op_type not in _ISLAND_TYPES:
-            continue
-        dtypes = {types.get(name) for name in node.input if name} - {None}
-        if dtypes:
-            per_type.setdefault(node.op_type, set()).update(dtypes & {f32, f16})
-    if not any(f16 in d for d in per_type.values()):
-        return {"by_type": [], "mixed": []}
-    return {"by_type": sorted(t for t, d in per_type.items() if d == {f32}),
-            "mixed": sorted(t for t, d in per_type.items() if d == {f32, f16})}
 
 
 def _both_ort_packages() -> bool:

@@ -135,3 +135,35 @@ def assert_graph_ok(path: str | Path, precision: str | None = None) -> None:
     if problems:
         shown = "; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
         raise GraphCheckError(f"{Path(str(path)).name} fails the graph checks: {shown}")
+
+
+# fp16 graphs keep these operator types in fp32 where the export's rule says so
+_ISLAND_TYPES = ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Erf", "Add", "MatMul", "Gemm", "Conv")
+
+
+def fp32_islands(path: str | Path) -> dict[str, list[str]]:
+    """The fp32 compute nodes of a graph that also computes in fp16 (an fp16 graph, or an int8
+    graph whose unquantised layers are fp16), by operator type: `by_type` lists the types whose
+    every node is fp32 (they can be kept away from TensorRT's fp16 by type), `mixed` the types
+    with fp32 and fp16 nodes. Empty for an all-fp32 graph. Reads the graph without its weights."""
+    model = onnx.load(str(path), load_external_data=False)
+    g = model.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in [*g.input, *g.output, *g.value_info]}
+    for init in g.initializer:
+        types[init.name] = init.data_type
+    for node in g.node:  # Cast and DequantizeLinear say their output types themselves
+        if node.op_type == "Cast":
+            to = next((a.i for a in node.attribute if a.name == "to"), None)
+            types.update({o: to for o in node.output})
+    f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    per_type: dict[str, set[int]] = {}
+    for node in g.node:
+        if node.op_type not in _ISLAND_TYPES:
+            continue
+        dtypes = {types.get(name) for name in node.input if name} - {None}
+        if dtypes:
+            per_type.setdefault(node.op_type, set()).update(dtypes & {f32, f16})
+    if not any(f16 in d for d in per_type.values()):
+        return {"by_type": [], "mixed": []}
+    return {"by_type": sorted(t for t, d in per_type.items() if d == {f32}),
+            "mixed": sorted(t for t, d in per_type.items() if d == {f32, f16})}

@@ -178,10 +178,11 @@ def test_rows_come_from_the_registry_and_every_requirement_is_probed():
     """One row per registered backend and device (and per precision that needs more), each
     decided by the requirements its registry entry declares; a requirement the doctor cannot
     probe, or a backend needing an unknown one, fails here."""
+    from rpiae.cli.can_run import requirement_problems
     from rpiae.export.backends import REGISTRY, REQUIREMENTS
 
     report = json.loads(CliRunner().invoke(cli, ["doctor", "--json"]).output)
-    assert set(D.requirement_problems(report)) == set(REQUIREMENTS)
+    assert set(requirement_problems(report)) == set(REQUIREMENTS)
     for info in REGISTRY.values():
         needs = {n for names in (*info.requires.values(), *info.precision_requires.values()) for n in names}
         assert needs <= set(REQUIREMENTS), (info.name, needs - set(REQUIREMENTS))
