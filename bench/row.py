@@ -157,7 +157,7 @@ def _measure_row_on(row: dict[str, Any], settings: dict[str, Any], dev) -> dict[
     row["load_s"] = time.perf_counter() - t0
     try:
         x = _input(backend.config, graph, batch)  # timing does not depend on the values (no data-dependent paths)
-        fn_graph = backend.encode if graph == "encode" else backend.decode
+        fn_graph = backend.graph_call(graph)
         t1 = time.perf_counter()
         y = fn_graph(x)  # warm-up call 1: output check (and compilation for torch-compile)
         row["first_call_s"] = time.perf_counter() - t1

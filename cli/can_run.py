@@ -37,7 +37,7 @@ def requirement_problems(r: dict[str, Any]) -> dict[str, str | None]:
             return f"{provider} did not start: {proven[provider]['reason']}"
         return None
 
-    problems = {
+    return {
         "gpu": None if gpu else no_gpu,
         "ort-cpu": None if "CPUExecutionProvider" in providers else ort_missing,
         "ort-cuda": ort_on("CUDAExecutionProvider"),
@@ -54,7 +54,6 @@ def requirement_problems(r: dict[str, Any]) -> dict[str, str | None]:
                       else f"this CPU lacks {', '.join(tools['cpu_level']['missing']) or 'x86-64-v3'}"),
         "cuda-toolkit": None if tools["cuda_toolkit"]["root"] else f"no CUDA toolkit: {tools['cuda_toolkit']['how']}",
     }
-    return problems
 
 
 def can_run(r: dict[str, Any]) -> list[dict[str, Any]]:
@@ -63,8 +62,8 @@ def can_run(r: dict[str, Any]) -> list[dict[str, Any]]:
     requirements its registry entry declares, then the tools around them."""
     problems = requirement_problems(r)
 
-    def row(what, device, needs=(), why_not=None):
-        why_not = why_not or next((problems[n] for n in needs if problems[n]), None)
+    def row(what, device, needs=(), why_not=None):  # a missing requirement first, then the row's own reason
+        why_not = next((problems[n] for n in needs if problems[n]), None) or why_not
         return {"backend": what, "device": device, "ok": why_not is None, "why": why_not}
 
     rows = []

@@ -74,14 +74,12 @@ def export(checkpoint, target, precision, calib, calib_count, int8_high_precisio
     spec = TARGETS[target]
     given = {"workspace_gb": workspace_gb, "timing_cache": timing_cache, "opt_level": opt_level,
              "version_compatible": version_compatible, "cache_dir": cache_dir}
-    precisions, profile = parse_precisions(precision), BatchProfile.parse(batch)
-    resolved, note = spec.resolve(device)  # the target's early check, before the ONNX export
-    if note:
-        click.echo(f"note: {note}", err=True)
-    bundle = export_target(checkpoint, out, target, precisions=precisions, profile=profile,
-                        device=resolved, overwrite=overwrite, latent_stats=latent_stats,
-                        target_options={k: given[k] for k in spec.options}, calib=calib, calib_count=calib_count,
-                        int8_high_precision=int8_high_precision)
+    precisions, profile = parse_precisions(precision), BatchProfile.parse(batch)  # usage errors first
+    bundle = export_target(checkpoint, out, target, precisions=precisions, profile=profile, device=device,
+                           overwrite=overwrite, latent_stats=latent_stats,
+                           target_options={k: given[k] for k in spec.options},
+                           say=lambda note: click.echo(f"note: {note}", err=True), calib=calib,
+                           calib_count=calib_count, int8_high_precision=int8_high_precision)
     failed = [r for r in bundle.manifest.parity if not r["ok"]]
     engines = bundle.manifest.engines
     click.echo(f"bundle {out}: precisions {', '.join(bundle.precisions())}"

@@ -33,13 +33,13 @@ def engine_options(fn):
 
 
 def _check_engine(engine, address, workers_per_gpu) -> None:
-    """Before any work: Ray options only with the Ray engine, and the Ray engine only with Ray installed."""
-    if engine == "local" and (address is not None or workers_per_gpu is not None):
-        raise click.UsageError("--address and --workers-per-gpu go with --engine ray")
-    if engine == "ray":
-        from rpiae.jobs.ray_engine import import_ray
+    """`rpiae.jobs.check_engine` before any work, its option errors as usage errors."""
+    from rpiae.jobs import check_engine
 
-        import_ray()
+    try:
+        check_engine(engine, address, workers_per_gpu)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
 
 
 def _engine(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats):
@@ -105,8 +105,8 @@ def decode(model, backend, precision, device, batch_size, latent_stats, latents,
     With --engine ray, Ray tasks stream the latents and write the PNGs and a pool of actors
     decodes: LATENTS and the output folder must be at the same path on every node.
     """
-    from rpiae.jobs.decode import decode_latents
     from rpiae.data.latents import LatentFile
+    from rpiae.jobs.decode import decode_latents
 
     _check_engine(engine, address, workers_per_gpu)
     src = LatentFile(latents, key)
@@ -169,10 +169,10 @@ def extract(model, backend, precision, device, batch_size, latent_stats, crop, w
     actors (one per GPU of the cluster, or per node without GPUs), and this process writes the
     same files as the local engine; DATA and the model must be at the same path on every node.
     """
-    from rpiae.jobs.shards import ExtractOptions
+    from rpiae.data.sources import open_source
     from rpiae.jobs import job_model
     from rpiae.jobs.extract import extract as run
-    from rpiae.data.sources import open_source
+    from rpiae.jobs.shards import ExtractOptions
 
     _check_engine(engine, address, workers_per_gpu)
     rank, world, local_rank, barrier = _distributed()
@@ -184,8 +184,8 @@ def extract(model, backend, precision, device, batch_size, latent_stats, crop, w
                           workers=workers, skip_bad=skip_bad, crop=crop)
     source = open_source(data, no_labels=no_labels)
     with _engine(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats) as be:
-        s = run(source, out, be, job_model(be, model, latent_stats), opts, rank=rank, world=world, barrier=barrier, progress=not quiet,
-                overwrite=overwrite)
+        s = run(source, out, be, job_model(be, model, latent_stats), opts, rank=rank, world=world, barrier=barrier,
+                progress=not quiet, overwrite=overwrite)
         where = f"; {be.summary()}" if engine == "ray" else ""
     if rank == 0:
         rate = f"; {s['images'] / s['seconds']:.1f} img/s" if s["images"] and s["seconds"] else ""

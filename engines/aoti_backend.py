@@ -29,7 +29,9 @@ from rpiae.cache import compiler_workdir
 from rpiae.engines.base import (
     Backend, BackendUnavailable, InputError, check_graphs, device_scope, precision_context,
 )
-from rpiae.export.aoti import CPU_LEVELS, PRECISION, cuda_target, target_device, torch_minor, torch_version
+from rpiae.export.aoti import (
+    CPU_LEVELS, PRECISION, bundle_packages, cuda_target, target_device, torch_minor, torch_version,
+)
 from rpiae.export.bundle import Bundle
 from rpiae.export.manifest import KIND_AOTI_PACKAGE
 from rpiae.export.spec import GRAPHS
@@ -98,11 +100,7 @@ def find_packages(bundle: Bundle, device: str = "cpu", precision: str = PRECISIO
                   graphs: tuple[str, ...] = GRAPHS) -> dict[str, tuple[str, dict[str, Any]]]:
     """graph -> (file name, manifest entry) of the bundle's packages of `graphs` for `device`'s type."""
     kind, _ = target_device(device)
-    found: dict[str, tuple[str, dict[str, Any]]] = {}
-    for name, entry in bundle.files.items():
-        if (entry.kind == KIND_AOTI_PACKAGE and entry.facts.device == kind and entry.precision == precision
-                and entry.graph in graphs):
-            found.setdefault(entry.graph, (name, entry))
+    found = {g: v for g, v in bundle_packages(bundle, kind, precision).items() if g in graphs}
     if set(found) != set(graphs):
         have = sorted({f"{e.facts.device}/{e.precision}" for e in bundle.files.values() if e.kind == KIND_AOTI_PACKAGE})
         raise BackendUnavailable(

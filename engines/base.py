@@ -29,6 +29,7 @@ from __future__ import annotations
 import abc
 import math
 import weakref
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -184,6 +185,10 @@ class Backend(abc.ABC):
         return self._validated("decode", latents, self.config.latent_shape, "latents",
                                lambda x: self._batched("decode", x))
 
+    def graph_call(self, graph: str) -> Callable[[Array], Array]:
+        """`encode` or `decode`, by graph name."""
+        return self.encode if graph == "encode" else self.decode
+
     def _batched(self, graph: str, x: Array) -> Array:
         is_torch = isinstance(x, torch.Tensor)
         xs = self._to_native(x)
@@ -212,7 +217,7 @@ class Backend(abc.ABC):
         `op_profiling` option that turns that profiler on when it is opened)."""
         from torch.profiler import ProfilerActivity, profile
 
-        run = self.encode if graph == "encode" else self.decode
+        run = self.graph_call(graph)
         run(x)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         with profile(activities=acts) as prof:

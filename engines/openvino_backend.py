@@ -146,7 +146,7 @@ class OpenVINOBackend(Backend):
 
     def op_profile(self, graph: str, x, runs: int = 2, cuda: bool = False) -> tuple[dict[str, float], str]:
         """`op_times` summed over `runs` calls of `graph` on `x`, after one warm call."""
-        run = self.encode if graph == "encode" else self.decode
+        run = self.graph_call(graph)
         run(x)
         totals: dict[str, float] = {}
         for _ in range(runs):

@@ -225,7 +225,12 @@ class ORTBackend(Backend):
         self.fallback: dict[str, Any] | None = None
         if self.kind == "trt":
             tf32_off_for_tensorrt()
-        self._sessions = {g: self._create_session(g) for g in self._paths}
+        try:
+            self._sessions = {g: self._create_session(g) for g in self._paths}
+        except BaseException:  # a backend that did not open leaves no profile directory behind
+            if self._profile_dir is not None:
+                shutil.rmtree(self._profile_dir, ignore_errors=True)
+            raise
         self.providers = list(self._sessions[self.graphs[0]].get_providers())
 
     # -- sessions ------------------------------------------------------------------------------
@@ -371,7 +376,7 @@ class ORTBackend(Backend):
         session's own warm-up is in ONNX Runtime's trace as `session_initialization`)."""
         if self._profile_dir is None:
             raise BackendUnavailable("ort backend: op_profile needs the backend opened with op_profiling=True")
-        run = self.encode if graph == "encode" else self.decode
+        run = self.graph_call(graph)
         for _ in range(runs):
             run(x)
         events = json.loads(Path(self._sessions[graph].end_profiling()).read_text())

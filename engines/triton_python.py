@@ -80,7 +80,7 @@ class GraphModel:
         self.backend = load_backend(bundle, params["rpiae_backend"], params["rpiae_precision"], device, **options)
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]
-        self._run = self.backend.encode if self.graph == "encode" else self.backend.decode
+        self._run = self.backend.graph_call(self.graph)
         self.spec = graph_spec(self.backend.config, self.graph)
 
     def check(self, x: torch.Tensor) -> None:

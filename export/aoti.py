@@ -232,6 +232,16 @@ def package_metadata(bundle: Bundle, graph: str, target: dict[str, Any], profile
     }
 
 
+def bundle_packages(bundle: Bundle, kind: str, precision: str = PRECISION) -> dict[str, tuple[str, Any]]:
+    """graph -> (file name, manifest entry) of the bundle's package of each graph for a device
+    type (`cpu` or `cuda`; the first listed, where several are)."""
+    found: dict[str, tuple[str, Any]] = {}
+    for name, e in bundle.files.items():
+        if e.kind == KIND and e.facts.device == kind and e.precision == precision:
+            found.setdefault(e.graph, (name, e))
+    return found
+
+
 def _drop_packages(bundle: Bundle, graph: str, kind: str, keep: str) -> None:
     """Forget (and delete) the bundle's earlier packages of `graph` for this device type."""
     for old, e in list(bundle.files.items()):
@@ -296,6 +306,6 @@ def build_target(bundle: Bundle, precisions: list[str], profile: BatchProfile, d
 
 
 __all__ = [
-    "CPU_LEVELS", "DEFAULT_CPU_LEVEL", "KIND", "PRECISION", "auto_device", "build_target", "check_target", "compile_graph",
+    "CPU_LEVELS", "DEFAULT_CPU_LEVEL", "KIND", "PRECISION", "auto_device", "build_target", "bundle_packages", "check_target", "compile_graph",
     "compile_packages", "cuda_target", "cuda_toolkit", "target_device", "torch_minor", "torch_version",
 ]

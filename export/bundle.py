@@ -117,7 +117,7 @@ class Bundle:
                 raise BundleError(f"{self.root}: listed file {name} is missing")
             if sha256_file(p) != entry.sha256:
                 raise BundleError(f"{self.root}: {name} fails its sha256 check (tampered or corrupted); re-export the bundle")
-            for dep in getattr(entry.facts, "external_data", []):
+            for dep in entry.external_data:
                 self.verify_file(dep)
             self._verified.add(name)
         return p
@@ -181,7 +181,7 @@ class Bundle:
         keep = set()
         for name in names:
             self.verify_file(name)
-            keep |= {name, *getattr(self.files[name].facts, "external_data", [])}
+            keep |= {name, *self.files[name].external_data}
         dest = Path(dest)
         dest.mkdir(parents=True)
         manifest = copy.deepcopy(self.manifest)

@@ -103,11 +103,14 @@ def _typed(d: Mapping, key: str, types: type | tuple[type, ...], where: str, pre
 
 
 # -- what each kind of file records beyond its hash: one dataclass per kind -----------------------
+def _options(hint: Any) -> tuple[type, ...]:
+    """The plain types a field annotation of the facts dataclasses allows (`X | None`: X, NoneType)."""
+    return tuple(typing.get_origin(t) or t for t in (typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)))
+
+
 def _type_ok(value: Any, hint: Any) -> bool:
-    """`value` fits a field annotation of the facts dataclasses (plain types, `X | None`)."""
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    for t in options:
-        t = typing.get_origin(t) or t
+    """`value` fits a field annotation of the facts dataclasses."""
+    for t in _options(hint):
         if value is None and t is type(None):
             return True
         if t is float and isinstance(value, int) and not isinstance(value, bool):
@@ -118,8 +121,7 @@ def _type_ok(value: Any, hint: Any) -> bool:
 
 
 def _type_name(hint: Any) -> str:
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    return " | ".join("None" if t is type(None) else getattr(typing.get_origin(t) or t, "__name__", str(t)) for t in options)
+    return " | ".join("None" if t is type(None) else t.__name__ for t in _options(hint))
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,11 @@ class FileEntry(Mapping):
                 f"{precision!r} is not one of {', '.join(PRECISIONS)}")
         rest = {k: v for k, v in d.items() if k not in ("sha256", "bytes", "kind", "graph", "precision")}
         return cls(sha, size, kind, graph, precision, KIND_FACTS[kind].from_dict(rest, where, p))
+
+    @property
+    def external_data(self) -> list[str]:
+        """The files this one needs beside it (an ONNX graph's external data; none for other kinds)."""
+        return getattr(self.facts, "external_data", [])
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"sha256": self.sha256, "bytes": self.bytes, "kind": self.kind}

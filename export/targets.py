@@ -1,7 +1,7 @@
 """The export targets, declared once: what `rpiae export --target NAME` adds to a bundle, the
 function that builds it and the backend whose run of it is measured against PyTorch.
 
-Every target is the same three steps (`rpiae.verify.export.export`): build (the ONNX bundle is
+Every target is the same three steps (`rpiae.verify.export_target`): build (the ONNX bundle is
 always built or reused first; a target's `builder` then adds its files), check (the files the
 step built are run by `checked_by` on real photos and compared with eager PyTorch FP32),
 record (the parity rows into the manifest). Adding a target: a builder function beside the code

@@ -318,6 +318,6 @@ def build_target(bundle, precisions: list[str], profile, device: str = "cuda", p
 
 __all__ = [
     "CUDA_MISSING", "MAX_FP32_SHARE", "POLYGRAPHY_MISSING", "TRT_MISSING", "EngineBuildError", "EnginePrecisionError",
-    "build_bundle_engines", "build_engine", "build_target", "prepare_target", "current_environment", "import_polygraphy", "import_tensorrt",
-    "require_cuda", "tensorrt_available", "trt_logger", "trt_major",
+    "build_bundle_engines", "build_engine", "build_target", "current_environment", "import_polygraphy", "import_tensorrt",
+    "prepare_target", "require_cuda", "tensorrt_available", "trt_logger", "trt_major",
 ]

@@ -263,7 +263,7 @@ def _onnx_model(bundle: Bundle, graph: str, precision: str, max_batch: int | Non
     """What serving one graph's ONNX file takes (with its external data, which keeps its file
     name: the ONNX file refers to it by that name)."""
     onnx_name = bundle.find(graph, precision, KIND_ONNX)
-    deps = bundle.files[onnx_name].facts.external_data
+    deps = bundle.files[onnx_name].external_data
     batch_max = max_batch or 32
     files = [(bundle.graph_path(graph, precision), MODEL_FILES["onnxruntime_onnx"])]
     return {"files": files + [(bundle.verify_file(d), Path(d).name) for d in deps], "batch_max": batch_max,
@@ -272,10 +272,11 @@ def _onnx_model(bundle: Bundle, graph: str, precision: str, max_batch: int | Non
 
 def _aoti_package(bundle: Bundle, graph: str, precision: str, device: str) -> tuple[str, Any]:
     """(name, manifest entry) of the bundle's AOTInductor package of a graph for a device type."""
-    for name, entry in bundle.files.items():
-        if (entry.kind == KIND_AOTI_PACKAGE and entry.graph == graph and entry.precision == precision
-                and entry.facts.device == device):
-            return name, entry
+    from rpiae.export.aoti import bundle_packages
+
+    found = bundle_packages(bundle, device, precision).get(graph)
+    if found is not None:
+        return found
     raise BundleError(f"bundle {bundle.root} has no {precision} AOTInductor {graph} package for {device}; "
                       f"run `rpiae export --target aoti --device {device} --out {bundle.root}`")
 

@@ -19,9 +19,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from rpiae.engines import Backend, load_backend, model_info
-from rpiae.jobs.ray_engine import RayEngine
+from rpiae.jobs.ray_engine import RayEngine, import_ray
 
 ENGINES = ("local", "ray")  # where a job runs: this process (and its loader workers), or a Ray cluster
+
+
+def check_engine(engine: str, address: str | None = None, workers_per_gpu: int | None = None) -> None:
+    """Before any work: a known engine, Ray's options only with the Ray engine (ValueError), and
+    the Ray engine only with Ray installed (`RayUnavailable`)."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    if engine == "local" and (address is not None or workers_per_gpu is not None):
+        raise ValueError("--address and --workers-per-gpu go with --engine ray")
+    if engine == "ray":
+        import_ray()
 
 
 def open_engine(model: str | Path | None, backend: str, precision: str = "fp32", device: str | None = "cpu",
@@ -29,11 +40,8 @@ def open_engine(model: str | Path | None, backend: str, precision: str = "fp32",
                 address: str | None = None, workers_per_gpu: int | None = None) -> Backend | RayEngine:
     """The engine a job streams through: `load_backend(...)` here, or a `RayEngine` (its actors
     open the same backend; `device=None` lets it pick CUDA when the cluster has GPUs)."""
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    check_engine(engine, address, workers_per_gpu)
     if engine == "local":
-        if address is not None or workers_per_gpu is not None:
-            raise ValueError("--address and --workers-per-gpu go with --engine ray")
         return load_backend(model, backend=backend, precision=precision, device=device or "cpu", max_batch=max_batch,
                             latent_stats=latent_stats)
     return RayEngine(model, backend, precision, device, max_batch=max_batch, latent_stats=latent_stats, address=address,
@@ -53,4 +61,4 @@ def job_model(engine: Backend | RayEngine, model: str | Path | None = None,
     return info
 
 
-__all__ = ["ENGINES", "RayEngine", "job_model", "open_engine"]
+__all__ = ["ENGINES", "RayEngine", "check_engine", "job_model", "open_engine"]

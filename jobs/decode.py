@@ -20,8 +20,8 @@ from rpiae.data import STREAM_BATCH
 from rpiae.data.heap import release_free_memory
 from rpiae.data.latents import LatentFile
 from rpiae.fileio import remove_stale_temps
-from rpiae.jobs.ray_engine import RayEngine
 from rpiae.jobs.pngs import pack_npz, pending, png_names, write_pngs
+from rpiae.jobs.ray_engine import RayEngine
 
 
 def sample_ids(latents: LatentFile) -> np.ndarray:

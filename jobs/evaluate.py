@@ -35,13 +35,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from rpiae.data import EVAL_BATCH, image_size
-from rpiae.jobs.eval_report import METRICS, REFERENCE, format_table, write_grid
 from rpiae.data.metric_nets import OPTIONAL_METRICS, EvalError, MetricNets, find_metric_weights, load_metric_nets
 from rpiae.data.sources import Source, image_loader
 from rpiae.engines import PrecisionUnsupported, load_backend
 from rpiae.export.backends import backend_info
 from rpiae.fileio import atomic_file
 from rpiae.imageio import CROPS, DEFAULT_CROP, to_8bit
+from rpiae.jobs.eval_report import METRICS, REFERENCE, format_table, write_grid
 from rpiae.metrics import FeatureMoments, fid, psnr, ssim
 
 FORMAT = "rpiae-eval"

@@ -10,6 +10,7 @@ running what it built against PyTorch in the bundle's manifest (`manifest.parity
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ def export_target(
     latent_stats: str | Path | None = None,
     progress: bool = True,
     target_options: dict[str, Any] | None = None,
+    say: Callable[[str], None] | None = None,
     **build_options: Any,
 ) -> Bundle:
     """`rpiae export --target TARGET`: build -> check -> record, the same for every target.
@@ -76,11 +78,14 @@ def export_target(
     3. What it built runs on the target's `checked_by` backend on real photos, against eager
        PyTorch FP32; the rows go into the manifest (`manifest.parity`, replacing that backend's
        earlier rows). A failed check is recorded, not raised: callers read `ok` in the rows.
-    The target's early check runs first, before minutes of ONNX export.
+    The target's early check runs first, before minutes of ONNX export; what it notes (how
+    `--device auto` was resolved) goes to `say`.
     """
     spec = target_info(target)
     precisions = parse_precisions(precisions)
-    device, _ = spec.resolve(device)
+    device, note = spec.resolve(device)
+    if note and say is not None:
+        say(note)
     if spec.name != ONNX_TARGET and Bundle.is_bundle(out) and not overwrite:
         bundle = reusable_bundle(out, checkpoint, precisions, latent_stats)
     else:
@@ -94,8 +99,9 @@ def export_target(
 
 
 def record_target_parity(bundle: Bundle, backend: str, built: Built, profile: BatchProfile = BatchProfile()) -> list[dict]:
-    """Steps 2-3 of an export: `built`'s files run by `backend` on the parity photos, at a batch
-    inside `profile`, against PyTorch FP32; the rows recorded in the manifest (and returned)."""
+    """The check and record steps of an export: `built`'s files run by `backend` on the parity
+    photos, at a batch inside `profile`, against PyTorch FP32; the rows recorded in the manifest
+    (and returned)."""
     images = _photos_or_seeded(bundle)
     batch = min(max(len(images), profile.min), profile.max)
     rows = verify_bundle(bundle, backend=backend, images=images, batches=[batch], precisions=built.precisions,
