@@ -189,8 +189,10 @@ def probe() -> dict[str, Any]:
     import psutil
 
     from rpiae.bench.machine import cpu_summary
-    from rpiae.export.tensorrt import import_polygraphy, import_tensorrt
     from rpiae.engines.torch_trt_backend import import_torch_tensorrt
+    from rpiae.export.tensorrt import import_polygraphy, import_tensorrt
+    from rpiae.host import cpu_flags
+    from rpiae.precisions import int8_pairs_saturate
 
     def polygraphy():
         import_polygraphy()
@@ -211,7 +213,7 @@ def probe() -> dict[str, Any]:
         "tritonserver": probe_tritonserver(),
         "openvino": probe_openvino(),
         "tools": probe_tools(),
-        "cpu": {**cpu_summary(), "cores": psutil.cpu_count()},
+        "cpu": {**cpu_summary(), "cores": psutil.cpu_count(), "int8_pairs_saturate": int8_pairs_saturate(cpu_flags())},
         "memory": {"available_bytes": int(vm.available), "total_bytes": int(vm.total)},
     }
     report["stack"] = probe_stack(report)
@@ -313,6 +315,9 @@ def render(r: dict[str, Any]) -> str:
     if r["cpu"].get("flags"):  # as many lines as this CPU's flags need (AMX machines have many)
         for chunk in textwrap.wrap(" ".join(r["cpu"]["flags"]), width=100):
             add("", chunk)
+    if r["cpu"].get("int8_pairs_saturate"):
+        add("int8 on CPU", "no VNNI: int8 kernels saturate with 8-bit weights (ort runs them u8 x u8: exact, slower;")
+        add("", "openvino as they are); export with --int8-weight-bits 7 for this CPU")
     add("memory", f"{r['memory']['available_bytes'] / GIB:.1f} of {r['memory']['total_bytes'] / GIB:.1f} GiB free")
     lines.append("can run:")
     for b in r["backends"]:

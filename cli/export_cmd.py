@@ -19,7 +19,14 @@ from rpiae.cli.common import (
 from rpiae.export.backends import BACKENDS, REFERENCE, REGISTRY
 from rpiae.export.profile import BatchProfile
 from rpiae.export.targets import ONNX_TARGET, TARGETS
-from rpiae.precisions import INT8_HIGH_PRECISION, INT8_HIGH_PRECISIONS, ONNX_PRECISIONS, PRECISIONS
+from rpiae.precisions import (
+    INT8_HIGH_PRECISION,
+    INT8_HIGH_PRECISIONS,
+    INT8_WEIGHT_BITS,
+    INT8_WEIGHT_BITS_DEFAULT,
+    ONNX_PRECISIONS,
+    PRECISIONS,
+)
 
 
 @click.command()
@@ -36,6 +43,11 @@ from rpiae.precisions import INT8_HIGH_PRECISION, INT8_HIGH_PRECISIONS, ONNX_PRE
               help="How many calibration images to use (the first N, sorted by path).")
 @click.option("--int8-high-precision", type=click.Choice(INT8_HIGH_PRECISIONS), default=INT8_HIGH_PRECISION, show_default=True,
               help="Precision of the layers the INT8 graph does not quantise (fp16 for TensorRT, fp32 for CPU speed).")
+@click.option("--int8-weight-bits", type=click.Choice([str(b) for b in INT8_WEIGHT_BITS]), default=str(INT8_WEIGHT_BITS_DEFAULT),
+              show_default=True,
+              help="Bits of the INT8 graph's weights. 7 for x86 CPUs without VNNI (AVX2-only): their int8 kernels (ONNX Runtime, "
+              "OpenVINO) add pairs of products in 16 bits with saturation, which 8-bit weights overflow; costs one bit of "
+              "weight precision.")
 @click.option("--batch", default=str(BatchProfile()), show_default=True,
               help="Batch profile MIN:OPT:MAX for TensorRT engines / AOTInductor packages (ONNX graphs are dynamic).")
 @click.option("--device", default="auto", show_default=True,
@@ -56,7 +68,7 @@ from rpiae.precisions import INT8_HIGH_PRECISION, INT8_HIGH_PRECISIONS, ONNX_PRE
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
 @friendly_errors
-def export(checkpoint, target, precision, calib, calib_count, int8_high_precision, batch, device, cache_dir,
+def export(checkpoint, target, precision, calib, calib_count, int8_high_precision, int8_weight_bits, batch, device, cache_dir,
            workspace_gb, timing_cache, opt_level, version_compatible, latent_stats, out, overwrite):
     """Export the encode/decode graphs into a self-describing bundle, checked against PyTorch.
 
@@ -79,7 +91,8 @@ def export(checkpoint, target, precision, calib, calib_count, int8_high_precisio
                            overwrite=overwrite, latent_stats=latent_stats,
                            target_options={k: given[k] for k in spec.options},
                            say=lambda note: click.echo(f"note: {note}", err=True), calib=calib,
-                           calib_count=calib_count, int8_high_precision=int8_high_precision)
+                           calib_count=calib_count, int8_high_precision=int8_high_precision,
+                           int8_weight_bits=int(int8_weight_bits))
     failed = [r for r in bundle.manifest.parity if not r["ok"]]
     engines = bundle.manifest.engines
     click.echo(f"bundle {out}: precisions {', '.join(bundle.precisions())}"

@@ -51,6 +51,21 @@ def check_graphs(graphs) -> tuple[str, ...]:
     return chosen
 
 
+def int8_saturates(bundle, precision: str, graphs) -> bool:
+    """Whether a bundle's `precision` graphs are Q/DQ graphs with 8-bit weights and this CPU's
+    int8 kernels add pairs of products in 16 bits with saturation (an x86 CPU without VNNI,
+    `rpiae.precisions.int8_pairs_saturate`): there ONNX Runtime's and OpenVINO's int8 kernels
+    compute something other than the graph's own arithmetic."""
+    from rpiae.export.manifest import KIND_ONNX
+    from rpiae.host import cpu_flags
+    from rpiae.precisions import int8_pairs_saturate, precision_info
+
+    if not precision_info(precision).quantized or not int8_pairs_saturate(cpu_flags()):
+        return False
+    names = [bundle.find(g, precision, KIND_ONNX) for g in graphs]
+    return any((bundle.files[n].facts.weight_bits or 8) > 7 for n in names if n)
+
+
 class InputError(ValueError):
     """Input arrays that a graph cannot take."""
 

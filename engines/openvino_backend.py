@@ -8,7 +8,10 @@ Precisions (what runs is read back from the compiled model: `describe()["runtime
   it ignores the hint and runs f32. After compiling, the runtime model is read back and a bf16
   backend whose compute layers run no bf16 is refused too.
 - int8: the bundle's Q/DQ graph (OpenVINO runs the quantised matmuls and convolution in
-  int8); its other layers in f32.
+  int8); its other layers in f32. On x86 CPUs without VNNI OpenVINO's int8 kernels add pairs of
+  u8 x s8 products in 16 bits with saturation, which 8-bit weights overflow, and OpenVINO has no
+  exact fallback: such a backend warns, and `describe()["int8_saturates"]` is true. Bundles
+  exported with `--int8-weight-bits 7` compute the graph's own arithmetic there.
 
 `op_profiling=True` turns OpenVINO's performance counters on (`op_profile`: time per node
 type and kernel, the benchmark's `--profile`).
@@ -25,12 +28,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import sys
+
 import numpy as np
 
-from rpiae.engines.base import Backend, BackendUnavailable, PrecisionUnsupported
+from rpiae.engines.base import Backend, BackendUnavailable, PrecisionUnsupported, int8_saturates
 from rpiae.export.backends import backend_info
 from rpiae.export.bundle import Bundle
 from rpiae.export.spec import GRAPHS
+from rpiae.precisions import precision_info
 
 OPENVINO_MISSING = "OpenVINO is not installed: pip install -e '.[openvino]'"
 HINTS = ("latency", "throughput")
@@ -115,6 +121,11 @@ class OpenVINOBackend(Backend):
         problem = unmet(self._runtime, inference)
         if problem:
             raise PrecisionUnsupported(f"openvino backend: {problem} on this CPU ({self.cpu}); run fp32 or int8")
+        self.int8_saturates = int8_saturates(bundle, precision, self.graphs)
+        if self.int8_saturates:
+            print(f"warning: openvino backend: this CPU ({self.cpu}) has no VNNI, and OpenVINO's int8 kernels saturate "
+                  "with the bundle's 8-bit weights (results depart from the graph); export with --int8-weight-bits 7 "
+                  "for this CPU, or run int8 on the ort backend", file=sys.stderr)
         self._requests = {g: c.create_infer_request() for g, c in self._compiled.items()}
         # throughput: the compiled model's optimal number of requests, each on its own stream
         self._pools = {g: [c.create_infer_request() for _ in range(int(c.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))]
@@ -170,12 +181,15 @@ class OpenVINOBackend(Backend):
         import openvino as ov
 
         first = self._compiled[self.graphs[0]]
-        return {**super().describe(), "device": self.device, "cpu": self.cpu, "openvino": ov.get_version(),
+        info = {**super().describe(), "device": self.device, "cpu": self.cpu, "openvino": ov.get_version(),
                 "hint": self.hint, "inference_precision": first.get_property("INFERENCE_PRECISION_HINT").to_string(),
                 "threads": int(first.get_property("INFERENCE_NUM_THREADS")), "streams": int(first.get_property("NUM_STREAMS")),
                 "requests": len(self._pools.get(self.graphs[0], [])) or 1,
                 "capabilities": self.capabilities,
                 "runtime_precisions": self._runtime}
+        if precision_info(self.precision).quantized:
+            info["int8_saturates"] = self.int8_saturates
+        return info
 
     def close(self) -> None:
         self._pools.clear()

@@ -32,6 +32,10 @@ a session when the backend is opened.
   fp32 nodes of a type that also has fp16 nodes (the pos-embed Adds, the last projection)
   cannot be singled out this way; `describe()["trt_fp32_islands"]` lists both. The bundle's own
   TensorRT engines (`--backend trt`) are strongly typed and keep every island.
+- INT8 on x86 CPUs without VNNI: ONNX Runtime's u8 x s8 kernels add pairs of products in 16 bits
+  with saturation, which 8-bit weights overflow. There the sessions run those matmuls as u8 x u8
+  (`session.x64quantprecision`: exact, slower; `exact_int8=False` keeps the fast kernels);
+  `describe()["int8_u8u8"]` says which. Graphs with 7-bit weights (`--int8-weight-bits 7`) need neither.
 """
 
 from __future__ import annotations
@@ -52,13 +56,13 @@ import numpy as np
 import torch
 
 from rpiae.cache import default_cache_dir
-from rpiae.engines.base import Backend, BackendUnavailable, cuda_index
+from rpiae.engines.base import Backend, BackendUnavailable, cuda_index, int8_saturates
 from rpiae.export.bundle import Bundle
 from rpiae.export.checks import fp32_islands
 from rpiae.export.manifest import KIND_AOTI_PACKAGE, KIND_ONNX, KIND_TRT_ENGINE
 from rpiae.export.profile import BatchProfile
 from rpiae.export.spec import GRAPHS, graph_specs
-from rpiae.precisions import trt_flags
+from rpiae.precisions import precision_info, trt_flags
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "trt": "TensorrtExecutionProvider"}
 ALLOW_FALLBACK_ENV = "RPIAE_ALLOW_FALLBACK"
@@ -140,12 +144,12 @@ def bundle_profile(bundle: Bundle) -> BatchProfile:
 
 
 def session_options(threads: int | None = None, log_level: int = 3, profile_prefix: str | None = None,
-                    spinning: bool = True):
+                    spinning: bool = True, u8u8: bool = False):
     """ONNX Runtime session options as every session of this project makes them: all graph
     optimisations, `threads` intra-op threads (None: ONNX Runtime's default), warnings and
     below muted at `log_level` 3, profiling into `profile_prefix`*.json when given.
     `spinning=False` stops idle intra-op threads from busy-waiting for the next run (what
-    several processes sharing the cores, such as a server's model instances, need)."""
+    several processes sharing the cores, such as a server's model instances, need). `u8u8`: see INT8 above."""
     ort = import_onnxruntime()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -153,6 +157,8 @@ def session_options(threads: int | None = None, log_level: int = 3, profile_pref
         opts.intra_op_num_threads = threads
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if u8u8:
+        opts.add_session_config_entry("session.x64quantprecision", "1")
     opts.log_severity_level = log_level
     if profile_prefix is not None:
         opts.enable_profiling = True
@@ -172,6 +178,7 @@ class ORTBackend(Backend):
         self, bundle: Bundle, precision: str = "fp32", device: str = "cpu", threads: int | None = None,
         max_batch: int | None = None, allow_fallback: bool | None = None, io_binding: bool | None = None,
         op_profiling: bool = False, profile=None, graphs: tuple[str, ...] = GRAPHS, spinning: bool = True,
+        exact_int8: bool | None = None,
     ) -> None:
         ort = import_onnxruntime()
         super().__init__(bundle.config, precision, max_batch, graphs)
@@ -213,6 +220,9 @@ class ORTBackend(Backend):
         self.trt_cache = self._trt_cache_dir() if self.kind == "trt" else None
         # resolve (and hash-check) the graphs now: a missing precision fails before any work
         self._paths = {g: bundle.graph_path(g, precision) for g in self.graphs}
+        # exact int8 (default: where this CPU's u8 x s8 kernels would saturate the graphs' 8-bit weights)
+        self.int8_u8u8 = int8_saturates(bundle, precision, self.graphs) if exact_int8 is None else (
+            bool(exact_int8) and precision_info(precision).quantized)
         self.trt_fp32_islands = {g: fp32_islands(self._paths[g]) for g in self.graphs} if self.kind == "trt" else {}
         self._provider_lists = {g: self._provider_list(g) for g in self.graphs}
         self.providers_requested = self._provider_lists[self.graphs[0]]
@@ -291,7 +301,7 @@ class ORTBackend(Backend):
         ort = import_onnxruntime()
         # provider set-up problems are warnings; they are captured and shown only when they matter
         opts = session_options(self.threads, log_level=2 if self.kind != "cpu" else 3, spinning=self.spinning,
-                               profile_prefix=str(self._profile_dir / f"ort-{graph}") if self._profile_dir else None)
+                               u8u8=self.int8_u8u8, profile_prefix=str(self._profile_dir / f"ort-{graph}") if self._profile_dir else None)
         error = None
         with captured_output() as log:
             try:
@@ -392,6 +402,8 @@ class ORTBackend(Backend):
                 "providers_requested": [n for n, _ in self.providers_requested], "io_binding": self.io_binding}
         if self.kind != "cpu":
             info["device_id"] = self.device_id
+        if precision_info(self.precision).quantized:
+            info["int8_u8u8"] = self.int8_u8u8
         if self.fallback:
             info["fallback"] = self.fallback
         if self.trt_cache is not None:

@@ -26,7 +26,7 @@ from rpiae.hub import resolve_model
 from rpiae.imageio import find_images, load_images
 from rpiae.isolation import run_in_child
 from rpiae.model import RPiAE
-from rpiae.precisions import INT8_HIGH_PRECISION, precision_info
+from rpiae.precisions import INT8_HIGH_PRECISION, INT8_WEIGHT_BITS_DEFAULT, precision_info
 
 # called on the complete bundle, still in its temporary directory, with the calibration images
 # (or None): what it writes into the manifest is committed with the bundle
@@ -67,6 +67,7 @@ def build_bundle(
     calib: str | Path | np.ndarray | None = None,
     calib_count: int = 64,
     int8_high_precision: str = INT8_HIGH_PRECISION,
+    int8_weight_bits: int = INT8_WEIGHT_BITS_DEFAULT,
     overwrite: bool = False,
     progress: bool = True,
     latent_stats: str | Path | None = None,
@@ -75,7 +76,9 @@ def build_bundle(
     """Export the encode/decode graphs of a checkpoint in each precision into a bundle.
 
     FP32 is always included (the variants are derived from it, each by its precision's ONNX pass,
-    `rpiae.precisions`). A quantised precision (INT8) needs `calib`.
+    `rpiae.precisions`). A quantised precision (INT8) needs `calib`; its unquantised layers
+    run in `int8_high_precision`, and its weights use `int8_weight_bits` (7 for x86 CPUs without
+    VNNI, `rpiae.precisions.int8_pairs_saturate`).
     `latent_stats` (from `rpiae extract`, or the RPiAE authors' `.pt`) bakes latent
     normalisation into both graphs and the bundle's weights. The ONNX export and the INT8
     pass each run in a child process (`rpiae.isolation`), from the bundle's own weights: their
@@ -90,7 +93,7 @@ def build_bundle(
         for graph in GRAPHS:
             check_int8_memory(_fp32_graph_bytes(model, graph), onnx_name(graph, "fp32"))
     calibration = {"images": 0 if calib_x is None else len(calib_x), "method": "max", "high_precision": int8_high_precision,
-                   "source": "array" if isinstance(calib, np.ndarray) else str(calib)}
+                   "weight_bits": int8_weight_bits, "source": "array" if isinstance(calib, np.ndarray) else str(calib)}
     jobs = [(g, p) for p in precisions for g in GRAPHS]
     bar = tqdm(total=len(jobs) + 1, desc="export", unit="step", disable=not progress)
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -129,11 +132,12 @@ def _add_graph(bundle: Bundle, graph: str, precision: str, calibration_data: np.
         run_in_child(export_graph_from_checkpoint, str(tmp / WEIGHTS), graph, str(tmp / name), what=f"the {graph} ONNX export")
     elif info.onnx_pass is None:
         raise ValueError(f"{precision} has no ONNX graph; choose from: {', '.join(ONNX_PRECISIONS)}")
-    else:  # "module:function" (src, dst[, calibration data, high_precision=])
+    else:  # "module:function" (src, dst[, calibration data, high_precision=, weight_bits=])
         module, _, fn = info.onnx_pass.partition(":")
         make = getattr(importlib.import_module(module), fn)
         if info.quantized:
-            make(fp32, tmp / name, calibration_data, high_precision=calibration["high_precision"])
+            make(fp32, tmp / name, calibration_data, high_precision=calibration["high_precision"],
+                 weight_bits=calibration["weight_bits"])
         else:
             make(fp32, tmp / name)
     assert_graph_ok(tmp / name, precision)

@@ -159,7 +159,13 @@ class OnnxFacts(Facts):
     opset: int | None = None
     external_data: list = field(default_factory=list)  # names of the graph's external-data files
     precision_report: dict | None = None  # op types per precision, Q/DQ counts (rpiae.export.precision)
-    calibration: dict | None = None  # quantised graphs: {"images", "method", "high_precision", "source"}
+    calibration: dict | None = None  # quantised graphs: {"images", "method", "high_precision", "weight_bits" (absent: 8), "source"}
+
+    @property
+    def weight_bits(self) -> int | None:
+        """Bits of a quantised graph's weights (8 where an earlier export did not record them);
+        None for a graph that is not quantised."""
+        return None if self.calibration is None else int(self.calibration.get("weight_bits", 8))
 
 
 @dataclass(frozen=True)

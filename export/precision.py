@@ -12,6 +12,9 @@ from the graph: strongly typed networks, no builder flags).
   quantise the input pixels). Everything not quantised runs in `high_precision` (fp16 for
   TensorRT by default). Every quantised activation gets one Q/DQ pair per consumer
   (`dedicated_qdq_pairs`), so that each MatMul is its own QDQ unit for the runtime.
+  `weight_bits=7` requantises the weights from the FP32 graph to |q| <= 63 (`narrow_weights`):
+  on x86 CPUs without VNNI the int8 kernels of ONNX Runtime and OpenVINO add pairs of u8 x s8
+  products in 16 bits with saturation, which 8-bit weights overflow and 7-bit weights cannot.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import onnx
 
 from rpiae.config import RPiAEConfig
 from rpiae.export.onnx_export import read_metadata, save_onnx, set_metadata
-from rpiae.precisions import INT8_HIGH_PRECISION
+from rpiae.precisions import INT8_HIGH_PRECISION, INT8_WEIGHT_BITS, INT8_WEIGHT_BITS_DEFAULT
 
 FP32_OP_TYPES = ["LayerNormalization", "Softmax"]
 # node-name regexes (names are `<module path>/<OpType>_<i>`, see onnx_export.name_nodes)
@@ -131,13 +134,17 @@ def check_int8_memory(graph_bytes: int, name: str) -> None:
         )
 
 
-def to_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, high_precision: str = INT8_HIGH_PRECISION) -> Path:
+def to_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, high_precision: str = INT8_HIGH_PRECISION,
+            weight_bits: int = INT8_WEIGHT_BITS_DEFAULT) -> Path:
     """INT8 Q/DQ variant of an FP32 graph, calibrated on `calibration` (N, ...) inputs.
 
     ModelOpt runs in a child process (see INT8_MEMORY_PER_GRAPH_BYTE); the result then gets
-    one Q/DQ pair per consumer (`dedicated_qdq_pairs`)."""
+    one Q/DQ pair per consumer (`dedicated_qdq_pairs`) and, for `weight_bits` 7, weights
+    requantised to |q| <= 63 (`narrow_weights`)."""
     from rpiae.isolation import ChildProcessDied, run_in_child
 
+    if weight_bits not in INT8_WEIGHT_BITS:
+        raise ValueError(f"int8 weight bits must be one of {', '.join(map(str, INT8_WEIGHT_BITS))}, not {weight_bits}")
     _modelopt()  # a missing ModelOpt is a one-line error here, not in the child
     graph_bytes = onnx_bytes(src)
     check_int8_memory(graph_bytes, Path(src).name)
@@ -152,7 +159,10 @@ def to_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, high_prec
             raise QuantizationError(f"{e}; it needs about {int8_memory_needed(graph_bytes) / 1e9:.1f} GB") from None
         model = onnx.load(str(out))
     dedicated_qdq_pairs(model)
-    _finish(model, meta, "int8", dst, {"rpiae.int8_high_precision": high_precision})
+    if weight_bits != 8:
+        narrow_weights(model, src, weight_bits)
+    _finish(model, meta, "int8", dst, {"rpiae.int8_high_precision": high_precision,
+                                       "rpiae.int8_weight_bits": str(weight_bits)})
     return Path(dst)
 
 
@@ -208,6 +218,38 @@ def dedicated_qdq_pairs(model: onnx.ModelProto) -> int:
         graph.cleanup().toposort()  # drops the DQs whose every use now has its own pair
         model.CopyFrom(gs.export_onnx(graph, ir_version=model.ir_version, opset_imports=list(model.opset_import)))
     return added
+
+
+def narrow_weights(model: onnx.ModelProto, fp32: str | Path, bits: int) -> int:
+    """Requantise the int8 weights of a Q/DQ graph to `bits` (symmetric, per channel as stored:
+    scale = max|w| / (2**(bits-1) - 1) along the DequantizeLinear's axis), from the FP32 graph
+    `fp32` the quantiser started from (its weights keep their names there), in place; returns
+    how many weights were requantised. Scales keep their dtype; only the weights the graph
+    quantised are read from `fp32` (its external data one tensor at a time)."""
+    from onnx import numpy_helper
+
+    qmax = 2 ** (bits - 1) - 1
+    inits = {t.name: t for t in model.graph.initializer}
+    source = {t.name: t for t in onnx.load(str(fp32), load_external_data=False).graph.initializer}
+    done = 0
+    for node in model.graph.node:
+        q = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if q is None or q.data_type != onnx.TensorProto.INT8 or node.input[0] not in source:
+            continue
+        w = numpy_helper.to_array(source[node.input[0]], base_dir=str(Path(fp32).parent)).astype(np.float32)
+        old = numpy_helper.to_array(inits[node.input[1]])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % w.ndim
+        if old.ndim == 0:  # per tensor
+            amax, shape = np.abs(w).max(), ()
+        else:
+            amax = np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis))
+            shape = [-1 if i == axis else 1 for i in range(w.ndim)]
+        scale = np.where(amax > 0, amax / qmax, old.astype(np.float32)).astype(old.dtype)  # an all-zero channel keeps its scale
+        wq = np.clip(np.rint(w / scale.astype(np.float32).reshape(shape)), -qmax, qmax).astype(np.int8)
+        inits[node.input[0]].CopyFrom(numpy_helper.from_array(wq, node.input[0]))
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(np.asarray(scale), node.input[1]))
+        done += 1
+    return done
 
 
 def _qdq_copy(gs, graph, q, dq, k: int):

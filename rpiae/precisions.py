@@ -61,6 +61,14 @@ TOLERANCES = {n: p.tolerances for n, p in REGISTRY.items()}
 INT8_HIGH_PRECISIONS = ("fp16", "fp32")
 INT8_HIGH_PRECISION = "fp16"
 
+# bits of a quantised graph's weights: 8 (|q| <= 127), or 7 (|q| <= 63) for x86 CPUs without VNNI
+INT8_WEIGHT_BITS = (8, 7)
+INT8_WEIGHT_BITS_DEFAULT = 8
+# x86 int8 matmul kernels multiply u8 activations by s8 weights. With one of these flags they
+# accumulate in 32 bits; without (AVX2, AVX-512 before VNNI) they add each pair of products into a
+# 16-bit integer with saturation (VPMADDUBSW), which weights of 7 bits can never overflow.
+INT8_WIDE_PAIR_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
 # which precision a server or job picks when none is named, best first, by where it runs
 DEFAULT_ORDER = {"cpu": ("fp32", "int8", "fp16", "bf16"), "gpu": ("fp16", "int8", "bf16", "fp32")}
 
@@ -70,6 +78,13 @@ def precision_info(name: str) -> Precision:
     if name not in REGISTRY:
         raise ValueError(f"unknown precision {name!r}; choose one of: {', '.join(PRECISIONS)}")
     return REGISTRY[name]
+
+
+def int8_pairs_saturate(flags: set[str] | frozenset[str]) -> bool:
+    """Whether the int8 kernels of ONNX Runtime and OpenVINO on a CPU with these feature flags
+    can saturate: an x86 CPU with SSE4.1/AVX2 but none of `INT8_WIDE_PAIR_FLAGS`. There a graph
+    whose weights use 8 bits computes something other than its own Q/DQ arithmetic."""
+    return bool({"sse4_1", "avx2"} & set(flags)) and not any(f in flags for f in INT8_WIDE_PAIR_FLAGS)
 
 
 def cpu_native(precision: str, flags: set[str] | frozenset[str]) -> bool:

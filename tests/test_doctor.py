@@ -73,6 +73,18 @@ def test_flags_wrap_on_cpus_with_many_of_them():
     assert all(f in shown for f in _CPU_FLAGS)
 
 
+@pytest.mark.parametrize("saturate", [True, False])
+def test_int8_saturation_is_named_with_its_fix(saturate):
+    """Whether this CPU's int8 kernels saturate comes from its flags (rpiae.precisions); the
+    doctor says so, and what to do, only where they do (set here, not read from this machine)."""
+    report = json.loads(json.dumps(D.probe(), default=str))
+    assert isinstance(report["cpu"]["int8_pairs_saturate"], bool)
+    report["cpu"]["int8_pairs_saturate"] = saturate
+    text = D.render(report)
+    assert ("--int8-weight-bits 7" in text) is saturate and ("int8 on CPU" in text) is saturate
+    assert all(len(line) <= 140 for line in text.splitlines())
+
+
 def test_strict_fails_on_a_cuda_mismatch_and_a_provider_that_cannot_start(monkeypatch):
     here = json.loads(json.dumps(D.probe(), default=str))
     gpu = _gpu_machine(here, ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])

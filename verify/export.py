@@ -42,7 +42,7 @@ def export_bundle(
     **build_options: Any,
 ) -> Bundle:
     """`rpiae.export.build_bundle` (same keyword options: precisions, calib, calib_count,
-    int8_high_precision, overwrite, progress, latent_stats) with parity against PyTorch
+    int8_high_precision, int8_weight_bits, overwrite, progress, latent_stats) with parity against PyTorch
     measured on ONNX Runtime's CPU provider and recorded in the manifest. Parity images:
     `parity_images`, else the first calibration images, else the shipped sample photos."""
 
