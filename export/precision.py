@@ -244,7 +244,8 @@ def narrow_weights(model: onnx.ModelProto, fp32: str | Path, bits: int) -> int:
         else:
             amax = np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis))
             shape = [-1 if i == axis else 1 for i in range(w.ndim)]
-        scale = np.where(amax > 0, amax / qmax, old.astype(np.float32)).astype(old.dtype)  # an all-zero channel keeps its scale
+        scale = (amax / qmax).astype(old.dtype)
+        scale = np.where(scale > 0, scale, old)  # an all-zero channel (or one below the dtype's range) keeps its scale
         wq = np.clip(np.rint(w / scale.astype(np.float32).reshape(shape)), -qmax, qmax).astype(np.int8)
         inits[node.input[0]].CopyFrom(numpy_helper.from_array(wq, node.input[0]))
         inits[node.input[1]].CopyFrom(numpy_helper.from_array(np.asarray(scale), node.input[1]))

@@ -3,6 +3,7 @@ weights can be downloaded here; speed and memory do not depend on the weights' v
 
     python scripts/bench_bundle.py --out /tmp/bundle-rpiae-b                # rpiae-b, fp32 + int8 (CPU)
     python scripts/bench_bundle.py --preset tiny --precision fp32,fp16,int8 --int8-high-precision fp16 --out B
+    python scripts/bench_bundle.py --int8-weight-bits 7 --out B7          # for x86 CPUs without VNNI
 
 INT8 is calibrated on the 9 offline sample photos plus their mirror images (18 images,
 recorded in the manifest); the INT8 pass of the rpiae-b decoder peaks at 18.4 GB (measured).
@@ -17,6 +18,7 @@ import torch
 
 from rpiae import RPiAE
 from rpiae.config import PRESETS
+from rpiae.precisions import INT8_WEIGHT_BITS, INT8_WEIGHT_BITS_DEFAULT
 from rpiae.verify import export_bundle
 from rpiae.samples import sample_photos
 
@@ -28,6 +30,8 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32,int8")
     ap.add_argument("--int8-high-precision", default="fp32", choices=["fp16", "fp32"],
                     help="fp32 for ONNX Runtime on a CPU, fp16 for TensorRT")
+    ap.add_argument("--int8-weight-bits", type=int, default=INT8_WEIGHT_BITS_DEFAULT, choices=INT8_WEIGHT_BITS,
+                    help="7 for x86 CPUs without VNNI (rpiae export --int8-weight-bits)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args()
@@ -37,7 +41,8 @@ def main() -> None:
     photos = sample_photos()[1]
     calib = np.concatenate([photos, photos[..., ::-1]])
     bundle = export_bundle(model, args.out, precisions=args.precision, calib=calib,
-                           int8_high_precision=args.int8_high_precision, overwrite=args.overwrite)
+                           int8_high_precision=args.int8_high_precision, int8_weight_bits=args.int8_weight_bits,
+                           overwrite=args.overwrite)
     print(f"{bundle.root}: {', '.join(bundle.precisions('onnx'))}")
 
 
