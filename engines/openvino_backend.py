@@ -24,11 +24,10 @@ axis is symbolic, so one compiled model takes every batch size.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
-
-import sys
 
 import numpy as np
 

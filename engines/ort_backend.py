@@ -300,8 +300,9 @@ class ORTBackend(Backend):
         """(session, what ONNX Runtime printed while making it)."""
         ort = import_onnxruntime()
         # provider set-up problems are warnings; they are captured and shown only when they matter
+        prefix = str(self._profile_dir / f"ort-{graph}") if self._profile_dir else None
         opts = session_options(self.threads, log_level=2 if self.kind != "cpu" else 3, spinning=self.spinning,
-                               u8u8=self.int8_u8u8, profile_prefix=str(self._profile_dir / f"ort-{graph}") if self._profile_dir else None)
+                               u8u8=self.int8_u8u8, profile_prefix=prefix)
         error = None
         with captured_output() as log:
             try:
