@@ -19,10 +19,9 @@ a session when the backend is opened.
   graph's precision says, and caches engines and timing data in `BUNDLE/engines/ort-trt/`
   (or, for a read-only bundle, under the rpiae cache directory).
 - FP32 means IEEE FP32 on GPUs. The CUDA provider gets `use_tf32=0` (ONNX Runtime turns TF32
-  on by default since 1.17). The TensorRT provider has no such option: TensorRT (and cuBLAS,
-  cuDNN) read `NVIDIA_TF32_OVERRIDE=0`, which is set in this process before its sessions are
-  made (process-wide, and left set: an engine built later in the process must not use TF32
-  either).
+  on by default since 1.17). The TensorRT provider has no such option: TensorRT, cuBLAS and
+  cuDNN read `NVIDIA_TF32_OVERRIDE=0`, set process-wide before its sessions are made and left
+  set (an engine built later in the process must not use TF32 either).
 - The TensorRT provider builds weakly typed networks (it has no strongly typed option, as
   TensorRT 10 did, and ONNX Runtime's provider is built against TensorRT 10): with fp16
   enabled, TensorRT may run the graph's fp32 layers in fp16. The fp32 islands an fp16 graph
@@ -33,9 +32,9 @@ a session when the backend is opened.
   cannot be singled out this way; `describe()["trt_fp32_islands"]` lists both. The bundle's own
   TensorRT engines (`--backend trt`) are strongly typed and keep every island.
 - INT8 on x86 CPUs without VNNI: ONNX Runtime's u8 x s8 kernels add pairs of products in 16 bits
-  with saturation, which 8-bit weights overflow. There the sessions run those matmuls as u8 x u8
-  (`session.x64quantprecision`: exact, slower; `exact_int8=False` keeps the fast kernels);
-  `describe()["int8_u8u8"]` says which. Graphs with 7-bit weights (`--int8-weight-bits 7`) need neither.
+  with saturation, which 8-bit weights overflow. There the sessions run u8 x u8 (exact, slower;
+  `exact_int8=False` keeps the fast kernels; `describe()["int8_u8u8"]` says which). Graphs with
+  7-bit weights (`--int8-weight-bits 7`) need neither.
 """
 
 from __future__ import annotations
@@ -92,10 +91,9 @@ def fallback_allowed(flag: bool | None = None) -> bool:
 
 @contextlib.contextmanager
 def captured_output() -> Iterator[list[str]]:
-    """Everything written to stdout/stderr inside the block, native (ONNX Runtime's C++
-    logger writes to file descriptor 2) and Python-level (its fallback notice is a print);
-    the list gets the text when the block ends. Other threads' output in that window is
-    captured too."""
+    """Everything written to stdout/stderr inside the block (other threads' too), native (ONNX
+    Runtime's C++ logger writes to fd 2) and Python-level (its fallback notice is a print);
+    the list gets the text when the block ends."""
     out: list[str] = []
     buf = io.StringIO()
     for stream in (sys.stdout, sys.stderr):
@@ -145,11 +143,10 @@ def bundle_profile(bundle: Bundle) -> BatchProfile:
 
 def session_options(threads: int | None = None, log_level: int = 3, profile_prefix: str | None = None,
                     spinning: bool = True, u8u8: bool = False):
-    """ONNX Runtime session options as every session of this project makes them: all graph
-    optimisations, `threads` intra-op threads (None: ONNX Runtime's default), warnings and
-    below muted at `log_level` 3, profiling into `profile_prefix`*.json when given.
-    `spinning=False` stops idle intra-op threads from busy-waiting for the next run (what
-    several processes sharing the cores, such as a server's model instances, need). `u8u8`: see INT8 above."""
+    """Every session's options: all graph optimisations, `threads` intra-op threads (None: ONNX
+    Runtime's default), warnings muted at `log_level` 3, profiles into `profile_prefix`*.json.
+    `spinning=False`: idle threads do not busy-wait (processes sharing cores, such as a server's
+    model instances); `u8u8`: see INT8 above."""
     ort = import_onnxruntime()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
