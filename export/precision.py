@@ -202,6 +202,7 @@ def dedicated_qdq_pairs(model: onnx.ModelProto) -> int:
     import onnx_graphsurgeon as gs
 
     graph = gs.import_onnx(model)
+    names = set(graph.tensors()) | {n.name for n in graph.nodes}  # copies get names of their own
     added = 0
     for q in [n for n in graph.nodes if n.op == "QuantizeLinear"]:
         dqs = list(q.outputs[0].outputs)
@@ -212,7 +213,7 @@ def dedicated_qdq_pairs(model: onnx.ModelProto) -> int:
         uses = [(dq, user, i) for dq, consumers in users for user in consumers
                 for i, t in enumerate(user.inputs) if t is dq.outputs[0]]
         for k, (dq, user, i) in enumerate(uses[1:], start=1):
-            user.inputs[i] = _qdq_copy(gs, graph, q, dq, k)
+            user.inputs[i] = _qdq_copy(gs, graph, q, dq, k, names)
             added += 1
     if added:
         graph.cleanup().toposort()  # drops the DQs whose every use now has its own pair
@@ -253,17 +254,33 @@ def narrow_weights(model: onnx.ModelProto, fp32: str | Path, bits: int) -> int:
     return done
 
 
-def _qdq_copy(gs, graph, q, dq, k: int):
-    """A copy of the pair q -> dq (suffix `_k`, own scale/zero-point constants); its output tensor."""
-    def own(t):
-        return gs.Constant(f"{t.name}_{k}", t.values.copy()) if isinstance(t, gs.Constant) else t
+def _qdq_copy(gs, graph, q, dq, k: int, names: set[str]):
+    """A copy of the pair q -> dq (suffix `_k`, own scale/zero-point constants); its output tensor.
+    Names are made unique against `names`: Q nodes that share a scale (ModelOpt gives each
+    consumer its own Q of one tensor) would otherwise give their copies the same name."""
+    def fresh(name):
+        unique, n = name, 1
+        while unique in names:
+            n += 1
+            unique = f"{name}_{n}"
+        names.add(unique)
+        return unique
 
-    q_out = gs.Variable(f"{q.outputs[0].name}_{k}", dtype=q.outputs[0].dtype, shape=q.outputs[0].shape)
-    dq_out = gs.Variable(f"{dq.outputs[0].name}_{k}", dtype=dq.outputs[0].dtype, shape=dq.outputs[0].shape)
-    graph.nodes.append(gs.Node("QuantizeLinear", f"{q.name}_{k}", dict(q.attrs), [q.inputs[0], *map(own, q.inputs[1:])],
-                               [q_out], domain=q.domain))
-    graph.nodes.append(gs.Node("DequantizeLinear", f"{dq.name}_{k}", dict(dq.attrs), [q_out, *map(own, dq.inputs[1:])],
-                               [dq_out], domain=dq.domain))
+    copies: dict[int, object] = {}  # the pair's constants, shared by its Q and DQ as in the original pair
+
+    def own(t):
+        if not isinstance(t, gs.Constant):
+            return t
+        if id(t) not in copies:
+            copies[id(t)] = gs.Constant(fresh(f"{t.name}_{k}"), t.values.copy())
+        return copies[id(t)]
+
+    q_out = gs.Variable(fresh(f"{q.outputs[0].name}_{k}"), dtype=q.outputs[0].dtype, shape=q.outputs[0].shape)
+    dq_out = gs.Variable(fresh(f"{dq.outputs[0].name}_{k}"), dtype=dq.outputs[0].dtype, shape=dq.outputs[0].shape)
+    graph.nodes.append(gs.Node("QuantizeLinear", fresh(f"{q.name}_{k}"), dict(q.attrs),
+                               [q.inputs[0], *map(own, q.inputs[1:])], [q_out], domain=q.domain))
+    graph.nodes.append(gs.Node("DequantizeLinear", fresh(f"{dq.name}_{k}"), dict(dq.attrs),
+                               [q_out, *map(own, dq.inputs[1:])], [dq_out], domain=dq.domain))
     return dq_out
 
 

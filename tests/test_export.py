@@ -143,24 +143,28 @@ def test_int8_weights_are_stored_as_int8_with_one_qdq_pair_per_consumer(bundle_a
         assert len(consumers[users[0].output[0]]) == 1, users[0].name
 
 
-def test_dedicated_qdq_pairs_leave_the_arithmetic_unchanged():
-    """One Q/DQ feeding two MatMuls becomes two pairs with their own scales; outputs identical."""
+def test_dedicated_qdq_pairs_leave_the_arithmetic_unchanged(capfd):
+    """A Q/DQ feeding two MatMuls becomes two pairs with their own scales; outputs identical.
+    Two Qs of one tensor that share a scale and zero-point (as ModelOpt writes them) give their
+    copies distinct names, and each copied Q and its DQ share one copy, as the original pair did."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     from rpiae.export.precision import dedicated_qdq_pairs
 
     rng = np.random.default_rng(0)
-    w1, w2 = (rng.standard_normal((8, 4)).astype(np.float32) for _ in range(2))
+    ws = [rng.standard_normal((8, 4)).astype(np.float32) for _ in range(4)]
+    nodes = []
+    for p in ("a", "b"):  # two Q/DQ pairs of x reading the same s and zp, two MatMuls each
+        nodes += [helper.make_node("QuantizeLinear", ["x", "s", "zp"], [f"xq_{p}"], name=f"q_{p}"),
+                  helper.make_node("DequantizeLinear", [f"xq_{p}", "s", "zp"], [f"xd_{p}"], name=f"dq_{p}")]
+    nodes += [helper.make_node("MatMul", [f"xd_{p}", f"w{i}"], [f"y{i}"], name=f"mm{i}")
+              for i, p in enumerate("aabb")]
     graph = helper.make_graph(
-        [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="q"),
-         helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"], name="dq"),
-         helper.make_node("MatMul", ["xd", "w1"], ["y1"], name="mm1"),
-         helper.make_node("MatMul", ["xd", "w2"], ["y2"], name="mm2")],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [3, 4]) for n in ("y1", "y2")],
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+        [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [3, 4]) for i in range(4)],
         [numpy_helper.from_array(np.array(0.02, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "zp"),
-         numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+         *(numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws))],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     x = rng.standard_normal((3, 8)).astype(np.float32)
@@ -171,13 +175,23 @@ def test_dedicated_qdq_pairs_leave_the_arithmetic_unchanged():
         return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, {"x": x})
 
     before = run(model)
-    assert dedicated_qdq_pairs(model) == 1
+    capfd.readouterr()
+    assert dedicated_qdq_pairs(model) == 2
+    assert "distinct tensors" not in "".join(capfd.readouterr())  # onnx-graphsurgeon's name-clash warning
     onnx.checker.check_model(model, full_check=True)
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("QuantizeLinear") == 2 and ops.count("DequantizeLinear") == 2
-    mm2 = next(n for n in model.graph.node if n.name == "mm2")
-    dq2 = next(n for n in model.graph.node if n.output[0] == mm2.input[0])
-    assert dq2.name != "dq" and dq2.input[1] != "s"  # its own scale: no common-subexpression merge
+    assert ops.count("QuantizeLinear") == 4 and ops.count("DequantizeLinear") == 4
+    inits = [t.name for t in model.graph.initializer]
+    assert len(inits) == len(set(inits)) == 4 + 2 * 3, inits  # weights; s, zp and a copy of each per added pair
+    assert len({n.name for n in model.graph.node}) == len(model.graph.node)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    scales = set()
+    for i in range(4):
+        dq = producer[next(n for n in model.graph.node if n.name == f"mm{i}").input[0]]
+        q = producer[dq.input[0]]
+        assert q.input[1:] == dq.input[1:], (q, dq)  # the pair reads one scale and one zero-point
+        scales.add(dq.input[1])
+    assert len(scales) == 3  # each added pair has its own scale: no common-subexpression merge with its original
     for a, b in zip(before, run(model)):
         np.testing.assert_array_equal(a, b)
     assert dedicated_qdq_pairs(model) == 0  # idempotent
