@@ -11,13 +11,19 @@ from rpiae.bench.peak import on_cuda
 MiB = 1024.0**2
 
 
-
-
 def _find(result: dict[str, Any], graph: str, backend: str, precision: str, batch: int) -> dict[str, Any] | None:
     for r in result.get("rows", []):
         if (r.get("graph"), r.get("backend"), r.get("precision"), r.get("batch")) == (graph, backend, precision, batch):
             return r
     return None
+
+
+def _best(result: dict[str, Any], graph: str, batch: int, precisions: tuple[str, ...] | None = None):
+    """The fastest measured row of `graph` at `batch` over every backend (and `precisions`), by its
+    speed-up over PyTorch eager FP32; None when no such row ran."""
+    rows = [r for r in result.get("rows", []) if r.get("status") == "ok" and (r.get("graph"), r.get("batch")) == (graph, batch)
+            and (precisions is None or r.get("precision") in precisions) and r.get("speedup_vs_torch", {}).get("fp32")]
+    return max(rows, key=lambda r: r["speedup_vs_torch"]["fp32"], default=None)
 
 
 def _check(name: str, row: dict[str, Any] | None, value_fn, bound: float, unit: str, *, at_most: bool = False,
@@ -60,6 +66,13 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         for graph in ("encode", "decode"):
             row = _find(result, graph, "ort", "int8", 8)
             out.append(_check(f"ORT INT8 {graph} batch 8 >= 1.8x PyTorch eager FP32{scope}", row, speedup("fp32"), 1.8, "x"))
+        flags = set(result.get("machine", {}).get("cpu", {}).get("flags", []))
+        amx = "" if {"amx_bf16", "amx_int8"} <= flags else " (set for CPUs with AMX; this one has none)"
+        for graph in ("encode", "decode"):
+            out.append(_check(f"fastest CPU backend {graph} batch 8 >= 4x PyTorch eager FP32{amx}{scope}",
+                              _best(result, graph, 8), speedup("fp32"), 4.0, "x"))
+            out.append(_check(f"fastest INT8 {graph} batch 8 >= 5x PyTorch eager FP32{amx}{scope}",
+                              _best(result, graph, 8, ("int8",)), speedup("fp32"), 5.0, "x"))
         for r in result.get("rows", []):
             if r.get("backend") == "ort" and r.get("status") == "ok" and r.get("rss_delta_over_weights") is not None:
                 abs_x = r.get("rss_over_weights")

@@ -153,6 +153,26 @@ def test_targets_report_misses():
     assert "Targets" in render_markdown({**result, "targets": evaluate_targets(result)})
 
 
+def test_cpu_targets_take_the_fastest_row_of_any_backend():
+    def row(backend, precision, x, status="ok"):
+        return {"graph": "encode", "backend": backend, "precision": precision, "batch": 8, "status": status,
+                "timing": {"p50_ms": 100.0}, "speedup_vs_torch": {"fp32": x}}
+
+    result = {"settings": {"device": "cpu"}, "model": {"name": "rpiae-b"},
+              "machine": {"cpu": {"flags": ["avx2", "avx512_bf16"]}},
+              "rows": [row("torch", "fp32", 1.0), row("openvino", "bf16", 4.5), row("ort", "int8", 3.2),
+                       row("openvino", "int8", 2.0), row("torch", "bf16", 9.0, status="skipped")]}
+    by_name = {t["target"]: t for t in evaluate_targets(result)}
+    amx = " (set for CPUs with AMX; this one has none)"
+    best = by_name[f"fastest CPU backend encode batch 8 >= 4x PyTorch eager FP32{amx}"]
+    assert best["holds"] is True and best["row"] == ["encode", "openvino", "bf16", 8]  # a skipped row never counts
+    int8 = by_name[f"fastest INT8 encode batch 8 >= 5x PyTorch eager FP32{amx}"]
+    assert int8["row"] == ["encode", "ort", "int8", 8] and int8["status"] == "misses by 36 %"
+    assert by_name[f"fastest INT8 decode batch 8 >= 5x PyTorch eager FP32{amx}"]["status"] == "not measured"
+    result["machine"]["cpu"]["flags"] += ["amx_bf16", "amx_int8"]
+    assert "fastest INT8 encode batch 8 >= 5x PyTorch eager FP32" in {t["target"] for t in evaluate_targets(result)}
+
+
 def test_isolated_rows_measure_rss(bundle, tmp_path):
     settings = BenchSettings(model=bundle, backends=["ort"], precisions=["fp32"], batches=[1], graphs=["decode"],
                              isolate=True, threads=1, **{**FAST, "row_peak_time": 0.01})
