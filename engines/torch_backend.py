@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from rpiae.devices import autocast_weights
 from rpiae.engines.base import Backend, BackendUnavailable, device_scope, precision_context, torch_device
 from rpiae.export.spec import GRAPHS
 from rpiae.model import RPiAE
@@ -35,6 +36,8 @@ class TorchBackend(Backend):
         self.device = dev
         self.dtype = _DTYPES[precision]
         self.model = model.eval().to(self.device)
+        if self.dtype != torch.float32:  # autocast: its matmul weights cast once, not at every call
+            self.model = autocast_weights(self.model, self.dtype)
         # compile=True: torch.compile of encode/decode (the benchmark's `torch-compile` row);
         # the first call per batch size compiles, later calls reuse the compiled graph
         self.compiled = compile
@@ -50,4 +53,5 @@ class TorchBackend(Backend):
                 return self._fns[graph](x).float()
 
     def describe(self) -> dict:
-        return {**super().describe(), "device": str(self.device), "compiled": self.compiled}
+        weights = sorted({str(p.dtype).replace("torch.", "") for p in self.model.parameters()})
+        return {**super().describe(), "device": str(self.device), "compiled": self.compiled, "weights": weights}

@@ -10,9 +10,11 @@ says what to do.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 
 class BackendUnavailable(RuntimeError):
@@ -78,6 +80,24 @@ def precision_context(device: torch.device, dtype: torch.dtype) -> contextlib.Ab
     if dtype == torch.float32:
         return strict_fp32() if device.type == "cuda" else contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+def autocast_weights(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of `model` for inference under `precision_context(..., dtype)` whose matmul and
+    convolution weights (`nn.Linear`, `nn.Conv*`, packed `in_proj_*`) are stored in `dtype`; the
+    other parameters and buffers (norms, embeddings) are copied as they are. Autocast casts those
+    weights to `dtype` at every call (its cast cache serves only tensors that require grad), which
+    took 11-16 % of PyTorch's CPU bf16 time; cast once here, the outputs are bit-identical. The
+    fp32 weights are never copied, so the copy holds `dtype`'s share only."""
+    memo: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        names = ("weight", "bias") if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) else (
+            "in_proj_weight", "in_proj_bias")
+        for name in names:
+            p = getattr(m, name, None)
+            if isinstance(p, nn.Parameter) and p.is_floating_point():
+                memo[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+    return copy.deepcopy(model, memo)
 
 
 def device_scope(device: torch.device) -> contextlib.AbstractContextManager:

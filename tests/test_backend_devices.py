@@ -65,6 +65,31 @@ def test_precision_context_is_strict_fp32_only_on_cuda():
     assert isinstance(base.precision_context(torch.device("cpu"), torch.bfloat16), torch.autocast)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_torch_backend_casts_autocast_weights_once_with_identical_outputs(tiny_model, dtype):
+    """The torch backend at bf16/fp16 stores its matmul/convolution weights in that dtype (autocast
+    would cast them at every call): outputs bit-identical to plain autocast over the fp32 model,
+    whose own parameters stay fp32 (eval runs it beside the fp32 reference)."""
+    from rpiae.engines.torch_backend import TorchBackend
+
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 256, 256)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype):
+        z_ref = tiny_model.encode(x).float()
+        img_ref = tiny_model.decode(z_ref).float()
+    be = TorchBackend(tiny_model, precision)
+    assert torch.equal(be.encode(x), z_ref) and torch.equal(be.decode(z_ref), img_ref)
+    assert {p.dtype for p in tiny_model.parameters()} == {torch.float32}
+    low = {n for n, p in be.model.named_parameters() if p.dtype == dtype}
+    assert low and all(n.endswith(("weight", "bias")) for n in low)
+    convs = [m for m in be.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.dtype == dtype for m in convs)  # the patch embedding too
+    assert any("norm" in n for n, p in be.model.named_parameters() if p.dtype == torch.float32)  # norms stay fp32
+    assert be.describe()["weights"] == sorted({"float32", str(dtype).replace("torch.", "")})
+    assert TorchBackend(tiny_model, "fp32").describe()["weights"] == ["float32"]
+
+
 class Echo(Backend):
     """A backend whose graph returns its input's first channels: records what it ran."""
 
