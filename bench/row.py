@@ -39,7 +39,7 @@ def _open_backend(model: str, backend: str, precision: str, device: str, threads
     thread count where the runtime takes one."""
     from rpiae.engines import load_backend
 
-    name, options = BENCH_VARIANTS.get(backend, (backend, {}))
+    name, options, _ = BENCH_VARIANTS.get(backend, (backend, {}, None))
     if "threads" in backend_info(name).options:
         options = {**options, "threads": threads}
     return load_backend(model, name, precision, device, **options, **kwargs)

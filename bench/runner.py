@@ -59,6 +59,9 @@ def _static_skip(spec: dict[str, Any], is_bundle: bool, bundle_precisions: list[
     """Why a row cannot run, known before running it; `cpu_flags`: those of a CPU run's CPU."""
     b, p = spec["backend"], spec["precision"]
     info = backend_info(BENCH_VARIANTS.get(b, (b,))[0])
+    variant_precisions = BENCH_VARIANTS.get(b, (b, {}, None))[2]
+    if variant_precisions is not None and p not in variant_precisions:
+        return f"{b} runs {', '.join(variant_precisions)}, not {p}"
     if info.from_weights and p not in info.precisions:
         return f"{b} runs {', '.join(info.precisions)} (autocast), not {p}; {p} is an exported-graph precision"
     if p not in info.precisions:

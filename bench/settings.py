@@ -6,11 +6,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from rpiae.export.backends import BACKENDS, BUNDLE_DEFAULT, REFERENCE
+from rpiae.export.backends import BACKENDS, BUNDLE_DEFAULT, REFERENCE, REGISTRY
 from rpiae.export.spec import GRAPHS, PRECISIONS
 
-# benchmark rows that run a registered backend another way: name -> (the backend, its options)
-BENCH_VARIANTS = {"torch-compile": (REFERENCE, {"compile": True})}
+# benchmark rows that run a registered backend another way: name -> (the backend, its options,
+# the precisions it runs: None for all of the backend's); torch-compile, then the registry's variants
+BENCH_VARIANTS: dict[str, tuple[str, dict, tuple[str, ...] | None]] = {
+    "torch-compile": (REFERENCE, {"compile": True}, None),
+    **{name: (info.name, options, precisions) for info in REGISTRY.values()
+       for name, (precisions, options) in info.bench_variants.items()},
+}
 DEFAULT_BACKENDS = (REFERENCE, BUNDLE_DEFAULT)  # the rows of a plain `rpiae bench`
 BENCH_BACKENDS = (*BACKENDS[:1], *BENCH_VARIANTS, *BACKENDS[1:])
 

@@ -12,6 +12,9 @@ Precisions (what runs is read back from the compiled model: `describe()["runtime
   u8 x s8 products in 16 bits with saturation, which 8-bit weights overflow, and OpenVINO has no
   exact fallback: such a backend warns, and `describe()["int8_saturates"]` is true. Bundles
   exported with `--int8-weight-bits 7` compute the graph's own arithmetic there.
+  `int8_rest="bf16"` runs those other layers (attention, GELU, norms, residuals, the
+  quantise/dequantise steps) with the bf16 hint instead, on CPUs with bf16: faster, and less
+  exact than the graph (its accuracy is measured like any precision's, `rpiae eval`).
 
 `op_profiling=True` turns OpenVINO's performance counters on (`op_profile`: time per node
 type and kernel, the benchmark's `--profile`).
@@ -39,6 +42,7 @@ from rpiae.precisions import precision_info
 
 OPENVINO_MISSING = "OpenVINO is not installed: pip install -e '.[openvino]'"
 HINTS = ("latency", "throughput")
+INT8_REST = ("f32", "bf16")  # the inference precision of an int8 graph's unquantised layers
 _INFERENCE_TYPE = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # OpenVINO inference precision hint per precision
 _COMPUTE_LAYERS = ("FullyConnected", "MatMul", "Convolution")  # where the time goes, and the precision shows
 
@@ -79,7 +83,7 @@ class OpenVINOBackend(Backend):
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", device: str = "cpu", max_batch: int | None = None,
                  threads: int | None = None, hint: str = "latency", graphs: tuple[str, ...] = GRAPHS,
-                 op_profiling: bool = False) -> None:
+                 op_profiling: bool = False, int8_rest: str = "f32") -> None:
         ov = import_openvino()
         import openvino.properties as props
         import openvino.properties.hint as hints
@@ -94,11 +98,17 @@ class OpenVINOBackend(Backend):
         self.core = ov.Core()
         self.cpu = str(self.core.get_property("CPU", "FULL_DEVICE_NAME"))
         self.capabilities = cpu_capabilities(self.core)
-        inference = _INFERENCE_TYPE[precision]
+        if int8_rest not in INT8_REST:
+            raise ValueError(f"openvino backend: unknown int8_rest {int8_rest!r}; choose {' or '.join(INT8_REST)}")
+        if int8_rest != "f32" and not precision_info(precision).quantized:
+            raise PrecisionUnsupported(f"openvino backend: int8_rest={int8_rest} is for int8 graphs, not {precision}")
+        inference = int8_rest if precision_info(precision).quantized else _INFERENCE_TYPE[precision]
+        self.int8_rest = int8_rest
         if inference.upper() not in self.capabilities and inference != "f32":
+            what = precision if inference == _INFERENCE_TYPE[precision] else f"{inference} around int8"
             raise PrecisionUnsupported(
-                f"openvino backend: this CPU ({self.cpu}) has no native {precision} (OpenVINO's CPU capabilities: "
-                f"{', '.join(self.capabilities)}); {precision} needs AMX or AVX512-BF16 - run fp32 or int8")
+                f"openvino backend: this CPU ({self.cpu}) has no native {inference} (OpenVINO's CPU capabilities: "
+                f"{', '.join(self.capabilities)}); {what} needs AMX or AVX512-BF16 - run fp32 or int8")
         self.bundle, self.device, self.hint = bundle, "cpu", hint
         # bf16 runs the FP32 graph with another hint (the registry's `files_of`)
         self._paths: dict[str, Path] = {g: bundle.graph_path(g, info.file_precision(precision)) for g in self.graphs}
@@ -117,7 +127,9 @@ class OpenVINOBackend(Backend):
             raise BackendUnavailable(f"openvino backend: could not compile {precision} graphs: {' '.join(str(e).split())[:300]}") from e
         # what the compiled models really run: read once, checked here and reported by describe()
         self._runtime = {g: self.runtime_precisions(g) for g in self.graphs}
-        problem = unmet(self._runtime, inference)
+        # around int8 the bf16 hint shows in the element-wise layers, not in the (int8) compute layers
+        problem = unmet({g: self.runtime_precisions(g, layers=None) for g in self.graphs} if inference != _INFERENCE_TYPE[
+            precision] else self._runtime, inference)
         if problem:
             raise PrecisionUnsupported(f"openvino backend: {problem} on this CPU ({self.cpu}); run fp32 or int8")
         self.int8_saturates = int8_saturates(bundle, precision, self.graphs)
@@ -165,14 +177,14 @@ class OpenVINOBackend(Backend):
                 totals[op] = totals.get(op, 0.0) + t
         return totals, f"OpenVINO performance counters (time by node type and kernel; {self.cpu})"
 
-    def runtime_precisions(self, graph: str) -> dict[str, dict[str, int]]:
-        """Layer type -> {precision it executes in: count}, for the compute layers of the compiled
-        model (OpenVINO's runtime model: what really runs)."""
+    def runtime_precisions(self, graph: str, layers: tuple[str, ...] | None = _COMPUTE_LAYERS) -> dict[str, dict[str, int]]:
+        """Layer type -> {precision it executes in: count}, for the compute layers (or the `layers`
+        types; None: every type) of the compiled model (OpenVINO's runtime model: what really runs)."""
         counts: dict[str, Counter] = {}
         for op in self._compiled[graph].get_runtime_model().get_ordered_ops():
             rt = op.get_rt_info()
             kind = rt["layerType"].astype(str)
-            if kind in _COMPUTE_LAYERS:
+            if layers is None or kind in layers:
                 counts.setdefault(kind, Counter())[rt["runtimePrecision"].astype(str)] += 1
         return {k: dict(v) for k, v in counts.items()}
 
@@ -188,6 +200,7 @@ class OpenVINOBackend(Backend):
                 "runtime_precisions": self._runtime}
         if precision_info(self.precision).quantized:
             info["int8_saturates"] = self.int8_saturates
+            info["int8_rest"] = self.int8_rest
         return info
 
     def close(self) -> None:

@@ -33,6 +33,8 @@ class BackendInfo:
     # `REQUIREMENTS`; `rpiae doctor` says, for each, whether this machine has it)
     requires: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
     precision_requires: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
+    # benchmark variants: row name -> (the precisions it runs, the options it is opened with)
+    bench_variants: dict[str, tuple[tuple[str, ...], dict]] = field(default_factory=dict, hash=False)
 
     def file_precision(self, precision: str) -> str:
         """The precision of the bundle files it runs `precision` from (its own, or `files_of`'s)."""
@@ -75,8 +77,9 @@ REGISTRY: dict[str, BackendInfo] = {b.name: b for b in (
                 requires={"cpu": ("compiler", "cpu-level"), "cuda": ("gpu", "compiler", "cuda-toolkit")}),
     BackendInfo("openvino", "rpiae.engines.openvino_backend:OpenVINOBackend", KIND_ONNX, ("fp32", "bf16", "int8"), ("cpu",),
                 "pip install -e '.[openvino]'", "OpenVINO on the bundle's ONNX graphs (bf16: its inference hint, on CPUs with bf16)",
-                ("threads", "hint", "op_profiling"), files_of={"bf16": "fp32"}, requires={"cpu": ("openvino",)},
-                precision_requires={"bf16": ("openvino-bf16",)}),
+                ("threads", "hint", "op_profiling", "int8_rest"), files_of={"bf16": "fp32"}, requires={"cpu": ("openvino",)},
+                precision_requires={"bf16": ("openvino-bf16",)},
+                bench_variants={"openvino-int8-bf16": (("int8",), {"int8_rest": "bf16"})}),
     BackendInfo("torch-trt", "rpiae.engines.torch_trt_backend:TorchTRTBackend", KIND_WEIGHTS, TORCH_PRECISIONS, ("cuda",),
                 "pip install -c constraints/gpu-cu13.txt -e '.[gpu-cu13]'", "the PyTorch graphs compiled by Torch-TensorRT", ("profile",),
                 requires={"cuda": ("torch-tensorrt", "gpu")}),

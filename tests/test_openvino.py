@@ -91,6 +91,33 @@ def test_bf16_on_this_cpu_passes_parity_or_is_refused(bundle_all, photos):
             load_backend(bundle_all.root, "openvino", "bf16")
 
 
+def test_int8_with_bf16_around_it_on_this_cpu_or_refused(bundle_all, photos, monkeypatch):
+    """`int8_rest="bf16"`: the int8 graph's matmuls stay int8, its other layers run with the bf16
+    hint (on a CPU with bf16; refused elsewhere), close to the all-f32 int8 answer; it is for
+    int8 graphs only."""
+    with pytest.raises(PrecisionUnsupported, match="int8_rest=bf16 is for int8 graphs, not fp32"):
+        load_backend(bundle_all.root, "openvino", "fp32", int8_rest="bf16")
+    with pytest.raises(ValueError, match="unknown int8_rest 'fp16'"):
+        load_backend(bundle_all.root, "openvino", "int8", int8_rest="fp16")
+    if _native_bf16():
+        with load_backend(bundle_all.root, "openvino", "int8") as f32, \
+                load_backend(bundle_all.root, "openvino", "int8", int8_rest="bf16") as mixed:
+            info = mixed.describe()
+            assert info["inference_precision"] == "bf16" and info["int8_rest"] == "bf16"
+            assert f32.describe()["inference_precision"] == "f32" and f32.describe()["int8_rest"] == "f32"
+            for graph, layers in info["runtime_precisions"].items():  # the compute layers: int8 as before
+                assert layers["FullyConnected"].get("i8", 0) > 0 and "bf16" not in layers["FullyConnected"], layers
+                every = mixed.runtime_precisions(graph, layers=None)  # the element-wise work around them: bf16
+                assert any(every[kind].get("bf16", 0) > 0 for kind in ("Eltwise", "Subgraph", "MVN") if kind in every), every
+            z32, zmix = f32.encode(photos[:3]), mixed.encode(photos[:3])
+            assert not np.array_equal(z32, zmix)  # really another computation
+            rel = np.linalg.norm(zmix - z32) / np.linalg.norm(z32)
+            assert rel < 0.05, rel
+    monkeypatch.setattr(OV, "cpu_capabilities", lambda core: ["FP32", "INT8", "BIN", "EXPORT_IMPORT"])
+    with pytest.raises(PrecisionUnsupported, match=r"has no native bf16 .*bf16 around int8 needs AMX or AVX512-BF16"):
+        load_backend(bundle_all.root, "openvino", "int8", int8_rest="bf16")
+
+
 def test_throughput_hint_gives_the_latency_answer(bundle_all, photos):
     with load_backend(bundle_all.root, "openvino", "fp32") as lat, \
             load_backend(bundle_all.root, "openvino", "fp32", hint="throughput", threads=2) as thr:
@@ -160,6 +187,12 @@ def test_bench_rows(tmp_path, bundle_all):
     assert any("FullyConnected" in o["op"] for o in profiles[("openvino", "int8")]["ops"])
     assert rows[("openvino", "fp16")]["status"] == "skipped"
     assert rows[("openvino", "fp16")]["reason"] == "openvino runs fp32, bf16, int8, not fp16"
+    from rpiae.bench.runner import _static_skip
+
+    # the registry's variant: int8 rows only, opened with its option
+    spec = {"backend": "openvino-int8-bf16", "precision": "fp32", "graph": "decode", "batch": 2}
+    assert _static_skip(spec, True, ["fp32", "int8"]) == "openvino-int8-bf16 runs int8, not fp32"
+    assert _static_skip({**spec, "precision": "int8"}, True, ["fp32", "int8"]) is None
 
 
 def test_served_by_triton_as_a_python_model(tmp_path, bundle_all, photos):
