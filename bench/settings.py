@@ -16,6 +16,14 @@ BENCH_VARIANTS: dict[str, tuple[str, dict, tuple[str, ...] | None]] = {
     **{name: (info.name, options, precisions) for info in REGISTRY.values()
        for name, (precisions, options) in info.bench_variants.items()},
 }
+
+
+def bench_variant(name: str) -> tuple[str, dict, tuple[str, ...] | None]:
+    """(the registered backend, its options, the precisions it runs or None) of a row's backend
+    name: a variant's, or a plain backend's (no options, all its precisions)."""
+    return BENCH_VARIANTS.get(name, (name, {}, None))
+
+
 DEFAULT_BACKENDS = (REFERENCE, BUNDLE_DEFAULT)  # the rows of a plain `rpiae bench`
 BENCH_BACKENDS = (*BACKENDS[:1], *BENCH_VARIANTS, *BACKENDS[1:])
 

@@ -102,10 +102,11 @@ class OpenVINOBackend(Backend):
             raise ValueError(f"openvino backend: unknown int8_rest {int8_rest!r}; choose {' or '.join(INT8_REST)}")
         if int8_rest != "f32" and not precision_info(precision).quantized:
             raise PrecisionUnsupported(f"openvino backend: int8_rest={int8_rest} is for int8 graphs, not {precision}")
-        inference = int8_rest if precision_info(precision).quantized else _INFERENCE_TYPE[precision]
+        around_int8 = int8_rest != "f32"  # the hint then applies to the layers around the int8 ones
+        inference = int8_rest if around_int8 else _INFERENCE_TYPE[precision]
         self.int8_rest = int8_rest
         if inference.upper() not in self.capabilities and inference != "f32":
-            what = precision if inference == _INFERENCE_TYPE[precision] else f"{inference} around int8"
+            what = f"{inference} around int8" if around_int8 else precision
             raise PrecisionUnsupported(
                 f"openvino backend: this CPU ({self.cpu}) has no native {inference} (OpenVINO's CPU capabilities: "
                 f"{', '.join(self.capabilities)}); {what} needs AMX or AVX512-BF16 - run fp32 or int8")
@@ -126,10 +127,10 @@ class OpenVINOBackend(Backend):
         except RuntimeError as e:
             raise BackendUnavailable(f"openvino backend: could not compile {precision} graphs: {' '.join(str(e).split())[:300]}") from e
         # what the compiled models really run: read once, checked here and reported by describe()
-        self._runtime = {g: self.runtime_precisions(g) for g in self.graphs}
-        # around int8 the bf16 hint shows in the element-wise layers, not in the (int8) compute layers
-        problem = unmet({g: self.runtime_precisions(g, layers=None) for g in self.graphs} if inference != _INFERENCE_TYPE[
-            precision] else self._runtime, inference)
+        every = {g: self.runtime_precisions(g, layers=None) for g in self.graphs}
+        self._runtime = {g: {k: v for k, v in layers.items() if k in _COMPUTE_LAYERS} for g, layers in every.items()}
+        # around int8 the hint shows in the element-wise layers, not in the (int8) compute layers
+        problem = unmet(every if around_int8 else self._runtime, inference)
         if problem:
             raise PrecisionUnsupported(f"openvino backend: {problem} on this CPU ({self.cpu}); run fp32 or int8")
         self.int8_saturates = int8_saturates(bundle, precision, self.graphs)
