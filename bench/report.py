@@ -152,6 +152,16 @@ def _profiles_section(result: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _real_photos_section(result: dict[str, Any]) -> list[str]:
+    acc = result.get("real_photos")
+    if not acc:
+        return []
+    lines = [f"### Accuracy on real photos (`rpiae eval` {acc['file']}: model {acc['model']}, {acc['images']} images; "
+             "the accuracy-bound targets read it)", "", "| runtime / precision | Δ PSNR vs PyTorch FP32 |", "|---|---|"]
+    lines += [f"| {name} | {d:+.3f} dB |" for name, d in acc["psnr_delta_db"].items()]
+    return lines + [""]
+
+
 def _accuracy_section(result: dict[str, Any]) -> list[str]:
     acc = result.get("accuracy")
     if not acc:
@@ -170,7 +180,7 @@ def _accuracy_section(result: dict[str, Any]) -> list[str]:
 def render_markdown(result: dict[str, Any], title: str | None = None, plot: str | None = None) -> str:
     cuda = result.get("settings", {}).get("device", "cpu").startswith("cuda")
     lines = (_header(result, title) + _rows_table(result, cuda) + _targets_section(result) + _profiles_section(result)
-             + _accuracy_section(result))
+             + _real_photos_section(result) + _accuracy_section(result))
     if plot:
         lines += [f"![latency and throughput vs batch]({plot})", ""]
     return "\n".join(lines)

@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from rpiae.bench.settings import bench_variant
 from rpiae.bench.timing import cuda_compute_times, stats, time_loop
 from rpiae.devices import BackendUnavailable, device_scope, torch_device
-from rpiae.export.backends import REFERENCE, backend_info
+from rpiae.export.backends import REFERENCE, backend_info, variant
 from rpiae.export.bundle import Bundle, BundleError
 from rpiae.export.spec import GRAPH_MODULES, graph_spec
 from rpiae.host import environ
@@ -39,7 +38,7 @@ def _open_backend(model: str, backend: str, precision: str, device: str, threads
     thread count where the runtime takes one."""
     from rpiae.engines import load_backend
 
-    name, options, _ = bench_variant(backend)
+    name, options, _ = variant(backend)
     if "threads" in backend_info(name).options:
         options = {**options, "threads": threads}
     return load_backend(model, name, precision, device, **options, **kwargs)
@@ -48,7 +47,7 @@ def _open_backend(model: str, backend: str, precision: str, device: str, threads
 def graph_weight_bytes(model: str, backend: str, precision: str, graph: str) -> dict[str, Any]:
     """Bytes of the weights of one graph as this backend holds them."""
     path = Path(model)
-    info = backend_info(bench_variant(backend)[0])
+    info = backend_info(variant(backend)[0])
     if info.from_weights and info.name != REFERENCE:  # compiled from the weights (Torch-TensorRT: inside its engines)
         return {"weight_bytes": None, "weight_source": None}
     if info.from_weights:
@@ -168,7 +167,7 @@ def _measure_row_on(row: dict[str, Any], settings: dict[str, Any], dev) -> dict[
         loop["warmup_time"] = max(loop["warmup_time"] - row["first_call_s"], 0.0)
         times, info = time_loop(lambda: fn_graph(x), **loop)
         row.update(status="ok", timing=stats(times, batch), loop=info)
-        takes = "threads" in backend_info(bench_variant(row["backend"])[0]).options
+        takes = "threads" in backend_info(variant(row["backend"])[0]).options
         row["threads"] = {"torch": torch.get_num_threads(), "backend": threads if takes else None,
                           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
         row["backend_info"] = {k: (v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v))
@@ -223,7 +222,7 @@ def _profile_graph(spec: dict[str, Any], settings: dict[str, Any]) -> dict[str, 
     threads = int(settings["threads"])
     torch.set_num_threads(threads)
     graph, batch, runs = spec["graph"], spec["batch"], 2
-    name = bench_variant(spec["backend"])[0]
+    name = variant(spec["backend"])[0]
     extra = {"op_profiling": True} if "op_profiling" in backend_info(name).options else {}
     backend = _open_backend(settings["model"], spec["backend"], spec["precision"], settings["device"], threads, **extra)
     try:

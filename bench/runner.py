@@ -41,10 +41,10 @@ from rpiae.bench.machine import load_average
 from rpiae.bench.peak import on_cuda
 from rpiae.bench.results import FORMAT, FORMAT_VERSION, load_results, write_results
 from rpiae.bench.row import child_env, measure_row, profile_graph, run_in_child
-from rpiae.bench.settings import BENCH_BACKENDS, BenchSettings, bench_variant
+from rpiae.bench.settings import BENCH_BACKENDS, BenchSettings
 from rpiae.bench.targets import evaluate_targets
 from rpiae.bench.timing import stats, time_loop
-from rpiae.export.backends import REFERENCE, backend_info, runnable
+from rpiae.export.backends import REFERENCE, backend_info, runnable, variant
 from rpiae.export.manifest import KIND_ONNX
 from rpiae.export.spec import TORCH_PRECISIONS
 from rpiae.host import cpu_flags
@@ -58,7 +58,7 @@ def _static_skip(spec: dict[str, Any], is_bundle: bool, bundle_precisions: list[
                  cpu_flags: set[str] | None = None) -> str | None:
     """Why a row cannot run, known before running it; `cpu_flags`: those of a CPU run's CPU."""
     b, p = spec["backend"], spec["precision"]
-    name, _, variant_precisions = bench_variant(b)
+    name, _, variant_precisions = variant(b)
     info = backend_info(name)
     if variant_precisions is not None and p not in variant_precisions:
         return f"{b} runs {', '.join(variant_precisions)}, not {p}"

@@ -6,26 +6,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from rpiae.export.backends import BACKENDS, BUNDLE_DEFAULT, REFERENCE, REGISTRY
+from rpiae.export.backends import BUNDLE_DEFAULT, REFERENCE, RUNTIMES
 from rpiae.export.spec import GRAPHS, PRECISIONS
 
-# benchmark rows that run a registered backend another way: name -> (the backend, its options,
-# the precisions it runs: None for all of the backend's); torch-compile, then the registry's variants
-BENCH_VARIANTS: dict[str, tuple[str, dict, tuple[str, ...] | None]] = {
-    "torch-compile": (REFERENCE, {"compile": True}, None),
-    **{name: (info.name, options, precisions) for info in REGISTRY.values()
-       for name, (precisions, options) in info.bench_variants.items()},
-}
-
-
-def bench_variant(name: str) -> tuple[str, dict, tuple[str, ...] | None]:
-    """(the registered backend, its options, the precisions it runs or None) of a row's backend
-    name: a variant's, or a plain backend's (no options, all its precisions)."""
-    return BENCH_VARIANTS.get(name, (name, {}, None))
-
-
 DEFAULT_BACKENDS = (REFERENCE, BUNDLE_DEFAULT)  # the rows of a plain `rpiae bench`
-BENCH_BACKENDS = (*BACKENDS[:1], *BENCH_VARIANTS, *BACKENDS[1:])
+BENCH_BACKENDS = RUNTIMES  # the backends and their named variants (`rpiae.export.backends.variant`)
 
 
 @dataclass

@@ -4,11 +4,52 @@ anything."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rpiae.bench.peak import on_cuda
+from rpiae.precisions import precision_info
 
 MiB = 1024.0**2
+# the fastest-backend target counts rows whose reconstructions on real photos lose at most this
+# much PSNR against PyTorch FP32; the INT8 target, the INT8 parity bound
+FASTEST_PSNR_DROP_DB = 0.1
+INT8_PSNR_DROP_DB = precision_info("int8").tolerances["recon_psnr_drop_db"]
+
+
+def real_photo_accuracy(eval_report: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The `real_photos` section a result gets from an `rpiae eval` report (its JSON): the PSNR
+    change against PyTorch FP32 of each runtime/precision it measured, which the targets that
+    bound accuracy read. The runtimes are matched by name: eval and the benchmark name rows
+    alike (backends and their named variants)."""
+    from rpiae.fileio import sha256_file
+
+    rows = eval_report.get("rows")
+    if eval_report.get("reference") is None or not isinstance(rows, list):
+        raise ValueError(f"{path}: not an rpiae eval report (no reference and rows)")
+    model = eval_report.get("model") or {}
+    return {"file": Path(path).name, "sha256": sha256_file(path), "images": rows[0].get("n") if rows else 0,
+            "model": (model.get("config") or {}).get("name") or model.get("path"), "model_sha256": model.get("sha256"),
+            "psnr_delta_db": {f"{r['backend']}/{r['precision']}": r["delta"]["psnr"] for r in rows
+                              if isinstance((r.get("delta") or {}).get("psnr"), float)}}
+
+
+def load_real_photo_accuracy(eval_json: str | Path) -> dict[str, Any]:
+    """`real_photo_accuracy` of the `rpiae eval` report file `eval_json`; ValueError (one line)."""
+    import json
+
+    try:
+        report = json.loads(Path(eval_json).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{eval_json}: not valid JSON ({e})") from None
+    return real_photo_accuracy(report, eval_json)
+
+
+def with_real_photo_accuracy(result: dict[str, Any], accuracy: dict[str, Any]) -> dict[str, Any]:
+    """`result` with the `real_photos` section `accuracy` and its targets evaluated again."""
+    result["real_photos"] = accuracy
+    result["targets"] = evaluate_targets(result)
+    return result
 
 
 def _find(result: dict[str, Any], graph: str, backend: str, precision: str, batch: int) -> dict[str, Any] | None:
@@ -18,12 +59,29 @@ def _find(result: dict[str, Any], graph: str, backend: str, precision: str, batc
     return None
 
 
-def _best(result: dict[str, Any], graph: str, batch: int, precisions: tuple[str, ...] | None = None):
-    """The fastest measured row of `graph` at `batch` over every backend (and `precisions`), by its
-    speed-up over PyTorch eager FP32; None when no such row ran."""
+def _best(result: dict[str, Any], graph: str, batch: int, keep) -> dict[str, Any] | None:
+    """The fastest measured row of `graph` at `batch` over every backend that `keep(row)`
+    accepts, by its speed-up over PyTorch eager FP32; None when no such row ran."""
     rows = [r for r in result.get("rows", []) if r.get("status") == "ok" and (r.get("graph"), r.get("batch")) == (graph, batch)
-            and (precisions is None or r.get("precision") in precisions) and r.get("speedup_vs_torch", {}).get("fp32")]
+            and keep(r) and r.get("speedup_vs_torch", {}).get("fp32")]
     return max(rows, key=lambda r: r["speedup_vs_torch"]["fp32"], default=None)
+
+
+def _accuracy_filter(result: dict[str, Any], drop_db: float, unmeasured) -> tuple[Any, str]:
+    """(keep(row), note): rows whose real-photo PSNR drop (the result's `real_photos`) is within
+    `drop_db`; without that section, `unmeasured(row)` decides, and the note says so."""
+    acc = result.get("real_photos")
+    if acc:
+        deltas = acc["psnr_delta_db"]
+
+        def keep(r):
+            d = deltas.get(f"{r['backend']}/{r['precision']}")
+            return d is not None and d >= -drop_db
+
+        within = sorted(k for k, d in deltas.items() if d >= -drop_db)
+        return keep, (f"rows within {drop_db:g} dB of fp32 on {acc['images']} real photos ({acc['file']}, model "
+                      f"{acc['model']}): {', '.join(within) or 'none'}")
+    return unmeasured, ""
 
 
 def _check(name: str, row: dict[str, Any] | None, value_fn, bound: float, unit: str, *, at_most: bool = False,
@@ -68,11 +126,24 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             out.append(_check(f"ORT INT8 {graph} batch 8 >= 1.8x PyTorch eager FP32{scope}", row, speedup("fp32"), 1.8, "x"))
         flags = set(result.get("machine", {}).get("cpu", {}).get("flags", []))
         amx = "" if {"amx_bf16", "amx_int8"} <= flags else " (set for CPUs with AMX; this one has none)"
+        accurate, accurate_note = _accuracy_filter(
+            result, FASTEST_PSNR_DROP_DB, lambda r: not precision_info(r["precision"]).quantized)
+        accurate_note = accurate_note or (
+            f"no real-photo accuracy with this result: unquantised precisions only (quantised rows count with a "
+            f"measured drop within {FASTEST_PSNR_DROP_DB:g} dB: rpiae bench --report FILE --accuracy EVAL.json)")
+        int8_ok, int8_note = _accuracy_filter(result, INT8_PSNR_DROP_DB, lambda r: True)
+
+        def is_int8(keep):
+            return lambda r: r.get("precision") == "int8" and keep(r)
+
         for graph in ("encode", "decode"):
-            out.append(_check(f"fastest CPU backend {graph} batch 8 >= 4x PyTorch eager FP32{amx}{scope}",
-                              _best(result, graph, 8), speedup("fp32"), 4.0, "x"))
-            out.append(_check(f"fastest INT8 {graph} batch 8 >= 5x PyTorch eager FP32{amx}{scope}",
-                              _best(result, graph, 8, ("int8",)), speedup("fp32"), 5.0, "x"))
+            out.append(_check(f"fastest CPU backend {graph} batch 8 >= 4x PyTorch eager FP32, PSNR within "
+                              f"{FASTEST_PSNR_DROP_DB:g} dB of fp32{amx}{scope}",
+                              _best(result, graph, 8, accurate), speedup("fp32"), 4.0, "x", note=accurate_note))
+            out.append(_check(f"fastest INT8 {graph} batch 8 >= 5x PyTorch eager FP32, PSNR within "
+                              f"{INT8_PSNR_DROP_DB:g} dB of fp32{amx}{scope}",
+                              _best(result, graph, 8, is_int8(int8_ok)), speedup("fp32"), 5.0, "x",
+                              note=int8_note or "no real-photo accuracy with this result: every INT8 row"))
         for r in result.get("rows", []):
             if r.get("backend") == "ort" and r.get("status") == "ok" and r.get("rss_delta_over_weights") is not None:
                 abs_x = r.get("rss_over_weights")

@@ -49,13 +49,17 @@ def _csv(value: str) -> list[str]:
               help="Results JSON to write (atomically); a directory gets <machine>.json inside.")
 @click.option("--report", "report", is_flag=True,
               help="Render FILES (result JSONs) instead of measuring: markdown table, targets and PNG plots.")
+@click.option("--accuracy", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="An `rpiae eval --json` report whose PSNR changes against PyTorch FP32 (per runtime and precision, "
+              "matched by name) decide which rows the accuracy-bound targets count: the fastest backend within 0.1 dB, "
+              "INT8 within its 1 dB bound. Stored in the results (`real_photos`); with --report, added to FILES.")
 @click.option("--report-dir", type=click.Path(path_type=Path), default=None,
               help="With --report: where README.md and the PNGs go (default: the first file's folder).")
 @allow_fallback_option
 @click.argument("files", nargs=-1, type=click.Path(path_type=Path))
 @friendly_errors
 def bench(model, backends, precisions, batches, graphs, device, threads, warmup, warmup_time, min_iters, min_time,
-          max_iters, max_time, peak_time, row_peak_time, no_isolate, no_reference, profile, notes, out, report, report_dir,
+          max_iters, max_time, peak_time, row_peak_time, no_isolate, no_reference, profile, notes, out, report, accuracy, report_dir,
           allow_fallback, files):
     """Measure encode/decode latency and throughput of every backend, or render results.
 
@@ -77,6 +81,14 @@ def bench(model, backends, precisions, batches, graphs, device, threads, warmup,
         missing = [str(f) for f in files if not Path(f).is_file()]
         if missing:
             raise click.ClickException(f"no such result file: {', '.join(missing)}")
+        if accuracy is not None:
+            from rpiae.bench.results import load_results, write_results
+            from rpiae.bench.targets import load_real_photo_accuracy, with_real_photo_accuracy
+
+            section = load_real_photo_accuracy(accuracy)
+            for f in files:
+                write_results(with_real_photo_accuracy(load_results(f), section), f)
+                click.echo(f"{f}: targets evaluated again with the real-photo accuracy of {accuracy}", err=True)
         click.echo(render_report(list(files), out_dir=report_dir))
         target = report_dir or Path(files[0]).parent
         click.echo(f"\nwrote {target / 'README.md'} and {len(files)} plot(s)", err=True)
@@ -96,8 +108,15 @@ def bench(model, backends, precisions, batches, graphs, device, threads, warmup,
         profile=profile, notes=notes,
     )
     directory = out is not None and (out.is_dir() or str(out).endswith("/"))
+    section = None
+    if accuracy is not None:  # read before measuring: a bad file must not cost the run
+        from rpiae.bench.targets import load_real_photo_accuracy, with_real_photo_accuracy
+
+        section = load_real_photo_accuracy(accuracy)
     with fallback_allowed(allow_fallback):
         result = run_benchmark(settings, progress=lambda msg: click.echo(msg, err=True))
+    if section is not None:
+        with_real_photo_accuracy(result, section)
     if directory:  # named after the machine the run measured (its facts come from the run)
         from rpiae.bench.machine import machine_slug
 

@@ -84,6 +84,43 @@ device_option = click.option(
     "--device", "-d", default="cpu", show_default=True,
     help="cpu, cuda (or cuda:N); for --backend ort also trt or trt:N (ONNX Runtime's TensorRT provider on GPU N).",
 )
+def _split_options(ctx, param, pairs: tuple[str, ...]) -> dict[str, str]:
+    from rpiae.engines import split_options
+
+    try:
+        return split_options(pairs)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+backend_options_option = click.option(
+    "--backend-option", "-O", "backend_option", multiple=True, metavar="KEY=VALUE", callback=_split_options,
+    help="An option of the backend, repeatable (true/false for switches): "
+    + "; ".join(f"{b.name}: {', '.join(o for o in b.options if o != 'profile')}" for b in REGISTRY.values()
+                if [o for o in b.options if o != "profile"])
+    + ". For example -O threads=4 (CPU threads), -O int8_rest=bf16 (OpenVINO int8: its element-wise work in bf16), "
+    "-O hint=throughput (OpenVINO), -O compile=true (torch.compile).",
+)
+
+
+def parse_backend_options(backend: str | list[str], raw: dict[str, str]) -> dict[str, Any] | dict[str, dict[str, Any]]:
+    """--backend-option values as `backend`'s keyword options (a list of backends: {backend:
+    options}, each KEY going to the backends that take it, and to at least one); usage errors."""
+    from rpiae.engines import backend_options
+    from rpiae.export.backends import variant
+
+    try:
+        if isinstance(backend, str):
+            return backend_options(variant(backend)[0], raw)
+        out = {b: backend_options(variant(b)[0], raw, accepted_only=True) for b in backend}
+        unused = [k for k in raw if not any(k in o for o in out.values())]
+        if unused:
+            raise ValueError(f"none of {', '.join(backend)} takes option {', '.join(unused)}")
+        return out
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--backend-option") from None
+
+
 allow_fallback_option = click.option(
     "--allow-fallback", is_flag=True,
     help="ONNX Runtime: run even when the asked provider fails to initialise and ONNX Runtime falls back to another "
@@ -130,9 +167,10 @@ workers_option = click.option(
 
 
 def runtime_options(fn: Callable) -> Callable:
-    """--model/--backend/--precision/--device/--batch-size/--latent-stats, shared by encode, decode
-    and extract."""
-    options = (model_option, backend_option, precision_option, device_option, batch_size_option, latent_stats_option)
+    """--model/--backend/--backend-option/--precision/--device/--batch-size/--latent-stats,
+    shared by encode, decode and extract."""
+    options = (model_option, backend_option, backend_options_option, precision_option, device_option, batch_size_option,
+               latent_stats_option)
     for option in reversed(options):
         fn = option(fn)
     return fn

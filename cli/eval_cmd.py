@@ -9,11 +9,11 @@ from pathlib import Path
 import click
 
 from rpiae.cli.common import (
-    PRECISIONS, batch_option, crop_option, device_option, friendly_errors, model_option, workers_option,
+    PRECISIONS, backend_options_option, batch_option, crop_option, device_option, friendly_errors, model_option,
+    parse_backend_options, workers_option,
 )
 from rpiae.data import EVAL_BATCH
-from rpiae.export.backends import BACKENDS
-
+from rpiae.export.backends import RUNTIMES, VARIANTS
 
 
 def _names(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
@@ -27,7 +27,11 @@ def _names(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
 @click.command("eval")
 @model_option
 @click.option("--backend", "-b", default="torch", show_default=True,
-              help=f"Comma-separated runtimes: {', '.join(BACKENDS)} (all but those that run weights need a bundle).")
+              help=f"Comma-separated runtimes: {', '.join(RUNTIMES)} (all but those that run weights need a bundle). "
+              + "; ".join(f"{name} = {b} with {', '.join(f'{k}={v}' for k, v in o.items())}"
+                          + (f" ({', '.join(p)} only)" if p else "") for name, (b, o, p) in VARIANTS.items())
+              + ": the names `rpiae bench` gives those rows.")
+@backend_options_option
 @click.option("--precision", "-p", default="fp32", show_default=True,
               help=f"Comma-separated precisions: {', '.join(PRECISIONS)}. One row per backend x precision.")
 @device_option
@@ -54,7 +58,7 @@ def _names(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (listed in the JSON) instead of stopping at the first.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @friendly_errors
-def eval_cmd(model, backend, precision, device, batch_size, crop, workers, data, limit, json_out, grid, grid_images,
+def eval_cmd(model, backend, backend_option, precision, device, batch_size, crop, workers, data, limit, json_out, grid, grid_images,
              save_reference, inception_weights, lpips_weights, require, skip_bad, quiet):
     """Reconstruction quality (PSNR, SSIM, LPIPS, rFID) of each runtime and precision.
 
@@ -66,11 +70,11 @@ def eval_cmd(model, backend, precision, device, batch_size, crop, workers, data,
     names them. Outputs are written only when the whole run has succeeded.
     """
     from rpiae.data.sources import open_source
-    from rpiae.engines import BACKENDS
     from rpiae.jobs import job_model
     from rpiae.jobs.evaluate import OPTIONAL_METRICS, EvalOptions, evaluate, format_table, load_metric_nets, open_variants
 
-    backends = _names(backend, BACKENDS, "--backend")
+    backends = _names(backend, RUNTIMES, "--backend")
+    options = parse_backend_options(backends, backend_option)
     precisions = _names(precision, PRECISIONS, "--precision")
     required = _names(require, OPTIONAL_METRICS, "--require") if require.strip() else []
     opts = EvalOptions(batch_size=batch_size or EVAL_BATCH, workers=workers, crop=crop, limit=limit,
@@ -80,7 +84,7 @@ def eval_cmd(model, backend, precision, device, batch_size, crop, workers, data,
     nets = load_metric_nets(inception_weights, lpips_weights, required, metric_device)
     requested = [(b, p) for b in backends for p in precisions]
     with contextlib.ExitStack() as stack:
-        variants, skipped = open_variants(stack, model, requested, device, metric_device, batch_size)
+        variants, skipped = open_variants(stack, model, requested, device, metric_device, batch_size, options)
         for s in skipped:
             click.echo(f"skipped {s['backend']}/{s['precision']}: {s['reason']}", err=True)
         report = evaluate(source, variants, nets, opts, model=job_model(variants[0][1], model), json_out=json_out, grid=grid,

@@ -9,11 +9,13 @@ import click
 from rpiae.cli.common import (
     CheckFailed,
     allow_fallback_option,
+    backend_options_option,
     device_option,
     echo_json,
     fallback_allowed,
     friendly_errors,
     latent_stats_option,
+    parse_backend_options,
     parse_int_list,
 )
 from rpiae.export.backends import BACKENDS, REFERENCE, REGISTRY
@@ -121,6 +123,7 @@ def _print_results(rows) -> None:
               show_default=True,
               help="Which runtime's graphs to check against PyTorch (the reference, eager fp32): "
               + "; ".join(f"{b.name}: {b.summary}" for b in REGISTRY.values() if b.name != REFERENCE) + ".")
+@backend_options_option
 @device_option
 @click.option("--images", type=click.Path(path_type=Path), default=None,
               help="Folder of real images to test with (default: the photos bundled with scikit-image/-learn).")
@@ -132,7 +135,7 @@ def _print_results(rows) -> None:
               "(ort or trt) against the FP32 ONNX graph on ONNX Runtime's CPU provider.")
 @allow_fallback_option
 @friendly_errors
-def verify(model, backend, device, images, batch, precision, json_out, compare, allow_fallback):
+def verify(model, backend, backend_option, device, images, batch, precision, json_out, compare, allow_fallback):
     """Parity report of every graph in a bundle against eager PyTorch FP32.
 
     Tolerances: FP32 latents max|diff| <= 1e-4*max|z|, cosine >= 0.99999, decoded PSNR >= 60 dB;
@@ -155,8 +158,11 @@ def verify(model, backend, device, images, batch, precision, json_out, compare, 
             raise click.ClickException(f"{images}: no images found")
         x = load_images(files[:16])
     batches = parse_int_list(batch, "--batch")
+    options = parse_backend_options(backend, backend_option)
     with fallback_allowed(allow_fallback):
         if compare == "polygraphy":
+            if options:
+                raise click.UsageError("--backend-option is for --compare pytorch")
             from rpiae.verify.polygraphy import compare_bundle, polygraphy_backends
 
             if backend not in polygraphy_backends():
@@ -167,7 +173,7 @@ def verify(model, backend, device, images, batch, precision, json_out, compare, 
         else:
             report = verify_bundle(model, backend=backend, images=x, batches=batches,
                                    precisions=parse_precisions(precision, PRECISIONS) if precision else None, device=device,
-                                   progress=True)
+                                   progress=True, options=options)
     _print_results(report["results"])
     if json_out:
         with atomic_file(json_out) as tmp:

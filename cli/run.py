@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
-from rpiae.cli.common import STREAM_BATCH, crop_option, friendly_errors, runtime_options, workers_option
+from rpiae.cli.common import (
+    STREAM_BATCH, crop_option, friendly_errors, parse_backend_options, runtime_options, workers_option,
+)
 from rpiae.jobs import ENGINES
 from rpiae.jobs.shards import LATENT_DTYPES
 
@@ -42,9 +44,9 @@ def _check_engine(engine, address, workers_per_gpu) -> None:
         raise click.UsageError(str(e)) from None
 
 
-def _engine(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats):
+def _engine(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats, options):
     """The job's engine: the local backend, or a `RayEngine` (device: the --device given, else
-    what the cluster has)."""
+    what the cluster has), opened with `options` (`parse_backend_options` of --backend-option)."""
     from click.core import ParameterSource
 
     from rpiae.jobs import open_engine
@@ -52,7 +54,7 @@ def _engine(engine, address, workers_per_gpu, model, backend, precision, device,
     if engine == "ray" and click.get_current_context().get_parameter_source("device") == ParameterSource.DEFAULT:
         device = None
     return open_engine(model, backend, precision, device, max_batch=batch_size, latent_stats=latent_stats, engine=engine,
-                       address=address, workers_per_gpu=workers_per_gpu)
+                       address=address, workers_per_gpu=workers_per_gpu, options=options)
 
 
 @click.command()
@@ -64,7 +66,7 @@ def _engine(engine, address, workers_per_gpu, model, backend, precision, device,
               help="Where to write the latents: one float32 .npy array of shape (N, C, H, W) (the model's latent shape: "
                    "64x16x16 for RPiAE, 96x16x16 for PS-VAE), in input order.")
 @friendly_errors
-def encode(model, backend, precision, device, batch_size, latent_stats, crop, workers, images, output):
+def encode(model, backend, backend_option, precision, device, batch_size, latent_stats, crop, workers, images, output):
     """Encode IMAGES (files, or folders searched recursively) into one .npy of latents.
 
     Images stream through the backend batch by batch; the array is written into a temporary
@@ -75,7 +77,8 @@ def encode(model, backend, precision, device, batch_size, latent_stats, crop, wo
 
     if output.suffix != ".npy":
         raise click.BadParameter("the output must be a .npy file", param_hint="--output")
-    with _engine("local", None, None, model, backend, precision, device, batch_size, latent_stats) as be:
+    options = parse_backend_options(backend, backend_option)
+    with _engine("local", None, None, model, backend, precision, device, batch_size, latent_stats, options) as be:
         s = encode_files(images, output, be, crop, workers, batch_size)
     n, shape = s["images"], s["shape"][1:]
     click.echo(f"encoded {n} image(s) with {backend}/{precision} ({crop} crop) -> {output} ({n}, "
@@ -94,7 +97,7 @@ def encode(model, backend, precision, device, batch_size, latent_stats, crop, wo
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @engine_options
 @friendly_errors
-def decode(model, backend, precision, device, batch_size, latent_stats, latents, output, npz, key, overwrite, quiet,
+def decode(model, backend, backend_option, precision, device, batch_size, latent_stats, latents, output, npz, key, overwrite, quiet,
            engine, address, workers_per_gpu):
     """Decode LATENTS into PNG images, batch by batch.
 
@@ -109,8 +112,10 @@ def decode(model, backend, precision, device, batch_size, latent_stats, latents,
     from rpiae.jobs.decode import decode_latents
 
     _check_engine(engine, address, workers_per_gpu)
+    options = parse_backend_options(backend, backend_option)
     src = LatentFile(latents, key)
-    with _engine(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats) as be:
+    with _engine(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats,
+                 options) as be:
         s = decode_latents(src, output, be, batch_size or STREAM_BATCH, npz=npz, overwrite=overwrite, progress=not quiet)
         where = f" ({be.summary()})" if engine == "ray" else ""
     kept = f", {s['kept']} already there" if s["kept"] else ""
@@ -153,7 +158,7 @@ def _distributed() -> tuple[int, int, int, object]:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @engine_options
 @friendly_errors
-def extract(model, backend, precision, device, batch_size, latent_stats, crop, workers, data, out, shard_size, flip,
+def extract(model, backend, backend_option, precision, device, batch_size, latent_stats, crop, workers, data, out, shard_size, flip,
             dtype, skip_bad, no_labels, overwrite, quiet, engine, address, workers_per_gpu):
     """Encode a whole dataset into latent shards, with exact statistics, resumably.
 
@@ -175,6 +180,7 @@ def extract(model, backend, precision, device, batch_size, latent_stats, crop, w
     from rpiae.jobs.shards import ExtractOptions
 
     _check_engine(engine, address, workers_per_gpu)
+    options = parse_backend_options(backend, backend_option)
     rank, world, local_rank, barrier = _distributed()
     if world > 1 and engine == "ray":
         raise click.UsageError("--engine ray runs from one process, not under torchrun")
@@ -183,7 +189,8 @@ def extract(model, backend, precision, device, batch_size, latent_stats, crop, w
     opts = ExtractOptions(shard_size=shard_size, batch_size=batch_size or STREAM_BATCH, flip=flip, dtype=dtype,
                           workers=workers, skip_bad=skip_bad, crop=crop)
     source = open_source(data, no_labels=no_labels)
-    with _engine(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats) as be:
+    with _engine(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats,
+                 options) as be:
         s = run(source, out, be, job_model(be, model, latent_stats), opts, rank=rank, world=world, barrier=barrier,
                 progress=not quiet, overwrite=overwrite)
         where = f"; {be.summary()}" if engine == "ray" else ""

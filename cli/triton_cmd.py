@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from rpiae.cli.common import PRECISIONS, friendly_errors
+from rpiae.cli.common import PRECISIONS, backend_options_option, friendly_errors, parse_backend_options
 from rpiae.export.backends import BACKENDS, REGISTRY
 from rpiae.export.triton import DEFAULT_PYTHON_BACKEND
 
@@ -32,6 +32,7 @@ from rpiae.export.triton import DEFAULT_PYTHON_BACKEND
               "none when it runs outside one: the server's own Python).")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="--platform python: intra-op threads per model instance (default: the runtime's).")
+@backend_options_option
 @click.option("--instance-kind", type=click.Choice(["auto", "gpu", "cpu"]), default="auto", show_default=True,
               help="Triton instance group kind (auto: gpu for tensorrt, cpu for onnxruntime).")
 @click.option("--instances", type=click.IntRange(1), default=1, show_default=True, help="Instances per model.")
@@ -44,7 +45,7 @@ from rpiae.export.triton import DEFAULT_PYTHON_BACKEND
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Model repository directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing directory at --out.")
 @friendly_errors
-def triton(model, precision, platform, backend, python_env, threads, instance_kind, instances, max_batch,
+def triton(model, precision, platform, backend, python_env, threads, backend_option, instance_kind, instances, max_batch,
            max_queue_delay_us, prefix, out, overwrite):
     """Write a Triton model repository: encoder, decoder and an image -> latent -> image ensemble.
 
@@ -53,12 +54,14 @@ def triton(model, precision, platform, backend, python_env, threads, instance_ki
     """
     from rpiae.export.triton import write_model_repository
 
-    if platform != "python" and (backend != DEFAULT_PYTHON_BACKEND or python_env or threads):
-        raise click.UsageError("--backend, --python-env and --threads apply to --platform python")
+    if platform != "python" and (backend != DEFAULT_PYTHON_BACKEND or python_env or threads or backend_option):
+        raise click.UsageError("--backend, --backend-option, --python-env and --threads apply to --platform python")
+    options = parse_backend_options(backend, backend_option)
     summary = write_model_repository(model, out, precision=precision, platform=platform, instance_kind=instance_kind,
                                      instances=instances, max_batch=max_batch, prefix=prefix,
                                      max_queue_delay_us=max_queue_delay_us, overwrite=overwrite, backend=backend,
-                                     python_env=str(python_env.resolve()) if python_env else "auto", threads=threads)
+                                     python_env=str(python_env.resolve()) if python_env else "auto", threads=threads,
+                                     options=options)
     runs = f" ({summary['backend']} backend)" if summary["backend"] else ""
     click.echo(f"model repository {out}: {summary['platform']}{runs} {summary['precision']}, "
                f"{summary['instance_kind']} instances; configs checked with Triton's ModelConfig protobuf")

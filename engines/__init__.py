@@ -8,7 +8,10 @@ precisions, on which devices, and the class that implements it).
 from __future__ import annotations
 
 import importlib
+import inspect
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from rpiae.engines.base import Backend, BackendUnavailable, InputError, PrecisionUnsupported
 from rpiae.export.backends import BACKENDS, REGISTRY, backend_info
@@ -22,6 +25,57 @@ def backend_class(name: str) -> type[Backend]:
     """The Backend class of a registered backend (its module imported now: runtimes are optional)."""
     module, _, cls = backend_info(name).runner.partition(":")
     return getattr(importlib.import_module(module), cls)
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _option_value(backend: str, key: str, text: str, parameter: inspect.Parameter) -> Any:
+    """`text` as the type of `parameter` (its annotation, else its default's type): bool, int,
+    float or str; ValueError naming the option otherwise."""
+    note = str(parameter.annotation) if parameter.annotation is not inspect.Parameter.empty else ""
+    kinds = [k for k in ("bool", "int", "float", "str") if k in note.replace("|", " ").split()]
+    if not kinds and parameter.default is not None and parameter.default is not inspect.Parameter.empty:
+        kinds = [type(parameter.default).__name__]
+    if "bool" in kinds:
+        if text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError(f"{backend} option {key}: expected true or false, got {text!r}")
+    for kind, convert in (("int", int), ("float", float)):
+        if kind in kinds:
+            try:
+                return convert(text)
+            except ValueError:
+                raise ValueError(f"{backend} option {key}: expected {'an integer' if kind == 'int' else 'a number'}, "
+                                 f"got {text!r}") from None
+    if "str" in kinds:
+        return text
+    raise ValueError(f"{backend} option {key} cannot be given as text")
+
+
+def split_options(pairs: Iterable[str]) -> dict[str, str]:
+    """KEY=VALUE strings (`--backend-option`) as {KEY: VALUE}; ValueError for one without '='."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"backend option {pair!r}: expected KEY=VALUE")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def backend_options(backend: str, options: dict[str, str], accepted_only: bool = False) -> dict[str, Any]:
+    """Text options (`split_options`) as the keyword options of `backend`'s class, each converted
+    to its constructor parameter's type. Every key must be one of the backend's registry
+    `options` (with `accepted_only`, the others are left out: one option list for several
+    backends). ValueError, one line, for anything else."""
+    info = backend_info(backend)
+    unknown = [k for k in options if k not in info.options]
+    if unknown and not accepted_only:
+        takes = f"it takes {', '.join(info.options)}" if info.options else "it takes none"
+        raise ValueError(f"{backend} backend has no option {', '.join(unknown)} ({takes})")
+    parameters = inspect.signature(backend_class(backend).__init__).parameters
+    return {k: _option_value(backend, k, v, parameters[k]) for k, v in options.items() if k in info.options}
 
 
 def _weights(source, latent_stats=None):
@@ -100,10 +154,11 @@ def open_backend(source, backend: str, precision: str = "fp32", device: str = "c
         source = _weights(source, kwargs.pop("latent_stats", None))
     be = cls(source, precision=precision, device=device, **kwargs)
     be.opened_from = opened_from  # what `model_info` describes without opening it again
+    be.options = {k: v for k, v in kwargs.items() if k in backend_info(backend).options}
     return be
 
 
 __all__ = [
     "BACKENDS", "FROM_WEIGHTS", "Backend", "BackendUnavailable", "InputError", "PrecisionUnsupported", "backend_class",
-    "load_backend", "model_info", "open_backend", "resolve_model",
+    "backend_options", "load_backend", "model_info", "open_backend", "resolve_model", "split_options",
 ]

@@ -137,6 +137,7 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     native: ClassVar[str] = "numpy"  # the array type `_run` takes: "numpy" or "torch"
     opened_from: Any = None  # the Bundle or checkpoint Path `rpiae.engines.load_backend` opened it from
+    options: dict[str, Any] = {}  # the keyword options of its registry entry it was opened with (never mutated)
 
     def __init__(self, config: RPiAEConfig, precision: str = "fp32", max_batch: int | None = None,
                  graphs: tuple[str, ...] = GRAPHS) -> None:
@@ -223,7 +224,8 @@ class Backend(abc.ABC):
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "precision": self.precision, "max_batch": self.max_batch}
+        return {"backend": self.name, "precision": self.precision, "max_batch": self.max_batch,
+                "options": {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in self.options.items()}}
 
     def op_profile(self, graph: str, x: Array, runs: int = 2, cuda: bool = False) -> tuple[dict[str, float], str]:
         """Seconds per op over `runs` calls of `graph` on `x` (after one warm call), and the tool

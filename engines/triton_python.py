@@ -9,6 +9,7 @@
     rpiae_precision  fp32 | fp16 | int8 | bf16
     rpiae_bundle     the bundle, relative to the model's directory (or absolute)
     rpiae_threads    intra-op threads per instance (optional; empty: the runtime's default)
+    rpiae_options    the backend's keyword options as a JSON object (optional: `--backend-option`)
 
 so the tensor names, shapes and batch limit in the config (built from the model config)
 and what the instance runs come from one file. Tensors cross the Python backend by DLPack
@@ -77,6 +78,7 @@ class GraphModel:
                 options["threads"] = int(params["rpiae_threads"])
             else:
                 torch.set_num_threads(int(params["rpiae_threads"]))
+        options.update(json.loads(params.get("rpiae_options") or "{}"))
         self.backend = load_backend(bundle, params["rpiae_backend"], params["rpiae_precision"], device, **options)
         self.input_name = config["input"][0]["name"]
         self.output_name = config["output"][0]["name"]

@@ -33,8 +33,9 @@ class BackendInfo:
     # `REQUIREMENTS`; `rpiae doctor` says, for each, whether this machine has it)
     requires: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
     precision_requires: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False)
-    # benchmark variants: row name -> (the precisions it runs, the options it is opened with)
-    bench_variants: dict[str, tuple[tuple[str, ...], dict]] = field(default_factory=dict, hash=False)
+    # named variants, another way to run it that is compared under a name of its own (benchmark and
+    # eval rows): name -> (the precisions it runs, None for all of its own; the options it is opened with)
+    variants: dict[str, tuple[tuple[str, ...] | None, dict]] = field(default_factory=dict, hash=False)
 
     def file_precision(self, precision: str) -> str:
         """The precision of the bundle files it runs `precision` from (its own, or `files_of`'s)."""
@@ -64,10 +65,11 @@ REQUIREMENTS = {
 
 REGISTRY: dict[str, BackendInfo] = {b.name: b for b in (
     BackendInfo("torch", "rpiae.engines.torch_backend:TorchBackend", KIND_WEIGHTS, TORCH_PRECISIONS, ("cpu", "cuda"),
-                "torch", "eager PyTorch (autocast for fp16/bf16)", ("compile",), requires={"cuda": ("gpu",)}),
+                "torch", "eager PyTorch (autocast for fp16/bf16)", ("compile",), requires={"cuda": ("gpu",)},
+                variants={"torch-compile": (None, {"compile": True})}),
     BackendInfo("ort", "rpiae.engines.ort_backend:ORTBackend", KIND_ONNX, ONNX_PRECISIONS, ("cpu", "cuda", "trt"),
                 "pip install -e '.[cpu]' (CPU) or the gpu-cu13 / gpu-cu12 extra", "ONNX Runtime on the bundle's ONNX graphs",
-                ("threads", "spinning", "io_binding", "allow_fallback", "op_profiling", "profile"),
+                ("threads", "spinning", "io_binding", "allow_fallback", "exact_int8", "op_profiling", "profile"),
                 requires={"cpu": ("ort-cpu",), "cuda": ("ort-cuda", "gpu"), "trt": ("ort-trt", "gpu", "tensorrt")}),
     BackendInfo("trt", "rpiae.engines.trt_backend:TRTBackend", KIND_TRT_ENGINE, ONNX_PRECISIONS,
                 ("cuda",), "pip install -c constraints/gpu-cu13.txt -e '.[gpu-cu13]'", "TensorRT engines of the bundle",
@@ -79,12 +81,18 @@ REGISTRY: dict[str, BackendInfo] = {b.name: b for b in (
                 "pip install -e '.[openvino]'", "OpenVINO on the bundle's ONNX graphs (bf16: its inference hint, on CPUs with bf16)",
                 ("threads", "hint", "op_profiling", "int8_rest"), files_of={"bf16": "fp32"}, requires={"cpu": ("openvino",)},
                 precision_requires={"bf16": ("openvino-bf16",)},
-                bench_variants={"openvino-int8-bf16": (("int8",), {"int8_rest": "bf16"})}),
+                variants={"openvino-int8-bf16": (("int8",), {"int8_rest": "bf16"})}),
     BackendInfo("torch-trt", "rpiae.engines.torch_trt_backend:TorchTRTBackend", KIND_WEIGHTS, TORCH_PRECISIONS, ("cuda",),
                 "pip install -c constraints/gpu-cu13.txt -e '.[gpu-cu13]'", "the PyTorch graphs compiled by Torch-TensorRT", ("profile",),
                 requires={"cuda": ("torch-tensorrt", "gpu")}),
 )}
 BACKENDS = tuple(REGISTRY)
+# every named variant: name -> (the backend it runs, its options, the precisions it runs or None for all)
+VARIANTS: dict[str, tuple[str, dict, tuple[str, ...] | None]] = {
+    name: (info.name, options, precisions) for info in REGISTRY.values() for name, (precisions, options) in info.variants.items()
+}
+# what a comparison (rpiae bench, rpiae eval) can list: the backends, each followed by its variants
+RUNTIMES = tuple(n for b in BACKENDS for n in (b, *REGISTRY[b].variants))
 
 
 def backend_info(name: str) -> BackendInfo:
@@ -92,6 +100,12 @@ def backend_info(name: str) -> BackendInfo:
     if name not in REGISTRY:
         raise ValueError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
     return REGISTRY[name]
+
+
+def variant(name: str) -> tuple[str, dict, tuple[str, ...] | None]:
+    """(the registered backend, its options, the precisions it runs or None for all of the
+    backend's) of a runtime name: a variant's, or a plain backend's (no options)."""
+    return VARIANTS.get(name, (name, {}, None))
 
 
 def runnable(name: str, have: list[str] | tuple[str, ...]) -> list[str]:
@@ -103,4 +117,5 @@ def runnable(name: str, have: list[str] | tuple[str, ...]) -> list[str]:
     return [p for p in info.precisions if info.file_precision(p) in have]
 
 
-__all__ = ["BACKENDS", "BUNDLE_DEFAULT", "REFERENCE", "REGISTRY", "REQUIREMENTS", "BackendInfo", "backend_info", "runnable"]
+__all__ = ["BACKENDS", "BUNDLE_DEFAULT", "REFERENCE", "REGISTRY", "REQUIREMENTS", "RUNTIMES", "VARIANTS", "BackendInfo",
+           "backend_info", "runnable", "variant"]

@@ -26,6 +26,8 @@ and written with protobuf's `text_format` before the repository is renamed into 
 
 from __future__ import annotations
 
+import json
+
 import importlib.resources
 import shutil
 import sys
@@ -295,7 +297,8 @@ def _python_files(bundle: Bundle, backend: str, graph: str, precision: str, devi
 
 
 def _python_model(bundle: Bundle, graph: str, precision: str, max_batch: int | None, backend: str,
-                  kind: str, python_env: str | None, threads: int | None) -> dict[str, Any]:
+                  kind: str, python_env: str | None, threads: int | None,
+                  options: dict[str, Any] | None = None) -> dict[str, Any]:
     """What serving one graph as a python model takes: its parameters and bundle files."""
     info = backend_info(backend)
     if "cpu" not in info.devices and kind != "KIND_GPU":
@@ -312,6 +315,11 @@ def _python_model(bundle: Bundle, graph: str, precision: str, max_batch: int | N
     params = {"rpiae_graph": graph, "rpiae_backend": backend, "rpiae_precision": precision, "rpiae_bundle": BUNDLE_DIR}
     if threads:
         params["rpiae_threads"] = str(threads)
+    if options:
+        unknown = [k for k in options if k not in info.options]
+        if unknown:
+            raise ValueError(f"{backend} backend has no option {', '.join(unknown)}")
+        params["rpiae_options"] = json.dumps(options, sort_keys=True)
     if python_env:
         params["EXECUTION_ENV_PATH"] = python_env
     return {"bundle_files": _python_files(bundle, backend, graph, precision, device), "batch_max": batch_max,
@@ -331,13 +339,14 @@ def write_model_repository(
     bundle: Bundle | str | Path, out: str | Path, precision: str | None = None, platform: str = "auto",
     instance_kind: str = "auto", instances: int = 1, max_batch: int | None = None, prefix: str = "rpiae",
     max_queue_delay_us: int = 100, overwrite: bool = False, backend: str = DEFAULT_PYTHON_BACKEND, python_env: str | None = "auto",
-    threads: int | None = None,
+    threads: int | None = None, options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write a Triton model repository for `bundle` at `out` (atomically). Returns a summary.
 
     python models only: `backend` runs each graph, `python_env` is the environment with rpiae
     installed ("auto": this process's virtual environment; None: the server's Python),
-    `threads` the intra-op threads per instance."""
+    `threads` the intra-op threads per instance, `options` the backend's keyword options
+    (`rpiae.engines.backend_options`), kept as JSON in the config's `rpiae_options`."""
     if not isinstance(bundle, Bundle):
         bundle = Bundle.open(bundle)
     platform, precision = choose(bundle, platform, precision, instance_kind, backend)
@@ -356,7 +365,7 @@ def write_model_repository(
             spec = graph_specs(bundle.config)[graph]
             io[graph] = {"input": (spec.input_name, "TYPE_FP32", list(spec.input_shape)),
                          "output": (spec.output_name, "TYPE_FP32", list(spec.output_shape))}
-            served = _python_model(bundle, graph, precision, max_batch, backend, kind, python_env, threads)
+            served = _python_model(bundle, graph, precision, max_batch, backend, kind, python_env, threads, options)
             files[graph], subsets[graph] = [], served["bundle_files"]
         else:
             onnx_precision = precision if platform == "onnxruntime" else _engine_onnx_precision(bundle, graph, precision)

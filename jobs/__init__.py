@@ -37,15 +37,17 @@ def check_engine(engine: str, address: str | None = None, workers_per_gpu: int |
 
 def open_engine(model: str | Path | None, backend: str, precision: str = "fp32", device: str | None = "cpu",
                 max_batch: int | None = None, latent_stats: str | Path | None = None, engine: str = "local",
-                address: str | None = None, workers_per_gpu: int | None = None) -> Backend | RayEngine:
+                address: str | None = None, workers_per_gpu: int | None = None,
+                options: dict | None = None) -> Backend | RayEngine:
     """The engine a job streams through: `load_backend(...)` here, or a `RayEngine` (its actors
-    open the same backend; `device=None` lets it pick CUDA when the cluster has GPUs)."""
+    open the same backend; `device=None` lets it pick CUDA when the cluster has GPUs).
+    `options`: the backend's keyword options (`rpiae.engines.backend_options`)."""
     check_engine(engine, address, workers_per_gpu)
     if engine == "local":
         return load_backend(model, backend=backend, precision=precision, device=device or "cpu", max_batch=max_batch,
-                            latent_stats=latent_stats)
+                            latent_stats=latent_stats, **(options or {}))
     return RayEngine(model, backend, precision, device, max_batch=max_batch, latent_stats=latent_stats, address=address,
-                     workers_per_gpu=workers_per_gpu or 1)
+                     workers_per_gpu=workers_per_gpu or 1, options=options)
 
 
 def job_model(engine: Backend | RayEngine, model: str | Path | None = None,

@@ -38,7 +38,7 @@ from rpiae.data import EVAL_BATCH, image_size
 from rpiae.data.metric_nets import OPTIONAL_METRICS, EvalError, MetricNets, find_metric_weights, load_metric_nets
 from rpiae.data.sources import Source, image_loader
 from rpiae.engines import PrecisionUnsupported, load_backend
-from rpiae.export.backends import backend_info
+from rpiae.export.backends import backend_info, variant
 from rpiae.fileio import atomic_file
 from rpiae.imageio import CROPS, DEFAULT_CROP, to_8bit
 from rpiae.jobs.eval_report import METRICS, REFERENCE, format_table, write_grid
@@ -92,6 +92,7 @@ class _Row:
     ssim: float = 0.0
     lpips: float = 0.0
     seconds: float = 0.0
+    options: dict = field(default_factory=dict)  # the keyword options its backend was opened with
     moments: FeatureMoments | None = None
     tiles: list[np.ndarray] = field(default_factory=list)  # uint8 (H, W, 3), the first grid images
 
@@ -198,16 +199,26 @@ def _measure(source: Source, opts: EvalOptions, rows: list[_Row], backends: list
 
 
 def open_variants(stack: contextlib.ExitStack, model, requested: Sequence[tuple[str, str]], device: str,
-                  metric_device: str, max_batch: int | None = None) -> tuple[list, list[dict]]:
-    """(variants, skipped): the reference and every requested (backend, precision) opened on
+                  metric_device: str, max_batch: int | None = None,
+                  options: dict[str, dict] | None = None) -> tuple[list, list[dict]]:
+    """(variants, skipped): the reference and every requested (runtime, precision) opened on
     `stack` before any image is read (a missing graph fails at once), each on `device`, or on
     `metric_device` for a backend that does not run there (torch beside ONNX Runtime's `trt`);
-    a pair the backend never runs is skipped with why. ValueError when none of `requested` runs."""
+    a pair the backend never runs is skipped with why. A runtime is a backend or one of its
+    named variants (`rpiae.export.backends.variant`: `openvino-int8-bf16`); `options` maps a
+    runtime to keyword options added to its own (never to the reference, eager PyTorch FP32).
+    ValueError when none of `requested` runs."""
     variants, skipped = [], []
     for b, p in [REFERENCE] + [v for v in requested if v != REFERENCE]:
-        dev = device if str(device).split(":")[0] in backend_info(b).devices else metric_device
+        backend, own, only = variant(b)
+        dev = device if str(device).split(":")[0] in backend_info(backend).devices else metric_device
+        if only is not None and p not in only:
+            skipped.append({"backend": b, "precision": p, "reason": f"{b} runs {', '.join(only)}, not {p}"})
+            continue
+        extra = {} if (b, p) == REFERENCE else (options or {}).get(b, {})
         try:
-            variants.append(((b, p), stack.enter_context(load_backend(model, b, p, dev, max_batch=max_batch))))
+            variants.append(((b, p), stack.enter_context(
+                load_backend(model, backend, p, dev, max_batch=max_batch, **{**own, **extra}))))
         except PrecisionUnsupported as e:
             if (b, p) == REFERENCE:
                 raise
@@ -249,7 +260,7 @@ def evaluate(
     if opts.size is None:
         opts = replace(opts, size=image_size(model, variants[names.index(REFERENCE)][1]))
     wanted = set(requested) if requested is not None else set(names)
-    rows = [_Row(b, p, (b, p) in wanted) for b, p in names]
+    rows = [_Row(b, p, (b, p) in wanted, options=dict(getattr(be, "options", None) or {})) for (b, p), be in variants]
     for r in rows:
         r.moments = FeatureMoments() if nets.inception is not None else None
     originals = _Originals(FeatureMoments() if nets.inception is not None else None)
@@ -287,7 +298,7 @@ def evaluate(
 
 
 def report_rows(rows: list[_Row], originals: FeatureMoments | None, nets: MetricNets) -> list[dict]:
-    """One dict per variant, the reference first: {backend, precision, n, psnr, ssim, lpips,
+    """One dict per variant, the reference first: {backend, precision, options, n, psnr, ssim, lpips,
     rfid, seconds, reference, requested, delta}; a skipped metric's value is its skip text,
     and `delta` is the row minus the reference (None where a value is not a number)."""
     out = []
@@ -296,7 +307,7 @@ def report_rows(rows: list[_Row], originals: FeatureMoments | None, nets: Metric
         if rfid is None:
             rfid = fid(r.moments, originals) if r.n >= 2 else "skipped: rFID needs at least 2 images"
         out.append({
-            "backend": r.backend, "precision": r.precision, "n": r.n,
+            "backend": r.backend, "precision": r.precision, "options": r.options, "n": r.n,
             "psnr": r.psnr / r.n, "ssim": r.ssim / r.n,
             "lpips": nets.skipped.get("lpips", r.lpips / r.n), "rfid": rfid,
             "seconds": round(r.seconds, 3), "reference": r.name == REFERENCE, "requested": r.requested,

@@ -199,7 +199,8 @@ class RayEngine:
 
     def __init__(self, model: str | None = None, backend: str = REFERENCE,
                  precision: str = "fp32", device: str | None = None, max_batch: int | None = None,
-                 latent_stats: str | None = None, address: str | None = None, workers_per_gpu: int = 1) -> None:
+                 latent_stats: str | None = None, address: str | None = None, workers_per_gpu: int = 1,
+                 options: dict | None = None) -> None:
         if workers_per_gpu < 1:
             raise ValueError("workers per GPU must be >= 1")
         from rpiae.hub import resolve_model
@@ -213,6 +214,7 @@ class RayEngine:
             "model": str(Path(model).resolve()) if model is not None else None, "backend": backend,
             "precision": precision, "device": device, "max_batch": max_batch,
             "latent_stats": str(Path(latent_stats).resolve()) if latent_stats is not None else None,
+            **(options or {}),  # the backend's own keyword options
         }
         self.address, self.workers_per_gpu = address, workers_per_gpu
         threads = os.environ.get("OMP_NUM_THREADS", "")

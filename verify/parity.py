@@ -88,8 +88,10 @@ def verify_bundle(
     precisions: list[str] | None = None,
     device: str = "cpu",
     progress: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run every precision of `bundle` on `backend` against eager PyTorch FP32.
+    """Run every precision of `bundle` on `backend` (opened with its keyword `options`) against
+    eager PyTorch FP32.
 
     Without `precisions`, a precision this machine cannot run (`PrecisionUnsupported`: OpenVINO's
     bf16 on a CPU without bf16) is reported as skipped with the reason; one asked for is an error."""
@@ -115,7 +117,7 @@ def verify_bundle(
         if precision in unsupported:
             continue
         try:
-            cand = open_backend(bundle, backend, precision, device)
+            cand = open_backend(bundle, backend, precision, device, **(options or {}))
         except PrecisionUnsupported as e:
             if asked:
                 raise
