@@ -19,7 +19,9 @@ from rpiae.export.bundle import Bundle
 from rpiae.export.checks import assert_graph_ok
 from rpiae.export.manifest import KIND_ONNX, KIND_ONNX_DATA, KIND_WEIGHTS, WEIGHTS, onnx_name
 from rpiae.export.onnx_export import OPSET, export_graph_from_checkpoint
-from rpiae.export.precision import check_int8_memory, precision_report
+from rpiae.export.precision import (
+    INT8_CALIBRATION_DEFAULT, INT8_CALIBRATIONS, INT8_KEEP_DEFAULT, check_int8_memory, int8_keep_nodes, precision_report,
+)
 from rpiae.export.spec import GRAPH_MODULES, GRAPHS, ONNX_PRECISIONS, parse_precisions
 from rpiae.fileio import atomic_dir, sha256_file
 from rpiae.hub import resolve_model
@@ -68,6 +70,8 @@ def build_bundle(
     calib_count: int = 64,
     int8_high_precision: str = INT8_HIGH_PRECISION,
     int8_weight_bits: int = INT8_WEIGHT_BITS_DEFAULT,
+    int8_calibration: str = INT8_CALIBRATION_DEFAULT,
+    int8_keep: tuple[str, ...] | list[str] = INT8_KEEP_DEFAULT,
     overwrite: bool = False,
     progress: bool = True,
     latent_stats: str | Path | None = None,
@@ -78,7 +82,9 @@ def build_bundle(
     FP32 is always included (the variants are derived from it, each by its precision's ONNX pass,
     `rpiae.precisions`). A quantised precision (INT8) needs `calib`; its unquantised layers
     run in `int8_high_precision`, and its weights use `int8_weight_bits` (7 for x86 CPUs without
-    VNNI, `rpiae.precisions.int8_pairs_saturate`).
+    VNNI, `rpiae.precisions.int8_pairs_saturate`); its activations are calibrated with
+    `int8_calibration` (max or entropy), and the model parts `int8_keep` stay unquantised
+    (`rpiae.export.precision.INT8_KEEP_PARTS`).
     `latent_stats` (from `rpiae extract`, or the RPiAE authors' `.pt`) bakes latent
     normalisation into both graphs and the bundle's weights. The ONNX export and the INT8
     pass each run in a child process (`rpiae.isolation`), from the bundle's own weights: their
@@ -87,13 +93,17 @@ def build_bundle(
     precisions = parse_precisions(precisions)
     if "fp32" not in precisions:
         precisions.insert(0, "fp32")
+    if int8_calibration not in INT8_CALIBRATIONS:
+        raise ValueError(f"int8 calibration must be one of {', '.join(INT8_CALIBRATIONS)}, not {int8_calibration!r}")
+    int8_keep_nodes(int8_keep)  # an unknown part is refused before anything is exported
     model, source = load_source(checkpoint, latent_stats)
     calib_x = calibration_images(calib, calib_count) if any(precision_info(p).quantized for p in precisions) else None
     if calib_x is not None:  # refuse now, not after minutes of FP32 export
         for graph in GRAPHS:
             check_int8_memory(_fp32_graph_bytes(model, graph), onnx_name(graph, "fp32"))
-    calibration = {"images": 0 if calib_x is None else len(calib_x), "method": "max", "high_precision": int8_high_precision,
-                   "weight_bits": int8_weight_bits, "source": "array" if isinstance(calib, np.ndarray) else str(calib)}
+    calibration = {"images": 0 if calib_x is None else len(calib_x), "method": int8_calibration,
+                   "high_precision": int8_high_precision, "weight_bits": int8_weight_bits, "keep": list(int8_keep),
+                   "source": "array" if isinstance(calib, np.ndarray) else str(calib)}
     jobs = [(g, p) for p in precisions for g in GRAPHS]
     bar = tqdm(total=len(jobs) + 1, desc="export", unit="step", disable=not progress)
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -132,12 +142,12 @@ def _add_graph(bundle: Bundle, graph: str, precision: str, calibration_data: np.
         run_in_child(export_graph_from_checkpoint, str(tmp / WEIGHTS), graph, str(tmp / name), what=f"the {graph} ONNX export")
     elif info.onnx_pass is None:
         raise ValueError(f"{precision} has no ONNX graph; choose from: {', '.join(ONNX_PRECISIONS)}")
-    else:  # "module:function" (src, dst[, calibration data, high_precision=, weight_bits=])
+    else:  # "module:function" (src, dst[, calibration data, high_precision=, weight_bits=, method=, keep=])
         module, _, fn = info.onnx_pass.partition(":")
         make = getattr(importlib.import_module(module), fn)
         if info.quantized:
             make(fp32, tmp / name, calibration_data, high_precision=calibration["high_precision"],
-                 weight_bits=calibration["weight_bits"])
+                 weight_bits=calibration["weight_bits"], method=calibration["method"], keep=calibration["keep"])
         else:
             make(fp32, tmp / name)
     assert_graph_ok(tmp / name, precision)

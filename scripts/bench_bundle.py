@@ -18,6 +18,7 @@ import torch
 
 from rpiae import RPiAE
 from rpiae.config import PRESETS
+from rpiae.export.precision import INT8_CALIBRATION_DEFAULT, INT8_CALIBRATIONS, INT8_KEEP_DEFAULT
 from rpiae.precisions import INT8_WEIGHT_BITS, INT8_WEIGHT_BITS_DEFAULT
 from rpiae.verify import export_bundle
 from rpiae.samples import sample_photos
@@ -32,6 +33,10 @@ def main() -> None:
                     help="fp32 for ONNX Runtime on a CPU, fp16 for TensorRT")
     ap.add_argument("--int8-weight-bits", type=int, default=INT8_WEIGHT_BITS_DEFAULT, choices=INT8_WEIGHT_BITS,
                     help="7 for x86 CPUs without VNNI (rpiae export --int8-weight-bits)")
+    ap.add_argument("--int8-calibration", default=INT8_CALIBRATION_DEFAULT, choices=INT8_CALIBRATIONS,
+                    help="rpiae export --int8-calibration (speed does not depend on it: the same layers are quantised)")
+    ap.add_argument("--int8-keep", default=",".join(INT8_KEEP_DEFAULT),
+                    help="rpiae export --int8-keep: comma-separated parts left unquantised, or none")
     ap.add_argument("--out", required=True)
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args()
@@ -42,6 +47,8 @@ def main() -> None:
     calib = np.concatenate([photos, photos[..., ::-1]])
     bundle = export_bundle(model, args.out, precisions=args.precision, calib=calib,
                            int8_high_precision=args.int8_high_precision, int8_weight_bits=args.int8_weight_bits,
+                           int8_calibration=args.int8_calibration,
+                           int8_keep=[k for k in args.int8_keep.split(",") if k and k != "none"],
                            overwrite=args.overwrite)
     print(f"{bundle.root}: {', '.join(bundle.precisions('onnx'))}")
 
