@@ -60,7 +60,7 @@ from rpiae.precisions import (
 @click.option("--int8-keep", default=",".join(INT8_KEEP_DEFAULT), show_default=True,
               help=f"Comma-separated model parts the INT8 graphs leave unquantised ({', '.join(INT8_KEEP_PARTS)}), or "
               "none. They run in --int8-high-precision (or OpenVINO's hint with -O int8_rest=bf16). io-projections: the "
-              "patch embedding, to_moments, in_proj, the pixel decoder's embed and last projection, about 1 % of the "
+              "patch embedding, to_moments, in_proj, the pixel decoder's embed and last projection, under 1 % of the "
               "matmul work; with entropy calibration INT8 loses half the PSNR it does with none kept and max "
               "calibration, at the same speed (README: INT8 within 0.1 dB).")
 @click.option("--batch", default=str(BatchProfile()), show_default=True,

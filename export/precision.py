@@ -12,7 +12,7 @@ from the graph: strongly typed networks, no builder flags).
   tokens); LayerNorm/Softmax never are, nor the graph-level 256->224 resize (it would
   quantise the input pixels), nor, by default, the first and last projection of each part
   (`keep`, `INT8_KEEP_PARTS["io-projections"]`: half of INT8's reconstruction loss on real photos
-  for about 1 % of the matmul work). Everything not quantised runs in `high_precision` (fp16 for
+  for under 1 % of the matmul work). Everything not quantised runs in `high_precision` (fp16 for
   TensorRT by default). Every quantised activation gets one Q/DQ pair per consumer
   (`dedicated_qdq_pairs`), so that each MatMul is its own QDQ unit for the runtime.
   `weight_bits=7` requantises the weights from the FP32 graph to |q| <= 63 (`narrow_weights`):
@@ -51,7 +51,7 @@ INT8_EXCLUDED_NODES = [r"^/"]  # graph level: the resize matmuls would quantise 
 # high precision, or in the runtime's hint: OpenVINO's `int8_rest`), by their module paths
 INT8_KEEP_PARTS = {
     # the projection into and out of each part: patch embedding, to_moments, the bridge decoder's
-    # in_proj, the pixel decoder's embed and its last projection (about 1 % of the matmul work)
+    # in_proj, the pixel decoder's embed and its last projection (under 1 % of the matmul work)
     "io-projections": r"^.*\.(patch_embeddings\.|to_moments/|in_proj/|decoder_embed/|decoder_pred/)",
     "encoder": r"^model\.encoder\.",  # the representation encoder (DINOv2 / SigLIP2)
     "bridge-encoder": r"^model\.vb_feature_encoder\.",  # its features -> latent
