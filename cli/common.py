@@ -84,6 +84,8 @@ device_option = click.option(
     "--device", "-d", default="cpu", show_default=True,
     help="cpu, cuda (or cuda:N); for --backend ort also trt or trt:N (ONNX Runtime's TensorRT provider on GPU N).",
 )
+
+
 def _split_options(ctx, param, pairs: tuple[str, ...]) -> dict[str, str]:
     from rpiae.engines import split_options
 

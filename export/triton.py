@@ -26,9 +26,8 @@ and written with protobuf's `text_format` before the repository is renamed into 
 
 from __future__ import annotations
 
-import json
-
 import importlib.resources
+import json
 import shutil
 import sys
 from pathlib import Path
