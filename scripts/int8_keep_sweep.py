@@ -60,10 +60,14 @@ def main() -> None:
                                           for g, ops in int8.items()},
                          "seconds": round(time.time() - t0, 1)})
             print(f"{name:40} {row['delta']['psnr']:+.3f} dB  {row['delta']['ssim']:+.5f} SSIM", flush=True)
+    from rpiae.fileio import atomic_file
+
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"checkpoint": args.checkpoint or "shipped", "photos": args.photos, "calib": args.calib,
-                               "backend": "ort", "high_precision": "fp32", "rows": rows}, indent=1) + "\n")
+    with atomic_file(out) as tmp_out:
+        tmp_out.write_text(json.dumps({"checkpoint": args.checkpoint or "shipped", "photos": args.photos,
+                                       "calib": args.calib, "backend": "ort", "high_precision": "fp32", "rows": rows},
+                                      indent=1) + "\n")
 
 
 if __name__ == "__main__":
