@@ -20,7 +20,7 @@ from rpiae.cli.common import (
 )
 from rpiae.export.backends import BACKENDS, REFERENCE, REGISTRY
 from rpiae.export.precision import (
-    INT8_CALIBRATION_DEFAULT, INT8_CALIBRATIONS, INT8_KEEP_DEFAULT, INT8_KEEP_PARTS, int8_keep_nodes,
+    INT8_CALIBRATION_DEFAULT, INT8_CALIBRATIONS, INT8_KEEP_DEFAULT, INT8_KEEP_PARTS, parse_int8_keep,
 )
 from rpiae.export.profile import BatchProfile
 from rpiae.export.targets import ONNX_TARGET, TARGETS
@@ -103,9 +103,8 @@ def export(checkpoint, target, precision, calib, calib_count, int8_high_precisio
     given = {"workspace_gb": workspace_gb, "timing_cache": timing_cache, "opt_level": opt_level,
              "version_compatible": version_compatible, "cache_dir": cache_dir}
     precisions, profile = parse_precisions(precision), BatchProfile.parse(batch)  # usage errors first
-    keep = [k.strip() for k in int8_keep.split(",") if k.strip() and k.strip() != "none"]
     try:
-        int8_keep_nodes(keep)
+        keep = parse_int8_keep(int8_keep)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--int8-keep") from None
     bundle = export_target(checkpoint, out, target, precisions=precisions, profile=profile, device=device,

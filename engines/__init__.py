@@ -70,10 +70,8 @@ def backend_options(backend: str, options: dict[str, str], accepted_only: bool =
     `options` (with `accepted_only`, the others are left out: one option list for several
     backends). ValueError, one line, for anything else."""
     info = backend_info(backend)
-    unknown = [k for k in options if k not in info.options]
-    if unknown and not accepted_only:
-        takes = f"it takes {', '.join(info.options)}" if info.options else "it takes none"
-        raise ValueError(f"{backend} backend has no option {', '.join(unknown)} ({takes})")
+    if not accepted_only:
+        info.check_options(options)
     parameters = inspect.signature(backend_class(backend).__init__).parameters
     return {k: _option_value(backend, k, v, parameters[k]) for k, v in options.items() if k in info.options}
 

@@ -37,6 +37,13 @@ class BackendInfo:
     # eval rows): name -> (the precisions it runs, None for all of its own; the options it is opened with)
     variants: dict[str, tuple[tuple[str, ...] | None, dict]] = field(default_factory=dict, hash=False)
 
+    def check_options(self, keys) -> None:
+        """ValueError (one line, naming what it takes) unless every key is one of its `options`."""
+        unknown = [k for k in keys if k not in self.options]
+        if unknown:
+            takes = f"it takes {', '.join(self.options)}" if self.options else "it takes none"
+            raise ValueError(f"{self.name} backend has no option {', '.join(unknown)} ({takes})")
+
     def file_precision(self, precision: str) -> str:
         """The precision of the bundle files it runs `precision` from (its own, or `files_of`'s)."""
         return self.files_of.get(precision, precision)

@@ -67,6 +67,14 @@ INT8_CALIBRATION_DEFAULT = "entropy"
 INT8_KEEP_DEFAULT = ("io-projections",)
 
 
+def parse_int8_keep(text: str) -> list[str]:
+    """`--int8-keep` text (comma-separated parts, or none) as the list of parts; ValueError
+    naming the choices for an unknown one."""
+    parts = [p.strip() for p in text.split(",") if p.strip() and p.strip() != "none"]
+    int8_keep_nodes(parts)
+    return parts
+
+
 def int8_keep_nodes(parts: tuple[str, ...] | list[str]) -> list[str]:
     """The node-name regexes of `parts` (names of `INT8_KEEP_PARTS`); ValueError naming the choices."""
     bad = [p for p in parts if p not in INT8_KEEP_PARTS]

@@ -315,9 +315,7 @@ def _python_model(bundle: Bundle, graph: str, precision: str, max_batch: int | N
     if threads:
         params["rpiae_threads"] = str(threads)
     if options:
-        unknown = [k for k in options if k not in info.options]
-        if unknown:
-            raise ValueError(f"{backend} backend has no option {', '.join(unknown)}")
+        info.check_options(options)
         params["rpiae_options"] = json.dumps(options, sort_keys=True)
     if python_env:
         params["EXECUTION_ENV_PATH"] = python_env

@@ -18,7 +18,7 @@ import torch
 
 from rpiae import RPiAE
 from rpiae.config import PRESETS
-from rpiae.export.precision import INT8_CALIBRATION_DEFAULT, INT8_CALIBRATIONS, INT8_KEEP_DEFAULT
+from rpiae.export.precision import INT8_CALIBRATION_DEFAULT, INT8_CALIBRATIONS, INT8_KEEP_DEFAULT, parse_int8_keep
 from rpiae.precisions import INT8_WEIGHT_BITS, INT8_WEIGHT_BITS_DEFAULT
 from rpiae.verify import export_bundle
 from rpiae.samples import sample_photos
@@ -48,7 +48,7 @@ def main() -> None:
     bundle = export_bundle(model, args.out, precisions=args.precision, calib=calib,
                            int8_high_precision=args.int8_high_precision, int8_weight_bits=args.int8_weight_bits,
                            int8_calibration=args.int8_calibration,
-                           int8_keep=[k for k in args.int8_keep.split(",") if k and k != "none"],
+                           int8_keep=parse_int8_keep(args.int8_keep),
                            overwrite=args.overwrite)
     print(f"{bundle.root}: {', '.join(bundle.precisions('onnx'))}")
 
