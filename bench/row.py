@@ -33,15 +33,16 @@ def _peak_rss() -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
-def _open_backend(model: str, backend: str, precision: str, device: str, threads: int, **kwargs):
-    """A row's backend (a bench variant: its backend with the variant's options), with the run's
-    thread count where the runtime takes one."""
+def _open_backend(model: str, backend: str, precision: str, device: str, threads: int, graph: str, **kwargs):
+    """A row's backend (a bench variant: its backend with the variant's options) opened for the
+    row's graph only (its peak RSS and weight bytes are that graph's), with the run's thread
+    count where the runtime takes one."""
     from rpiae.engines import load_backend
 
     name, options, _ = variant(backend)
     if "threads" in backend_info(name).options:
         options = {**options, "threads": threads}
-    return load_backend(model, name, precision, device, **options, **kwargs)
+    return load_backend(model, name, precision, device, graphs=(graph,), **options, **kwargs)
 
 
 def graph_weight_bytes(model: str, backend: str, precision: str, graph: str) -> dict[str, Any]:
@@ -152,7 +153,7 @@ def _measure_row_on(row: dict[str, Any], settings: dict[str, Any], dev) -> dict[
     isolated = settings["isolate"]
     row["rss_baseline_bytes"] = _rss() if isolated else None
     t0 = time.perf_counter()
-    backend = _open_backend(settings["model"], row["backend"], precision, device, threads)
+    backend = _open_backend(settings["model"], row["backend"], precision, device, threads, graph)
     row["load_s"] = time.perf_counter() - t0
     try:
         x = _input(backend.config, graph, batch)  # timing does not depend on the values (no data-dependent paths)
@@ -224,7 +225,7 @@ def _profile_graph(spec: dict[str, Any], settings: dict[str, Any]) -> dict[str, 
     graph, batch, runs = spec["graph"], spec["batch"], 2
     name = variant(spec["backend"])[0]
     extra = {"op_profiling": True} if "op_profiling" in backend_info(name).options else {}
-    backend = _open_backend(settings["model"], spec["backend"], spec["precision"], settings["device"], threads, **extra)
+    backend = _open_backend(settings["model"], spec["backend"], spec["precision"], settings["device"], threads, graph, **extra)
     try:
         totals, tool = backend.op_profile(graph, _input(backend.config, graph, batch), runs, on_cuda(settings["device"]))
     finally:

@@ -44,9 +44,10 @@ def _check_engine(engine, address, workers_per_gpu) -> None:
         raise click.UsageError(str(e)) from None
 
 
-def _engine(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats, options):
-    """The job's engine: the local backend, or a `RayEngine` (device: the --device given, else
-    what the cluster has), opened with `options` (`parse_backend_options` of --backend-option)."""
+def _engine(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats, options, graph):
+    """The job's engine for its one `graph`: the local backend, or a `RayEngine` (device: the
+    --device given, else what the cluster has), opened with `options` (`parse_backend_options`
+    of --backend-option)."""
     from click.core import ParameterSource
 
     from rpiae.jobs import open_engine
@@ -54,7 +55,7 @@ def _engine(engine, address, workers_per_gpu, model, backend, precision, device,
     if engine == "ray" and click.get_current_context().get_parameter_source("device") == ParameterSource.DEFAULT:
         device = None
     return open_engine(model, backend, precision, device, max_batch=batch_size, latent_stats=latent_stats, engine=engine,
-                       address=address, workers_per_gpu=workers_per_gpu, options=options)
+                       address=address, workers_per_gpu=workers_per_gpu, options=options, graphs=(graph,))
 
 
 @click.command()
@@ -78,7 +79,7 @@ def encode(model, backend, backend_option, precision, device, batch_size, latent
     if output.suffix != ".npy":
         raise click.BadParameter("the output must be a .npy file", param_hint="--output")
     options = parse_backend_options(backend, backend_option)
-    with _engine("local", None, None, model, backend, precision, device, batch_size, latent_stats, options) as be:
+    with _engine("local", None, None, model, backend, precision, device, batch_size, latent_stats, options, "encode") as be:
         s = encode_files(images, output, be, crop, workers, batch_size)
     n, shape = s["images"], s["shape"][1:]
     click.echo(f"encoded {n} image(s) with {backend}/{precision} ({crop} crop) -> {output} ({n}, "
@@ -115,7 +116,7 @@ def decode(model, backend, backend_option, precision, device, batch_size, latent
     options = parse_backend_options(backend, backend_option)
     src = LatentFile(latents, key)
     with _engine(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats,
-                 options) as be:
+                 options, "decode") as be:
         s = decode_latents(src, output, be, batch_size or STREAM_BATCH, npz=npz, overwrite=overwrite, progress=not quiet)
         where = f" ({be.summary()})" if engine == "ray" else ""
     kept = f", {s['kept']} already there" if s["kept"] else ""
@@ -190,7 +191,7 @@ def extract(model, backend, backend_option, precision, device, batch_size, laten
                           workers=workers, skip_bad=skip_bad, crop=crop)
     source = open_source(data, no_labels=no_labels)
     with _engine(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats,
-                 options) as be:
+                 options, "encode") as be:
         s = run(source, out, be, job_model(be, model, latent_stats), opts, rank=rank, world=world, barrier=barrier,
                 progress=not quiet, overwrite=overwrite)
         where = f"; {be.summary()}" if engine == "ray" else ""

@@ -13,9 +13,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from rpiae.engines.base import Backend, BackendUnavailable, InputError, PrecisionUnsupported
+from rpiae.engines.base import Backend, BackendUnavailable, InputError, PrecisionUnsupported, check_graphs
 from rpiae.export.backends import BACKENDS, REGISTRY, backend_info
 from rpiae.export.bundle import model_info
+from rpiae.export.spec import GRAPHS
 from rpiae.hub import resolve_model
 
 FROM_WEIGHTS = tuple(n for n, b in REGISTRY.items() if b.from_weights)  # also open a checkpoint
@@ -76,10 +77,12 @@ def backend_options(backend: str, options: dict[str, str], accepted_only: bool =
     return {k: _option_value(backend, k, v, parameters[k]) for k, v in options.items() if k in info.options}
 
 
-def _weights(source, latent_stats=None):
+def _weights(source, latent_stats=None, graphs=GRAPHS):
+    """The model of a checkpoint or bundle, holding only the modules of `graphs`."""
     from rpiae.model import RPiAE
 
     model = RPiAE.from_checkpoint(source.weights_path() if not isinstance(source, Path) else source)
+    model.keep_graphs(check_graphs(graphs))
     if latent_stats is not None and isinstance(source, Path):
         from rpiae.checkpoints import read_latent_stats
 
@@ -149,7 +152,7 @@ def open_backend(source, backend: str, precision: str = "fp32", device: str = "c
     cls.require()  # a missing runtime fails before the weights are read
     opened_from = source
     if backend_info(backend).from_weights:
-        source = _weights(source, kwargs.pop("latent_stats", None))
+        source = _weights(source, kwargs.pop("latent_stats", None), kwargs.get("graphs", GRAPHS))
     be = cls(source, precision=precision, device=device, **kwargs)
     be.opened_from = opened_from  # what `model_info` describes without opening it again
     be.options = {k: v for k, v in kwargs.items() if k in backend_info(backend).options}

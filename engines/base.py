@@ -224,7 +224,7 @@ class Backend(abc.ABC):
         return np.ascontiguousarray(x, dtype=np.float32)
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "precision": self.precision, "max_batch": self.max_batch,
+        return {"backend": self.name, "precision": self.precision, "max_batch": self.max_batch, "graphs": list(self.graphs),
                 "options": {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in self.options.items()}}
 
     def op_profile(self, graph: str, x: Array, runs: int = 2, cuda: bool = False) -> tuple[dict[str, float], str]:

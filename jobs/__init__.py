@@ -19,6 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from rpiae.engines import Backend, load_backend, model_info
+from rpiae.engines.base import check_graphs
+from rpiae.export.spec import GRAPHS
 from rpiae.jobs.ray_engine import RayEngine, import_ray
 
 ENGINES = ("local", "ray")  # where a job runs: this process (and its loader workers), or a Ray cluster
@@ -38,16 +40,19 @@ def check_engine(engine: str, address: str | None = None, workers_per_gpu: int |
 def open_engine(model: str | Path | None, backend: str, precision: str = "fp32", device: str | None = "cpu",
                 max_batch: int | None = None, latent_stats: str | Path | None = None, engine: str = "local",
                 address: str | None = None, workers_per_gpu: int | None = None,
-                options: dict | None = None) -> Backend | RayEngine:
+                options: dict | None = None, graphs: tuple[str, ...] = GRAPHS) -> Backend | RayEngine:
     """The engine a job streams through: `load_backend(...)` here, or a `RayEngine` (its actors
     open the same backend; `device=None` lets it pick CUDA when the cluster has GPUs).
-    `options`: the backend's keyword options (`rpiae.engines.backend_options`)."""
+    `options`: the backend's keyword options (`rpiae.engines.backend_options`). `graphs`: the
+    graphs the job runs; only their files are loaded (an encode job never holds the decoder's
+    graph, engine or GPU memory)."""
     check_engine(engine, address, workers_per_gpu)
+    graphs = check_graphs(graphs)
     if engine == "local":
         return load_backend(model, backend=backend, precision=precision, device=device or "cpu", max_batch=max_batch,
-                            latent_stats=latent_stats, **(options or {}))
+                            latent_stats=latent_stats, graphs=graphs, **(options or {}))
     return RayEngine(model, backend, precision, device, max_batch=max_batch, latent_stats=latent_stats, address=address,
-                     workers_per_gpu=workers_per_gpu or 1, options=options)
+                     workers_per_gpu=workers_per_gpu or 1, options=options, graphs=graphs)
 
 
 def job_model(engine: Backend | RayEngine, model: str | Path | None = None,

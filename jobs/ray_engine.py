@@ -200,7 +200,7 @@ class RayEngine:
     def __init__(self, model: str | None = None, backend: str = REFERENCE,
                  precision: str = "fp32", device: str | None = None, max_batch: int | None = None,
                  latent_stats: str | None = None, address: str | None = None, workers_per_gpu: int = 1,
-                 options: dict | None = None) -> None:
+                 options: dict | None = None, graphs: tuple[str, ...] | None = None) -> None:
         if workers_per_gpu < 1:
             raise ValueError("workers per GPU must be >= 1")
         from rpiae.hub import resolve_model
@@ -215,6 +215,7 @@ class RayEngine:
             "precision": precision, "device": device, "max_batch": max_batch,
             "latent_stats": str(Path(latent_stats).resolve()) if latent_stats is not None else None,
             **(options or {}),  # the backend's own keyword options
+            **({"graphs": tuple(graphs)} if graphs else {}),  # only the graphs the job runs
         }
         self.address, self.workers_per_gpu = address, workers_per_gpu
         threads = os.environ.get("OMP_NUM_THREADS", "")

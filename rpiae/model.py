@@ -82,6 +82,19 @@ class RPiAE(nn.Module):
         """Write the project's format: safetensors with the config in its metadata."""
         return save_model(self, path, dtype=dtype, metadata=metadata)
 
+    def keep_graphs(self, graphs) -> "RPiAE":
+        """Drop the modules only the other graph runs (a backend opened for one graph: an
+        encode job does not hold the pixel decoder). Returns self; the dropped graph can no
+        longer run."""
+        from rpiae.export.spec import GRAPH_MODULES
+
+        kept = {m for g in graphs for m in GRAPH_MODULES[g]}
+        for g, modules in GRAPH_MODULES.items():
+            for m in modules:
+                if m not in kept:
+                    setattr(self, m, None)
+        return self
+
     # -- the two inference graphs --------------------------------------------------------
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """E's patch tokens (B, N, C) of images in [0, 1]."""

@@ -116,6 +116,8 @@ def test_results_json(result_file, bundle):
                 assert math.isfinite(r["fraction_of_peak"]) and r["fraction_of_peak"] > 0
                 assert r["threads"]["torch"] == 2
             assert ort["weight_bytes"] > 0 and ort["backend_info"]["backend"] == "ort"
+            # a row holds its own graph only: its peak RSS and weight bytes are that graph's
+            assert ref["backend_info"]["graphs"] == ort["backend_info"]["graphs"] == [graph]
             # skipped with the reason, never an error
             assert "int8" in rows[(graph, "ort", "int8", batch)]["reason"]
             assert rows[(graph, "torch", "int8", batch)]["status"] == "skipped"

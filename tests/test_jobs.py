@@ -91,3 +91,57 @@ def test_backend_check_takes_the_graphs_input_range(tiny_ckpt):
             be.check("encode", bad, spec.input_range)
         with pytest.raises(InputError, match="contains NaN or Inf"):
             be.check("encode", torch.full_like(good, float("inf")))
+
+
+def test_each_job_opens_only_the_graph_it_runs(bundle_all, tmp_path, monkeypatch, sample_photos):
+    """`rpiae encode`/`extract` never load the decoder's graph, `rpiae decode` never the
+    encoder's (on TensorRT: no engine, no GPU memory for the graph a job does not run)."""
+    from click.testing import CliRunner
+
+    from rpiae.cli.main import main
+
+    resolved = []
+    real = Bundle.graph_path
+
+    def recording(self, graph, precision, *args, **kwargs):
+        resolved.append(graph)
+        return real(self, graph, precision, *args, **kwargs)
+
+    monkeypatch.setattr(Bundle, "graph_path", recording)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, img in enumerate(sample_photos[:2]):
+        save_image(img, photos / f"p{i}.png")
+    root = str(bundle_all.root)
+
+    def run(*args):
+        resolved.clear()
+        r = CliRunner().invoke(main, [str(a) for a in args])
+        assert r.exit_code == 0, r.output
+        return sorted(set(resolved))
+
+    assert run("encode", "-m", root, "-b", "ort", photos, "-o", tmp_path / "z.npy") == ["encode"]
+    assert run("extract", "-m", root, "-b", "ort", photos, "--out", tmp_path / "lat", "--quiet") == ["encode"]
+    assert run("decode", "-m", root, "-b", "ort", tmp_path / "z.npy", "-o", tmp_path / "png", "--quiet") == ["decode"]
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["000000.png", "000001.png"]
+
+
+def test_a_torch_engine_for_one_graph_holds_only_its_modules(tiny_ckpt, photos):
+    import torch
+
+    from rpiae.devices import BackendUnavailable
+    from rpiae.model import RPiAE
+
+    full = RPiAE.from_checkpoint(tiny_ckpt)
+    x = photos[:2]
+    with open_engine(tiny_ckpt, "torch", graphs=("encode",)) as be:
+        assert be.model.decoder is None and be.model.vb_feature_decoder is None
+        assert be.model.encoder is not None and be.describe()["graphs"] == ["encode"]
+        held = sum(p.numel() for p in be.model.parameters())
+        with torch.inference_mode():
+            np.testing.assert_array_equal(be.encode(x), full.encode(torch.from_numpy(x)).numpy())
+        with pytest.raises(BackendUnavailable, match="decode"):
+            be.decode(np.zeros((1, *full.config.latent_shape), np.float32))
+    assert held < sum(p.numel() for p in full.parameters())
+    with pytest.raises(ValueError, match="graphs"):
+        open_engine(tiny_ckpt, "torch", graphs=("both",))
