@@ -114,10 +114,12 @@ def check_keys(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: st
         raise CheckpointError(f"{what} does not match the model: " + "; ".join(problems))
 
 
-def load_strict(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> None:
+def load_strict(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str, assign: bool = False) -> None:
+    """Load every key, each in the module's dtype. `assign`: the module's tensors become the
+    state dict's (for a module built on the meta device: no second copy of the weights)."""
     check_keys(module, sd, what)
     ref = module.state_dict()
-    module.load_state_dict({k: v.to(ref[k].dtype) for k, v in sd.items()}, strict=True)
+    module.load_state_dict({k: v.to(ref[k].dtype) for k, v in sd.items()}, strict=True, assign=assign)
 
 
 # -- the whole model -------------------------------------------------------------------------------

@@ -39,12 +39,23 @@ class RPiAE(nn.Module):
         self.vb_feature_encoder = VBEncoder(config)
         self.vb_feature_decoder = VBDecoder(config)
         self.decoder = PixelDecoder(config)
-        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.empty(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.empty(1, 3, 1, 1), persistent=False)
+        self.reset_constants()
         if config.latent_norm:
             self.register_buffer("latent_mean", torch.zeros(config.latent_shape))
             self.register_buffer("latent_var", torch.ones(config.latent_shape))
         self.eval()
+
+    @torch.no_grad()
+    def reset_constants(self) -> None:
+        """(Re)compute the buffers that are not weights (normalisation constants, the resized
+        position embedding) from the config and the weights."""
+        device = next(self.parameters()).device
+        self.mean = torch.tensor(self.config.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.config.std, device=device).view(1, 3, 1, 1)
+        if self.encoder is not None:
+            self.encoder.reset_constants()
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -64,8 +75,10 @@ class RPiAE(nn.Module):
         the tensor shapes against the presets (pass `config=` for a custom size).
         """
         config, sd = read_model_checkpoint(path, config)
-        model = cls(config if config is not None else infer_config(sd))
-        load_strict(model, sd, f"checkpoint {path}")
+        with torch.device("meta"):  # no random init, no second copy: the weights are the file's tensors
+            model = cls(config if config is not None else infer_config(sd))
+        load_strict(model, sd, f"checkpoint {path}", assign=True)
+        model.reset_constants()
         model.source = str(path)
         return model.eval()
 

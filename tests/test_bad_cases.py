@@ -248,9 +248,9 @@ def test_only_failed_writes_become_write_errors(tmp_path):
 
 
 def test_a_worker_loader_leaves_the_sigchld_handler_as_it_found_it(tmp_path, sample_photos):
-    """torch's DataLoader installs a process-wide SIGCHLD handler for its workers; left behind,
-    it ran on every later child exit (stopping a tritonserver child then crashed the process).
-    rpiae's image loader puts the earlier handler back once its workers are done, every time."""
+    """torch's DataLoader installs a process-wide SIGCHLD handler for its workers; with it in
+    place a child's exit was seen to end the process with SIGSEGV (joining the loader's own
+    workers; stopping a tritonserver child later). rpiae's image loader never installs it."""
     import signal
 
     from rpiae.data.sources import image_loader, open_source
@@ -262,7 +262,10 @@ def test_a_worker_loader_leaves_the_sigchld_handler_as_it_found_it(tmp_path, sam
     before = signal.getsignal(signal.SIGCHLD)
     for _ in range(2):
         batches = [[0, 1], [2, 3]]
-        got = [ids for ids, images, errors in image_loader(source, batches, DEFAULT_CROP, 256, workers=1)]
+        got = []
+        for ids, images, errors in image_loader(source, batches, DEFAULT_CROP, 256, workers=1):
+            assert signal.getsignal(signal.SIGCHLD) is before  # torch's handler is never installed
+            got.append(ids)
         assert [list(map(int, g)) for g in got] == batches
         assert signal.getsignal(signal.SIGCHLD) is before
     # abandoned half way: the workers stop and the handler is restored as well

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import sys
 
 import pytest
 import torch
@@ -72,6 +73,40 @@ def test_safetensors_round_trip_carries_config(tmp_path, tiny_model):
     x = torch.rand(2, 3, 256, 256)
     for a, b in zip(outputs(loaded, x), outputs(tiny_model, x)):
         assert torch.equal(a, b)
+
+
+def _mapped_ranges(path) -> list[tuple[int, int]]:
+    """Address ranges of this process's mappings of `path` (/proc/self/maps)."""
+    spans = []
+    for line in open("/proc/self/maps"):
+        if line.rstrip().endswith(str(path)):
+            lo, hi = line.split()[0].split("-")
+            spans.append((int(lo, 16), int(hi, 16)))
+    return spans
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_from_checkpoint_takes_the_files_tensors_without_a_copy(tmp_path, tiny_model):
+    """Built on the meta device, the weights are the file's (memory-mapped, copy-on-write):
+    nothing left on meta, the constants recomputed, writes stay in the process."""
+    path = tiny_model.save(tmp_path / "m.safetensors")
+    loaded = RPiAE.from_checkpoint(path)
+    tensors = [*loaded.parameters(), *loaded.buffers()]
+    assert not any(t.is_meta for t in tensors)
+    spans = _mapped_ranges(path.resolve())
+    inside = [p for p in loaded.parameters() if any(lo <= p.data_ptr() < hi for lo, hi in spans)]
+    assert spans and len(inside) == len(list(loaded.parameters()))  # no parameter was copied
+    for name, buf in tiny_model.named_buffers():  # mean/std and the resized position embedding
+        assert torch.equal(dict(loaded.named_buffers())[name], buf), name
+    x = torch.rand(2, 3, 256, 256)
+    for a, b in zip(outputs(loaded, x), outputs(tiny_model, x)):
+        assert torch.equal(a, b)
+    w = loaded.decoder.decoder_pred.weight
+    before = w.detach().clone()
+    with torch.no_grad():
+        w.add_(1.0)  # copy-on-write: the file keeps its weights
+    del loaded
+    assert torch.equal(RPiAE.from_checkpoint(path).decoder.decoder_pred.weight, before)
 
 
 def test_fp16_safetensors_loads_as_fp32(tmp_path, tiny_model):

@@ -299,18 +299,22 @@ def image_loader(source: Source, batches: list[list[int]], crop: str, size: int 
         prefetch_factor=4 if workers else None,
         worker_init_fn=_init_worker if workers else None,
     )
-    return _RestoringSIGCHLD(loader) if workers else loader
+    return _WithoutSIGCHLDHandler(loader) if workers else loader
 
 
-class _RestoringSIGCHLD:
-    """A worker DataLoader that leaves the process's SIGCHLD handler as it found it.
+class _WithoutSIGCHLDHandler:
+    """A worker DataLoader that never installs torch's SIGCHLD handler.
 
-    The first DataLoader with workers installs torch's SIGCHLD handler for the rest of the
-    process; when any child exits later (a server this process started and stops, a
-    subprocess), that handler checks the pids of workers long gone. Measured: with it left
-    behind by an in-process `rpiae encode`, stopping a `tritonserver` child later in the same
-    process ended it with SIGSEGV (tests/test_openvino.py, every run). Once the loader is done
-    (or abandoned), its workers are shut down and the earlier handler is put back."""
+    The first DataLoader with workers installs a process-wide SIGCHLD handler (a Python
+    handler that checks its workers' pids on every child exit). Measured with it in place: a
+    child exiting while the main thread waited in `waitpid` killed the process with SIGSEGV
+    (`si_code` SI_KERNEL, no faulting thread): when the loader joined its own workers at the
+    end of a run (the test suite, in some orders of its files, on an AVX-512 EPYC), and when a
+    process that had run an in-process `rpiae encode` stopped a `tritonserver` child. So the
+    handler is kept out while rpiae's loader runs, and torch still finds a dead worker by its
+    periodic liveness check (every 5 s while waiting for a batch: "DataLoader worker (pid(s)
+    ...) exited unexpectedly"). Once the loader is done (or abandoned) its workers are shut
+    down."""
 
     def __init__(self, loader) -> None:
         self.loader = loader
@@ -319,24 +323,26 @@ class _RestoringSIGCHLD:
         return len(self.loader)
 
     def __iter__(self):
-        import signal
         import threading
 
-        main = threading.current_thread() is threading.main_thread()
-        before = signal.getsignal(signal.SIGCHLD) if main else None
-        it = iter(self.loader)
-        try:
-            yield from it
-        finally:
-            shutdown = getattr(it, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
-            del it
-            if main and before is not None and signal.getsignal(signal.SIGCHLD) is not before:
-                signal.signal(signal.SIGCHLD, before)
-                from torch.utils.data._utils import signal_handling
+        from torch.utils.data._utils import signal_handling
 
-                signal_handling._SIGCHLD_handler_set = False  # the next worker loader installs it again
+        main = threading.current_thread() is threading.main_thread()
+        was_set = signal_handling._SIGCHLD_handler_set
+        if main:
+            signal_handling._SIGCHLD_handler_set = True  # torch's "already installed": it installs none
+        try:
+            it = iter(self.loader)
+            try:
+                yield from it
+            finally:
+                shutdown = getattr(it, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
+                del it
+        finally:
+            if main:
+                signal_handling._SIGCHLD_handler_set = was_set
 
 
 def _init_worker(_worker_id: int) -> None:

@@ -220,13 +220,22 @@ class RepresentationEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = BACKBONES[cfg.encoder_type](cfg)
-        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.empty(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.empty(1, 3, 1, 1), persistent=False)
         # The stored -> 16x16 pos-embed resize (antialiased) does not export, so it is
         # computed once and kept; it is recomputed whenever the weights can have changed
         # (after loading, when switching to eval). In training mode it is computed live.
         self.register_buffer("pos_embed", torch.empty(0), persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_pos_embed())
+        self.reset_constants()
+
+    @torch.no_grad()
+    def reset_constants(self) -> None:
+        """The normalisation constants (from the config) and the resized position embedding
+        (from the weights), on the weights' device."""
+        device = next(self.encoder.parameters()).device
+        self.mean = torch.tensor(self.cfg.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.cfg.std, device=device).view(1, 3, 1, 1)
         self.refresh_pos_embed()
 
     @torch.no_grad()
