@@ -17,14 +17,13 @@ from dataclasses import dataclass
 import torch
 
 from rpiae.config import RPiAEConfig
+# the model's submodules each graph runs (also their state-dict key prefixes), declared with the model
+from rpiae.model import GRAPH_MODULES  # noqa: F401
 # the precision vocabularies, declared with each precision's record; re-exported for the layers above
 from rpiae.precisions import ONNX_PRECISIONS, PRECISIONS, TORCH_PRECISIONS  # noqa: F401
 
 GRAPHS = ("encode", "decode")
 BATCH_AXIS = "batch"
-# the model's submodules each graph runs (also their state-dict key prefixes)
-GRAPH_MODULES = {"encode": ("encoder", "vb_feature_encoder"), "decode": ("vb_feature_decoder", "decoder")}
-
 
 
 @dataclass(frozen=True)

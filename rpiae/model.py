@@ -31,6 +31,10 @@ from rpiae.hub import resolve
 from rpiae.modules import DiagonalGaussian, PixelDecoder, RepresentationEncoder, VBDecoder, VBEncoder
 
 
+# the submodules each inference graph runs
+GRAPH_MODULES = {"encode": ("encoder", "vb_feature_encoder"), "decode": ("vb_feature_decoder", "decoder")}
+
+
 class RPiAE(nn.Module):
     def __init__(self, config: RPiAEConfig) -> None:
         super().__init__()
@@ -99,8 +103,6 @@ class RPiAE(nn.Module):
         """Drop the modules only the other graph runs (a backend opened for one graph: an
         encode job does not hold the pixel decoder). Returns self; the dropped graph can no
         longer run."""
-        from rpiae.export.spec import GRAPH_MODULES
-
         kept = {m for g in graphs for m in GRAPH_MODULES[g]}
         for g, modules in GRAPH_MODULES.items():
             for m in modules:

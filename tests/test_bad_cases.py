@@ -273,3 +273,37 @@ def test_a_worker_loader_leaves_the_sigchld_handler_as_it_found_it(tmp_path, sam
     next(it)
     it.close()
     assert signal.getsignal(signal.SIGCHLD) is before
+
+
+def test_a_killed_loader_worker_is_one_line(tmp_path, images, trained_or_tiny_ckpt):
+    """Without torch's SIGCHLD handler a dead DataLoader worker (OOM killer, kill -9) is still
+    found, by torch's liveness check while the job waits for a batch: one line, exit 1."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    d = tmp_path / "many"
+    d.mkdir()
+    for k in range(100):
+        for f in images:
+            (d / f"{k:03d}_{f.name}").write_bytes(f.read_bytes())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rpiae.cli", "extract", str(d), "--out", str(tmp_path / "lat"), "--model",
+         trained_or_tiny_ckpt, "--workers", "1", "--batch-size", "2", "--shard-size", "20", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    killed = None
+    deadline = time.monotonic() + 120
+    while killed is None and proc.poll() is None and time.monotonic() < deadline:
+        workers = psutil.Process(proc.pid).children()
+        if workers:
+            killed = workers[0].pid
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=120)
+    assert killed is not None, out
+    assert proc.returncode == 1, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: DataLoader worker") and str(killed) in lines[0], out

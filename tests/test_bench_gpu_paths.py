@@ -159,15 +159,15 @@ def test_ort_profile_uses_the_runs_device_and_providers(monkeypatch, bundle_all)
     opened = []
     real = RW._open_backend
 
-    def record(model, backend, precision, device, threads, **kwargs):
-        opened.append((backend, device, sorted(kwargs)))
-        return real(model, backend, precision, "cpu", threads, **kwargs)  # the CPU stands in for the GPU
+    def record(model, backend, precision, device, threads, graph, **kwargs):
+        opened.append((backend, device, graph, sorted(kwargs)))
+        return real(model, backend, precision, "cpu", threads, graph, **kwargs)  # the CPU stands in for the GPU
 
     monkeypatch.setattr(RW, "_open_backend", record)
     spec = {"graph": "encode", "backend": "ort", "precision": "fp32", "batch": 1}
     out = R.profile_graph(spec, {"threads": 1, "device": "cuda:1", "model": str(bundle_all.root)})
     assert out["status"] == "ok", out
-    assert opened == [("ort", "cuda:1", ["op_profiling"])]
+    assert opened == [("ort", "cuda:1", "encode", ["op_profiling"])]
     assert "CPUExecutionProvider" in out["tool"] and out["ops"] and abs(sum(o["share"] for o in out["ops"]) - 1) < 0.5
 
 
