@@ -650,3 +650,23 @@ def test_cli_restart_fine_tunes_a_finished_stage(tmp_path, image_dir):
     r = _cli("--stage", 1, "--data", image_dir, "--out", tmp_path / "x", "--resume", tmp_path / "s1" / "last",
              "--restart", "--no-lpips", "--no-gan")
     assert r.exit_code == 1 and "frozen copy" in r.output
+
+
+@pytest.mark.filterwarnings("ignore:skipping unreadable")
+def test_training_with_loader_workers_leaves_sigchld_alone(tmp_path, image_dir, monkeypatch):
+    """The training DataLoader with workers (the default is 4) runs through epochs and never
+    installs torch's SIGCHLD handler (with it, a worker's exit could end the process)."""
+    import signal
+
+    from torch.utils.data._utils import signal_handling
+
+    from rpiae.training.run import run_training
+
+    before = signal.getsignal(signal.SIGCHLD)
+    monkeypatch.setattr(signal_handling, "_SIGCHLD_handler_set", False)  # as in a fresh process
+    with pytest.warns(UserWarning):
+        run_training(1, image_dir, tmp_path / "s1", preset="tiny", no_lpips=True, no_gan=True, progress=False,
+                     overrides=dict(batch_size=1, num_workers=1, epochs=2, warmup_epochs=0.0,
+                                    resize_min=256, resize_max=256))
+    assert read_training_checkpoint(tmp_path / "s1" / "last")["step"] >= 2
+    assert signal.getsignal(signal.SIGCHLD) is before and signal_handling._SIGCHLD_handler_set is False

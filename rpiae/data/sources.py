@@ -299,7 +299,13 @@ def image_loader(source: Source, batches: list[list[int]], crop: str, size: int 
         prefetch_factor=4 if workers else None,
         worker_init_fn=_init_worker if workers else None,
     )
-    return _WithoutSIGCHLDHandler(loader) if workers else loader
+    return without_sigchld_handler(loader)
+
+
+def without_sigchld_handler(loader):
+    """`loader` as it is without worker processes, else wrapped so that iterating it never
+    installs torch's SIGCHLD handler (`_WithoutSIGCHLDHandler`); for every DataLoader of rpiae."""
+    return _WithoutSIGCHLDHandler(loader) if loader.num_workers else loader
 
 
 class _WithoutSIGCHLDHandler:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from rpiae.data.sources import without_sigchld_handler
 from rpiae.fileio import atomic_file
 from rpiae.training.data import EpochSampler, ImageFolderDataset
 from rpiae.training.schedule import micro_batch_size, steps_per_epoch
@@ -34,7 +35,10 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 
 def _loader(trainer: Trainer, dataset: ImageFolderDataset, sampler: EpochSampler, micro: int):
-    return torch.utils.data.DataLoader(
+    """The run's DataLoader; with workers, one that never installs torch's SIGCHLD handler (with
+    it, a worker's exit at an epoch's end could end the process with SIGSEGV: see
+    `rpiae.data.sources.without_sigchld_handler`)."""
+    return without_sigchld_handler(torch.utils.data.DataLoader(
         dataset,
         batch_size=micro,
         sampler=sampler,
@@ -44,7 +48,7 @@ def _loader(trainer: Trainer, dataset: ImageFolderDataset, sampler: EpochSampler
         # the loader's own generator: creating an iterator must not consume the global RNG,
         # or a resumed run would draw different noise than the uninterrupted one
         generator=torch.Generator().manual_seed(trainer.cfg.seed),
-    )
+    ))
 
 
 def _after_step(trainer: Trainer, logs: dict, total: int, spe: int, bar, log, t0: float,
