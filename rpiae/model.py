@@ -53,8 +53,9 @@ class RPiAE(nn.Module):
 
     @torch.no_grad()
     def reset_constants(self) -> None:
-        """(Re)compute the buffers that are not weights (normalisation constants, the resized
-        position embedding) from the config and the weights."""
+        """(Re)compute the normalisation constants (buffers that are not weights) from the config,
+        on the weights' device; the encoder's resized position embedding is refreshed by every
+        load of its weights."""
         device = next(self.parameters()).device
         self.mean = torch.tensor(self.config.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.config.std, device=device).view(1, 3, 1, 1)
@@ -81,7 +82,7 @@ class RPiAE(nn.Module):
         config, sd = read_model_checkpoint(path, config)
         with torch.device("meta"):  # no random init, no second copy: the weights are the file's tensors
             model = cls(config if config is not None else infer_config(sd))
-        load_strict(model, sd, f"checkpoint {path}", assign=True)
+        load_strict(model, sd, f"checkpoint {path}", assign=True)  # its post-hook refreshes the pos-embed
         model.reset_constants()
         model.source = str(path)
         return model.eval()
@@ -104,10 +105,8 @@ class RPiAE(nn.Module):
         encode job does not hold the pixel decoder). Returns self; the dropped graph can no
         longer run."""
         kept = {m for g in graphs for m in GRAPH_MODULES[g]}
-        for g, modules in GRAPH_MODULES.items():
-            for m in modules:
-                if m not in kept:
-                    setattr(self, m, None)
+        for m in {m for modules in GRAPH_MODULES.values() for m in modules} - kept:
+            setattr(self, m, None)
         return self
 
     # -- the two inference graphs --------------------------------------------------------

@@ -228,15 +228,15 @@ class RepresentationEncoder(nn.Module):
         self.register_buffer("pos_embed", torch.empty(0), persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh_pos_embed())
         self.reset_constants()
+        self.refresh_pos_embed()
 
     @torch.no_grad()
     def reset_constants(self) -> None:
-        """The normalisation constants (from the config) and the resized position embedding
-        (from the weights), on the weights' device."""
+        """The normalisation constants, from the config, on the weights' device (the position
+        embedding follows the weights: `refresh_pos_embed`, also run after every load)."""
         device = next(self.encoder.parameters()).device
         self.mean = torch.tensor(self.cfg.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(self.cfg.std, device=device).view(1, 3, 1, 1)
-        self.refresh_pos_embed()
 
     @torch.no_grad()
     def refresh_pos_embed(self) -> None:
