@@ -6,7 +6,7 @@
 Two questions, each answered by ratios measured in the same run:
 
 1. Memory is flat as the input grows: peak RSS of the command (the main process and its
-   DataLoader workers, summed, sampled every 20 ms; and the main process's own `ru_maxrss`)
+   DataLoader workers, summed, sampled every 20 ms; and the main process's alone)
    on N and on 10 N images. Target: the larger run uses at most 10 % more.
 2. Loading is hidden behind compute: extraction throughput of the full pipeline (JPEG files
    read, decoded and cropped in DataLoader workers, shards written) over the throughput of

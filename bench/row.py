@@ -16,21 +16,13 @@ from rpiae.devices import BackendUnavailable, device_scope, torch_device
 from rpiae.export.backends import REFERENCE, backend_info, variant
 from rpiae.export.bundle import Bundle, BundleError
 from rpiae.export.spec import GRAPH_MODULES, graph_spec
-from rpiae.host import environ
+from rpiae.host import environ, peak_rss
 
 
 def _rss() -> int:
     import psutil
 
     return psutil.Process().memory_info().rss
-
-
-def _peak_rss() -> int:
-    import resource
-    import sys
-
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(r if sys.platform == "darwin" else r * 1024)
 
 
 def _open_backend(model: str, backend: str, precision: str, device: str, threads: int, graph: str, **kwargs):
@@ -177,7 +169,7 @@ def _measure_row_on(row: dict[str, Any], settings: dict[str, Any], dev) -> dict[
             row.update(_cuda_measures(backend, x, batch, len(times), settings, dev, free0, total))
     finally:
         backend.close()
-    row["rss_peak_bytes"] = _peak_rss() if isolated else None
+    row["rss_peak_bytes"] = peak_rss() if isolated else None
     if isolated and row["rss_baseline_bytes"] is not None:
         row["rss_delta_bytes"] = row["rss_peak_bytes"] - row["rss_baseline_bytes"]
     row.update(graph_weight_bytes(settings["model"], row["backend"], precision, graph))

@@ -5,9 +5,11 @@ Methodology (recorded in the results' `methodology`):
 - One row = (backend, precision, graph, batch). By default each row runs in a fresh
   child process (multiprocessing `spawn`): the RSS high-water mark of a process only
   rises, so measuring several rows in one process would charge every row with the largest
-  one before it. The child's `ru_maxrss` is the row's peak host RSS; its RSS right before
-  the backend is opened (interpreter + torch + runtime libraries) is recorded as the
-  baseline, and `peak - baseline` is what the row itself costs.
+  one before it. The child's own high-water mark is the row's peak host RSS
+  (`rpiae.host.peak_rss`: Linux's VmHWM, not `ru_maxrss`, which a spawned child inherits from
+  its parent's peak); its RSS right before the backend is opened (interpreter + torch +
+  runtime libraries) is recorded as the baseline, and `peak - baseline` is what the row
+  itself costs.
 - Threads are fixed: `OMP_NUM_THREADS`/`MKL_NUM_THREADS` in the child's environment,
   `torch.set_num_threads`, ONNX Runtime `intra_op_num_threads`; all recorded.
 - Warm-up: at least `warmup` calls and `warmup_time` seconds (compilation, allocator and

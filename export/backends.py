@@ -76,7 +76,7 @@ REGISTRY: dict[str, BackendInfo] = {b.name: b for b in (
                 variants={"torch-compile": (None, {"compile": True})}),
     BackendInfo("ort", "rpiae.engines.ort_backend:ORTBackend", KIND_ONNX, ONNX_PRECISIONS, ("cpu", "cuda", "trt"),
                 "pip install -e '.[cpu]' (CPU) or the gpu-cu13 / gpu-cu12 extra", "ONNX Runtime on the bundle's ONNX graphs",
-                ("threads", "spinning", "io_binding", "allow_fallback", "exact_int8", "op_profiling", "profile"),
+                ("threads", "spinning", "io_binding", "allow_fallback", "exact_int8", "mem_pattern", "op_profiling", "profile"),
                 requires={"cpu": ("ort-cpu",), "cuda": ("ort-cuda", "gpu"), "trt": ("ort-trt", "gpu", "tensorrt")}),
     BackendInfo("trt", "rpiae.engines.trt_backend:TRTBackend", KIND_TRT_ENGINE, ONNX_PRECISIONS,
                 ("cuda",), "pip install -c constraints/gpu-cu13.txt -e '.[gpu-cu13]'", "TensorRT engines of the bundle",

@@ -1,6 +1,6 @@
 """Facts about this machine and process that several layers record or check: the CPU's model
-name and feature flags (one reader of /proc/cpuinfo), the versions of installed libraries,
-and environment variables set for the length of a block."""
+name and feature flags (one reader of /proc/cpuinfo), the process's own peak RSS, the versions
+of installed libraries, and environment variables set for the length of a block."""
 
 from __future__ import annotations
 
@@ -26,6 +26,28 @@ def cpu_info() -> dict[str, object]:
     if m := re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.M):
         out["flags"] = set(m.group(1).split())
     return out
+
+
+def peak_rss() -> int:
+    """This process's own peak resident set size in bytes, since it started.
+
+    On Linux the high-water mark of its address space (`VmHWM` in /proc/self/status), not
+    `getrusage`'s `ru_maxrss`: the kernel carries the peak of the address space a process
+    replaces at `exec` into its `ru_maxrss`, so a child started by `spawn` (fork or vfork, then
+    exec) reports at least its parent's peak. Elsewhere `ru_maxrss` (bytes on macOS, KiB on
+    other systems)."""
+    import resource
+    import sys
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
 
 
 def cpu_flags() -> set[str]:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -202,6 +204,13 @@ def test_cpu_targets_take_the_fastest_row_of_any_backend_within_their_accuracy_b
 
 
 def test_isolated_rows_measure_rss(bundle, tmp_path):
+    """Each row's peak RSS is its own process's: not the parent's peak, which Linux hands a
+    spawned child as the start of its `ru_maxrss` (the parent here first touches 1 GiB)."""
+    import resource
+
+    big = np.ones(2**27)  # 1 GiB, touched, then freed: the parent's peak only
+    del big
+    parent_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     settings = BenchSettings(model=bundle, backends=["ort"], precisions=["fp32"], batches=[1], graphs=["decode"],
                              isolate=True, threads=1, **{**FAST, "row_peak_time": 0.01})
     data = run_benchmark(settings, out=tmp_path / "r.json")
@@ -209,6 +218,8 @@ def test_isolated_rows_measure_rss(bundle, tmp_path):
     assert [(r["backend"], r["status"]) for r in rows] == [("torch", "ok"), ("ort", "ok")], [r.get("reason") for r in rows]
     for r in rows:
         assert r["rss_peak_bytes"] > r["rss_baseline_bytes"] > 0 and r["rss_delta_bytes"] > 0
+        if sys.platform == "linux":  # the tiny model's rows hold well under this process's peak
+            assert r["rss_peak_bytes"] < parent_peak - 2**29, (r["rss_peak_bytes"] >> 20, parent_peak >> 20)
         assert r["threads"]["OMP_NUM_THREADS"] == "1" and r["threads"]["torch"] == 1
         assert r["local_peak"]["gflops"] > 0 and r["rss_over_weights"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["settings"]["isolate"] is True
