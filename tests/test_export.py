@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 
 import numpy as np
 import onnx
@@ -17,7 +18,7 @@ from rpiae.verify import export_bundle, verify_bundle
 from rpiae.export.checks import check_graph
 from rpiae.export.graphs import bicubic_matrix
 from rpiae.export.onnx_export import read_metadata
-from rpiae.fileio import sha256_file
+from rpiae.fileio import sha256_file, umask
 from rpiae.verify.parity import TOLERANCES
 
 ONNX_FILES = [f"{g}.{p}.onnx" for g in ("encode", "decode") for p in ("fp32", "fp16", "int8")]
@@ -339,18 +340,28 @@ def test_rpiae_b_encode_graph_exports(tmp_path):
 
 
 def test_large_graphs_use_external_data(tmp_path, trained_or_tiny_ckpt, sample_photos, monkeypatch):
-    """Past the 2 GB protobuf limit weights go to `<name>.data`; the bundle hashes both."""
+    """Graphs past `EXTERNAL_DATA_BYTES` (128 MiB; protobuf's limit is 2 GB) keep their weights
+    in `<name>.data`; the bundle hashes both."""
     import rpiae.export.build as api
     import rpiae.export.onnx_export as ox
 
-    monkeypatch.setattr(ox, "TWO_GB", 1024)  # treat every graph as "large"
+    assert ox.EXTERNAL_DATA_BYTES == 2**27 < ox.TWO_GB
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_BYTES", 1024)  # treat every graph as "large"
     monkeypatch.setattr(api, "run_in_child", lambda fn, *args, what: fn(*args))  # so the patch applies
-    b = export_bundle(trained_or_tiny_ckpt, tmp_path / "ext", precisions="fp32", progress=False,
-                      parity_images=sample_photos[:2])
-    entry = b.files["encode.fp32.onnx"]
-    assert entry["external_data"] == ["encode.fp32.onnx.data"] and "encode.fp32.onnx.data" in b.files
-    assert (b.root / "encode.fp32.onnx").stat().st_size < 1_000_000 < (b.root / "encode.fp32.onnx.data").stat().st_size
-    assert all(r["ok"] for r in b.manifest.parity)
+    b = export_bundle(trained_or_tiny_ckpt, tmp_path / "ext", precisions="fp32,int8", progress=False,
+                      parity_images=sample_photos[:2], calib=sample_photos[:2])
+    for name in ("encode.fp32.onnx", "decode.fp32.onnx", "encode.int8.onnx", "decode.int8.onnx"):
+        assert b.files[name]["external_data"] == [name + ".data"] and name + ".data" in b.files
+        assert (b.root / name).stat().st_size < 1_000_000 < (b.root / (name + ".data")).stat().st_size
+        # readable by others like every file we write (onnx makes its data files 0600)
+        assert stat.S_IMODE((b.root / (name + ".data")).stat().st_mode) == 0o666 & ~umask()
+    assert {(r["precision"], r["ok"]) for r in b.manifest.parity} == {("fp32", True), ("int8", True)}
+    # the other runtime that reads the graphs finds the weights beside them
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install -e '.[openvino]')")
+    with load_backend(b.root, "openvino", "fp32", graphs=("encode",)) as ov, \
+            load_backend(b.root, "ort", "fp32", graphs=("encode",)) as ref:
+        z, z_ref = ov.encode(sample_photos[:2]), ref.encode(sample_photos[:2])
+    assert np.abs(np.asarray(z) - np.asarray(z_ref)).max() <= 1e-4 * np.abs(np.asarray(z_ref)).max()
     data = b.root / "encode.fp32.onnx.data"
     raw = bytearray(data.read_bytes())
     raw[100] ^= 0xFF
