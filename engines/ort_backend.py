@@ -37,7 +37,7 @@ opened for (`graphs`, both by default) gets a session when the backend is opened
   7-bit weights (`--int8-weight-bits 7`) need neither.
 - Memory on CPUs: ONNX Runtime's memory pattern (one block sized for every intermediate tensor
   of a run, planned per input shape) is off on the CPU provider (`mem_pattern=True` turns it on):
-  on the paper-size graphs it raised a batch-8 run's peak RSS by 130-210 MiB and did not change
+  on the paper-size graphs it raised a batch-8 run's peak RSS by 91-230 MiB and did not change
   the speed. Elsewhere ONNX Runtime's default stands. `describe()["mem_pattern"]` says which.
 """
 

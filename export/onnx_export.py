@@ -29,7 +29,7 @@ MAX_BATCH = 1024  # upper bound of the symbolic batch axis in the exported progr
 TWO_GB = 2**31 - 1024
 # a graph file larger than this keeps its weights in `<name>.data` beside it: ONNX Runtime then
 # maps the weights from that file instead of parsing a protobuf that holds them and copying them
-# out (on rpiae-b's fp32 decoder: 1.77 GB held after opening instead of 2.25 GB, opened in 1.8 s
+# out (rpiae-b's fp32 decoder, probed: 1.77 GB held after opening instead of 2.25 GB, opened in 1.8 s
 # instead of 4.2 s); and protobuf cannot hold more than 2 GB at all
 EXTERNAL_DATA_BYTES = 2**27
 
