@@ -12,7 +12,6 @@ the measurement behind that default.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import statistics
 import time
 
@@ -21,13 +20,17 @@ import numpy as np
 SETTINGS = {"on": True, "off": False}
 
 
-def _input(backend, graph: str, batch: int) -> np.ndarray:
-    spec = backend.specs[graph]
-    return np.random.default_rng(0).random((batch, *spec.input_shape), dtype=np.float32)
+def _feed(backend, graph: str, batch: int):
+    """(the graph's ONNX Runtime session, a feed of `batch` seeded inputs for it)."""
+    sess = backend.session(graph)
+    x = np.random.default_rng(0).random((batch, *backend.specs[graph].input_shape), dtype=np.float32)
+    return sess, {sess.get_inputs()[0].name: x}
 
 
-def _peak(model: str, graph: str, precision: str, batch: int, threads: int, mem_pattern: bool, calls: int, out) -> None:
-    """In a fresh process: MiB above the process baseline, right after opening and at the peak."""
+def _peak(model: str, graph: str, precision: str, batch: int, threads: int, mem_pattern: bool,
+          calls: int) -> tuple[float, float, float]:
+    """(MiB above the process baseline after opening, MiB above it at the peak, weight MiB);
+    run in a fresh process (`peak_in_child`)."""
     import psutil
 
     from rpiae.bench.row import graph_weight_bytes
@@ -37,22 +40,19 @@ def _peak(model: str, graph: str, precision: str, batch: int, threads: int, mem_
     base = psutil.Process().memory_info().rss
     be = load_backend(model, "ort", precision, "cpu", graphs=(graph,), threads=threads, mem_pattern=mem_pattern)
     opened = psutil.Process().memory_info().rss
-    x = _input(be, graph, batch)
+    sess, feed = _feed(be, graph, batch)
     for _ in range(calls):
-        be.session(graph).run(None, {be.session(graph).get_inputs()[0].name: x})
+        sess.run(None, feed)
     peak = peak_rss()
     weights = graph_weight_bytes(model, "ort", precision, graph)["weight_bytes"]
-    out.put(((opened - base) / 2**20, (peak - base) / 2**20, weights / 2**20))
+    return (opened - base) / 2**20, (peak - base) / 2**20, weights / 2**20
 
 
-def peak_rss(*args) -> tuple[float, float, float]:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_peak, args=(*args, q))
-    p.start()
-    result = q.get()
-    p.join()
-    return result
+def peak_in_child(*args) -> tuple[float, float, float]:
+    """`_peak` in a fresh spawned process (its own high-water mark)."""
+    from rpiae.isolation import run_in_child
+
+    return run_in_child(_peak, *args, what="the measuring process")
 
 
 def speeds(model: str, graph: str, precision: str, batch: int, threads: int, calls: int) -> dict[str, float]:
@@ -61,8 +61,7 @@ def speeds(model: str, graph: str, precision: str, batch: int, threads: int, cal
 
     backends = {k: load_backend(model, "ort", precision, "cpu", graphs=(graph,), threads=threads, mem_pattern=v)
                 for k, v in SETTINGS.items()}
-    x = _input(backends["on"], graph, batch)
-    feeds = {k: (be.session(graph), {be.session(graph).get_inputs()[0].name: x}) for k, be in backends.items()}
+    feeds = {k: _feed(be, graph, batch) for k, be in backends.items()}
     for sess, feed in feeds.values():
         sess.run(None, feed)
     times: dict[str, list[float]] = {k: [] for k in SETTINGS}
@@ -92,8 +91,8 @@ def main() -> None:
     for graph in args.graphs.split(","):
         for precision in args.precision.split(","):
             for batch in (int(b) for b in args.batch.split(",")):
-                on = peak_rss(args.model, graph, precision, batch, args.threads, True, 2)
-                off = peak_rss(args.model, graph, precision, batch, args.threads, False, 2)
+                on = peak_in_child(args.model, graph, precision, batch, args.threads, True, 2)
+                off = peak_in_child(args.model, graph, precision, batch, args.threads, False, 2)
                 s = speeds(args.model, graph, precision, batch, args.threads, args.calls)
                 w = on[2]
                 print(f"| {graph} | {precision} | {batch} | {w:.0f} | {on[0]:.0f} / {off[0]:.0f} | {on[1]:.0f} / {off[1]:.0f} "
