@@ -56,9 +56,19 @@ def _io_problems(model: onnx.ModelProto) -> list[str]:
     return problems
 
 
-def _zero_point_problems(node: onnx.NodeProto, zp: onnx.TensorProto | None) -> list[str]:
+def _array(t: onnx.TensorProto, base_dir: str | None) -> np.ndarray | None:
+    """A tensor's values; one kept in external data is read from its file beside the graph
+    (that tensor's bytes only), or None when the graph came without its directory."""
+    if t.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(t)
+    return None if base_dir is None else numpy_helper.to_array(t, base_dir)
+
+
+def _zero_point_problems(node: onnx.NodeProto, zp: onnx.TensorProto | None, base_dir: str | None) -> list[str]:
     """A Q/DQ node's zero-point must be a constant INT8 zero (TensorRT's signed int8)."""
-    arr = numpy_helper.to_array(zp) if zp is not None else None
+    if zp is not None and zp.data_location == onnx.TensorProto.EXTERNAL and base_dir is None:
+        return []  # its values are in a file this in-memory graph came without: checked where it is saved
+    arr = _array(zp, base_dir) if zp is not None else None
     if arr is None:
         return [f"{node.name}: zero-point is not a constant"]
     problems = []
@@ -70,9 +80,10 @@ def _zero_point_problems(node: onnx.NodeProto, zp: onnx.TensorProto | None) -> l
     return problems
 
 
-def _node_problems(model: onnx.ModelProto) -> list[str]:
+def _node_problems(model: onnx.ModelProto, base_dir: str | None = None) -> list[str]:
     """Ops TensorRT or the runtimes refuse or compute differently: antialiased Resize, dynamic
-    quantisation, Q/DQ that is not signed int8 with a zero zero-point, int8 weights of -128."""
+    quantisation, Q/DQ that is not signed int8 with a zero zero-point, int8 weights of -128.
+    Constants kept in external data are read from `base_dir` (the graph's directory)."""
     problems: list[str] = []
     inits = {t.name: t for t in model.graph.initializer}
     consts = {n.output[0]: _attr(n, "value") for n in model.graph.node if n.op_type == "Constant"}
@@ -87,13 +98,13 @@ def _node_problems(model: onnx.ModelProto) -> list[str]:
                             "(TensorRT takes signed int8: give it an int8 zero-point of 0)")
         if has_zp:
             zp = inits.get(node.input[2])
-            problems += _zero_point_problems(node, zp if zp is not None else consts.get(node.input[2]))
+            problems += _zero_point_problems(node, zp if zp is not None else consts.get(node.input[2]), base_dir)
         if node.op_type == "DequantizeLinear" and node.input[0] in inits and inits[node.input[0]].data_type == onnx.TensorProto.UINT8:
             problems.append(f"{node.name}: dequantises a UINT8 tensor (TensorRT takes signed int8)")
         if node.op_type == "DequantizeLinear" and node.input[0] in inits:
             w = inits[node.input[0]]
-            external = w.data_location == onnx.TensorProto.EXTERNAL  # not loaded here
-            if w.data_type == onnx.TensorProto.INT8 and not external and int(numpy_helper.to_array(w).min(initial=0)) < -127:
+            arr = _array(w, base_dir) if w.data_type == onnx.TensorProto.INT8 else None
+            if arr is not None and int(arr.min(initial=0)) < -127:
                 problems.append(f"{node.name}: int8 weight -128 (TensorRT takes weights in [-127, 127])")
     return problems
 
@@ -115,7 +126,9 @@ def _precision_problems(model: onnx.ModelProto, precision: str) -> list[str]:
 
 
 def check_graph(path: str | Path | onnx.ModelProto, precision: str | None = None) -> list[str]:
-    model = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path), load_external_data=False)
+    in_memory = isinstance(path, onnx.ModelProto)
+    model = path if in_memory else onnx.load(str(path), load_external_data=False)
+    base_dir = None if in_memory else str(Path(str(path)).parent)
     meta = {p.key: p.value for p in model.metadata_props}
     precision = precision or meta.get("rpiae.precision", "fp32")
     problems: list[str] = []
@@ -123,7 +136,7 @@ def check_graph(path: str | Path | onnx.ModelProto, precision: str | None = None
         problems.append(f"opset {_opset(model)} < {MIN_OPSET}")
     if "rpiae.config" not in meta:
         problems.append("no rpiae.config in the model metadata")
-    return problems + _io_problems(model) + _node_problems(model) + _precision_problems(model, precision)
+    return problems + _io_problems(model) + _node_problems(model, base_dir) + _precision_problems(model, precision)
 
 
 class GraphCheckError(ValueError):

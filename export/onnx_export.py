@@ -4,7 +4,7 @@ Steps, each plain: `torch.onnx.export` (dynamo, dynamic batch axis only) -> onnx
 (constant folding, dead-code removal) -> node names from module scopes (so precision
 rules, TensorRT layer reports and humans can read them) -> metadata (the model config:
 sizes, I/O conventions, normalisation) -> ONNX checker + shape inference -> save, with
-weights as external data (`<name>.data`) when the file would pass 128 MiB.
+weights as external data (`<name>.data`) when the file would pass 32 MiB.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ TWO_GB = 2**31 - 1024
 # a graph file larger than this keeps its weights in `<name>.data` beside it: ONNX Runtime then
 # maps the weights from that file instead of parsing a protobuf that holds them and copying them
 # out (rpiae-b's fp32 decoder, probed: 1.77 GB held after opening instead of 2.25 GB, opened in 1.8 s
-# instead of 4.2 s); and protobuf cannot hold more than 2 GB at all
-EXTERNAL_DATA_BYTES = 2**27
+# instead of 4.2 s; its 89 MiB int8 encoder: see bench/results/NOTES.md); and protobuf cannot hold
+# more than 2 GB at all. The tiny preset's graphs (under 18 MB) stay one file.
+EXTERNAL_DATA_BYTES = 2**25
 
 
 def _scope(node: onnx.NodeProto) -> str:

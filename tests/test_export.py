@@ -87,9 +87,16 @@ def test_graph_checks_catch_bad_graphs(bundle_all, tmp_path):
     arr = onnx.numpy_helper.to_array(w).copy()
     arr.flat[0] = -128
     w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
-    problems = " | ".join(check_graph(model))
+    found = check_graph(model)
+    problems = " | ".join(found)
     assert "non-zero zero-point" in problems and "antialiased Resize" in problems and "batch axis is not symbolic" in problems
     assert "int8 weight -128" in problems
+    # the same graph with every tensor in external data (as large graphs are saved): the values
+    # are read from the data file beside it, so the same problems are found
+    onnx.save_model(model, str(tmp_path / "bad.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="bad.onnx.data", size_threshold=0)
+    assert (tmp_path / "bad.onnx.data").stat().st_size > (tmp_path / "bad.onnx").stat().st_size
+    assert sorted(check_graph(tmp_path / "bad.onnx")) == sorted(found)
 
 
 def test_graph_checks_want_signed_int8_quantisation():
@@ -340,12 +347,12 @@ def test_rpiae_b_encode_graph_exports(tmp_path):
 
 
 def test_large_graphs_use_external_data(tmp_path, trained_or_tiny_ckpt, sample_photos, monkeypatch):
-    """Graphs past `EXTERNAL_DATA_BYTES` (128 MiB; protobuf's limit is 2 GB) keep their weights
-    in `<name>.data`; the bundle hashes both."""
+    """Graphs past `EXTERNAL_DATA_BYTES` (32 MiB: rpiae-b's four graphs; protobuf's limit is 2 GB)
+    keep their weights in `<name>.data`; the bundle hashes both."""
     import rpiae.export.build as api
     import rpiae.export.onnx_export as ox
 
-    assert ox.EXTERNAL_DATA_BYTES == 2**27 < ox.TWO_GB
+    assert ox.EXTERNAL_DATA_BYTES == 2**25 < ox.TWO_GB
     monkeypatch.setattr(ox, "EXTERNAL_DATA_BYTES", 1024)  # treat every graph as "large"
     monkeypatch.setattr(api, "run_in_child", lambda fn, *args, what: fn(*args))  # so the patch applies
     b = export_bundle(trained_or_tiny_ckpt, tmp_path / "ext", precisions="fp32,int8", progress=False,
