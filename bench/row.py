@@ -16,7 +16,7 @@ from rpiae.devices import BackendUnavailable, device_scope, torch_device
 from rpiae.export.backends import REFERENCE, backend_info, variant
 from rpiae.export.bundle import Bundle, BundleError
 from rpiae.export.spec import GRAPH_MODULES, graph_spec
-from rpiae.host import environ, peak_rss
+from rpiae.host import environ, peak_rss, start_rss_measure
 
 
 def _rss() -> int:
@@ -143,6 +143,12 @@ def _measure_row_on(row: dict[str, Any], settings: dict[str, Any], dev) -> dict[
         torch.cuda.reset_peak_memory_stats(dev)
         free0, total = torch.cuda.mem_get_info(dev)
     isolated = settings["isolate"]
+    if isolated:  # the row's own memory from here: its runtime's libraries loaded, not what the local peak's matmuls freed
+        from rpiae.engines import backend_class
+
+        with contextlib.suppress(BackendUnavailable):  # a missing runtime: opening it below says so
+            backend_class(variant(row["backend"])[0]).require()
+        row["rss_peak_reset"] = start_rss_measure()
     row["rss_baseline_bytes"] = _rss() if isolated else None
     t0 = time.perf_counter()
     backend = _open_backend(settings["model"], row["backend"], precision, device, threads, graph)

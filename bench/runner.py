@@ -9,7 +9,9 @@ Methodology (recorded in the results' `methodology`):
   (`rpiae.host.peak_rss`: Linux's VmHWM, not `ru_maxrss`, which a spawned child inherits from
   its parent's peak); its RSS right before the backend is opened (interpreter + torch +
   runtime libraries) is recorded as the baseline, and `peak - baseline` is what the row
-  itself costs.
+  itself costs. Before the baseline the row's process hands freed heap memory back and resets
+  its peak to the current RSS (`rpiae.host.start_rss_measure`): the matmul peak measured in the
+  row's process just before does not count, neither as baseline nor as peak.
 - Threads are fixed: `OMP_NUM_THREADS`/`MKL_NUM_THREADS` in the child's environment,
   `torch.set_num_threads`, ONNX Runtime `intra_op_num_threads`; all recorded.
 - Warm-up: at least `warmup` calls and `warmup_time` seconds (compilation, allocator and

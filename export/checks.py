@@ -9,7 +9,7 @@ TensorRT and ONNX Runtime:
 - Q/DQ zero-points all 0 (symmetric; TensorRT rejects non-zero) and signed int8: a
   QuantizeLinear needs an explicit int8 zero-point (without one ONNX quantises to uint8,
   which TensorRT's explicit quantisation does not take), and no uint8 tensor is dequantised;
-  int8 weights stored in the graph lie in [-127, 127] (TensorRT's weight range);
+  int8 weights, in the graph or its external data, lie in [-127, 127] (TensorRT's weight range);
 - FP16/INT8: graph inputs and outputs stay float32; LayerNormalization and Softmax compute
   in float32;
 - the model config travels in the metadata.

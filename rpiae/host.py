@@ -50,6 +50,28 @@ def peak_rss() -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
+def start_rss_measure() -> bool:
+    """Make what this process holds now its memory baseline: freed heap memory is handed back to
+    the system (glibc's `malloc_trim`: memory a measurement before freed, such as the matmul
+    peak's matrices, would otherwise stay resident and be counted as baseline), and the peak
+    (`VmHWM`) is reset to the current RSS (Linux: `5` written to /proc/self/clear_refs), so
+    `peak_rss` then reports the peak of what runs from here. True where the peak was reset;
+    False elsewhere, where `peak_rss` keeps the peak since the process started."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def cpu_flags() -> set[str]:
     """This CPU's feature flags as /proc/cpuinfo names them (empty where unreadable)."""
     return cpu_info()["flags"]  # type: ignore[return-value]

@@ -10,6 +10,7 @@ import math
 import sys
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from click.testing import CliRunner
@@ -222,7 +223,26 @@ def test_isolated_rows_measure_rss(bundle, tmp_path):
             assert r["rss_peak_bytes"] < parent_peak - 2**29, (r["rss_peak_bytes"] >> 20, parent_peak >> 20)
         assert r["threads"]["OMP_NUM_THREADS"] == "1" and r["threads"]["torch"] == 1
         assert r["local_peak"]["gflops"] > 0 and r["rss_over_weights"] > 0
+        assert r["rss_peak_reset"] is (sys.platform == "linux")  # the local peak's matmuls are not the row's
     assert json.loads((tmp_path / "r.json").read_text())["settings"]["isolate"] is True
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the peak RSS is reset through Linux's /proc/self/clear_refs")
+def test_a_row_measures_memory_from_its_own_start():
+    """`start_rss_measure` makes the current RSS the baseline: a peak reached before (here 512 MiB
+    touched and freed) no longer counts, and what is touched after it does."""
+    from rpiae.host import peak_rss, start_rss_measure
+
+    before = np.ones(2**26)  # 512 MiB
+    del before
+    rss = psutil.Process().memory_info().rss
+    assert peak_rss() > rss + 2**28  # the old peak is still this process's high-water mark
+    assert start_rss_measure() is True
+    base = psutil.Process().memory_info().rss
+    assert peak_rss() < base + 2**25, (peak_rss() >> 20, base >> 20)
+    after = np.ones(2**25)  # 256 MiB, touched
+    assert 2**28 <= peak_rss() - base < 2**28 + 2**26, ((peak_rss() - base) >> 20)
+    del after
 
 
 def test_cli_bench_and_report(bundle, tmp_path):
