@@ -57,8 +57,9 @@ def _peak(path: str, batch: int, threads: int, mem_pattern: bool, arena: bool, c
     import onnxruntime  # noqa: F401  (the baseline holds the runtime's libraries: the figures are the session's)
     import psutil
 
-    from rpiae.host import peak_rss
+    from rpiae.host import peak_rss, start_rss_measure
 
+    start_rss_measure()  # the peak from here, as the benchmark's rows measure theirs
     base = psutil.Process().memory_info().rss
     sess = _session(path, threads, mem_pattern, arena)
     opened = psutil.Process().memory_info().rss
