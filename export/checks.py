@@ -66,11 +66,11 @@ def _array(t: onnx.TensorProto, base_dir: str | None) -> np.ndarray | None:
 
 def _zero_point_problems(node: onnx.NodeProto, zp: onnx.TensorProto | None, base_dir: str | None) -> list[str]:
     """A Q/DQ node's zero-point must be a constant INT8 zero (TensorRT's signed int8)."""
-    if zp is not None and zp.data_location == onnx.TensorProto.EXTERNAL and base_dir is None:
-        return []  # its values are in a file this in-memory graph came without: checked where it is saved
-    arr = _array(zp, base_dir) if zp is not None else None
-    if arr is None:
+    if zp is None:
         return [f"{node.name}: zero-point is not a constant"]
+    arr = _array(zp, base_dir)
+    if arr is None:
+        return []  # its values are in a file this in-memory graph came without: checked where it is saved
     problems = []
     if zp.data_type != onnx.TensorProto.INT8:
         problems.append(f"{node.name}: zero-point of type {onnx.TensorProto.DataType.Name(zp.data_type)}, "

@@ -57,13 +57,12 @@ def start_rss_measure() -> bool:
     (`VmHWM`) is reset to the current RSS (Linux: `5` written to /proc/self/clear_refs), so
     `peak_rss` then reports the peak of what runs from here. True where the peak was reset;
     False elsewhere, where `peak_rss` keeps the peak since the process started."""
-    import ctypes
-    import ctypes.util
     import gc
 
+    from rpiae.data.heap import release_free_memory
+
     gc.collect()
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    release_free_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
