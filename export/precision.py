@@ -18,6 +18,10 @@ from the graph: strongly typed networks, no builder flags).
   `weight_bits=7` requantises the weights from the FP32 graph to |q| <= 63 (`narrow_weights`):
   on x86 CPUs without VNNI the int8 kernels of ONNX Runtime and OpenVINO add pairs of u8 x s8
   products in 16 bits with saturation, which 8-bit weights overflow and 7-bit weights cannot.
+  With 8-bit weights, a weight ModelOpt stored with a -128 is requantised the same way to
+  |q| <= 127 (TensorRT's int8 weight range): ModelOpt rounds each channel's fp16 scale to
+  nearest, and in fp16's subnormal range (a channel of small weights, |w| < ~1e-3, as trained
+  models have) that can be percents below max|w| / 127, so its largest weight lands past -127.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import logging
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -204,6 +209,8 @@ def to_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, high_prec
     dedicated_qdq_pairs(model)
     if weight_bits != 8:
         narrow_weights(model, src, weight_bits)
+    else:  # only the weights ModelOpt took past TensorRT's [-127, 127]
+        narrow_weights(model, src, 8, only=lambda q: bool((q == -128).any()))
     _finish(model, meta, "int8", dst, {"rpiae.int8_high_precision": high_precision,
                                        "rpiae.int8_weight_bits": str(weight_bits), "rpiae.int8_calibration": method,
                                        "rpiae.int8_keep": ",".join(keep)})
@@ -266,12 +273,15 @@ def dedicated_qdq_pairs(model: onnx.ModelProto) -> int:
     return added
 
 
-def narrow_weights(model: onnx.ModelProto, fp32: str | Path, bits: int) -> int:
+def narrow_weights(model: onnx.ModelProto, fp32: str | Path, bits: int,
+                   only: Callable[[np.ndarray], bool] | None = None) -> int:
     """Requantise the int8 weights of a Q/DQ graph to `bits` (symmetric, per channel as stored:
-    scale = max|w| / (2**(bits-1) - 1) along the DequantizeLinear's axis), from the FP32 graph
-    `fp32` the quantiser started from (its weights keep their names there), in place; returns
-    how many weights were requantised. Scales keep their dtype; only the weights the graph
-    quantised are read from `fp32` (its external data one tensor at a time)."""
+    scale = max|w| / (2**(bits-1) - 1) along the DequantizeLinear's axis, rounded up to the
+    scale's dtype so that no weight lands past +-(2**(bits-1) - 1)), from the FP32 graph `fp32`
+    the quantiser started from (its weights keep their names there), in place; returns how many
+    weights were requantised. `only(q)`, given a stored int8 weight, picks the weights to redo
+    (default: all). Scales keep their dtype; only the weights redone are read from `fp32` (its
+    external data one tensor at a time)."""
     from onnx import numpy_helper
 
     qmax = 2 ** (bits - 1) - 1
@@ -282,6 +292,8 @@ def narrow_weights(model: onnx.ModelProto, fp32: str | Path, bits: int) -> int:
         q = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
         if q is None or q.data_type != onnx.TensorProto.INT8 or node.input[0] not in source:
             continue
+        if only is not None and not only(numpy_helper.to_array(q)):
+            continue
         w = numpy_helper.to_array(source[node.input[0]], base_dir=str(Path(fp32).parent)).astype(np.float32)
         old = numpy_helper.to_array(inits[node.input[1]])
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % w.ndim
@@ -290,8 +302,10 @@ def narrow_weights(model: onnx.ModelProto, fp32: str | Path, bits: int) -> int:
         else:
             amax = np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis))
             shape = [-1 if i == axis else 1 for i in range(w.ndim)]
-        scale = (amax / qmax).astype(old.dtype)
-        scale = np.where(scale > 0, scale, old)  # an all-zero channel (or one below the dtype's range) keeps its scale
+        scale = np.asarray(amax / qmax).astype(old.dtype)
+        short = scale.astype(np.float32) * qmax < amax  # rounded down (fp16: subnormal scales of small channels)
+        scale = np.where(short, np.nextafter(scale, np.asarray(np.inf, old.dtype)), scale)
+        scale = np.where(amax > 0, scale, old)  # an all-zero channel keeps its scale
         wq = np.clip(np.rint(w / scale.astype(np.float32).reshape(shape)), -qmax, qmax).astype(np.int8)
         inits[node.input[0]].CopyFrom(numpy_helper.from_array(wq, node.input[0]))
         inits[node.input[1]].CopyFrom(numpy_helper.from_array(np.asarray(scale), node.input[1]))

@@ -134,6 +134,67 @@ def test_narrow_weights_requantises_from_the_fp32_weights(tmp_path, external):
             assert scale[2] == old_scales["c_scale"][2]
 
 
+def test_8_bit_weights_past_127_are_requantised(tmp_path):
+    """A channel of small weights (|w| < ~1e-3) gets a fp16 scale in the subnormal range; rounded
+    to nearest, as ModelOpt stores it, the scale can be below max|w| / 127 and the channel's
+    largest weight saturates at -128, outside TensorRT's [-127, 127]. The export redoes only
+    such weights, with the scale rounded up: every |q| <= 127, each weight within half a step."""
+    from rpiae.export.checks import check_graph
+
+    path, model, weights, _ = _fp32_and_int8(tmp_path, external=False)
+    w = weights["w"][0].copy()
+    amax = 127 * 10.4 * 2.0 ** -24  # its scale, 10.4 steps of fp16's subnormals, rounds down to 10
+    w[:, 3] *= amax / np.abs(w[:, 3]).max()  # the column (channel, axis 1) of small weights
+    w[0, 3] = -amax  # its largest |w| is negative
+    fp32 = onnx.load(str(path))
+    for t in fp32.graph.initializer:
+        if t.name == "w":
+            t.CopyFrom(numpy_helper.from_array(w, "w"))
+    onnx.save(fp32, str(path))
+    scale = (np.abs(w).max(0) / 127).astype(np.float16)  # to nearest, as ModelOpt stores it
+    q = np.clip(np.rint(w / scale.astype(np.float32)), -128, 127).astype(np.int8)  # saturating, as QuantizeLinear
+    assert q.min() == -128  # the case under test: the rounded-down subnormal scale
+    inits = {t.name: t for t in model.graph.initializer}
+    inits["w"].CopyFrom(numpy_helper.from_array(q, "w"))
+    inits["w_scale"].CopyFrom(numpy_helper.from_array(scale, "w_scale"))
+    c_before = numpy_helper.to_array(inits["c"]).copy()
+    saved = tmp_path / "int8.onnx"
+    onnx.save(model, str(saved))
+    assert any("int8 weight -128" in p for p in check_graph(saved))
+
+    assert narrow_weights(model, path, 8, only=lambda q: bool((q == -128).any())) == 1  # w only
+    got = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    np.testing.assert_array_equal(got["c"], c_before)  # a weight within range is left as it was
+    q, s = got["w"], got["w_scale"].astype(np.float32)
+    assert got["w_scale"].dtype == np.float16 and np.abs(q).max() == 127 and q.min() >= -127
+    assert (np.abs(q * s - w) <= 0.5 * s * 1.001).all()
+    onnx.save(model, str(saved))
+    assert not any("int8 weight -128" in p for p in check_graph(saved))
+
+
+def test_export_int8_of_a_model_with_small_channels(tmp_path, sample_photos):
+    """End to end: a model with a few output channels of small weights (as training leaves
+    them) exports to INT8 with every graph check passed (it failed with `int8 weight -128`)."""
+    import torch
+
+    from tests.conftest import make_tiny
+    from rpiae.export.checks import check_graph
+    from rpiae.verify import export_bundle
+
+    model = make_tiny(seed=3)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and any(k in name for k in ("qkv", "proj", "mlp")):
+                p[:4] *= 1e-3 * torch.rand(4, 1, generator=g)
+    ckpt = tmp_path / "small.safetensors"
+    model.save(ckpt)
+    out = tmp_path / "b"
+    export_bundle(ckpt, out, precisions="fp32,int8", calib=sample_photos[:8], progress=False)
+    for graph in ("encode", "decode"):
+        assert check_graph(out / f"{graph}.int8.onnx", "int8") == []
+
+
 def test_export_with_7_bit_weights(tmp_path, trained_or_tiny_ckpt, sample_photos):
     """`rpiae export --int8-weight-bits 7`: every int8 weight within +-63 (and some at 63), the
     bits in the graph's metadata and the manifest, the recorded parity within the INT8 bound."""
