@@ -256,10 +256,13 @@ def render_report(paths: list[str | Path], out_dir: str | Path | None = None, wr
              "number (machine facts, settings, peaks, per-row timings, RSS, profiles).", ""]
     for p in sorted(paths):
         result = load_results(p)
-        png = None
-        if write:
-            png = plot_result(result, out_dir / f"{p.stem}.png", title=f"{p.stem}: {result['model'].get('name')}").name
-        parts.append(render_markdown(result, title=f"{p.stem} ({p.name})", plot=png))
+        png = f"{p.stem}.png" if write else None
+        try:  # a value of the wrong kind deeper in the file than `load_results` checks: one line naming it
+            parts.append(render_markdown(result, title=f"{p.stem} ({p.name})", plot=png))
+            if write:
+                plot_result(result, out_dir / png, title=f"{p.stem}: {result['model'].get('name')}")
+        except (KeyError, TypeError, AttributeError, IndexError) as e:
+            raise ValueError(f"{p}: not an rpiae bench result: cannot render it ({type(e).__name__}: {e})") from None
     notes = out_dir / "NOTES.md"  # hand-written analysis kept next to the results, appended verbatim
     if notes.is_file():
         parts += ["", notes.read_text().strip(), ""]

@@ -187,13 +187,76 @@ def child_env(threads: int) -> contextlib.AbstractContextManager:
     return environ(**{k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
 
 
+@contextlib.contextmanager
+def children_quiet_on_interrupt():
+    """Ctrl-C while a row's child process runs: the child stays quiet, this process stops it.
+
+    A terminal's Ctrl-C (or `timeout -s INT`) signals the whole process group, so a child
+    would raise KeyboardInterrupt wherever it is (importing torch, waiting for work) and print
+    a traceback. Inside the block SIGINT is blocked in this thread, and a process started here
+    inherits the mask: it never sees SIGINT. This process still does (another of its threads
+    takes it); a watcher thread, woken by the signal (`signal.set_wakeup_fd`), stops the
+    children (SIGTERM: no output), and KeyboardInterrupt reaches the caller, whose clean
+    `Interrupted: ...` follows. Off the main thread, or without POSIX signal masks, it does
+    nothing."""
+    import select
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    import multiprocessing
+    from multiprocessing import resource_tracker
+
+    # started first: starting it later unblocks SIGINT in this thread (multiprocessing's own dance)
+    resource_tracker.ensure_running()
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    interrupted, done = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # this thread may take it
+        while not done.is_set():
+            if select.select([read_fd], [], [], 0.1)[0] and signal.SIGINT in os.read(read_fd, 64):
+                interrupted.set()
+                for child in multiprocessing.active_children():
+                    child.terminate()
+                return
+
+    try:
+        old_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    except ValueError:  # not the main interpreter
+        os.close(read_fd)
+        os.close(write_fd)
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    watcher = threading.Thread(target=watch, name="rpiae-bench-interrupt", daemon=True)
+    watcher.start()
+    try:
+        yield
+    except Exception:
+        if not interrupted.is_set():  # else: the child was stopped because of the interrupt
+            raise
+    finally:
+        done.set()
+        watcher.join()
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        signal.set_wakeup_fd(old_fd)
+        os.close(read_fd)
+        os.close(write_fd)
+    if interrupted.is_set():
+        raise KeyboardInterrupt
+
+
 def run_in_child(fn: Callable[..., dict[str, Any]], *args: Any, threads: int) -> dict[str, Any]:
     """Run `fn(*args)` in a fresh spawned process (its own RSS high-water mark), threads fixed;
     a child that dies becomes an error row."""
     from rpiae.isolation import ChildProcessDied
     from rpiae.isolation import run_in_child as _run
 
-    with child_env(threads):
+    with child_env(threads), children_quiet_on_interrupt():
         try:
             return _run(fn, *args, what="the child process")
         except ChildProcessDied:

@@ -44,7 +44,7 @@ from typing import Any, Callable
 from rpiae.bench.machine import load_average
 from rpiae.bench.peak import on_cuda
 from rpiae.bench.results import FORMAT, FORMAT_VERSION, load_results, write_results
-from rpiae.bench.row import child_env, measure_row, profile_graph, run_in_child
+from rpiae.bench.row import child_env, children_quiet_on_interrupt, measure_row, profile_graph, run_in_child
 from rpiae.bench.settings import BENCH_BACKENDS, BenchSettings
 from rpiae.bench.targets import evaluate_targets
 from rpiae.bench.timing import stats, time_loop
@@ -266,7 +266,7 @@ def _facts_and_peaks(settings: BenchSettings, with_facts: bool):
     if on_cuda(settings.device) and settings.isolate:
         from rpiae.isolation import run_in_child as _run
 
-        with child_env(settings.threads):
+        with child_env(settings.threads), children_quiet_on_interrupt():
             return tuple(_run(machine_and_peaks, *args, what="the machine facts and peak measurement"))
     with child_env(settings.threads):
         return machine_and_peaks(*args)

@@ -24,9 +24,20 @@ def real_photo_accuracy(eval_report: dict[str, Any], path: str | Path) -> dict[s
     alike (backends and their named variants)."""
     from rpiae.fileio import sha256_file
 
+    if not isinstance(eval_report, dict):
+        kind = "a list" if isinstance(eval_report, list) else type(eval_report).__name__
+        raise ValueError(f"{path}: not an rpiae eval report (the file holds {kind}, not an object)")
     rows = eval_report.get("rows")
     if eval_report.get("reference") is None or not isinstance(rows, list):
         raise ValueError(f"{path}: not an rpiae eval report (no reference and rows)")
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict) or "backend" not in r or "precision" not in r
+                or not isinstance(r.get("delta") or {}, dict)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: not an rpiae eval report (rows[{bad}] is not an object with backend, precision "
+                         "and delta)")
+    if not isinstance(eval_report.get("model") or {}, dict) or not isinstance((eval_report.get("model") or {}).get(
+            "config") or {}, dict):
+        raise ValueError(f"{path}: not an rpiae eval report (its model is not an object)")
     model = eval_report.get("model") or {}
     return {"file": Path(path).name, "sha256": sha256_file(path), "images": rows[0].get("n") if rows else 0,
             "model": (model.get("config") or {}).get("name") or model.get("path"), "model_sha256": model.get("sha256"),
@@ -36,13 +47,9 @@ def real_photo_accuracy(eval_report: dict[str, Any], path: str | Path) -> dict[s
 
 def load_real_photo_accuracy(eval_json: str | Path) -> dict[str, Any]:
     """`real_photo_accuracy` of the `rpiae eval` report file `eval_json`; ValueError (one line)."""
-    import json
+    from rpiae.bench.results import _read_json
 
-    try:
-        report = json.loads(Path(eval_json).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{eval_json}: not valid JSON ({e})") from None
-    return real_photo_accuracy(report, eval_json)
+    return real_photo_accuracy(_read_json(Path(eval_json), "an rpiae eval report"), eval_json)
 
 
 def with_real_photo_accuracy(result: dict[str, Any], accuracy: dict[str, Any]) -> dict[str, Any]:

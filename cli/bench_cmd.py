@@ -7,22 +7,23 @@ from pathlib import Path
 import click
 
 from rpiae.bench.settings import BENCH_BACKENDS
-from rpiae.cli.common import allow_fallback_option, device_option, fallback_allowed, friendly_errors, model_option, parse_int_list
-
-
-def _csv(value: str) -> list[str]:
-    return [v.strip().lower() for v in value.split(",") if v.strip()]
+from rpiae.cli.common import (
+    allow_fallback_option, device_option, fallback_allowed, friendly_errors, model_option, names_callback, parse_int_list,
+)
+from rpiae.export.spec import GRAPHS, PRECISIONS
 
 
 @click.command()
 @model_option
-@click.option("--backends", default="torch,ort", show_default=True,
+@click.option("--backends", default="torch,ort", show_default=True, callback=names_callback(BENCH_BACKENDS, "backend"),
               help=f"Comma-separated: {', '.join(BENCH_BACKENDS)}. Unavailable ones are reported as "
               "skipped with the reason. PyTorch eager rows are always added as the reference.")
 @click.option("--precision", "-p", "precisions", default="fp32", show_default=True,
+              callback=names_callback(PRECISIONS, "precision"),
               help="Comma-separated: fp32, fp16, bf16, int8 (combinations a backend cannot run are skipped).")
 @click.option("--batch", "batches", default="1,8", show_default=True, help="Comma-separated batch sizes.")
-@click.option("--graphs", default="encode,decode", show_default=True, help="Which graphs: encode, decode.")
+@click.option("--graphs", default="encode,decode", show_default=True, callback=names_callback(GRAPHS, "graph"),
+              help="Which graphs: encode, decode.")
 @device_option
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="CPU threads, fixed for every runtime (default: the cores this process may use).")
@@ -81,8 +82,12 @@ def bench(model, backends, precisions, batches, graphs, device, threads, warmup,
         missing = [str(f) for f in files if not Path(f).is_file()]
         if missing:
             raise click.ClickException(f"no such result file: {', '.join(missing)}")
+        from rpiae.bench.results import load_results
+
+        for f in files:  # every file checked before anything is written (one line naming a bad one)
+            load_results(f)
         if accuracy is not None:
-            from rpiae.bench.results import load_results, write_results
+            from rpiae.bench.results import write_results
             from rpiae.bench.targets import load_real_photo_accuracy, with_real_photo_accuracy
 
             section = load_real_photo_accuracy(accuracy)
@@ -100,8 +105,8 @@ def bench(model, backends, precisions, batches, graphs, device, threads, warmup,
     from rpiae.bench.runner import BenchSettings, run_benchmark
 
     settings = BenchSettings(
-        model=str(model) if model is not None else None, backends=_csv(backends), precisions=_csv(precisions),
-        batches=parse_int_list(batches, "--batch"), graphs=_csv(graphs), device=device, threads=threads,
+        model=str(model) if model is not None else None, backends=backends, precisions=precisions,
+        batches=parse_int_list(batches, "--batch"), graphs=graphs, device=device, threads=threads,
         warmup=warmup, warmup_time=warmup_time, min_iters=min_iters, min_time=min_time, max_iters=max_iters,
         max_time=max_time, isolate=not no_isolate, reference=not no_reference, peak_time=peak_time,
         row_peak_time=row_peak_time,

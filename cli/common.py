@@ -1,7 +1,7 @@
 """Shared CLI plumbing: one-line errors and documented exit codes.
 
 Exit codes: 0 success; 1 error (bad input, missing file, unavailable backend);
-2 usage error (click); 3 a parity/accuracy check failed.
+2 usage error (click); 3 a parity/accuracy check failed; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -61,6 +61,33 @@ def parse_int_list(value: str, what: str) -> list[int]:
     return items
 
 
+def check_writable(*paths: Any) -> None:
+    """Refuse, before any work, an output file that cannot be written: its folder (or the
+    nearest existing folder above, where the write would create the rest) must be a writable
+    directory, and the file no directory. One line `cannot write FILE: why` (exit 1)."""
+    from pathlib import Path
+
+    for p in paths:
+        if p is None:
+            continue
+        p = Path(p)
+        if p.is_dir():
+            raise click.ClickException(f"cannot write {p}: it is a directory")
+        folder = p.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise click.ClickException(f"cannot write {p}: {folder} is not a directory")
+        import tempfile
+
+        try:  # a real file (removed at once): permissions alone say nothing for root, /proc, read-only mounts
+            fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=folder)
+        except OSError as e:
+            raise click.ClickException(f"cannot write {p}: {_one_line(e)}") from None
+        os.close(fd)
+        os.unlink(probe)
+
+
 def echo_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
@@ -80,8 +107,43 @@ precision_option = click.option(
     "--precision", "-p", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
     help="Which precision variant of the graphs to run (torch: fp32/fp16/bf16 autocast).",
 )
+def check_device(ctx, param, value: str | None) -> str | None:
+    """Click callback: a device string (`rpiae.devices.cuda_index`'s forms), else a usage error."""
+    if value is None:
+        return value
+    from rpiae.devices import cuda_index
+
+    try:
+        cuda_index(value)
+    except RuntimeError as e:
+        raise click.BadParameter(_one_line(e)) from None
+    return value
+
+
+def names_callback(allowed: tuple[str, ...], what: str = "name", parse: Callable | None = None) -> Callable:
+    """Click callback: comma-separated names from `allowed` (lower-cased, in the order given,
+    without repeats), or None for None; a usage error naming the option otherwise. `parse(value)`
+    (raising ValueError) replaces the check where the vocabulary has its own parser."""
+
+    def callback(ctx, param, value):
+        if value is None:
+            return None
+        if parse is not None:
+            try:
+                return parse(value)
+            except ValueError as e:
+                raise click.BadParameter(_one_line(e)) from None
+        items = [v.strip().lower() for v in str(value).split(",") if v.strip()]
+        bad = [v for v in items if v not in allowed]
+        if bad or not items:
+            raise click.BadParameter(f"unknown {what} {', '.join(bad) or '(none)'}; choose from: {', '.join(allowed)}")
+        return list(dict.fromkeys(items))
+
+    return callback
+
+
 device_option = click.option(
-    "--device", "-d", default="cpu", show_default=True,
+    "--device", "-d", default="cpu", show_default=True, callback=check_device,
     help="cpu, cuda (or cuda:N); for --backend ort also trt or trt:N (ONNX Runtime's TensorRT provider on GPU N).",
 )
 

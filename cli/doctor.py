@@ -332,7 +332,7 @@ def check_constraints(paths: tuple[str, ...]) -> tuple[str, int]:
     """(report text, exit code) of checking constraints files against the published metadata:
     1 if a file mixes CUDA majors or leaves a CUDA-bearing requirement unpinned, 0 if all pass or
     the package index cannot be reached (said in the text)."""
-    from rpiae.cuda_stack import STACKS, Unreachable, check_stack, constraints_dir, render_stack
+    from rpiae.cuda_stack import STACKS, Unreachable, check_stack, constraints_dir, read_constraints, render_stack
 
     if paths:
         files = []
@@ -347,6 +347,14 @@ def check_constraints(paths: tuple[str, ...]) -> tuple[str, int]:
     for path, major in files:
         if not Path(path).is_file():
             raise click.ClickException(f"{path}: no such constraints file")
+        try:  # a malformed file: one line naming it (packaging's own message names only the line)
+            read_constraints(path)
+        except ValueError as e:  # InvalidRequirement, UnicodeDecodeError, not a `name==version` pin
+            text = " ".join(str(e).split()) or type(e).__name__
+            if isinstance(e, UnicodeDecodeError):
+                text = "not UTF-8 text (a binary file?)"
+            raise click.ClickException(text if text.startswith(f"{path}:") else
+                                       f"{path}: not a constraints file: {text}") from None
         try:
             report = check_stack(path, major)
         except Unreachable as e:

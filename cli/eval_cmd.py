@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from rpiae.cli.common import (
-    PRECISIONS, backend_options_option, batch_option, crop_option, device_option, friendly_errors, model_option,
-    parse_backend_options, workers_option,
+    PRECISIONS, backend_options_option, batch_option, check_writable, crop_option, device_option, friendly_errors,
+    model_option, parse_backend_options, workers_option,
 )
 from rpiae.data import EVAL_BATCH
 from rpiae.export.backends import RUNTIMES, VARIANTS
@@ -77,6 +77,7 @@ def eval_cmd(model, backend, backend_option, precision, device, batch_size, crop
     options = parse_backend_options(backends, backend_option)
     precisions = _names(precision, PRECISIONS, "--precision")
     required = _names(require, OPTIONAL_METRICS, "--require") if require.strip() else []
+    check_writable(json_out, grid, save_reference)  # before the run, not after it
     opts = EvalOptions(batch_size=batch_size or EVAL_BATCH, workers=workers, crop=crop, limit=limit,
                        skip_bad=skip_bad, grid_images=grid_images)
     source = open_source(data)

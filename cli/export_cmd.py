@@ -16,6 +16,7 @@ from rpiae.cli.common import (
     friendly_errors,
     latent_stats_option,
     parse_backend_options,
+    names_callback,
     parse_int_list,
 )
 from rpiae.export.backends import BACKENDS, REFERENCE, REGISTRY
@@ -23,6 +24,7 @@ from rpiae.export.precision import (
     INT8_CALIBRATION_DEFAULT, INT8_CALIBRATIONS, INT8_KEEP_DEFAULT, INT8_KEEP_PARTS, parse_int8_keep,
 )
 from rpiae.export.profile import BatchProfile
+from rpiae.export.spec import parse_precisions
 from rpiae.export.targets import ONNX_TARGET, TARGETS
 from rpiae.precisions import (
     INT8_HIGH_PRECISION,
@@ -40,7 +42,7 @@ from rpiae.precisions import (
 @click.option("--target", "-t", type=click.Choice(list(TARGETS)), default=ONNX_TARGET, show_default=True,
               help="; ".join(f"{t.name}: {t.summary} (parity on the {t.checked_by} backend)" for t in TARGETS.values())
               + ". Every target records its parity against PyTorch in the manifest.")
-@click.option("--precision", "-p", default="fp32", show_default=True,
+@click.option("--precision", "-p", default="fp32", show_default=True, callback=names_callback(ONNX_PRECISIONS, parse=parse_precisions),
               help=f"Comma-separated precisions: {', '.join(ONNX_PRECISIONS)}. FP32 is always included (the others derive from it).")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="Folder of real images for INT8 calibration (required with int8).")
@@ -58,12 +60,14 @@ from rpiae.precisions import (
               help="How INT8 activation ranges come from the calibration images: max = the largest |x| seen; entropy = the "
               "range whose histogram loses the least information (KL divergence; closer to FP32).")
 @click.option("--int8-keep", default=",".join(INT8_KEEP_DEFAULT), show_default=True,
+              callback=names_callback(INT8_KEEP_PARTS, parse=parse_int8_keep),
               help=f"Comma-separated model parts the INT8 graphs leave unquantised ({', '.join(INT8_KEEP_PARTS)}), or "
               "none. They run in --int8-high-precision (or OpenVINO's hint with -O int8_rest=bf16). io-projections: the "
               "patch embedding, to_moments, in_proj, the pixel decoder's embed and last projection, under 1 % of the "
               "matmul work; with entropy calibration INT8 loses half the PSNR it does with none kept and max "
               "calibration, at the same speed (README: INT8 within 0.1 dB).")
 @click.option("--batch", default=str(BatchProfile()), show_default=True,
+              callback=names_callback((), parse=BatchProfile.parse),
               help="Batch profile MIN:OPT:MAX for TensorRT engines / AOTInductor packages (ONNX graphs are dynamic).")
 @click.option("--device", default="auto", show_default=True,
               help="Where the target's files are built and checked: trt: cuda or cuda:N (auto = cuda); aoti: cpu, cuda "
@@ -96,17 +100,13 @@ def export(checkpoint, target, precision, calib, calib_count, int8_high_precisio
     if it was exported from --checkpoint (the manifest's source sha256); otherwise the command
     refuses (--overwrite re-exports).
     """
-    from rpiae.export.spec import parse_precisions
     from rpiae.verify import export_target
 
     spec = TARGETS[target]
     given = {"workspace_gb": workspace_gb, "timing_cache": timing_cache, "opt_level": opt_level,
              "version_compatible": version_compatible, "cache_dir": cache_dir}
-    precisions, profile = parse_precisions(precision), BatchProfile.parse(batch)  # usage errors first
-    try:
-        keep = parse_int8_keep(int8_keep)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--int8-keep") from None
+    # --precision, --batch and --int8-keep arrive parsed (their callbacks: usage errors, exit 2)
+    precisions, profile, keep = precision, batch, int8_keep
     bundle = export_target(checkpoint, out, target, precisions=precisions, profile=profile, device=device,
                            overwrite=overwrite, latent_stats=latent_stats,
                            target_options={k: given[k] for k in spec.options},
@@ -146,7 +146,8 @@ def _print_results(rows) -> None:
 @click.option("--images", type=click.Path(path_type=Path), default=None,
               help="Folder of real images to test with (default: the photos bundled with scikit-image/-learn).")
 @click.option("--batch", default="1,3,8", show_default=True, help="Comma-separated batch sizes to run.")
-@click.option("--precision", "-p", default=None, help="Comma-separated precisions to check (default: all in the bundle).")
+@click.option("--precision", "-p", default=None, callback=names_callback(PRECISIONS, parse=lambda v: parse_precisions(v, PRECISIONS)),
+              help="Comma-separated precisions to check (default: all in the bundle).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Also write the report as JSON here.")
 @click.option("--compare", type=click.Choice(["pytorch", "polygraphy"]), default="pytorch", show_default=True,
               help="pytorch: parity against eager PyTorch FP32; polygraphy: polygraphy's Comparator runs each graph "
@@ -164,7 +165,6 @@ def verify(model, backend, backend_option, device, images, batch, precision, jso
     """
     import json
 
-    from rpiae.export.spec import parse_precisions
     from rpiae.fileio import atomic_file
     from rpiae.verify import verify_bundle
     from rpiae.imageio import find_images, load_images
@@ -186,11 +186,14 @@ def verify(model, backend, backend_option, device, images, batch, precision, jso
             if backend not in polygraphy_backends():
                 raise click.UsageError(f"--compare polygraphy runs --backend {' or '.join(polygraphy_backends())}, "
                                        f"not {backend}")
+            if precision and set(precision) - set(ONNX_PRECISIONS):
+                raise click.BadParameter(f"--compare polygraphy checks ONNX graphs: {', '.join(ONNX_PRECISIONS)}",
+                                         param_hint="'--precision' / '-p'")
             report = compare_bundle(model, backend=backend, images=x, batch=batches[0], device=device,
-                                    precisions=parse_precisions(precision) if precision else None)
+                                    precisions=precision or None)
         else:
             report = verify_bundle(model, backend=backend, images=x, batches=batches,
-                                   precisions=parse_precisions(precision, PRECISIONS) if precision else None, device=device,
+                                   precisions=precision or None, device=device,
                                    progress=True, options=options)
     _print_results(report["results"])
     if json_out:

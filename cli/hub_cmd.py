@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -39,14 +38,14 @@ def push(repo_id, model, latent_stats, per, eval_json, bundle, private, revision
     from rpiae.hub import parse_reference, resolve_model
     from rpiae.model import RPiAE
     from rpiae.publish import push as upload
-    from rpiae.publish import write_hub_folder
+    from rpiae.publish import read_eval_report, write_hub_folder
 
     repo_id, _ = parse_reference(repo_id)
     if dry_run and out is None:
         raise click.BadParameter("--dry-run needs --out FOLDER", param_hint="--out")
     path = resolve_model(model)
     weights = Bundle.open(path).weights_path() if Bundle.is_bundle(path) else path
-    report = json.loads(eval_json.read_text()) if eval_json else None
+    report = read_eval_report(eval_json) if eval_json else None
     manifest = Bundle.open(bundle).manifest if bundle else (Bundle.open(path).manifest if Bundle.is_bundle(path) else None)
     try:
         import diffusers  # noqa: F401

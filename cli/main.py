@@ -1,7 +1,7 @@
 """The `rpiae` command line: thin commands over the library API.
 
 Exit codes: 0 success; 1 error (bad input, missing file, unavailable backend);
-2 usage error; 3 a parity/accuracy check failed.
+2 usage error; 3 a parity/accuracy check failed; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from rpiae.cli.triton_cmd import serve, triton
 def main() -> None:
     """Train, export and serve the RPiAE image tokenizer.
 
-    Exit codes: 0 success, 1 error, 2 usage error, 3 a parity check failed.
+    Exit codes: 0 success, 1 error, 2 usage error, 3 a parity check failed, 130 interrupted (Ctrl-C).
     """
 
 

@@ -93,18 +93,30 @@ def encode(model, backend, backend_option, precision, device, batch_size, latent
               help="Folder for the decoded images: one 8-bit PNG per latent, named by sample number (000000.png, ...).")
 @click.option("--npz", type=click.Path(path_type=Path), default=None,
               help="Also pack the PNGs into FILE.npz for the ADM evaluation suite (uint8 arr_0, (N, 256, 256, 3)).")
-@click.option("--key", default=None, help="Array to read from a .npz (default arr_0) or .safetensors (default latents).")
-@click.option("--overwrite", is_flag=True, help="Decode again even where the PNG already exists (default: a re-run skips them).")
+@click.option("--key", default=None,
+              help="Array to read from a .npz (default arr_0), a .safetensors (default latents) or an `rpiae extract` "
+                   "directory (latents, or latents_flip of an extract with --flip); not for .npy.")
+@click.option("--overwrite", is_flag=True,
+              help="Decode again even where the PNG already exists, and replace the PNGs of another decode (other "
+                   "latents, model, statistics, backend or precision) the output folder holds; without it a re-run "
+                   "of the same decode skips finished PNGs and another decode is refused.")
+@click.option("--any-model", is_flag=True,
+              help="Decode an `rpiae extract` directory with another model or other --latent-stats than its manifest "
+                   "records (default: refused, since the images would be wrong), e.g. a decoder fine-tuned on the "
+                   "same encoder's latents.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @engine_options
 @friendly_errors
-def decode(model, backend, backend_option, precision, device, batch_size, latent_stats, latents, output, npz, key, overwrite, quiet,
-           engine, address, workers_per_gpu):
+def decode(model, backend, backend_option, precision, device, batch_size, latent_stats, latents, output, npz, key, overwrite,
+           any_model, quiet, engine, address, workers_per_gpu):
     """Decode LATENTS into PNG images, batch by batch.
 
     LATENTS: a .npy (memory-mapped), a .npz (arr_0 or --key), a .safetensors (`latents` or
     --key) or an `rpiae extract` directory; shape (N, C, H, W), the model's latent shape. Memory does not grow
-    with N; each PNG is written atomically and a re-run resumes where it stopped.
+    with N; each PNG is written atomically and a re-run resumes where it stopped. OUTPUT/.rpiae-decode.json
+    records what made the PNGs (latents, model, statistics, backend, precision): a re-run resumes only
+    when they match. An extract directory is decoded with the model and --latent-stats its manifest
+    records (--any-model: another).
 
     With --engine ray, Ray tasks stream the latents and write the PNGs and a pool of actors
     decodes: LATENTS and the output folder must be at the same path on every node.
@@ -117,7 +129,8 @@ def decode(model, backend, backend_option, precision, device, batch_size, latent
     src = LatentFile(latents, key)
     with _engine(engine, address, workers_per_gpu, model, backend, precision, device, batch_size, latent_stats,
                  options, "decode") as be:
-        s = decode_latents(src, output, be, batch_size or STREAM_BATCH, npz=npz, overwrite=overwrite, progress=not quiet)
+        s = decode_latents(src, output, be, batch_size or STREAM_BATCH, npz=npz, overwrite=overwrite, progress=not quiet,
+                           check_model=not any_model)
         where = f" ({be.summary()})" if engine == "ray" else ""
     kept = f", {s['kept']} already there" if s["kept"] else ""
     packed = f", packed into {npz}" if npz else ""

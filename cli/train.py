@@ -27,14 +27,20 @@ from rpiae.cli.common import echo_json, friendly_errors
               help="rpiae 1: E + D; 2: the Variational Bridge; 3: D on the latent. "
                    "ps-vae 1: S-VAE (E frozen); 2: PS-VAE (everything).")
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Training images: a folder, searched recursively (jpg/png/webp).")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder: last/ (resume checkpoint), samples/, log.jsonl, metrics.json, model.safetensors.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Run folder: last/ (resume checkpoint), samples/, log.jsonl, metrics.json, model.safetensors. "
+                   "A folder that holds a run (OUT/last) is never overwritten: continue that run with "
+                   "--resume OUT/last, or give a new --out (remove the old folder yourself to start over).")
 @click.option("--val-data", type=click.Path(path_type=Path), default=None, help="Held-out images for PSNR/SSIM (short side 256, centre crop).")
 @click.option("--preset", default=None,
               help="Model size for a new stage-1 run (default rpiae-b, with --recipe ps-vae: ps-vae); ignored with --resume.")
 @click.option("--init-encoder", type=click.Path(path_type=Path), default=None, help="Weights for E: DINOv2-with-registers (HF, Meta or timm layout) or, for a siglip2 encoder, SigLIP2 (HF layout).")
 @click.option("--init-decoder", type=click.Path(path_type=Path), default=None, help="RAE's ViT-XL decoder weights for D.")
 @click.option("--resume", type=click.Path(path_type=Path), default=None,
-              help="A run's last/ (or its checkpoint.pt): the same stage continues exactly; an earlier stage's starts this one from its raw weights (--set start_from_ema=true: its EMA).")
+              help="A run's last/ (or its checkpoint.pt): the same stage continues exactly, with the training config "
+                   "saved in the checkpoint (--set/--config may change only max_steps, num_workers, log_every, "
+                   "sample_every, save_every, val_every, val_images and deterministic; other values that differ "
+                   "are refused); the previous stage's (stage N from stage N-1) starts this one, into a new "
+                   "--out, from its raw weights (--set start_from_ema=true: its EMA).")
 @click.option("--restart", is_flag=True,
               help="With --resume of the same stage: start that stage anew from its weights (new optimiser, schedule and step count), e.g. a longer or re-weighted fine-tune, into a new --out.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,

@@ -12,6 +12,42 @@ from rpiae.export.backends import BACKENDS, REGISTRY
 from rpiae.export.triton import DEFAULT_PYTHON_BACKEND
 
 
+def _check_prefix(ctx, param, value: str) -> str:
+    """--prefix names three model folders of the repository (PREFIX, PREFIX_encode, PREFIX_decode):
+    a plain folder name, no path, no whitespace."""
+    if not value:
+        raise click.BadParameter("must not be empty (it names the models: PREFIX, PREFIX_encode, PREFIX_decode)")
+    bad = next((c for c in value if c in "/\\" or c.isspace() or not c.isprintable()), None)
+    if bad is not None:
+        raise click.BadParameter(f"{value!r} is not a plain model name (it holds {bad!r}); use letters, digits, "
+                                 "'_', '-' and '.'")
+    if value.startswith("."):
+        raise click.BadParameter(f"{value!r} is not a plain model name (it starts with '.')")
+    return value
+
+
+def _check_python_env(ctx, param, value: Path | None) -> Path | None:
+    """--python-env: a Python environment folder (with bin/python) or a conda-pack .tar.gz archive."""
+    if value is None:
+        return None
+    if not value.exists():
+        raise click.BadParameter(f"{value} does not exist")
+    if value.is_dir():
+        if not any((value / "bin" / exe).exists() for exe in ("python", "python3")):
+            raise click.BadParameter(f"{value} is a folder without bin/python: not a Python environment")
+        return value
+    if not value.name.endswith(".tar.gz"):
+        raise click.BadParameter(f"{value} is neither a Python environment folder nor a conda-pack .tar.gz archive")
+    try:
+        with open(value, "rb") as f:
+            magic = f.read(2)
+    except OSError as e:
+        raise click.BadParameter(f"cannot read {value}: {e.strerror or e}") from None
+    if magic != b"\x1f\x8b":
+        raise click.BadParameter(f"{value} is not a gzip archive (conda-pack writes .tar.gz)")
+    return value
+
+
 @click.command()
 @click.option("--model", "-m", type=click.Path(path_type=Path), required=True, help="Export bundle directory.")
 @click.option("--precision", "-p", type=click.Choice(PRECISIONS), default=None,
@@ -26,7 +62,7 @@ from rpiae.export.triton import DEFAULT_PYTHON_BACKEND
 @click.option("--backend", type=click.Choice(BACKENDS), default=DEFAULT_PYTHON_BACKEND, show_default=True,
               help="--platform python: what runs each graph: "
               + "; ".join(f"{b.name}: {b.summary} ({', '.join(b.devices)})" for b in REGISTRY.values()) + ".")
-@click.option("--python-env", type=click.Path(path_type=Path), default=None,
+@click.option("--python-env", type=click.Path(path_type=Path), default=None, callback=_check_python_env,
               help="--platform python: the Python environment (a directory, or a conda-pack .tar.gz) in which the "
               "server runs the models; it must have rpiae installed (default: this command's virtual environment; "
               "none when it runs outside one: the server's own Python).")
@@ -40,7 +76,7 @@ from rpiae.export.triton import DEFAULT_PYTHON_BACKEND
               help="max_batch_size (default: the engine profile's maximum; 32 for onnxruntime).")
 @click.option("--max-queue-delay-us", type=click.IntRange(0), default=100, show_default=True,
               help="Dynamic batcher: how long a request may wait for others to batch with.")
-@click.option("--prefix", default="rpiae", show_default=True,
+@click.option("--prefix", default="rpiae", show_default=True, callback=_check_prefix,
               help="Model names: PREFIX_encode, PREFIX_decode and the ensemble PREFIX.")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Model repository directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing directory at --out.")

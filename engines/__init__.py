@@ -29,6 +29,7 @@ def backend_class(name: str) -> type[Backend]:
 
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+POSITIVE_OPTIONS = ("threads",)  # options that count something: at least 1 (as --threads)
 
 
 def _option_value(backend: str, key: str, text: str, parameter: inspect.Parameter) -> Any:
@@ -73,8 +74,16 @@ def backend_options(backend: str, options: dict[str, str], accepted_only: bool =
     info = backend_info(backend)
     if not accepted_only:
         info.check_options(options)
-    parameters = inspect.signature(backend_class(backend).__init__).parameters
-    return {k: _option_value(backend, k, v, parameters[k]) for k, v in options.items() if k in info.options}
+    cls = backend_class(backend)
+    parameters = inspect.signature(cls.__init__).parameters
+    out = {k: _option_value(backend, k, v, parameters[k]) for k, v in options.items() if k in info.options}
+    choices = getattr(cls, "option_choices", {})  # text options with a fixed vocabulary (OpenVINO's hint, ...)
+    for key, value in out.items():
+        if key in choices and value not in choices[key]:
+            raise ValueError(f"{backend} option {key}: expected {' or '.join(choices[key])}, got {value!r}")
+        if key in POSITIVE_OPTIONS and value is not None and value < 1:
+            raise ValueError(f"{backend} option {key}: expected an integer >= 1, got {value!r}")
+    return out
 
 
 def _weights(source, latent_stats=None, graphs=GRAPHS):

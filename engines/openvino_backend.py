@@ -76,6 +76,7 @@ def import_openvino():
 class OpenVINOBackend(Backend):
     name = "openvino"
     native = "numpy"
+    option_choices = {"hint": HINTS, "int8_rest": INT8_REST}  # checked when options are parsed (usage errors)
 
     @classmethod
     def require(cls) -> None:

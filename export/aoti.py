@@ -38,9 +38,12 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
+import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -50,6 +53,7 @@ import torch
 
 from rpiae.cache import compiler_workdir
 from rpiae.devices import BackendUnavailable, precision_context
+from rpiae.fileio import remove_stale_temps
 from rpiae.export.bundle import Bundle
 from rpiae.export.graphs import example_input, graph_module
 from rpiae.export.spec import GRAPHS, graph_spec
@@ -242,13 +246,16 @@ def bundle_packages(bundle: Bundle, kind: str, precision: str = PRECISION) -> di
     return found
 
 
-def _drop_packages(bundle: Bundle, graph: str, kind: str, keep: str) -> None:
-    """Forget (and delete) the bundle's earlier packages of `graph` for this device type."""
+def _drop_packages(bundle: Bundle, graph: str, kind: str, keep: str) -> list[str]:
+    """Forget the bundle's earlier packages of `graph` for this device type; returns the files to
+    delete once the manifest no longer lists them (all but `keep`, which is replaced)."""
+    stale = []
     for old, e in list(bundle.files.items()):
         if e.kind == KIND and e.graph == graph and e.facts.device == kind and e.precision == PRECISION:
             bundle.remove_file(old)
             if old != keep:
-                (bundle.root / old).unlink(missing_ok=True)
+                stale.append(old)
+    return stale
 
 
 def compile_packages(
@@ -274,16 +281,58 @@ def compile_packages(
     tag = target.pop("tag")
     model = RPiAE.from_checkpoint(bundle.weights_path())
     base = {"precision": PRECISION, **target, "torch": torch_version(), "batch": profile.to_dict()}
-    bar = tqdm(graphs, desc=f"aoti {tag}", unit="graph", disable=not progress)
-    for graph in bar:
-        bar.set_postfix_str(graph)
-        name = package_name(graph, tag)
-        _drop_packages(bundle, graph, kind, keep=name)
-        timings = compile_graph(model, graph, bundle.root / name, device=device, profile=profile, cpu_level=cpu_level,
-                                metadata=package_metadata(bundle, graph, target, profile), cache_dir=cache_dir)
-        bundle.add_file(name, kind=KIND, graph=graph, **base, **timings)
-    bundle.write_manifest()
+    # every package is compiled into a hidden staging folder first, and moved into the bundle only
+    # when all are built, together with the manifest that lists them: an interrupted compile
+    # leaves the bundle as it was (and at most a `.aoti.*.partial` folder, cleared by the next run)
+    remove_stale_temps(bundle.root, name=_STAGING)
+    staging = Path(tempfile.mkdtemp(prefix=f".{_STAGING}.", suffix=".partial", dir=bundle.root))
+    try:
+        built = {}
+        bar = tqdm(graphs, desc=f"aoti {tag}", unit="graph", disable=not progress)
+        for graph in bar:
+            bar.set_postfix_str(graph)
+            name = package_name(graph, tag)
+            built[graph] = (name, compile_graph(
+                model, graph, staging / name, device=device, profile=profile, cpu_level=cpu_level,
+                metadata=package_metadata(bundle, graph, target, profile), cache_dir=cache_dir))
+        _install_packages(bundle, staging, built, kind, base)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return bundle
+
+
+_STAGING = "aoti"  # .aoti.XXXXXXXX.partial: compile_packages' staging folder inside the bundle
+
+
+def _install_packages(bundle: Bundle, staging: Path, built: dict[str, tuple[str, dict]], kind: str,
+                      base: dict[str, Any]) -> None:
+    """Move the staged packages into the bundle, drop the ones they replace, and write the
+    manifest; if that is interrupted, new files the manifest on disk does not list are removed."""
+    placed, stale, made = [], [], []
+    try:
+        for graph, (name, timings) in built.items():
+            stale += _drop_packages(bundle, graph, kind, keep=name)
+            folder = (bundle.root / name).parent
+            made += [d for d in (folder, *folder.parents) if d.is_relative_to(bundle.root) and not d.exists()][::-1]
+            folder.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / name, bundle.root / name)
+            placed.append(name)
+            bundle.add_file(name, kind=KIND, graph=graph, **base, **timings)
+        bundle.write_manifest()
+    except BaseException:
+        try:
+            listed = set(Bundle.open(bundle.root).files)
+        except Exception:  # noqa: BLE001 - no readable manifest: nothing of ours is listed
+            listed = set()
+        for name in placed:
+            if name not in listed:
+                (bundle.root / name).unlink(missing_ok=True)
+        for d in reversed(made):  # the folders made for them (engines/aoti), when left empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+    for old in stale:  # the replaced packages, now that the manifest lists the new ones
+        (bundle.root / old).unlink(missing_ok=True)
 
 
 def prepare_target(device: str) -> tuple[str, str | None]:

@@ -10,8 +10,10 @@ weights as external data (`<name>.data`) when the file would pass 32 MiB.
 from __future__ import annotations
 
 import ast
+import contextlib
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -121,9 +123,51 @@ def _varint(f) -> int | None:
     return None
 
 
+def _writing_error(path: Path, e: BaseException) -> Exception | None:
+    """The one-line `cannot write PATH: ...` error (`rpiae.fileio.WriteError`) for an exception
+    raised while writing `path` (or its external data): an OSError anywhere in its chain; the
+    writers' own texts (numpy's `problem writing element N to file`) name neither the file nor
+    the cause, so a file system left with (almost) no space says so. None: not a write failure."""
+    from rpiae.fileio import WriteError
+
+    cause, seen = e, set()
+    while cause is not None and not isinstance(cause, OSError) and id(cause) not in seen:
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if not isinstance(cause, OSError) or isinstance(cause, (FileNotFoundError, WriteError)):
+        return None
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    if cause.errno is None:
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = None
+        if free is not None and free < 64 * 2**20:
+            text += f" (No space left on device: {free / 2**20:.0f} MiB free on its file system)"
+    return WriteError(f"cannot write {path}: {text}")
+
+
+@contextlib.contextmanager
+def _writes(path: Path):
+    """Failures while writing `path` as one line naming it (`_writing_error`)."""
+    try:
+        yield
+    except Exception as e:
+        error = _writing_error(path, e)
+        if error is None:
+            raise
+        raise error from None
+
+
 def save_onnx(model: onnx.ModelProto, path: str | Path) -> None:
-    """Save, with external data (`<name>.data` beside it) when over `EXTERNAL_DATA_BYTES`."""
+    """Save, with external data (`<name>.data` beside it) when over `EXTERNAL_DATA_BYTES`; a
+    failed write (disk full) is one line naming the file."""
     path = Path(path)
+    with _writes(path):
+        _save_onnx(model, path)
+
+
+def _save_onnx(model: onnx.ModelProto, path: Path) -> None:
     if model.ByteSize() > min(EXTERNAL_DATA_BYTES, TWO_GB):
         onnx.save_model(
             model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -153,7 +197,7 @@ def export_graph(model: RPiAE, graph: str, path: str | Path, opset: int = OPSET)
     batch = torch.export.Dim(BATCH_AXIS, min=1, max=MAX_BATCH)
     raw = path.with_name(path.stem + ".raw.onnx")
     try:
-        with warnings.catch_warnings(), _quiet_exporter():
+        with warnings.catch_warnings(), _quiet_exporter(), _writes(path):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module, (x,), str(raw), dynamo=True, opset_version=opset,

@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from rpiae.export.bundle import Bundle, BundleError
-from rpiae.export.backends import BUNDLE_DEFAULT, backend_info, runnable
+from rpiae.export.backends import BACKENDS, BUNDLE_DEFAULT, backend_info, runnable
 from rpiae.export.manifest import KIND_AOTI_PACKAGE, KIND_ONNX, KIND_TRT_ENGINE, WEIGHTS
 from rpiae.export.targets import FILE_KIND_TARGET
 from rpiae.export.spec import GRAPHS, graph_specs
 from rpiae.fileio import atomic_dir
-from rpiae.precisions import DEFAULT_ORDER
+from rpiae.precisions import DEFAULT_ORDER, ONNX_PRECISIONS
 
 PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx", "python": "python"}
 MODEL_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx", "python": "model.py"}
@@ -225,16 +225,33 @@ def choose(bundle: Bundle, platform: str = "auto", precision: str | None = None,
         kind = backend_info(backend).runs if platform == "python" else KIND_TRT_ENGINE if platform == "tensorrt" else KIND_ONNX
         what = {KIND_TRT_ENGINE: "TensorRT engines", KIND_ONNX: "ONNX graphs", KIND_AOTI_PACKAGE: "AOTInductor packages"}.get(
             kind, "weights")
-        target = FILE_KIND_TARGET.get(kind)
-        if target is None:
-            hint = "re-export the bundle (it lacks model.safetensors)"
-        elif kind == KIND_ONNX:
-            hint = f"re-export with --precision {precision}"
-        else:
-            hint = f"build them with `rpiae export --target {target} --precision {precision or 'fp16'} --out {bundle.root}`"
+        hint = _missing_hint(bundle, platform, precision, kind, backend, instance_kind)
         raise BundleError(f"bundle {bundle.root} has no {precision or ''} {what}"
                           f" (has: {', '.join(have) or 'none'}); {hint}")
     return platform, precision
+
+
+def _missing_hint(bundle: Bundle, platform: str, precision: str | None, kind: str, backend: str,
+                  instance_kind: str) -> str:
+    """What to do when the bundle lacks the files of `precision` for `platform`: only advice the
+    export can follow (it writes ONNX graphs of ONNX_PRECISIONS; AOTInductor packages are FP32)."""
+    target = FILE_KIND_TARGET.get(kind)
+    if target is None:
+        return "re-export the bundle (it lacks model.safetensors)"
+    if platform == "python":
+        runs = backend_info(backend).precisions
+        if precision is not None and precision not in runs:
+            return f"the {backend} backend runs {', '.join(runs)} only; ask for one of those or another --backend"
+    if precision is not None and precision not in ONNX_PRECISIONS:
+        torch_like = [b for b in BACKENDS if precision in backend_info(b).precisions]
+        return (f"{precision} is a runtime precision (no exported file has it): serve it with --platform python "
+                f"--backend {' or '.join(torch_like) or 'torch'}, or pick {', '.join(ONNX_PRECISIONS)}")
+    if kind == KIND_ONNX:
+        return f"re-export with --precision {precision}" if precision else "re-export the bundle"
+    if kind == KIND_AOTI_PACKAGE:
+        device = "cuda" if instance_kind == "gpu" else "cpu"
+        return f"build them with `rpiae export --target {target} --device {device} --out {bundle.root}` (FP32 only)"
+    return f"build them with `rpiae export --target {target} --precision {precision or 'fp16'} --out {bundle.root}`"
 
 
 def _engine_model(bundle: Bundle, graph: str, precision: str, max_batch: int | None) -> dict[str, Any]:

@@ -49,8 +49,10 @@ def open_engine(model: str | Path | None, backend: str, precision: str = "fp32",
     check_engine(engine, address, workers_per_gpu)
     graphs = check_graphs(graphs)
     if engine == "local":
-        return load_backend(model, backend=backend, precision=precision, device=device or "cpu", max_batch=max_batch,
-                            latent_stats=latent_stats, graphs=graphs, **(options or {}))
+        be = load_backend(model, backend=backend, precision=precision, device=device or "cpu", max_batch=max_batch,
+                          latent_stats=latent_stats, graphs=graphs, **(options or {}))
+        be.job_latent_stats = latent_stats  # what `engine_model` records (the backend keeps only the values)
+        return be
     return RayEngine(model, backend, precision, device, max_batch=max_batch, latent_stats=latent_stats, address=address,
                      workers_per_gpu=workers_per_gpu or 1, options=options, graphs=graphs)
 
@@ -68,4 +70,14 @@ def job_model(engine: Backend | RayEngine, model: str | Path | None = None,
     return info
 
 
-__all__ = ["ENGINES", "RayEngine", "check_engine", "job_model", "open_engine"]
+def engine_model(engine: Backend | RayEngine) -> dict:
+    """`job_model` of an engine, from what it was opened with: the model a local backend was
+    opened from and the latent statistics `open_engine` gave it, or a `RayEngine`'s spec."""
+    if isinstance(engine, RayEngine):
+        return job_model(engine, engine.spec["model"], engine.spec["latent_stats"])
+    if getattr(engine, "opened_from", None) is None:  # a backend made by hand: nothing to say what it runs
+        return {"path": None, "sha256": None, "config": None}
+    return job_model(engine, None, getattr(engine, "job_latent_stats", None))
+
+
+__all__ = ["ENGINES", "RayEngine", "check_engine", "engine_model", "job_model", "open_engine"]

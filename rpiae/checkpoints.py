@@ -47,22 +47,76 @@ def read_file(path: str | Path) -> tuple[object, dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
+    head = _head(path)
+    if path.suffix == ".safetensors" or _is_safetensors(head):
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 return {k: f.get_tensor(k) for k in f.keys()}, meta
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if not (head.startswith(_ZIP_MAGIC) or head[:1] == _PICKLE_PROTO):
+        raise CheckpointError(f"{path} is not a checkpoint ({_what_file(path, head)}); expected a .safetensors "
+                              "file or a torch checkpoint (.pt/.pth/.bin)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path}: cannot be read as a weights-only torch checkpoint ({first}); "
-            "files that need arbitrary unpickling are refused"
-        ) from None
+        text = str(e)
+        refused = _REFUSED_GLOBAL.search(text)
+        if refused:
+            raise CheckpointError(
+                f"{path}: refused by the weights-only loader: the checkpoint holds the Python object "
+                f"{refused.group(1)}, and only tensors and plain containers are loaded (checkpoints are untrusted; "
+                "save the weights as a plain state dict or .safetensors)"
+            ) from None
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and "weights_only" not in ln]
+        first = lines[0].split(". ")[0][:160] if lines else "no details"
+        raise CheckpointError(f"{path}: damaged, or not a torch checkpoint the weights-only loader can read "
+                              f"({type(e).__name__}: {first}); files that need arbitrary unpickling are refused") from None
     return obj, {}
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip format (PyTorch >= 1.6)
+_PICKLE_PROTO = b"\x80"  # a pickle of protocol 2+ (torch.save's legacy format)
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_SIGNATURES = (  # what a file that is not a checkpoint is, by its first bytes
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+    (b"\x1f\x8b", "a gzip archive"), (b"\x7fELF", "an executable"), (b"%PDF", "a PDF document"),
+    (b"\x93NUMPY", "a NumPy .npy array"), (b"\x89HDF", "an HDF5 file"),
+)
+
+
+def _head(path: Path, n: int = 512) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _is_safetensors(head: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then the JSON header."""
+    return len(head) > 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < (100 << 20)
+
+
+def _what_file(path: Path, head: bytes) -> str:
+    """What a file that is not a checkpoint looks like (a few words)."""
+    if not head:
+        return "an empty file"
+    for magic, what in _SIGNATURES:
+        if head.startswith(magic):
+            return what
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "a WebP image"
+    if path.suffix.lower() == ".onnx" or (head[:1] == b"\x08" and (b"onnx" in head.lower() or b"pytorch" in head)):
+        return "an ONNX graph"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        text = head[: e.start].decode("utf-8") if e.start >= len(head) - 4 else None  # a character cut at the end
+    if text is not None and all(c.isprintable() or c in "\n\r\t" for c in text):
+        return "a JSON file" if text.lstrip().startswith(("{", "[")) else "a text file"
+    return "an unknown format"
 
 
 def _tensors_only(d: Mapping) -> StateDict:

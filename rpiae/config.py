@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,17 @@ ENCODER_TYPES = ("dinov2", "siglip2")
 
 
 LATENT_NORM_EPS = 1e-5  # the authors' eps of the latent normalisation (z - mean) / sqrt(var + eps)
+
+
+# the least value of each whole-number field (sizes, depths and heads; 0 where the model allows none)
+_AT_LEAST = {
+    "image_size": 1, "encoder_input_size": 1, "encoder_patch_size": 1, "encoder_hidden_size": 1, "encoder_depth": 1,
+    "encoder_heads": 1, "encoder_mlp_size": 1, "encoder_registers": 0, "encoder_pos_grid": 1, "latent_channels": 1,
+    "bridge_heads": 1, "bridge_encoder_depth": 0, "bridge_encoder_mlp_size": 1, "bridge_decoder_depth": 0,
+    "bridge_decoder_mlp_size": 1, "decoder_hidden_size": 1, "decoder_depth": 1, "decoder_heads": 1,
+    "decoder_mlp_size": 1, "decoder_patch_size": 1,
+}
+_POSITIVE_FLOATS = ("encoder_ln_eps", "bridge_ln_eps", "decoder_ln_eps", "latent_norm_eps")
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,7 @@ class RPiAEConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
+        self._check_ranges()
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; expected one of: {', '.join(FAMILIES)}")
         if self.encoder_type not in ENCODER_TYPES:
@@ -100,12 +113,42 @@ class RPiAEConfig:
                 f"must equal image_size ({self.image_size})"
             )
         for dim, heads, what in (
-            (self.encoder_hidden_size, self.encoder_heads, "encoder"),
-            (self.encoder_hidden_size, self.bridge_heads, "bridge"),
-            (self.decoder_hidden_size, self.decoder_heads, "decoder"),
+            ("encoder_hidden_size", "encoder_heads", "encoder"),
+            ("encoder_hidden_size", "bridge_heads", "bridge"),  # the bridge attends at the encoder's width
+            ("decoder_hidden_size", "decoder_heads", "decoder"),
         ):
-            if dim % heads:
-                raise ValueError(f"{what} width {dim} is not divisible by {heads} heads")
+            if getattr(self, dim) % getattr(self, heads):
+                raise ValueError(f"{heads}: the {what} width {dim}={getattr(self, dim)} is not divisible by "
+                                 f"{getattr(self, heads)} heads")
+
+    def _check_ranges(self) -> None:
+        """Types and ranges of the fields, one line naming the field (before the structural checks,
+        which divide by some of them)."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name in _AT_LEAST:
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise ValueError(f"{f.name} must be a whole number, got {v!r}")
+                if v < _AT_LEAST[f.name]:
+                    raise ValueError(f"{f.name} must be >= {_AT_LEAST[f.name]}, got {v}")
+            elif f.name in _POSITIVE_FLOATS or f.name in ("logvar_min", "logvar_max", "noise_tau"):
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"{f.name} must be a finite number, got {v!r}")
+                if f.name in _POSITIVE_FLOATS and v <= 0:
+                    raise ValueError(f"{f.name} must be > 0, got {v}")
+        if self.noise_tau < 0:
+            raise ValueError(f"noise_tau must be >= 0, got {self.noise_tau}")
+        if self.logvar_min >= self.logvar_max:
+            raise ValueError(f"logvar_min ({self.logvar_min}) must be below logvar_max ({self.logvar_max})")
+        for key in ("mean", "std"):
+            v = getattr(self, key)
+            if (not isinstance(v, (tuple, list)) or len(v) != 3
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)):
+                raise ValueError(f"{key} must be three numbers (R, G, B), got {v!r}")
+        if any(x <= 0 for x in self.std):
+            raise ValueError(f"std must be > 0 per channel, got {tuple(self.std)}")
+        if not isinstance(self.latent_norm, bool):
+            raise ValueError(f"latent_norm must be true or false, got {self.latent_norm!r}")
 
     @property
     def grid_size(self) -> int:

@@ -82,13 +82,71 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+_renameat2 = None  # libc's renameat2, looked up on first use (False: not available)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap `a` and `b` in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    C library, kernel or file system cannot, and nothing changed."""
+    global _renameat2
+    if _renameat2 is None:
+        _renameat2 = False
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _renameat2 = fn
+        except (OSError, AttributeError):
+            pass
+    if not _renameat2:
+        return False
+    import ctypes
+
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _replaced_name(path: Path) -> Path:
+    """Where `atomic_dir(path, overwrite=True)` parks the old `path` between its two renames
+    (only where the two paths cannot be exchanged in one step)."""
+    return path.with_name(f".{path.name}.old")
+
+
+def recover_replaced(path: str | Path) -> bool:
+    """Put back the previous `path` when a replacing `atomic_dir` was killed between moving
+    it aside and moving the new one in (then `path` is missing and `.NAME.old` is complete).
+    True when something was recovered. Readers of a path written with `overwrite=True` call
+    this before looking; `atomic_dir` does it itself."""
+    path = Path(path)
+    old = _replaced_name(path)
+    if os.path.lexists(path) or not os.path.isdir(old):
+        return False
+    try:
+        os.rename(old, path)
+    except OSError:
+        return os.path.lexists(path)  # another process recovered it first
+    return True
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to `path`, renamed onto `path` only on success.
 
-    An interrupted run leaves at most a hidden `.NAME.*.partial` directory, never `path`.
+    An interrupted run leaves at most a hidden `.NAME.*.partial` directory, never a partial
+    `path`. With `overwrite`, a complete `path` exists at every moment where the system can
+    exchange two paths atomically (Linux renameat2); elsewhere the old one is moved aside to
+    `.NAME.old` first, and if the process dies before the new one is in place,
+    `recover_replaced` (called here and by readers) puts it back.
     """
     path = Path(path)
+    recover_replaced(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists (use --overwrite to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,11 +156,12 @@ def atomic_dir(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~umask())
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
+            old = _replaced_name(path)
             shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            if not _exchange(tmp, path):  # tmp now holds the old path, removed below
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
     finally:

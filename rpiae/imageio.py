@@ -20,6 +20,11 @@ authors' model saw) and warns once per process; `torch-aa` scales 16-bit to [0, 
 composited over white; 8-bit / 255, 16-bit / 65535, float clipped, kept in float32; the short
 side resized to 256 by torch's antialiased bicubic, then the centre 256x256.
 
+Both policies refuse an image so elongated that scaling its short side to 256 would make a
+resized image of more than `MAX_RESIZED_PIXELS` (2^25: an aspect ratio over 512:1 at 256; a
+1x20000 line would need 256x5120000): `ImageError` naming the file, which `--skip-bad` skips.
+Every other image goes through exactly the steps above.
+
 (The model itself then resizes to 224 for the encoder: that step is part of the graph.)
 Outputs are clamped to [0, 1] and quantised to 8-bit PNG (the model does not clamp).
 """
@@ -41,8 +46,35 @@ CROPS = ("adm", "torch-aa")  # the crop policies; the first is the default
 DEFAULT_CROP = CROPS[0]
 
 
+MAX_RESIZED_PIXELS = 1 << 25  # the largest intermediate image a crop policy makes (see the module docstring)
+
+
 class ImageError(ValueError):
     """An input image that cannot be used."""
+
+
+def resized_size(width: int, height: int, size: int = 256, crop: str = DEFAULT_CROP) -> tuple[int, int]:
+    """(width, height) of the intermediate image `crop` makes before its centre crop: ADM's BOX
+    halvings then the short side scaled to `size`; torch-aa's short side scaled to `size`."""
+    w, h = width, height
+    if crop == "adm":
+        while min(w, h) >= 2 * size:
+            w, h = w // 2, h // 2
+        scale = size / min(w, h)
+        return round(w * scale), round(h * scale)
+    scale = size / min(w, h)
+    return max(size, round(w * scale)), max(size, round(h * scale))
+
+
+def check_resizable(width: int, height: int, size: int = 256, crop: str = DEFAULT_CROP, name: str | None = None) -> None:
+    """Refuse an image whose resize would exceed `MAX_RESIZED_PIXELS` (an extreme aspect ratio)."""
+    if min(width, height) < 1:
+        return
+    rw, rh = resized_size(width, height, size, crop)
+    if rw * rh > MAX_RESIZED_PIXELS:
+        raise ImageError(f"{name or 'image'}: {width}x{height} is too elongated to crop: scaling its short side to "
+                         f"{size} makes {rw}x{rh}, over {MAX_RESIZED_PIXELS} pixels (aspect ratio over "
+                         f"{MAX_RESIZED_PIXELS // (size * size)}:1)")
 
 
 def to_rgb_float(img: Image.Image) -> np.ndarray:
@@ -101,22 +133,25 @@ _WIDE_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _warned_wide_gray = False
 
 
-def _warn_wide_gray(img: Image.Image) -> None:
+def _warn_wide_gray(img: Image.Image, name: str | None = None) -> None:
     global _warned_wide_gray
     if img.mode in _WIDE_GRAY and not _warned_wide_gray:
         _warned_wide_gray = True
         import warnings
 
-        name = getattr(img, "filename", "") or "an image"
+        name = name or getattr(img, "filename", "") or "an image"
         warnings.warn(f"{name}: {img.mode} grayscale under --crop adm is clipped at 255 by Pillow's RGB conversion, as "
                       "in the RPiAE authors' loader (mostly white); --crop torch-aa scales 16-bit to [0, 1] "
                       "(said once per process)", stacklevel=3)
 
 
-def crop_image(img: Image.Image, size: int = 256, crop: str = DEFAULT_CROP) -> np.ndarray:
-    """A PIL image as opened from a file -> float32 (3, size, size) in [0, 1], per `crop`."""
+def crop_image(img: Image.Image, size: int = 256, crop: str = DEFAULT_CROP, name: str | None = None) -> np.ndarray:
+    """A PIL image as opened from a file -> float32 (3, size, size) in [0, 1], per `crop`.
+    `name`: the file or sample, for messages (default: the file Pillow opened)."""
+    if crop in CROPS:
+        check_resizable(img.width, img.height, size, crop, name or getattr(img, "filename", "") or None)
     if crop == "adm":
-        _warn_wide_gray(img)
+        _warn_wide_gray(img, name)
         arr = np.asarray(adm_center_crop(img.convert("RGB"), size), dtype=np.float32) / 255.0
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
     if crop == "torch-aa":
@@ -139,7 +174,9 @@ def load_image(path: str | Path, size: int = 256, crop: str = DEFAULT_CROP) -> n
             img.load()
             if min(img.size) < 1:
                 raise ValueError("empty image")
-            return crop_image(img, size, crop)
+            return crop_image(img, size, crop, str(path))
+    except ImageError:
+        raise
     except Exception as e:
         raise ImageError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 
@@ -151,12 +188,56 @@ def load_images(paths: Sequence[str | Path], size: int = 256, crop: str = DEFAUL
     return np.stack([load_image(p, size, crop) for p in paths])
 
 
+def walk_folder(root: str | Path, on_error=None, outer: Sequence[str | Path] = ()):
+    """`os.walk(root, followlinks=True)` as torchvision's ImageFolder walks, with two guards:
+    a symlink back to a folder above it (a loop) is not entered again, and a folder that cannot
+    be listed is reported, never dropped in silence: `on_error(path, OSError)` (default: raise
+    `ImageError` naming it). `outer`: folders above `root` that count as its ancestors (an
+    ImageFolder tree's root for each class walk). Yields (dirpath, dirnames, filenames)."""
+    import os
+
+    def report(e: OSError) -> None:
+        where = e.filename if e.filename is not None else root
+        if on_error is None:
+            raise ImageError(f"{where}: cannot list folder ({e.strerror or e})")
+        on_error(str(where), e)
+
+    def inode(path: str) -> tuple[int, int]:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+
+    above = {os.fspath(root): frozenset([inode(root), *map(inode, map(os.fspath, outer))])}  # each folder's chain of real folders
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=report):
+        chain = above.pop(dirpath, frozenset())
+        keep = []
+        for d in dirnames:
+            sub = os.path.join(dirpath, d)
+            try:
+                ino = inode(sub)
+            except OSError as e:
+                report(e)
+                continue
+            if ino in chain:
+                continue  # a symlink loop: this folder is already being walked above
+            keep.append(d)
+            above[sub] = chain | {ino}
+        dirnames[:] = keep
+        yield dirpath, dirnames, filenames
+
+
 def find_images(folder: str | Path, suffixes: Sequence[str] = IMAGE_SUFFIXES) -> list[Path]:
-    """Image files (by suffix) under a folder, recursively, sorted."""
+    """Image files (by suffix) under a folder, recursively (symlinked folders followed, loops
+    not), sorted as paths. A sub-folder that cannot be listed is an `ImageError` naming it."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageError(f"{folder}: not a directory")
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+    found = []
+    for dirpath, _, filenames in walk_folder(folder):
+        for f in filenames:
+            p = Path(dirpath, f)
+            if p.suffix.lower() in suffixes and p.is_file():
+                found.append(p)
+    return sorted(found)
 
 
 def quantize_8bit(x: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,49 @@ written by `AutoencoderRPiAE.save_pretrained`) with a model card, and the upload
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from rpiae.hub import HubError
+
+EVAL_FORMAT = "rpiae-eval"  # the "format" of an `rpiae eval --json` report (rpiae.jobs.evaluate.FORMAT)
+
+
+def read_eval_report(path: str | Path) -> dict:
+    """An `rpiae eval --json` report for the model card; anything else (not JSON, a list, a bench
+    result) is refused with one line (ValueError) naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the eval report ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not an `rpiae eval --json` report (not JSON: {' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not an `rpiae eval --json` report (a JSON {type(data).__name__}, not an object)")
+    if data.get("format") != EVAL_FORMAT:
+        raise ValueError(f"{path}: not an `rpiae eval --json` report (format {data.get('format')!r}, "
+                         f"expected {EVAL_FORMAT!r})")
+    rows = data.get("rows")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: damaged `rpiae eval --json` report (\"rows\" is not a list of objects)")
+    return data
+
+
+def _as_dict(obj: Any) -> dict | None:
+    """A manifest given as a `Manifest` or as its JSON dict."""
+    if obj is None or isinstance(obj, dict):
+        return obj
+    return obj.to_dict()
+
+
+def _data_line(data: Any) -> str:
+    """What an eval report says it measured on (`rpiae eval` writes the source's description)."""
+    if isinstance(data, dict):
+        n = data.get("evaluated", data.get("samples"))
+        return f"{data.get('root') or data.get('kind') or 'see the report'}" + (f" ({n} images)" if n is not None else "")
+    return str(data) if data else "see the report"
 
 
 def model_card(repo_id: str, config: dict, eval_report: dict | None = None, bundle_manifest: dict | None = None,
@@ -29,10 +69,11 @@ def model_card(repo_id: str, config: dict, eval_report: dict | None = None, bund
     ]
     if latents:
         lines += [f"Latent statistics in the config: {latents}.", ""]
+    bundle_manifest = _as_dict(bundle_manifest)
     rows = (eval_report or {}).get("rows") or []
     if rows:
         lines += ["## Reconstruction quality (`rpiae eval`)", "",
-                  f"Data: {eval_report.get('data', 'see the report')}; command: `{eval_report.get('command', 'rpiae eval')}`.", "",
+                  f"Data: {_data_line(eval_report.get('data'))}; command: `{eval_report.get('command', 'rpiae eval')}`.", "",
                   "| backend | precision | images | PSNR (dB) | SSIM | LPIPS | rFID |", "|---|---|---|---|---|---|---|"]
         for r in rows:
             cells = [r.get("backend"), r.get("precision"), r.get("n")] + [
@@ -70,6 +111,24 @@ def write_hub_folder(model, out: str | Path, repo_id: str, eval_report: dict | N
     return out
 
 
+_NETWORK_ERRORS = {"ConnectionError", "ConnectError", "ConnectTimeout", "ConnectTimeoutError", "NewConnectionError",
+                   "TransportError", "NetworkError", "Timeout", "TimeoutException", "ReadTimeout", "ProxyError",
+                   "OfflineModeIsEnabled", "MaxRetryError", "NameResolutionError"}
+
+
+def _unreachable(e: BaseException) -> bool:
+    """Whether `e` (or what caused it) says the Hub could not be reached at all: no network, DNS,
+    proxy, timeout (httpx, requests and urllib3 name these differently)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if getattr(getattr(e, "response", None), "status_code", None):
+            return False  # the Hub answered
+        if any(c.__name__ in _NETWORK_ERRORS for c in type(e).__mro__):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
 def push(repo_id: str, folder: str | Path, private: bool = False, revision: str | None = None,
          commit_message: str = "Upload RPiAE") -> str:
     """Create the repository if needed and upload `folder` (see `write_hub_folder`); returns its URL."""
@@ -80,7 +139,11 @@ def push(repo_id: str, folder: str | Path, private: bool = False, revision: str 
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, commit_message=commit_message)
-    except (HfHubHTTPError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - sorted below; anything else passes through as it is
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if _unreachable(e):
+            raise HubError(f"cannot reach the Hugging Face Hub: {first[:160]} (nothing was uploaded)") from None
+        if not isinstance(e, (HfHubHTTPError, OSError)):
+            raise
         raise HubError(f"{repo_id}: upload failed ({first[:160]}); log in with `huggingface-cli login`") from None
     return str(getattr(info, "commit_url", info))

@@ -227,7 +227,8 @@ def test_decode_removes_the_leftovers_of_a_killed_run(tmp_path, trained_or_tiny_
         os.utime(p, (time.time() - 3600, time.time() - 3600))
     r = cli("decode", tmp_path / "z.npy", "-o", out, "--model", trained_or_tiny_ckpt, "--npz", tmp_path / "s.npz", "--quiet")
     assert r.exit_code == 0, r.output
-    assert not any(p.exists() for p in half) and sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png"]
+    assert not any(p.exists() for p in half) and sorted(p.name for p in out.iterdir()) == [".rpiae-decode.json", "000000.png",
+                                                                                     "000001.png"]
 
 
 def test_only_failed_writes_become_write_errors(tmp_path):

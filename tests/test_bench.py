@@ -287,7 +287,7 @@ def test_cli_errors(bundle, tmp_path):
     res = runner.invoke(main, ["bench", "--report", str(bad)])
     assert res.exit_code == 1 and "not an rpiae bench result" in res.output and "Traceback" not in res.output
     res = runner.invoke(main, ["bench", "--model", bundle, "--backends", "tensorflow"])
-    assert res.exit_code == 1 and "unknown backend" in res.output
+    assert res.exit_code == 2 and "unknown backend" in res.output  # a usage error
     # a file that is no eval report is refused before anything is measured
     res = runner.invoke(main, ["bench", "--model", bundle, "--accuracy", str(bad), "--out", str(tmp_path / "r.json")])
     assert res.exit_code == 1 and "not an rpiae eval report" in res.output and "Traceback" not in res.output

@@ -52,7 +52,8 @@ def test_encode_decode_torch_and_ort(tmp_path, photo_dir, bundle_all, trained_or
     assert np.abs(z - z_ort).max() <= 1e-4 * np.abs(z).max()
     code, out = run("decode", "-m", bundle_all.root, "-b", "ort", "-p", "int8", tmp_path / "z.npy", "-o", tmp_path / "out")
     assert code == 0, out
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".rpiae-decode.json", "000000.png", "000001.png",
+                                                                      "000002.png"]  # the PNGs and what made them
 
 
 def test_verify_and_info(tmp_path, bundle_all, trained_or_tiny_ckpt, photo_dir):
@@ -107,7 +108,8 @@ def test_unknown_backend_precision_and_missing_variant(tmp_path, bundle_all, pho
     code, text = run("encode", "-m", bundle_all.root, "-b", "tflite", photo_dir, "-o", tmp_path / "z.npy")
     assert code == 2 and "Invalid value for '--backend'" in text
     code, text = run("export", "-c", trained_or_tiny_ckpt, "-p", "fp8", "-o", tmp_path / "b")
-    assert_one_line_error(code, text, "unknown precision fp8")
+    assert_one_line_error(code, text, "unknown precision fp8", expected_code=2)  # a usage error
+    assert "'--precision'" in text
     code, text = run("encode", "-m", trained_or_tiny_ckpt, "-b", "ort", photo_dir, "-o", tmp_path / "z.npy")
     assert_one_line_error(code, text, "run `rpiae export")
     code, text = run("export", "-c", trained_or_tiny_ckpt, "-p", "int8", "-o", tmp_path / "b")

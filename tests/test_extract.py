@@ -367,7 +367,7 @@ def test_decode_reads_every_format_and_writes_the_adm_npz(tmp_path, trained_or_t
         out = tmp_path / f"out_{name}"
         r = cli("decode", tmp_path / name, "-o", out, "--model", trained_or_tiny_ckpt, "--batch-size", 2, "--quiet")
         assert r.exit_code == 0, r.output
-        pngs[name] = read_dir(out)
+        pngs[name] = {k: v for k, v in read_dir(out).items() if k.endswith(".png")}  # beside them: the run record
     assert list(pngs["z.npy"]) == [f"{i:06d}.png" for i in range(5)]
     assert pngs["z.npy"] == pngs["z.npz"] == pngs["z.safetensors"]
 
@@ -395,7 +395,8 @@ def test_decode_an_extract_directory_names_by_sample(tmp_path, photo_files, trai
     assert len(lf) == 4
     r = cli("decode", tmp_path / "lat", "-o", tmp_path / "rec", "--npz", tmp_path / "rec.npz", "--model", trained_or_tiny_ckpt, "--quiet")
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in (tmp_path / "rec").iterdir()) == ["000000.png", "000001.png", "000003.png", "000004.png"]
+    assert sorted(p.name for p in (tmp_path / "rec").iterdir()) == [".rpiae-decode.json", "000000.png", "000001.png",
+                                                                    "000003.png", "000004.png"]
     assert np.load(tmp_path / "rec.npz")["arr_0"].shape == (4, 256, 256, 3)
 
 

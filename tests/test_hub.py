@@ -153,7 +153,7 @@ def test_unreachable_hub_is_one_line(tmp_path, monkeypatch):
 
 
 def test_push_writes_the_repository_and_uploads_it(model, tmp_path, monkeypatch, trained_or_tiny_ckpt):
-    report = {"data": "sample photos", "command": "rpiae eval photos", "rows": [
+    report = {"format": "rpiae-eval", "data": "sample photos", "command": "rpiae eval photos", "rows": [
         {"backend": "torch", "precision": "fp32", "n": 9, "psnr": 23.1, "ssim": 0.66, "lpips": "skipped: --lpips-weights", "rfid": None}]}
     (tmp_path / "eval.json").write_text(json.dumps(report))
     r = cli("push", "me/tiny", "--model", trained_or_tiny_ckpt, "--eval", tmp_path / "eval.json", "--dry-run", "--out", tmp_path / "repo")

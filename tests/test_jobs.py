@@ -123,7 +123,7 @@ def test_each_job_opens_only_the_graph_it_runs(bundle_all, tmp_path, monkeypatch
     assert run("encode", "-m", root, "-b", "ort", photos, "-o", tmp_path / "z.npy") == ["encode"]
     assert run("extract", "-m", root, "-b", "ort", photos, "--out", tmp_path / "lat", "--quiet") == ["encode"]
     assert run("decode", "-m", root, "-b", "ort", tmp_path / "z.npy", "-o", tmp_path / "png", "--quiet") == ["decode"]
-    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["000000.png", "000001.png"]
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [".rpiae-decode.json", "000000.png", "000001.png"]
 
 
 def test_a_torch_engine_for_one_graph_holds_only_its_modules(tiny_ckpt, photos):

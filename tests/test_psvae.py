@@ -186,7 +186,7 @@ def test_recipe_defaults_and_stages():
     assert load_train_config(1).recipe == "rpiae" and load_train_config(1).feature_cos_weight == 0.0
     with pytest.raises(ValueError, match="ps-vae recipe has stages 1, 2, got 3"):
         load_train_config(3, recipe="ps-vae")
-    with pytest.raises(ValueError, match="unknown recipe"):
+    with pytest.raises(ValueError, match="recipe: expected one of rpiae, ps-vae, got 'sd-vae'"):
         load_train_config(1, recipe="sd-vae")
 
 
@@ -515,8 +515,9 @@ def test_extract_and_decode_round_trip(tmp_path, psvae_bundle, psvae_ckpt, sampl
     r = run.invoke(main, ["decode", str(tmp_path / "lat"), "-o", str(tmp_path / "rec"), "--model", psvae_ckpt, "--quiet"],
                    catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    pngs = sorted((tmp_path / "rec").iterdir())
+    pngs = sorted((tmp_path / "rec").glob("*.png"))
     assert [p.name for p in pngs] == ["000000.png", "000001.png", "000002.png"]
+    assert sorted(p.name for p in (tmp_path / "rec").iterdir()) == [".rpiae-decode.json"] + [p.name for p in pngs]
     with torch.no_grad():
         y = model.decode(torch.from_numpy(z[:1]))[0].clamp(0, 1)
     expected = (y.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

@@ -99,13 +99,13 @@ def test_ray_extract_and_decode_write_the_local_engines_files(tmp_path, dataset,
     assert r.returncode == 0, r.stderr
     png = tmp_path / "png-ray"
     png.mkdir()
-    for name in sorted(os.listdir(ref))[:10]:
-        shutil.copy(ref / name, png / name)
+    for name in [".rpiae-decode.json", *sorted(n for n in os.listdir(ref) if n.endswith(".png"))[:10]]:
+        shutil.copy(ref / name, png / name)  # the run record says what made them: the Ray run resumes
     r = run_cli("decode", local_out, "-o", png, "--npz", tmp_path / "ray.npz", "--model", trained_or_tiny_ckpt,
                 "--batch-size", 5, "--quiet", "--engine", "ray")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "decoded 55 latent(s)" in r.stdout and "8 already there" in r.stdout
-    assert read_dir(png) == read_dir(ref) and len(read_dir(ref)) == 63  # sample 21 was skipped at extract
+    assert read_dir(png) == read_dir(ref) and len(read_dir(ref)) == 64  # 63 PNGs (sample 21 was skipped at extract), the record
     arr = np.load(tmp_path / "ray.npz")["arr_0"]
     assert arr.shape == (63, 256, 256, 3)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from rpiae.fileio import atomic_file
@@ -150,10 +150,12 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 class LatentFile:
-    """A stream of latents from `.npy` (memory-mapped), `.npz` (`arr_0` or `key`, read member
-    by chunks), `.safetensors` (`latents`, sliced lazily) or an `rpiae extract` directory
-    (its shards in order). `batches(n)` yields (sample numbers, float32 array); nothing
-    holds all latents at once."""
+    """A stream of latents from `.npy` (memory-mapped; any float type and byte order; no `key`),
+    `.npz` (`arr_0` or `key`, read member by chunks), `.safetensors` (`latents` or `key`,
+    sliced lazily) or an `rpiae extract` directory (its shards in order, `latents` or `key`,
+    e.g. `latents_flip`; `manifest` holds its manifest). `batches(n)` yields (sample numbers,
+    float32 array); nothing holds all latents at once. A damaged file, and a latent holding
+    NaN or Inf, are one-line `ValueError`s naming the file (and the sample)."""
 
     def __init__(self, path: str | Path, key: str | None = None) -> None:
         self.path = Path(path)
@@ -163,6 +165,7 @@ class LatentFile:
         self.kind = "dir" if self.path.is_dir() else self.path.suffix.lstrip(".")
         if self.kind not in ("npy", "npz", "safetensors", "dir"):
             raise ValueError(f"{self.path}: latents must be .npy, .npz, .safetensors or an `rpiae extract` directory")
+        self.manifest: dict | None = None  # an extract directory's manifest.json
         self.shape, self.parts = self._probe()
         self.dtype = self._dtype()
 
@@ -170,14 +173,19 @@ class LatentFile:
         return self.shape[0]
 
     def _dtype(self) -> str:
-        if self.kind == "npy":
-            return str(self.parts[0].dtype)
-        if self.kind == "npz":
-            with zipfile.ZipFile(self.path) as zf, zf.open(self.parts[0]) as f:
-                return str(_npy_header(f)[1])
-        path, key = self.parts[0]
-        with safe_open(str(path), framework="pt") as f:
-            return str(f.get_slice(key).get_dtype()).lower()
+        """The stored type: numpy's name for .npy/.npz (byte order left out: a big-endian
+        `>f4` is "float32" and is read as native float32), safetensors' for the others."""
+        try:
+            if self.kind == "npy":
+                return self.parts[0].dtype.name
+            if self.kind == "npz":
+                with zipfile.ZipFile(self.path) as zf, zf.open(self.parts[0]) as f:
+                    return _npy_header(f, self.path)[1].name
+            path, key = self.parts[0]
+            with safe_open(str(path), framework="pt") as f:
+                return str(f.get_slice(key).get_dtype()).lower()
+        except _READ_ERRORS as e:
+            raise _unreadable(self.path, e) from None
 
     def check(self, shape: tuple[int, ...]) -> None:
         """Refuse latents of another shape or a non-float type before anything is decoded."""
@@ -190,8 +198,13 @@ class LatentFile:
         p = self.path
         try:
             if self.kind == "npy":
+                if self.key is not None:
+                    raise ValueError(f"{p}: a .npy file holds one array; --key {self.key} is for .npz, .safetensors "
+                                     f"and `rpiae extract` directories")
                 try:
                     arr = np.load(p, mmap_mode="r", allow_pickle=False)
+                except EOFError:  # an empty file (click would take an EOFError for Ctrl-D: "Aborted!")
+                    raise ValueError(f"{p}: not a readable .npy array (the file is empty or truncated)") from None
                 except ValueError as e:  # not an .npy, or an object array
                     raise ValueError(f"{p}: not a readable .npy array ({' '.join(str(e).split())[:80]})") from None
                 return arr.shape, [arr]
@@ -201,7 +214,7 @@ class LatentFile:
                     if key not in zf.namelist():
                         raise ValueError(f"{p}: no array {key[:-4]!r} (has: {', '.join(n[:-4] for n in zf.namelist())})")
                     with zf.open(key) as f:
-                        shape, _, _ = _npy_header(f)
+                        shape, _, _ = _npy_header(f, p)
                 return shape, [key]
             if self.kind == "safetensors":
                 key = self.key or "latents"
@@ -212,28 +225,50 @@ class LatentFile:
             manifest = p / "manifest.json"
             if not manifest.is_file():
                 raise ValueError(f"{p}: not an `rpiae extract` directory (no manifest.json)")
-            shards = json.loads(manifest.read_text())["shards"]
+            self.manifest = json.loads(manifest.read_text())
+            key = self.key or "latents"
             parts, n, shape = [], 0, None
-            for s in shards:
-                with safe_open(str(p / s["file"]), framework="pt") as f:
-                    sh = tuple(f.get_slice("latents").get_shape())
-                parts.append((p / s["file"], "latents"))
+            for s in self.manifest["shards"]:
+                shard = p / s["file"]
+                try:
+                    with safe_open(str(shard), framework="pt") as f:
+                        if key not in f.keys():
+                            flip = " (latents_flip is written by `rpiae extract --flip`)" if key == "latents_flip" else ""
+                            raise ValueError(f"{shard}: no tensor {key!r} (has: {', '.join(sorted(f.keys()))}){flip}")
+                        sh = tuple(f.get_slice(key).get_shape())
+                except _READ_ERRORS as e:
+                    raise _unreadable(shard, e) from None
+                parts.append((shard, key))
                 n += sh[0]
                 shape = sh[1:]
             if shape is None:
                 raise ValueError(f"{p}: the extract directory has no shards")
             return (n, *shape), parts
-        except (OSError, zipfile.BadZipFile, json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{p}: not a readable latent file ({type(e).__name__}: {e})") from None
+        except _READ_ERRORS as e:
+            raise _unreadable(p, e) from None
 
     def batches(self, n: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(sample numbers, float32 latents) `n` at a time, in order. A latent holding NaN or Inf
+        stops the stream with one line naming the file and the sample; so does a file that
+        cannot be read."""
+        try:
+            for ids, z in self._batches(n):
+                finite = np.isfinite(z).reshape(len(z), -1).all(axis=1)
+                if not finite.all():
+                    raise ValueError(f"{self.path}: the latent of sample {int(ids[int(np.argmin(finite))])} contains NaN "
+                                     f"or Inf values")
+                yield ids, z
+        except _READ_ERRORS as e:
+            raise _unreadable(self.path, e) from None
+
+    def _batches(self, n: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         if self.kind == "npy":
             arr = self.parts[0]
             for i in range(0, len(arr), n):
                 yield np.arange(i, min(i + n, len(arr))), np.array(arr[i : i + n], np.float32)  # a copy, not the map
         elif self.kind == "npz":
             with zipfile.ZipFile(self.path) as zf, zf.open(self.parts[0]) as f:
-                shape, dtype, fortran = _npy_header(f)
+                shape, dtype, fortran = _npy_header(f, self.path)
                 if fortran:
                     raise ValueError(f"{self.path}: Fortran-ordered arrays are not supported")
                 row = int(np.prod(shape[1:])) * dtype.itemsize
@@ -255,8 +290,21 @@ class LatentFile:
                 start += rows
 
 
-def _npy_header(f) -> tuple[tuple[int, ...], np.dtype, bool]:
-    version = np.lib.format.read_magic(f)
-    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read(f)
+def _npy_header(f, path: Path) -> tuple[tuple[int, ...], np.dtype, bool]:
+    try:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+    except (ValueError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npz array ({' '.join(str(e).split())[:80]})") from None
     return tuple(shape), np.dtype(dtype), fortran
+
+
+# what reading a damaged latent file raises: an empty or truncated file (EOFError), a bad zip,
+# a safetensors header that is too small or not JSON (SafetensorError), a manifest that is not JSON
+_READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, json.JSONDecodeError, KeyError, TypeError, SafetensorError)
+
+
+def _unreadable(path: Path, e: BaseException) -> ValueError:
+    text = " ".join(str(e).split())[:200]
+    return ValueError(f"{path}: not a readable latent file ({type(e).__name__}: {text})")

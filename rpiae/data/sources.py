@@ -6,10 +6,15 @@
 - an ImageFolder tree: a folder whose images sit in sub-folders, one per class; labels are
   class indices by sorted class name, and the sample order is torchvision's `ImageFolder`
   order (classes sorted, then `os.walk` sorted). Images at the root itself belong to no class
-  and are left out, as torchvision does, with a warning; `no_labels=True` reads the tree as a
-  plain folder, recursively;
+  and are left out, as torchvision does, with a warning; a class folder without images is an
+  error, as torchvision's "Found no valid file for the classes ..."; `no_labels=True` reads the
+  tree as a plain folder, recursively;
 - a `.txt` list: `path` or `path label` per line (paths relative to the list's folder;
-  blank lines and `#` comments skipped; a label that is not an integer is an error);
+  blank lines and `#` comments skipped). A line is `path label` when its last field is an
+  integer and the whole line is not an existing file; otherwise the whole line is the path (a
+  path may contain spaces). A last field that is not an integer after an existing file is an
+  error (a mistyped label). The list is UTF-8; bytes that are not (file names in another
+  encoding) are kept as the file system's bytes (`os.fsdecode`);
 - WebDataset `.tar` shards: a path, glob or brace pattern (`data/train-{000..099}.tar`).
   Samples follow WebDataset's conventions (`webdataset.tariterators`: the key is the file
   name up to the first dot of its base name, consecutive files with one key form a sample,
@@ -17,13 +22,18 @@
   `cls` member when present. The tars are indexed once by their headers and read by
   offset, so any sample can be read without streaming through the tar.
 
+Folders are walked as torchvision's ImageFolder walks them (`os.walk(followlinks=True)`), in
+both folder kinds: symlinked folders are entered, a symlink loop is not followed twice
+(`rpiae.imageio.walk_folder`).
+
 Every sample has a stable string `ref` (relative path, or `shard.tar:key`) that the job
 manifests record, and `source.open(i)` returns it as a PIL image.
 
 Bad samples are one policy for every kind: a listed file that does not exist, a file that
 cannot be decoded and a WebDataset sample without an image all stay in the sample list and
 fail when read (`ImageError`, naming the sample), so a job stops at the first or, with
-`--skip-bad`, skips and lists them. Only a source that cannot be listed at all (no such
+`--skip-bad`, skips and lists them. A sub-folder that cannot be listed (no permission) is one
+such sample (ref `its/path/`) that fails naming the folder. Only a source that cannot be listed at all (no such
 folder, an unreadable tar, a malformed list line) is a `SourceError`.
 """
 
@@ -33,6 +43,7 @@ import glob
 import hashlib
 import io
 import os
+import re
 import tarfile
 import warnings
 from dataclasses import dataclass, field
@@ -41,7 +52,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from rpiae.imageio import IMAGE_SUFFIXES, ImageError, crop_image
+from rpiae.imageio import IMAGE_SUFFIXES, ImageError, crop_image, walk_folder
 
 KINDS = ("folder", "imagefolder", "list", "webdataset", "files")
 _TAR_IMAGE_EXT = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
@@ -60,6 +71,8 @@ class Source:
     classes: list[str] | None = None
     # webdataset: ref -> (tar path, offset, size) of the image and of the cls member
     _tar_index: dict[str, tuple[str, int, int, int, int]] = field(default_factory=dict, repr=False)
+    # folders: ref of a sub-folder that could not be listed -> why (the sample fails when read)
+    _unlisted: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -68,6 +81,9 @@ class Source:
         return Path(self.root, self.refs[i])
 
     def read_bytes(self, i: int) -> bytes:
+        why = self._unlisted.get(self.refs[i]) if self._unlisted else None
+        if why is not None:
+            raise ImageError(f"{self.refs[i]}: cannot list folder ({why}); its images are not in the dataset")
         if self.kind != "webdataset":
             path = self.path(i)
             if not path.is_file():
@@ -100,7 +116,8 @@ class Source:
         """sha256 of the refs and labels of samples [start, stop): what a shard was made of."""
         h = hashlib.sha256()
         for ref, label in zip(self.refs[start:stop], self.labels[start:stop].tolist()):
-            h.update(f"{ref}\t{label}\n".encode())
+            # a file name that is not UTF-8 holds surrogates (os.fsdecode): hashed as its bytes
+            h.update(f"{ref}\t{label}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()
 
 
@@ -108,10 +125,33 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES)
 
 
+def _walk(top: Path, root: Path, unlisted: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """(dirpath, file names) of every folder under `top` (`walk_folder`); a folder that cannot be
+    listed becomes (dirpath, None) and its ref (relative to `root`, with a trailing /) is noted."""
+    out: list[tuple[str, list[str] | None]] = []
+
+    def unreadable(path: str, e: OSError) -> None:
+        rel = Path(path).relative_to(root).as_posix()
+        unlisted[rel + "/"] = e.strerror or type(e).__name__
+        out.append((path, None))
+
+    for dirpath, _, fnames in walk_folder(top, on_error=unreadable, outer=() if top == root else (root,)):
+        out.append((dirpath, fnames))
+    return out
+
+
 def _folder(root: Path) -> Source:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p.name))
-    refs = [p.relative_to(root).as_posix() for p in files]
-    return Source("folder", str(root), refs, np.full(len(refs), -1, np.int64))
+    unlisted: dict[str, str] = {}
+    refs = []
+    for dirpath, fnames in _walk(root, root, unlisted):
+        if fnames is None:
+            refs.append(Path(dirpath).relative_to(root).as_posix() + "/")
+            continue
+        for f in fnames:
+            if _is_image(f) and os.path.isfile(os.path.join(dirpath, f)):
+                refs.append((Path(dirpath) / f).relative_to(root).as_posix())
+    refs.sort(key=lambda r: r.split("/"))  # the order of sorted paths (component by component)
+    return Source("folder", str(root), refs, np.full(len(refs), -1, np.int64), _unlisted=unlisted)
 
 
 def _imagefolder(root: Path) -> Source:
@@ -121,33 +161,61 @@ def _imagefolder(root: Path) -> Source:
                       f"no class folder and are left out (pass --no-labels to read every image, unlabelled)",
                       stacklevel=3)
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
-    refs, labels = [], []
+    refs, labels, unlisted, empty = [], [], {}, []
     for label, cls in enumerate(classes):
-        for dirpath, _, fnames in sorted(os.walk(root / cls, followlinks=True)):
+        n = len(refs)
+        for dirpath, fnames in sorted(_walk(root / cls, root, unlisted), key=lambda t: t[0]):
+            if fnames is None:
+                refs.append(Path(dirpath).relative_to(root).as_posix() + "/")
+                labels.append(label)
+                continue
             for fname in sorted(fnames):
                 if _is_image(fname):
                     refs.append((Path(dirpath) / fname).relative_to(root).as_posix())
                     labels.append(label)
-    return Source("imagefolder", str(root), refs, np.asarray(labels, np.int64), classes)
+        if len(refs) == n:
+            empty.append(cls)
+    if empty:  # torchvision's ImageFolder: "Found no valid file for the classes ..."
+        raise SourceError(f"{root}: found no valid file for the classes {', '.join(empty)} (supported extensions: "
+                          f"{', '.join(IMAGE_SUFFIXES)}); remove the empty class folders, or pass --no-labels")
+    return Source("imagefolder", str(root), refs, np.asarray(labels, np.int64), classes, _unlisted=unlisted)
+
+
+def _read_list(path: Path) -> str:
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data:
+        raise SourceError(f"{path}: not a text list (UTF-16 or binary); expected UTF-8 text, `path` or `path label` "
+                          f"per line")
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]  # a UTF-8 byte-order mark
+    return data.decode("utf-8", "surrogateescape")  # other bytes: file names as the file system has them
+
+
+def _has_image(folder: str) -> bool:
+    """Whether a folder holds an image somewhere below it (as the walk of the sources sees it;
+    folders that cannot be listed are passed over here)."""
+    return any(_is_image(f) for _, _, fs in walk_folder(folder, on_error=lambda *_: None) for f in fs)
 
 
 def _list(path: Path) -> Source:
     refs, labels = [], []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+
+    def where(text: str) -> Path:
+        p = Path(text)
+        return p if p.is_absolute() else path.parent / p
+
+    for n, line in enumerate(_read_list(path).splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         parts = line.rsplit(maxsplit=1)
         label = -1
-
-        def where(text: str) -> Path:
-            p = Path(text)
-            return p if p.is_absolute() else path.parent / p
-
-        if len(parts) == 2 and not where(line).is_file():  # `path label` (a path with spaces stands alone)
-            if not parts[1].lstrip("-").isdigit():
+        if len(parts) == 2 and not where(line).is_file():
+            if re.fullmatch(r"-?[0-9]+", parts[1]):  # `path label`
+                line, label = parts[0], int(parts[1])
+            elif where(parts[0]).is_file():  # an existing file and a mistyped label
                 raise SourceError(f"{path}:{n}: label {parts[1]!r} is not an integer (expected `path` or `path label`)")
-            line, label = parts[0], int(parts[1])
+            # else: the whole line is a path (with spaces) that does not exist: it fails when read
         # a missing file stays in the list and fails when read: stop, or skip with --skip-bad
         refs.append(os.path.relpath(where(line), path.parent))
         labels.append(label)
@@ -249,8 +317,7 @@ def open_source(data: str | Path, no_labels: bool = False) -> Source:
             src = _list(p)
         elif p.is_dir():
             # an ImageFolder tree: class sub-folders that hold images (stray images at the root are left out)
-            classes = any(e.is_dir() and any(_is_image(f) for _, _, fs in os.walk(e.path) for f in fs)
-                          for e in os.scandir(p))
+            classes = any(e.is_dir() and _has_image(e.path) for e in os.scandir(p))
             src = _imagefolder(p) if (classes and not no_labels) else _folder(p)
         elif p.exists():
             raise SourceError(f"{p}: expected a folder of images, a .txt list or .tar shards")
@@ -279,7 +346,7 @@ class CropDataset:
         import torch
 
         try:
-            x = crop_image(self.source.open(i), self.size, self.crop)
+            x = crop_image(self.source.open(i), self.size, self.crop, self.source.refs[i])
             return i, torch.from_numpy(x), ""
         except Exception as e:
             msg = str(e) if isinstance(e, ImageError) else f"{self.source.refs[i]}: cannot read image ({type(e).__name__}: {e})"

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import torch
 
+from rpiae.checkpoints import CheckpointError, read_file
+from rpiae.fileio import recover_replaced
+
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -81,16 +84,24 @@ def saved_cuda_rng(rng: dict, device: torch.device) -> torch.Tensor | None:
 
 
 def checkpoint_file(path: str | Path) -> Path:
-    """`runs/s1/last` (a directory) or the file itself."""
+    """`runs/s1/last` (a directory) or the file itself. A `last` that a killed checkpoint
+    write left moved aside (`.last.old`) is put back first."""
     path = Path(path)
+    recover_replaced(path)
+    if path.name == CHECKPOINT_NAME:
+        recover_replaced(path.parent)
     return path / CHECKPOINT_NAME if path.is_dir() else path
 
 
 def read_training_checkpoint(path: str | Path) -> dict:
+    """The training checkpoint at `path` (a run's `last/` or its checkpoint.pt), read with
+    `torch.load(weights_only=True)`; a file that is not one is a `CheckpointError` (one line)."""
     f = checkpoint_file(path)
     if not f.is_file():
         raise FileNotFoundError(f"no training checkpoint at {path}")
-    state = torch.load(f, map_location="cpu", weights_only=True)
+    if f.stat().st_size == 0:
+        raise CheckpointError(f"{f} is empty (a copy or write that never finished?)")
+    state, _ = read_file(f)
     if not isinstance(state, dict) or "stage" not in state or "config" not in state:
-        raise ValueError(f"{f} is not a training checkpoint of this project")
+        raise CheckpointError(f"{f} is not a training checkpoint of this project")
     return state

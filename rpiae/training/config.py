@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,23 +178,18 @@ class TrainConfig:
     max_steps: int = 0  # stop early after this many optimiser steps (0 = full schedule)
 
     def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)
-        self.disc_betas = tuple(float(b) for b in self.disc_betas)
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, check_field(f.name, getattr(self, f.name)))
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose one of: {', '.join(RECIPES)}")
         stages = RECIPES[self.recipe]
         if self.stage not in stages:
             raise ValueError(f"the {self.recipe} recipe has stages {', '.join(map(str, stages))}, got {self.stage}")
-        if self.batch_size < 1 or self.grad_accum < 1 or self.epochs < 1:
-            raise ValueError("batch_size, grad_accum and epochs must be >= 1")
         if self.resize_min < self.crop or self.resize_max < self.resize_min:
-            raise ValueError("need crop <= resize_min <= resize_max")
-        for name, value, choices in (("image_pipeline", self.image_pipeline, IMAGE_PIPELINES),
-                                     ("decoder_init", self.decoder_init, DECODER_INITS)):
-            if value not in choices:
-                raise ValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
-        if self.unfreeze_groups < 1 or self.unfreeze_every_epochs <= 0:
-            raise ValueError("need unfreeze_groups >= 1 and unfreeze_every_epochs > 0")
+            raise ValueError(f"need crop <= resize_min <= resize_max, got crop {self.crop}, "
+                             f"resize_min {self.resize_min}, resize_max {self.resize_max}")
+        if self.disc_width % self.disc_heads:
+            raise ValueError(f"disc_width ({self.disc_width}) must be a multiple of disc_heads ({self.disc_heads})")
 
     @property
     def decoder_stage(self) -> bool:
@@ -220,6 +216,94 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training config fields: {', '.join(unknown)}")
         return cls(**d)
+
+
+# fields a resumed run may take from the command line instead of its checkpoint: they change
+# when it stops, what it logs or writes and how it loads data, not what it computes
+RESUME_MAY_CHANGE = (
+    "max_steps", "num_workers", "log_every", "sample_every", "save_every", "val_every", "val_images", "deterministic",
+)
+
+
+def _kind(name: str) -> str:
+    return str(_FIELD_TYPES[name])
+
+
+# the range of each numeric field: (lowest, highest, whether the lowest itself is allowed)
+_AT_LEAST_1 = (1, None, True)
+_AT_LEAST_0 = (0, None, True)
+_POSITIVE = (0, None, False)
+_RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "epochs": _AT_LEAST_1, "batch_size": _AT_LEAST_1, "grad_accum": _AT_LEAST_1, "epoch_size": _AT_LEAST_0,
+    "lr": _POSITIVE, "min_lr": _AT_LEAST_0, "weight_decay": _AT_LEAST_0,
+    "warmup_epochs": _AT_LEAST_0, "decay_epochs": _AT_LEAST_0, "ema_decay": (0, 1, True),
+    "resize_min": _AT_LEAST_1, "resize_max": _AT_LEAST_1, "crop": _AT_LEAST_1, "color_jitter": (0, 1, True),
+    "noise_tau": _AT_LEAST_0,
+    "l1_weight": _AT_LEAST_0, "lpips_weight": _AT_LEAST_0, "grad_weight": _AT_LEAST_0, "seam_weight": _AT_LEAST_0,
+    "pivot_weight": _AT_LEAST_0, "pivot_warmup_steps": _AT_LEAST_0, "pivot_max": _POSITIVE, "pivot_eps": _POSITIVE,
+    "gan_weight": _AT_LEAST_0, "gan_max": _POSITIVE, "gan_eps": _POSITIVE,
+    "gan_start_epoch": _AT_LEAST_0, "disc_start_epoch": _AT_LEAST_0,
+    "disc_lr": _POSITIVE, "disc_min_lr": _AT_LEAST_0, "disc_warmup_epochs": _AT_LEAST_0,
+    "disc_decay_epochs": _AT_LEAST_0, "disc_weight_decay": _AT_LEAST_0,
+    "feature_weight": _AT_LEAST_0, "feature_cos_weight": _AT_LEAST_0, "kl_weight": _AT_LEAST_0,
+    "disc_width": _AT_LEAST_1, "disc_depth": _AT_LEAST_1, "disc_heads": _AT_LEAST_1, "disc_patch": _AT_LEAST_1,
+    "disc_norm_group": _AT_LEAST_1, "disc_norm_eps": _POSITIVE,
+    "unfreeze_groups": _AT_LEAST_1, "unfreeze_every_epochs": _POSITIVE,
+    "seed": _AT_LEAST_0, "num_workers": _AT_LEAST_0, "log_every": _AT_LEAST_1, "sample_every": _AT_LEAST_0,
+    "save_every": _AT_LEAST_0, "val_every": _AT_LEAST_0, "val_images": _AT_LEAST_0, "max_steps": _AT_LEAST_0,
+}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "recipe": tuple(RECIPES), "image_pipeline": IMAGE_PIPELINES, "decoder_init": DECODER_INITS,
+}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_field(name: str, value: Any) -> Any:
+    """`value` for training config field `name`, type- and range-checked (ints stay ints, a
+    whole float such as 2.0 for an int field is taken, an int for a float field becomes a
+    float, `betas` becomes a tuple of two floats); a one-line ValueError naming the field."""
+    kind = _kind(name)
+    if kind.startswith("tuple"):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or len(value) != 2 \
+                or not all(_is_number(v) for v in value):
+            raise ValueError(f"{name}: expected two numbers (e.g. 0.9,0.95), got {value!r}")
+        value = tuple(float(v) for v in value)
+        if not all(0.0 <= v < 1.0 for v in value):
+            raise ValueError(f"{name}: each must be in [0, 1), got {', '.join(map(str, value))}")
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: expected a string, got {value!r}")
+        if name in _CHOICES and value not in _CHOICES[name]:
+            raise ValueError(f"{name}: expected one of {', '.join(_CHOICES[name])}, got {value!r}")
+        return value
+    if kind == "int":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name}: expected an integer, got {value!r}")
+    else:  # float
+        if not _is_number(value):
+            raise ValueError(f"{name}: expected a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{name}: expected a finite number, got {value}")
+    low, high, inclusive = _RANGES.get(name, (None, None, True))
+    if low is not None and (value < low or (value == low and not inclusive)):
+        raise ValueError(f"{name}: must be {'>=' if inclusive else '>'} {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name}: must be <= {high}, got {value}")
+    return value
+
+
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
 
 
 # Per-stage values (the authors' stage 1/2/3 configs); everything else is shared.
@@ -257,31 +341,65 @@ def parse_override(item: str, config_cls: type = TrainConfig, what: str = "train
     if key not in types:
         raise ValueError(f"unknown {what} field {key!r}")
     kind = types[key]
-    if kind.startswith("tuple"):
-        return key, tuple(float(v) for v in value.split(","))
-    if kind == "bool":
-        if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-            raise ValueError(f"{key}: expected a boolean, got {value!r}")
-        return key, value.lower() in ("1", "true", "yes")
-    return key, {"int": int, "float": float}.get(kind, str)(value)
+    try:
+        if kind.startswith("tuple"):
+            return key, tuple(float(v) for v in value.split(","))
+        if kind == "bool":
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            return key, value.lower() in ("1", "true", "yes")
+        return key, {"int": int, "float": float}.get(kind, str)(value)
+    except ValueError:
+        what_kind = {"bool": "a boolean", "int": "an integer", "float": "a number"}.get(
+            kind, "comma-separated numbers" if kind.startswith("tuple") else kind)
+        raise ValueError(f"{key}: expected {what_kind}, got {value!r}") from None
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A training config file's mapping (JSON, or YAML with PyYAML); errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"training config not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot be read ({e})") from None
     if path.suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
             raise ValueError("YAML configs need PyYAML (pip install pyyaml); or use JSON") from None
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of config fields")
     return data
+
+
+def config_file_values(path: str | Path, stage: int) -> dict[str, Any]:
+    """The fields a config file sets for `stage` (shared keys, then its `stageN` section),
+    each checked; errors name the file and the field."""
+    data = read_config_file(path)
+    sections = {f"stage{i}" for i in (1, 2, 3)}
+    for name in sorted(sections & set(data)):
+        if data[name] is not None and not isinstance(data[name], dict):
+            raise ValueError(f"{path}: {name}: expected a mapping of config fields, got {data[name]!r}")
+    values = {k: v for k, v in data.items() if k not in sections}
+    values.update(data.get(f"stage{stage}") or {})
+    unknown = sorted(set(values) - set(_FIELD_TYPES))
+    if unknown:
+        raise ValueError(f"{path}: unknown training config fields: {', '.join(map(str, unknown))}")
+    try:
+        return {k: check_field(k, v) for k, v in values.items()}
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def load_train_config(
@@ -290,10 +408,11 @@ def load_train_config(
     """The recipe's defaults for `stage` <- file (shared keys, then its `stageN` section) <- overrides."""
     values: dict[str, Any] = dict(RECIPE_DEFAULTS.get(recipe, {}).get(stage, {}))  # TrainConfig checks both
     if path is not None:
-        data = read_config_file(path)
-        sections = {f"stage{i}" for i in (1, 2, 3)}
-        values.update({k: v for k, v in data.items() if k not in sections})
-        values.update(data.get(f"stage{stage}") or {})
+        from_file = config_file_values(path, stage)
+        for key, given in (("stage", stage), ("recipe", recipe)):
+            if key in from_file and from_file[key] != given:
+                raise ValueError(f"{path}: {key} is {from_file[key]!r}, but this run's --{key} is {given!r}")
+        values.update(from_file)
     values.update(overrides or {})
     values["stage"], values["recipe"] = stage, recipe
     return TrainConfig.from_dict(values)

@@ -89,6 +89,27 @@ def _finish(trainer: Trainer, val_images: torch.Tensor | None, sample_images: to
     return metrics
 
 
+def _truncate_log(path, step: int) -> None:
+    """Drop the log rows of steps after `step`, where this run starts (or resumes): steps an
+    interrupted run logged after its last checkpoint, which it is about to run again. Rows
+    that cannot be read (a line cut short by a kill) go too. Rewritten atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text(errors="replace").splitlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step:
+            continue
+        keep.append(line)
+    if keep != lines:
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(f"{line}\n" for line in keep))
+
+
 def fit(
     trainer: Trainer,
     dataset: ImageFolderDataset,
@@ -112,6 +133,8 @@ def fit(
     if rank == 0:  # what this run is, readable without loading a checkpoint
         with atomic_file(trainer.out_dir / "config.json") as tmp:
             tmp.write_text(json.dumps({"model": trainer.model.config.to_dict(), "train": cfg.to_dict()}, indent=2) + "\n")
+    if rank == 0:
+        _truncate_log(log_path, trainer.step)
     bar = tqdm(total=total, initial=trainer.step, disable=not progress or rank != 0, desc=f"stage {cfg.stage}", dynamic_ncols=True)
     t0 = time.time()
 

@@ -324,14 +324,14 @@ class Trainer:
             for k, v in logs.items():
                 sums[k] = sums[k] + v / n if k in sums else v / n
         self.opt.step()
-
+        lr = self.opt.param_groups[0]["lr"]  # the rate this step ran with (the scheduler moves it on next)
         self.sched.step()
         self.update_ema()
         if self.disc_active():
             sums.update(self._disc_step(fakes))
         self.step += 1
         out = host_floats(sums)  # the step's one read of the device
-        out["lr"] = self.opt.param_groups[0]["lr"]
+        out["lr"] = lr
         if "d_loss" in out:
             out["d_lr"] = self._d_lr
         return out
