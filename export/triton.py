@@ -243,9 +243,9 @@ def _missing_hint(bundle: Bundle, platform: str, precision: str | None, kind: st
         if precision is not None and precision not in runs:
             return f"the {backend} backend runs {', '.join(runs)} only; ask for one of those or another --backend"
     if precision is not None and precision not in ONNX_PRECISIONS:
-        torch_like = [b for b in BACKENDS if precision in backend_info(b).precisions]
-        return (f"{precision} is a runtime precision (no exported file has it): serve it with --platform python "
-                f"--backend {' or '.join(torch_like) or 'torch'}, or pick {', '.join(ONNX_PRECISIONS)}")
+        runners = [b for b in BACKENDS if precision in backend_info(b).precisions]
+        serve = f"serve it with --platform python --backend {' or '.join(runners)}, or " if runners else ""
+        return f"{precision} is a runtime precision (no exported file has it): {serve}pick {', '.join(ONNX_PRECISIONS)}"
     if kind == KIND_ONNX:
         return f"re-export with --precision {precision}" if precision else "re-export the bundle"
     if kind == KIND_AOTI_PACKAGE:
