@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from rpiae.fileio import atomic_file
+from rpiae.fileio import atomic_file, read_json
 
 FORMAT = "rpiae-bench"
 FORMAT_VERSION = 1
@@ -18,18 +18,6 @@ def write_results(result: dict[str, Any], out: str | Path) -> Path:
         tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
         tmp.chmod(0o644)
     return out
-
-
-def _read_json(p: Path, what: str) -> Any:
-    """The JSON value in file `p`; ValueError (one line, naming the file) when it is not JSON text."""
-    try:
-        return json.loads(p.read_text())
-    except UnicodeDecodeError:
-        raise ValueError(f"{p}: not {what}: not UTF-8 text (a binary file?)") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: not {what}: not valid JSON ({e})") from None
-    except IsADirectoryError:
-        raise ValueError(f"{p}: not {what}: a directory") from None
 
 
 def _kind(value: Any) -> str:
@@ -67,7 +55,7 @@ def check_results(data: Any) -> str | None:
 def load_results(path: str | Path) -> dict[str, Any]:
     """A result file, checked (`check_results`); ValueError, one line naming the file, otherwise."""
     p = Path(path)
-    data = _read_json(p, "an rpiae bench result")
+    data = read_json(p, "an rpiae bench result")
     why = check_results(data)
     if why:
         raise ValueError(f"{p}: not an rpiae bench result: {why}")

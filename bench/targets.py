@@ -25,8 +25,9 @@ def real_photo_accuracy(eval_report: dict[str, Any], path: str | Path) -> dict[s
     from rpiae.fileio import sha256_file
 
     if not isinstance(eval_report, dict):
-        kind = "a list" if isinstance(eval_report, list) else type(eval_report).__name__
-        raise ValueError(f"{path}: not an rpiae eval report (the file holds {kind}, not an object)")
+        from rpiae.bench.results import _kind
+
+        raise ValueError(f"{path}: not an rpiae eval report (the file holds {_kind(eval_report)}, not an object)")
     rows = eval_report.get("rows")
     if eval_report.get("reference") is None or not isinstance(rows, list):
         raise ValueError(f"{path}: not an rpiae eval report (no reference and rows)")
@@ -47,9 +48,9 @@ def real_photo_accuracy(eval_report: dict[str, Any], path: str | Path) -> dict[s
 
 def load_real_photo_accuracy(eval_json: str | Path) -> dict[str, Any]:
     """`real_photo_accuracy` of the `rpiae eval` report file `eval_json`; ValueError (one line)."""
-    from rpiae.bench.results import _read_json
+    from rpiae.fileio import read_json
 
-    return real_photo_accuracy(_read_json(Path(eval_json), "an rpiae eval report"), eval_json)
+    return real_photo_accuracy(read_json(eval_json, "an rpiae eval report"), eval_json)
 
 
 def with_real_photo_accuracy(result: dict[str, Any], accuracy: dict[str, Any]) -> dict[str, Any]:

@@ -133,13 +133,23 @@ def names_callback(allowed: tuple[str, ...], what: str = "name", parse: Callable
                 return parse(value)
             except ValueError as e:
                 raise click.BadParameter(_one_line(e)) from None
-        items = [v.strip().lower() for v in str(value).split(",") if v.strip()]
-        bad = [v for v in items if v not in allowed]
-        if bad or not items:
-            raise click.BadParameter(f"unknown {what} {', '.join(bad) or '(none)'}; choose from: {', '.join(allowed)}")
-        return list(dict.fromkeys(items))
+        return parse_names(value, allowed, what, lower=True)
 
     return callback
+
+
+def parse_names(value: str, allowed: tuple[str, ...], what: str = "name", option: str | None = None,
+                lower: bool = False) -> list[str]:
+    """Comma-separated names from `allowed` (in the order given, without repeats; lower-cased
+    first with `lower`); a usage error (naming `option` where no click callback does) otherwise."""
+    items = [v.strip() for v in str(value).split(",") if v.strip()]
+    if lower:
+        items = [v.lower() for v in items]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise click.BadParameter(f"unknown {what} {', '.join(bad) or '(none)'}; choose from: {', '.join(allowed)}",
+                                 param_hint=option)
+    return list(dict.fromkeys(items))
 
 
 device_option = click.option(

@@ -10,18 +10,10 @@ import click
 
 from rpiae.cli.common import (
     PRECISIONS, backend_options_option, batch_option, check_writable, crop_option, device_option, friendly_errors,
-    model_option, parse_backend_options, workers_option,
+    model_option, parse_backend_options, parse_names, workers_option,
 )
 from rpiae.data import EVAL_BATCH
 from rpiae.export.backends import RUNTIMES, VARIANTS
-
-
-def _names(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in allowed]
-    if not items or bad:
-        raise click.BadParameter(f"expected comma-separated names from {', '.join(allowed)}, got {value!r}", param_hint=what)
-    return list(dict.fromkeys(items))
 
 
 @click.command("eval")
@@ -73,10 +65,10 @@ def eval_cmd(model, backend, backend_option, precision, device, batch_size, crop
     from rpiae.jobs import job_model
     from rpiae.jobs.evaluate import OPTIONAL_METRICS, EvalOptions, evaluate, format_table, load_metric_nets, open_variants
 
-    backends = _names(backend, RUNTIMES, "--backend")
+    backends = parse_names(backend, RUNTIMES, "runtime", "--backend")
     options = parse_backend_options(backends, backend_option)
-    precisions = _names(precision, PRECISIONS, "--precision")
-    required = _names(require, OPTIONAL_METRICS, "--require") if require.strip() else []
+    precisions = parse_names(precision, PRECISIONS, "precision", "--precision")
+    required = parse_names(require, OPTIONAL_METRICS, "metric", "--require") if require.strip() else []
     check_writable(json_out, grid, save_reference)  # before the run, not after it
     opts = EvalOptions(batch_size=batch_size or EVAL_BATCH, workers=workers, crop=crop, limit=limit,
                        skip_bad=skip_bad, grid_images=grid_images)

@@ -42,9 +42,9 @@ from rpiae.export.backends import backend_info, variant
 from rpiae.fileio import atomic_file
 from rpiae.imageio import CROPS, DEFAULT_CROP, to_8bit
 from rpiae.jobs.eval_report import METRICS, REFERENCE, format_table, write_grid
-from rpiae.metrics import FeatureMoments, fid, psnr, ssim
+from rpiae.metrics import EVAL_REPORT_FORMAT, FeatureMoments, fid, psnr, ssim
 
-FORMAT = "rpiae-eval"
+FORMAT = EVAL_REPORT_FORMAT
 DEFINITIONS = {
     "psnr": "dB, per image, 20 log10(1 / sqrt(mse)) on [0, 1], mse clamped at 1e-10, averaged (RPiAE authors)",
     "ssim": "per image, torchmetrics structural_similarity_index_measure, data_range 1, in float32, averaged (RPiAE authors)",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -204,6 +205,22 @@ def remove_stale_temps(folder: str | Path, name: str | None = None, before: floa
         except OSError:
             continue  # gone already (another rank), or not ours to remove
     return removed
+
+
+def read_json(path: str | Path, what: str) -> object:
+    """The JSON value in file `path`; a one-line ValueError naming the file and `what` it should
+    be (`"an rpiae bench result"`) when it cannot be read or is not JSON text."""
+    p = Path(path)
+    try:
+        return json.loads(p.read_text())
+    except UnicodeDecodeError:
+        raise ValueError(f"{p}: not {what}: not UTF-8 text (a binary file?)") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not {what}: not JSON ({e})") from None
+    except IsADirectoryError:
+        raise ValueError(f"{p}: not {what}: a directory") from None
+    except OSError as e:
+        raise ValueError(f"{p}: cannot read {what} ({e.strerror or e})") from None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

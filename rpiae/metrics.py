@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
+EVAL_REPORT_FORMAT = "rpiae-eval"  # the "format" of an `rpiae eval --json` report of these metrics
 
 
 def _as_batch(x) -> np.ndarray:

@@ -3,30 +3,24 @@ written by `AutoencoderRPiAE.save_pretrained`) with a model card, and the upload
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from rpiae.fileio import read_json
 from rpiae.hub import HubError
-
-EVAL_FORMAT = "rpiae-eval"  # the "format" of an `rpiae eval --json` report (rpiae.jobs.evaluate.FORMAT)
+from rpiae.metrics import EVAL_REPORT_FORMAT
 
 
 def read_eval_report(path: str | Path) -> dict:
     """An `rpiae eval --json` report for the model card; anything else (not JSON, a list, a bench
     result) is refused with one line (ValueError) naming the file."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read the eval report ({e.strerror or e})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not an `rpiae eval --json` report (not JSON: {' '.join(str(e).split())})") from None
+    data = read_json(path, "an `rpiae eval --json` report")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: not an `rpiae eval --json` report (a JSON {type(data).__name__}, not an object)")
-    if data.get("format") != EVAL_FORMAT:
+    if data.get("format") != EVAL_REPORT_FORMAT:
         raise ValueError(f"{path}: not an `rpiae eval --json` report (format {data.get('format')!r}, "
-                         f"expected {EVAL_FORMAT!r})")
+                         f"expected {EVAL_REPORT_FORMAT!r})")
     rows = data.get("rows")
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"{path}: damaged `rpiae eval --json` report (\"rows\" is not a list of objects)")
