@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 from rpiae.data import STREAM_BATCH
 from rpiae.data.heap import release_free_memory
 from rpiae.data.latents import LatentFile
-from rpiae.fileio import atomic_file, remove_stale_temps, sha256_file
+from rpiae.fileio import remove_stale_temps, sha256_file
 from rpiae.jobs.pngs import pack_npz, pending, png_names, write_pngs
 from rpiae.jobs.ray_engine import RayEngine
+from rpiae.jobs.shards import json_dump
 
 
 def sample_ids(latents: LatentFile) -> np.ndarray:
@@ -159,7 +160,7 @@ def claim_folder(out_dir: Path, run: dict, overwrite: bool) -> Callable[[], None
             held = json.loads(record.read_text())
         except (OSError, json.JSONDecodeError):
             held = {}
-    pngs = [e for e in _numbered_pngs(out_dir)]
+    pngs = _numbered_pngs(out_dir)
     if held is not None:
         diff = _differences(held, run)
     else:
@@ -264,11 +265,6 @@ def _decode_pngs(backend, latents: LatentFile, out_dir: Path, width: int, batch_
             release_free_memory()  # every batch: a trim is cheap next to decoding a batch
         bar.update(len(ids))
     return decoded
-
-
-def json_dump(obj: object, path: Path) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n")
 
 
 def _last_index(latents: LatentFile) -> int:

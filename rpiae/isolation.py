@@ -45,7 +45,6 @@ class _StderrTap:
     def __init__(self, keep: int = 200) -> None:
         self.lines: deque[str] = deque(maxlen=keep)
         self._thread: threading.Thread | None = None
-        self._read_fd: int | None = None
 
     def start(self, begin: Callable[[], Any]) -> Any:
         """`begin()` (which starts the child) with fd 2 pointing at the pipe."""
@@ -64,7 +63,6 @@ class _StderrTap:
                     os.dup2(saved, 2)
             finally:
                 os.close(write_fd)  # the child (and anything else started meanwhile) holds the write end
-                self._read_fd = read_fd
                 self._thread = threading.Thread(target=self._copy, args=(read_fd, saved), daemon=True)
                 self._thread.start()
 
